@@ -1,0 +1,184 @@
+/*
+ * nccl-moe: expert-parallel dispatch / combine for Mixture-of-Experts, built on NCCL.
+ *
+ * The only header a user includes. Conventions follow nccl.h:
+ *  - every call returns ncclResult_t; on failure ncclMoeGetLastError() names the argument and
+ *    value at fault (thread-local string);
+ *  - operations are stream-ordered and asynchronous unless a parameter says otherwise;
+ *  - creation and destruction are collective over the ncclComm_t (every rank calls them, with
+ *    the same configuration), like ncclCommInitRank.
+ *
+ * Vocabulary (units are stated next to every parameter):
+ *  R        ranks of the communicator (the EP group), all in one NVLink domain for now;
+ *  E        experts in total, E/R per rank: expert e lives on rank e / (E/R);
+ *  T        tokens this rank sends in one dispatch (T <= maxTokensPerRank);
+ *  H        hidden size in elements;
+ *  K        top-k: expert ids per token, -1 meaning "no expert";
+ *  row      one received token: a token is received once by every rank that owns at least one
+ *           of its experts, whatever the number of its experts there.
+ */
+#ifndef NCCL_MOE_H_
+#define NCCL_MOE_H_
+
+#include <stddef.h>
+#include <stdint.h>
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define NCCL_MOE_MAJOR 0
+#define NCCL_MOE_MINOR 1
+#define NCCL_MOE_PATCH 0
+#define NCCL_MOE_VERSION_CODE (NCCL_MOE_MAJOR * 10000 + NCCL_MOE_MINOR * 100 + NCCL_MOE_PATCH)
+
+/* Version of the library actually loaded (NCCL_MOE_VERSION_CODE of its build). */
+ncclResult_t ncclMoeGetVersion(int* version);
+
+typedef enum {
+  ncclMoeHighThroughput = 0, /* training / prefill: exact-sized output, count exchange first */
+  ncclMoeLowLatency = 1      /* decode: fixed-size buffers (not available in this version) */
+} ncclMoeMode_t;
+
+typedef enum {
+  ncclMoeBf16 = 0,   /* bfloat16 tokens, 2 bytes per element */
+  ncclMoeFp8E4m3 = 1 /* float8 e4m3 tokens, 1 byte per element, plus one FP32 scale per
+                        128 consecutive channels: scales are [T][H/128] row-major */
+} ncclMoeDtype_t;
+
+#define NCCL_MOE_CONFIG_MAGIC 0x6d6f6531u /* "moe1" */
+
+typedef struct {
+  size_t size;           /* sizeof(ncclMoeConfig_t) as the caller compiled it */
+  unsigned int magic;    /* NCCL_MOE_CONFIG_MAGIC */
+  unsigned int version;  /* NCCL_MOE_VERSION_CODE the caller compiled against */
+  ncclMoeMode_t mode;
+  int numExperts;        /* E, > 0 and a multiple of the number of ranks */
+  int hidden;            /* H in elements, > 0, a multiple of 8 (16-byte rows for BF16);
+                            a multiple of 128 when dispatchDtype is FP8 */
+  int topK;              /* K, 1..min(E, 32) */
+  int maxTokensPerRank;  /* upper bound of T on any rank, > 0 */
+  ncclMoeDtype_t dispatchDtype; /* dtype of x in ncclMoeDispatch; combine is always BF16 */
+  int numSms;            /* CTAs each dispatch / combine kernel launches (persistent), 1..the
+                            device's SM count; the layout kernel uses one CTA */
+  int outputCapacity;    /* rows each rank can receive in one dispatch; 0 = R*maxTokensPerRank
+                            (never overflows). A smaller value saves window memory; a dispatch
+                            that would exceed it writes nothing and fails (see Dispatch). */
+  int timeoutMs;         /* a kernel waiting on a peer gives up after this (ms); 0 = 30000 */
+} ncclMoeConfig_t;
+
+#define NCCL_MOE_CONFIG_INITIALIZER {                                              \
+  sizeof(ncclMoeConfig_t), NCCL_MOE_CONFIG_MAGIC, NCCL_MOE_VERSION_CODE,             \
+  ncclMoeHighThroughput, /*numExperts*/ 0, /*hidden*/ 0, /*topK*/ 0,                  \
+  /*maxTokensPerRank*/ 0, ncclMoeBf16, /*numSms*/ 24, /*outputCapacity*/ 0,           \
+  /*timeoutMs*/ 0 }
+
+typedef struct ncclMoeComm* ncclMoeComm_t;     /* EP context on one ncclComm_t */
+typedef struct ncclMoeHandle* ncclMoeHandle_t; /* routing of one dispatch, reused by combine */
+
+/* Creates the EP context on `comm` (collective; blocking; every rank passes an equal config).
+ * Allocates and registers the symmetric window that receives tokens (about
+ * outputCapacity * (2*H*2 + H/32 + 12*K) bytes per rank) and an ncclDevComm with LSA barriers.
+ * The current CUDA device must be comm's device. `comm` must outlive the EP context.
+ * Errors: ncclInvalidArgument for a bad config (message names the field), ncclInvalidUsage when
+ * comm spans more than one NVLink domain (the internode path does not exist yet). */
+ncclResult_t ncclMoeCommCreate(ncclComm_t comm, const ncclMoeConfig_t* config, ncclMoeComm_t* moeComm);
+
+/* Collective. Synchronises the device, frees the window. Handles must be destroyed first. */
+ncclResult_t ncclMoeCommDestroy(ncclMoeComm_t moeComm);
+
+/* Routing statistics of `topkIdx` ([numTokens][K] int64, device memory, -1 = none), written to
+ * device memory on `stream` (no host synchronisation):
+ *   tokensPerRank   [R]  int32: tokens with at least one expert on each rank
+ *   tokensPerExpert [E]  int32: tokens per expert
+ *   isTokenInRank   [numTokens][R] uint8 (0/1), may be NULL.
+ * Expert ids outside [-1, E) are counted nowhere and make the call's next check fail
+ * (ncclMoeCheckErrors). */
+ncclResult_t ncclMoeGetLayout(ncclMoeComm_t moeComm, const int64_t* topkIdx, int numTokens,
+                              int* tokensPerRank, int* tokensPerExpert, uint8_t* isTokenInRank,
+                              cudaStream_t stream);
+
+/* Where a dispatch put its rows on this rank. Every pointer is device memory inside the EP
+ * window and stays valid (and unchanged) until the next ncclMoeDispatch on this EP context is
+ * enqueued; rows are ordered by source rank, then by source token index.
+ *   x             [outputCapacity][H] dispatch dtype; rows [0, *numRecvTokens) are valid
+ *   xScales       [outputCapacity][H/128] FP32, NULL for BF16
+ *   topkIdx       [outputCapacity][K] int64: local expert id (0..E/R-1) or -1 when that expert
+ *                 lives on another rank (or was -1)
+ *   topkWeights   [outputCapacity][K] FP32, the sender's weights (0 where topkIdx is -1);
+ *                 written only when the dispatch was given weights
+ *   numRecvTokens [1]   int32 device
+ *   expertCounts  [E/R] int32 device: rows naming each local expert
+ *   combineInput  [outputCapacity][H] BF16: a buffer in the window where the expert kernel can
+ *                 write its outputs, so that ncclMoeCombine reads them without a copy.
+ * hostNumRecvTokens / hostExpertCounts are filled only when the dispatch was asked for host
+ * counts (-1 otherwise). */
+typedef struct {
+  void* x;
+  float* xScales;
+  int64_t* topkIdx;
+  float* topkWeights;
+  int* numRecvTokens;
+  int* expertCounts;
+  void* combineInput;
+  int hostNumRecvTokens;
+  const int* hostExpertCounts; /* [E/R], owned by the handle, valid until its next dispatch */
+} ncclMoeDispatchOutput_t;
+
+/* Flags of ncclMoeDispatch. */
+#define NCCL_MOE_DISPATCH_HOST_COUNTS 0x1 /* synchronise `stream` and fill the host counts */
+
+/* Sends every token of this rank to each rank that owns one of its experts.
+ *   x            [numTokens][H] device, BF16 or FP8 as config.dispatchDtype
+ *   xScales      [numTokens][H/128] FP32 device, required for FP8, must be NULL for BF16
+ *   topkIdx      [numTokens][K] int64 device, expert ids or -1; NULL = reuse the routing already
+ *                in *handle (the backward pass: same routing, other data, no layout)
+ *   topkWeights  [numTokens][K] FP32 device, or NULL (then no weights are delivered)
+ *   numTokens    T, 0..maxTokensPerRank; must equal the handle's T when topkIdx is NULL
+ *   flags        NCCL_MOE_DISPATCH_* bits
+ *   handle       in/out: *handle == NULL creates a handle (allocates device memory: not
+ *                graph-capturable); a non-NULL handle is reused, its routing recomputed from
+ *                topkIdx unless topkIdx is NULL. The handle is what ncclMoeCombine needs.
+ *   out          where the rows are (see ncclMoeDispatchOutput_t)
+ * Without NCCL_MOE_DISPATCH_HOST_COUNTS the call never synchronises the host and a handle that
+ * exists can be captured in a CUDA graph with it. Receiving more than outputCapacity rows, an
+ * expert id outside [-1, E) or a peer that does not arrive within timeoutMs leave the outputs
+ * unwritten and make this call (with host counts) or the next call on the EP context fail with
+ * ncclInvalidUsage / ncclSystemError. The source buffers may be reused once `stream` passes the
+ * call. */
+ncclResult_t ncclMoeDispatch(ncclMoeComm_t moeComm, const void* x, const float* xScales,
+                             const int64_t* topkIdx, const float* topkWeights, int numTokens,
+                             unsigned int flags, ncclMoeHandle_t* handle,
+                             ncclMoeDispatchOutput_t* out, cudaStream_t stream);
+
+/* Returns to each source rank the expert outputs of the rows it sent in `handle`'s dispatch and
+ * sums them per token, in rank order with an FP32 accumulator (bitwise deterministic):
+ *   out[t] = sum over ranks r that received token t of  w(t, r) * expertOut_r[row of t on r]
+ * with w(t, r) = sum of topkWeights[t][k] over the k whose expert lives on r when topkWeights is
+ * given, 1 otherwise. Tokens that went nowhere come out as zeros.
+ *   expertOut    [numRecvTokens][H] BF16 device on this rank (rows as the dispatch delivered
+ *                them). Zero-copy when it lies inside the EP window (out->combineInput, or out->x
+ *                of a BF16 dispatch); other memory is first copied into the window.
+ *   topkWeights  [T][K] FP32 device on this (source) rank, or NULL for unweighted
+ *   out          [T][H] BF16 device on this rank; T is the handle's numTokens
+ * Must follow the dispatch that filled `handle` and precede the next dispatch on the context. */
+ncclResult_t ncclMoeCombine(ncclMoeComm_t moeComm, ncclMoeHandle_t handle, const void* expertOut,
+                            const float* topkWeights, void* out, cudaStream_t stream);
+
+/* Frees a handle (synchronises the device). */
+ncclResult_t ncclMoeHandleDestroy(ncclMoeHandle_t handle);
+
+/* Reports an error that a kernel found after its call returned (timeout, overflow, bad expert
+ * id). Does not synchronise: it sees kernels that have finished. ncclSuccess otherwise. Every
+ * API call on the context runs this check first. */
+ncclResult_t ncclMoeCheckErrors(ncclMoeComm_t moeComm);
+
+/* Thread-local description of this thread's last failure ("" if none). */
+const char* ncclMoeGetLastError(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* NCCL_MOE_H_ */

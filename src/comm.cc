@@ -1,0 +1,173 @@
+// EP context: creation on a user's ncclComm_t (window, device communicator, device state),
+// destruction, and kernel-error reporting.
+#include "comm.h"
+#include <string.h>
+#include <vector>
+#include "error.h"
+
+namespace nccl_moe {
+
+WindowView windowView(const ncclMoeComm* c) {
+  WindowView w;
+  w.win = c->win;
+  w.rank = c->rank;
+  w.nRanks = c->nRanks;
+  w.signalsOff = c->layout.signals;
+  w.countsOff = c->layout.counts;
+  w.state = c->state;
+  w.error = c->errorDev;
+  w.timeoutNs = (long long)c->cfg.timeoutMs * 1000000LL;
+  return w;
+}
+
+ncclResult_t checkDeviceErrors(const ncclMoeComm* c) {
+  const volatile DeviceError* e = c->errorHost;
+  switch (e->code) {
+    case kDevOk:
+      return ncclSuccess;
+    case kDevTimeout:
+      return setError(ncclSystemError,
+                      "rank %d: a kernel waited more than timeoutMs = %d ms for rank %d (signal kind %d, "
+                      "value %d): a peer did not take part in the same operation",
+                      c->rank, c->cfg.timeoutMs, e->b, e->a, e->c);
+    case kDevOverflow:
+      return setError(ncclInvalidUsage,
+                      "rank %d: a dispatch would deliver %d rows to rank %d, above config.outputCapacity = %d; "
+                      "no rows were written",
+                      c->rank, e->b, e->a, e->c);
+    case kDevBadExpert:
+      return setError(ncclInvalidArgument,
+                      "rank %d: topkIdx[%d][%d] = %d is outside [-1, numExperts = %d); the entry was ignored",
+                      c->rank, e->a, e->b, e->c, c->cfg.numExperts);
+    default:
+      return setError(ncclInternalError, "rank %d: unknown kernel error %d", c->rank, e->code);
+  }
+}
+
+// Frees whatever part of the context exists (used by destroy and by a failed create).
+static void releaseComm(ncclMoeComm* c) {
+  if (c->devCommCreated) ncclDevCommDestroy(c->nccl, &c->devComm);
+  if (c->win) ncclCommWindowDeregister(c->nccl, c->win);
+  if (c->winBase) ncclMemFree(c->winBase);
+  if (c->state) cudaFree(c->state);
+  if (c->errorHost) cudaFreeHost(c->errorHost);
+  delete c;
+}
+
+// Every rank must pass the same configuration: compare all ranks' copies.
+static ncclResult_t checkConfigsEqual(ncclMoeComm* c, cudaStream_t stream) {
+  const size_t bytes = sizeof(ncclMoeConfig_t);
+  char* dev = nullptr;
+  MOE_CUDA(cudaMalloc(&dev, bytes * (c->nRanks + 1)));
+  std::vector<char> all(bytes * c->nRanks);
+  ncclResult_t res = ncclSuccess;
+  if (cudaMemcpy(dev, &c->cfg, bytes, cudaMemcpyHostToDevice) != cudaSuccess ||
+      ncclAllGather(dev, dev + bytes, bytes, ncclChar, c->nccl, stream) != ncclSuccess ||
+      cudaMemcpyAsync(all.data(), dev + bytes, all.size(), cudaMemcpyDeviceToHost, stream) != cudaSuccess ||
+      cudaStreamSynchronize(stream) != cudaSuccess) {
+    res = setError(ncclSystemError, "ncclMoeCommCreate: exchanging configurations failed");
+  }
+  cudaFree(dev);
+  MOE_CHECK(res);
+  for (int r = 0; r < c->nRanks; ++r)
+    if (memcmp(all.data() + r * bytes, &c->cfg, bytes) != 0)
+      return setError(ncclInvalidArgument,
+                      "ncclMoeCommCreate: rank %d passed a configuration different from rank %d's; "
+                      "every rank must pass the same config",
+                      r, c->rank);
+  return ncclSuccess;
+}
+
+static ncclResult_t createComm(ncclComm_t nccl, const ncclMoeConfig_t* config, ncclMoeComm* c) {
+  c->nccl = nccl;
+  MOE_NCCL(ncclCommCount(nccl, &c->nRanks));
+  MOE_NCCL(ncclCommUserRank(nccl, &c->rank));
+  MOE_NCCL(ncclCommCuDevice(nccl, &c->device));
+  int current = -1, sms = 0;
+  MOE_CUDA(cudaGetDevice(&current));
+  if (current != c->device)
+    return setError(ncclInvalidUsage, "ncclMoeCommCreate: current CUDA device %d is not comm's device %d",
+                    current, c->device);
+  MOE_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c->device));
+  MOE_CHECK(validateConfig(config, c->nRanks, sms, &c->cfg));
+  const ncclTeam_t lsa = ncclTeamLsa(nccl);
+  if (lsa.nRanks != c->nRanks)
+    return setError(ncclInvalidUsage,
+                    "ncclMoeCommCreate: comm spans %d ranks but only %d share this rank's NVLink domain; "
+                    "the internode path is not available yet",
+                    c->nRanks, lsa.nRanks);
+
+  cudaStream_t stream;
+  MOE_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  ncclResult_t res = checkConfigsEqual(c, stream);
+  cudaStreamDestroy(stream);
+  MOE_CHECK(res);
+
+  c->layout = computeWindowLayout(c->cfg, c->nRanks);
+  void* base = nullptr;
+  MOE_NCCL(ncclMemAlloc(&base, c->layout.total));
+  c->winBase = (char*)base;
+  // Zero the signals and counts before any peer can reach the window (registration is
+  // collective, so no peer signals before every rank has finished this).
+  MOE_CUDA(cudaMemset(c->winBase, 0, c->layout.recvX));
+  MOE_CUDA(cudaDeviceSynchronize());
+  MOE_NCCL(ncclCommWindowRegister(nccl, c->winBase, c->layout.total, &c->win, NCCL_WIN_COLL_SYMMETRIC));
+
+  ncclDevCommRequirements reqs;
+  memset(&reqs, 0, sizeof(reqs));
+  reqs.lsaBarrierCount = 1;
+  MOE_NCCL(ncclDevCommCreate(nccl, &reqs, &c->devComm));
+  c->devCommCreated = true;
+  if (c->devComm.lsaSize != c->nRanks)
+    return setError(ncclInvalidUsage, "ncclMoeCommCreate: device communicator sees %d LSA ranks of %d",
+                    c->devComm.lsaSize, c->nRanks);
+
+  MOE_CUDA(cudaMalloc(&c->state, sizeof(DeviceState)));
+  MOE_CUDA(cudaMemset(c->state, 0, sizeof(DeviceState)));
+  MOE_CUDA(cudaHostAlloc(&c->errorHost, sizeof(DeviceError), cudaHostAllocMapped));
+  memset(c->errorHost, 0, sizeof(DeviceError));
+  MOE_CUDA(cudaHostGetDevicePointer((void**)&c->errorDev, c->errorHost, 0));
+
+  // One LSA barrier through the device communicator: every peer is mapped and alive.
+  MOE_CUDA(launchLsaBarrier(c->devComm, 0));
+  MOE_CUDA(cudaDeviceSynchronize());
+  return ncclSuccess;
+}
+
+}  // namespace nccl_moe
+
+using namespace nccl_moe;
+
+extern "C" ncclResult_t ncclMoeCommCreate(ncclComm_t comm, const ncclMoeConfig_t* config,
+                                          ncclMoeComm_t* moeComm) {
+  clearError();
+  if (comm == nullptr) return setError(ncclInvalidArgument, "ncclMoeCommCreate: comm is NULL");
+  if (config == nullptr) return setError(ncclInvalidArgument, "ncclMoeCommCreate: config is NULL");
+  if (moeComm == nullptr) return setError(ncclInvalidArgument, "ncclMoeCommCreate: moeComm is NULL");
+  *moeComm = nullptr;
+  ncclMoeComm* c = new ncclMoeComm();
+  ncclResult_t res = createComm(comm, config, c);
+  if (res != ncclSuccess) {
+    releaseComm(c);
+    return res;
+  }
+  *moeComm = c;
+  return ncclSuccess;
+}
+
+extern "C" ncclResult_t ncclMoeCommDestroy(ncclMoeComm_t c) {
+  clearError();
+  if (c == nullptr) return setError(ncclInvalidArgument, "ncclMoeCommDestroy: moeComm is NULL");
+  if (c->liveHandles != 0)
+    return setError(ncclInvalidUsage, "ncclMoeCommDestroy: %d handles still exist; destroy them first",
+                    c->liveHandles);
+  MOE_CUDA(cudaDeviceSynchronize());
+  releaseComm(c);
+  return ncclSuccess;
+}
+
+extern "C" ncclResult_t ncclMoeCheckErrors(ncclMoeComm_t c) {
+  clearError();
+  if (c == nullptr) return setError(ncclInvalidArgument, "ncclMoeCheckErrors: moeComm is NULL");
+  return checkDeviceErrors(c);
+}

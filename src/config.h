@@ -1,0 +1,50 @@
+// Configuration validation and the byte layout of the EP window. Pure host code with no CUDA
+// calls, so that the CPU unit tests exercise every rule.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+#include "nccl_moe.h"
+
+namespace nccl_moe {
+
+constexpr int kMaxTopK = 32;
+constexpr int kMaxExperts = 8192;  // per-expert counters live in shared memory
+constexpr int kMaxRanks = 32;       // ranks of one NVLink domain (one warp lane per peer)
+constexpr int kFp8GroupSize = 128;  // channels sharing one FP32 scale
+constexpr int kDefaultTimeoutMs = 30000;
+
+// Checks `cfg` for a communicator of `nRanks` ranks on a device with `deviceSms` SMs and
+// returns in `resolved` a copy with defaults filled in (outputCapacity, timeoutMs).
+// On error: ncclInvalidArgument and a last-error message naming the field and its value.
+ncclResult_t validateConfig(const ncclMoeConfig_t* cfg, int nRanks, int deviceSms,
+                            ncclMoeConfig_t* resolved);
+
+// Bytes of one element of `dtype`.
+size_t dtypeBytes(ncclMoeDtype_t dtype);
+
+// Byte offsets inside each rank's symmetric window (same on every rank). Each region starts on
+// a 256-byte boundary; `total` is rounded up to NCCL_WIN_REQUIRED_ALIGNMENT.
+struct WindowLayout {
+  size_t signals;   // uint64 [kSignalKinds][kMaxRanks]: monotonic counters written by peers
+  size_t counts;    // int32 [R][R + E/R]: row s = tokens rank s sends to each rank, then to each
+                    // of this rank's experts (written by rank s during a dispatch)
+  size_t recvX;     // [capacity][H] elements of the largest dispatch dtype (BF16)
+  size_t recvScales;// float [capacity][H/128] (FP8 only; present always, small)
+  size_t recvTopkIdx;   // int64 [capacity][K]
+  size_t recvTopkWeights; // float [capacity][K]
+  size_t combineIn; // BF16 [capacity][H]
+  size_t total;
+};
+// Signal kinds (rows of the signals region).
+enum SignalKind { kSigDispatchCounts = 0, kSigDispatchDone = 1, kSigCombineReady = 2,
+                  kSigCombineDone = 3, kSignalKinds = 4 };
+
+WindowLayout computeWindowLayout(const ncclMoeConfig_t& resolved, int nRanks);
+
+// Validates the arguments of one dispatch against the resolved config. `haveRouting` tells
+// whether the handle already holds a routing (for topkIdx == NULL); `handleTokens` is its T.
+ncclResult_t validateDispatchArgs(const ncclMoeConfig_t& cfg, const void* x, const float* xScales,
+                                  const int64_t* topkIdx, int numTokens, unsigned int flags,
+                                  bool haveRouting, int handleTokens);
+
+}  // namespace nccl_moe

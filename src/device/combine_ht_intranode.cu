@@ -1,0 +1,136 @@
+// High-throughput intranode combine over LSA: the source rank pulls.
+//
+// One launch of numSms persistent CTAs:
+//  1. ready: CTA 0 release-signals kSigCombineReady to every peer (this rank's expert outputs,
+//     written by earlier work on the stream, may be read); every CTA waits for all peers.
+//  2. reduce: warps take this rank's tokens round-robin; for token t a warp reads t's expert
+//     output row from every rank that received t (peer window, 16-byte loads, rank order),
+//     scales it by w(t, r) when weighted, accumulates in FP32 registers and writes the BF16 sum
+//     to out[t] in local memory. A fixed order per token makes the result bitwise deterministic.
+//  3. done: each CTA release-adds kSigCombineDone at every peer; the last CTA waits for all
+//     peers, so no rank reuses its expert-output rows while another still reads them.
+// The row of token t on rank r is routing.sendOffset[r] + routing.sendPos[t][r] (from dispatch).
+#include "config.h"
+#include "device/kernel_args.h"
+#include "device/peer_sync.cuh"
+#include "device/vec_io.cuh"
+
+namespace nccl_moe {
+
+constexpr int kCombineThreads = 512;
+constexpr int kCombineUnroll = 4;  // 16-byte vectors (8 BF16) per lane per rank in flight
+
+__device__ __forceinline__ void accumulate(float (&acc)[8], uint4 v, float scale) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    // Separate multiply and add (no FMA): the CPU reference computes acc += w * x the same way.
+    acc[2 * i] = __fadd_rn(acc[2 * i], __fmul_rn(scale, bf16BitsToFloat(words[i] & 0xffffu)));
+    acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], __fmul_rn(scale, bf16BitsToFloat(words[i] >> 16)));
+  }
+}
+
+__device__ __forceinline__ uint4 packBf16(const float (&acc)[8]) {
+  uint4 v;
+  v.x = floatToBf16Bits(acc[0]) | (floatToBf16Bits(acc[1]) << 16);
+  v.y = floatToBf16Bits(acc[2]) | (floatToBf16Bits(acc[3]) << 16);
+  v.z = floatToBf16Bits(acc[4]) | (floatToBf16Bits(acc[5]) << 16);
+  v.w = floatToBf16Bits(acc[6]) | (floatToBf16Bits(acc[7]) << 16);
+  return v;
+}
+
+// Reduces token t. srcMask: ranks holding a row of t; rowIndex/weight (lane r): t's row on rank
+// r and its weight w(t, r).
+__device__ __forceinline__ void reduceToken(const CombineArgs& a, char* const* peer, int t,
+                                            unsigned srcMask, int rowIndex, float weight, int lane) {
+  const int rowVecs = a.hidden / 8;
+  const size_t rowBytes = (size_t)a.hidden * 2;
+  uint4* dst = (uint4*)(a.out + (size_t)t * a.hidden);
+  for (int base = 0; base < rowVecs; base += 32 * kCombineUnroll) {
+    float acc[kCombineUnroll][8];
+#pragma unroll
+    for (int u = 0; u < kCombineUnroll; ++u)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[u][i] = 0.0f;
+    for (unsigned m = srcMask; m != 0; m &= m - 1) {
+      const int r = __ffs(m) - 1;
+      const int row = __shfl_sync(0xffffffffu, rowIndex, r);
+      const float scale = __shfl_sync(0xffffffffu, weight, r);
+      const uint4* src = (const uint4*)(peer[r] + a.inOff + (size_t)row * rowBytes);
+      uint4 v[kCombineUnroll];
+#pragma unroll
+      for (int u = 0; u < kCombineUnroll; ++u) {
+        const int idx = base + u * 32 + lane;
+        if (idx < rowVecs) v[u] = loadPeer(src + idx);
+      }
+#pragma unroll
+      for (int u = 0; u < kCombineUnroll; ++u) accumulate(acc[u], v[u], scale);
+    }
+#pragma unroll
+    for (int u = 0; u < kCombineUnroll; ++u) {
+      const int idx = base + u * 32 + lane;
+      if (idx < rowVecs) dst[idx] = packBf16(acc[u]);
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kCombineThreads, 1) combineHtIntranodeKernel(CombineArgs a) {
+  const WindowView& w = a.w;
+  const int R = w.nRanks;
+  __shared__ char* peer[kMaxRanks];
+  __shared__ int sendOffset[kMaxRanks];
+  const uint64_t seq = *(volatile unsigned long long*)&w.state->combineSeq + 1;
+  if (threadIdx.x < R) {
+    peer[threadIdx.x] = (char*)ncclGetLsaPointer(w.win, 0, threadIdx.x);
+    sendOffset[threadIdx.x] = a.routing.sendOffset[threadIdx.x];
+  }
+  __syncthreads();
+  if (blockIdx.x == 0) {
+    if (threadIdx.x == 0) __threadfence_system();
+    __syncthreads();
+    for (int d = threadIdx.x; d < R; d += blockDim.x) signalStore(w, d, kSigCombineReady, seq);
+  }
+  const bool ready = ctaWaitAllPeers(w, kSigCombineReady, seq);
+
+  if (ready) {
+    const int lane = threadIdx.x % 32, warpsPerCta = blockDim.x / 32;
+    const int totalWarps = gridDim.x * warpsPerCta;
+    const int expertsPerRank = a.numExperts / R;
+    for (int t = blockIdx.x * warpsPerCta + threadIdx.x / 32; t < a.numTokens; t += totalWarps) {
+      const int pos = lane < R ? a.routing.sendPos[(size_t)t * R + lane] : -1;
+      const unsigned srcMask = __ballot_sync(0xffffffffu, pos >= 0);
+      float weight = 1.0f;
+      if (a.topkWeights) {
+        // w(t, r) for r = lane: the weights of t's experts on rank `lane`, in k order.
+        weight = 0.0f;
+        for (int k = 0; k < a.topK; ++k) {
+          const int64_t e = a.routing.topkIdx[(size_t)t * a.topK + k];
+          if (e >= 0 && e / expertsPerRank == lane) weight += a.topkWeights[(size_t)t * a.topK + k];
+        }
+      }
+      const int rowIndex = pos >= 0 ? sendOffset[lane] + pos : 0;
+      reduceToken(a, peer, t, srcMask, rowIndex, weight, lane);
+    }
+  }
+  finishAndWaitPeers(w, kSigCombineDone, seq, &w.state->combineArrived, &w.state->combineSeq);
+}
+
+cudaError_t launchCombineHtIntranode(const CombineArgs& args, int numCtas, cudaStream_t stream) {
+  combineHtIntranodeKernel<<<numCtas, kCombineThreads, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+// Copies the caller's expert outputs into the window when they live elsewhere.
+__global__ void copyRowsKernel(uint4* dst, const uint4* src, const int* numRows, int rowVecs) {
+  const size_t total = (size_t)(*numRows) * rowVecs;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x)
+    dst[i] = loadStreaming(src + i);
+}
+
+cudaError_t launchCopyRows(void* dst, const void* src, const int* numRows, int rowBytes, int numCtas,
+                           cudaStream_t stream) {
+  copyRowsKernel<<<numCtas, 512, 0, stream>>>((uint4*)dst, (const uint4*)src, numRows, rowBytes / 16);
+  return cudaGetLastError();
+}
+
+}  // namespace nccl_moe

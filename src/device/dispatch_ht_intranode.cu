@@ -1,0 +1,151 @@
+// High-throughput intranode dispatch over LSA with direct placement.
+//
+// One launch of numSms persistent CTAs per dispatch, in three phases:
+//  1. notify: CTA 0 writes this rank's counts row (tokens to every rank, then tokens to each of
+//     the destination's experts) into every peer's window and release-signals kSigDispatchCounts.
+//     Every CTA waits for all rows and derives, for each destination d, the first row of this
+//     rank's tokens in d's output (sum of the rows that lower ranks send to d).
+//  2. data: warps take tokens round-robin; a warp loads a token row once (16-byte vectors) and
+//     stores it straight into each destination's output row in that rank's window, with its
+//     FP8 scales, its top-k ids rewritten to local expert ids and its weights. No staging ring,
+//     no receive-side copy: the receiving rank spends no SM on the data.
+//  3. done: each CTA release-adds kSigDispatchDone at every peer; the last CTA of the grid waits
+//     for every peer's CTAs, so the outputs are complete when the kernel ends on the stream.
+// If any destination would receive more than `capacity` rows, every rank sees it in phase 1 (all
+// have the full count matrix), writes no data, records kDevOverflow and still completes phase 3.
+#include "config.h"
+#include "device/kernel_args.h"
+#include "device/peer_sync.cuh"
+#include "device/vec_io.cuh"
+
+namespace nccl_moe {
+
+constexpr int kDispatchThreads = 512;
+constexpr int kDispatchUnroll = 8;  // 16-byte vectors in flight per lane
+
+// Phase 1 helper: CTA 0 publishes this rank's counts row to every peer.
+__device__ void publishCounts(const DispatchArgs& a, char* const* peer, uint64_t seq) {
+  const WindowView& w = a.w;
+  const int R = w.nRanks, localExperts = a.numExperts / R, rowLen = R + localExperts;
+  for (int i = threadIdx.x; i < R * rowLen; i += blockDim.x) {
+    const int d = i / rowLen, j = i % rowLen;
+    const int v = j < R ? a.routing.tokensPerRank[j] : a.routing.tokensPerExpert[d * localExperts + j - R];
+    int* row = (int*)(peer[d] + w.countsOff) + w.rank * rowLen;
+    row[j] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) __threadfence_system();
+  __syncthreads();
+  for (int d = threadIdx.x; d < R; d += blockDim.x) signalStore(w, d, kSigDispatchCounts, seq);
+}
+
+// Phase 2: copies token t to every destination whose bit is set in destMask. rowIndex (lane d)
+// is t's row in rank d's output.
+__device__ __forceinline__ void sendToken(const DispatchArgs& a, char* const* peer, int t,
+                                          unsigned destMask, int rowIndex, int lane) {
+  const int rowVecs = a.rowBytes / 16;
+  const uint4* src = (const uint4*)((const char*)a.x + (size_t)t * a.rowBytes);
+  for (int base = 0; base < rowVecs; base += 32 * kDispatchUnroll) {
+    uint4 v[kDispatchUnroll];
+#pragma unroll
+    for (int u = 0; u < kDispatchUnroll; ++u) {
+      const int idx = base + u * 32 + lane;
+      if (idx < rowVecs) v[u] = loadStreaming(src + idx);
+    }
+    for (unsigned m = destMask; m != 0; m &= m - 1) {
+      const int d = __ffs(m) - 1;
+      const int row = __shfl_sync(0xffffffffu, rowIndex, d);
+      uint4* dst = (uint4*)(peer[d] + a.recvXOff + (size_t)row * a.rowBytes);
+#pragma unroll
+      for (int u = 0; u < kDispatchUnroll; ++u) {
+        const int idx = base + u * 32 + lane;
+        if (idx < rowVecs) storeNoAllocate(dst + idx, v[u]);
+      }
+    }
+  }
+  // Scales (FP8), expert ids and weights: small, one element per lane.
+  const int expertsPerRank = a.numExperts / a.w.nRanks;
+  for (unsigned m = destMask; m != 0; m &= m - 1) {
+    const int d = __ffs(m) - 1;
+    const int row = __shfl_sync(0xffffffffu, rowIndex, d);
+    if (a.scaleCols > 0) {
+      float* dst = (float*)(peer[d] + a.recvScalesOff) + (size_t)row * a.scaleCols;
+      for (int j = lane; j < a.scaleCols; j += 32) dst[j] = a.xScales[(size_t)t * a.scaleCols + j];
+    }
+    if (lane < a.topK) {
+      const int64_t e = a.routing.topkIdx[(size_t)t * a.topK + lane];
+      const bool local = e >= 0 && e / expertsPerRank == d;
+      int64_t* ids = (int64_t*)(peer[d] + a.recvTopkIdxOff) + (size_t)row * a.topK;
+      ids[lane] = local ? e - (int64_t)d * expertsPerRank : -1;
+      if (a.topkWeights) {
+        float* wts = (float*)(peer[d] + a.recvTopkWeightsOff) + (size_t)row * a.topK;
+        wts[lane] = local ? a.topkWeights[(size_t)t * a.topK + lane] : 0.0f;
+      }
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kDispatchThreads, 1) dispatchHtIntranodeKernel(DispatchArgs a) {
+  const WindowView& w = a.w;
+  const int R = w.nRanks, me = w.rank;
+  const int localExperts = a.numExperts / R, rowLen = R + localExperts;
+  __shared__ char* peer[kMaxRanks];
+  __shared__ int sendOffset[kMaxRanks];
+  __shared__ int overflow;
+  const uint64_t seq = *(volatile unsigned long long*)&w.state->dispatchSeq + 1;
+  if (threadIdx.x < R) peer[threadIdx.x] = (char*)ncclGetLsaPointer(w.win, 0, threadIdx.x);
+  if (threadIdx.x == 0) overflow = 0;
+  __syncthreads();
+
+  if (blockIdx.x == 0) publishCounts(a, peer, seq);
+  const bool arrived = ctaWaitAllPeers(w, kSigDispatchCounts, seq);
+
+  if (arrived) {
+    const int* counts = (const int*)(peer[me] + w.countsOff);  // [R][rowLen], row s from rank s
+    for (int d = threadIdx.x; d < R; d += blockDim.x) {
+      int before = 0, total = 0;
+      for (int s = 0; s < R; ++s) {
+        const int c = loadPeerInt(counts + s * rowLen + d);
+        if (s < me) before += c;
+        total += c;
+      }
+      sendOffset[d] = before;
+      if (total > a.capacity) {
+        atomicExch(&overflow, 1);
+        if (blockIdx.x == 0) reportError(w.error, kDevOverflow, d, total, a.capacity);
+      }
+    }
+    if (blockIdx.x == 0) {
+      for (int j = threadIdx.x; j < 1 + localExperts; j += blockDim.x) {
+        int sum = 0;
+        for (int s = 0; s < R; ++s) sum += loadPeerInt(counts + s * rowLen + (j == 0 ? me : R + j - 1));
+        a.routing.recvCounts[j] = sum;
+      }
+      for (int d = threadIdx.x; d < R; d += blockDim.x) {
+        int before = 0;
+        for (int s = 0; s < me; ++s) before += loadPeerInt(counts + s * rowLen + d);
+        a.routing.sendOffset[d] = before;
+      }
+    }
+  }
+  __syncthreads();
+
+  if (arrived && !overflow) {
+    const int lane = threadIdx.x % 32, warpsPerCta = blockDim.x / 32;
+    const int totalWarps = gridDim.x * warpsPerCta;
+    for (int t = blockIdx.x * warpsPerCta + threadIdx.x / 32; t < a.numTokens; t += totalWarps) {
+      const int pos = lane < R ? a.routing.sendPos[(size_t)t * R + lane] : -1;
+      const unsigned destMask = __ballot_sync(0xffffffffu, pos >= 0);
+      const int rowIndex = pos >= 0 ? sendOffset[lane] + pos : 0;
+      sendToken(a, peer, t, destMask, rowIndex, lane);
+    }
+  }
+  finishAndWaitPeers(w, kSigDispatchDone, seq, &w.state->dispatchArrived, &w.state->dispatchSeq);
+}
+
+cudaError_t launchDispatchHtIntranode(const DispatchArgs& args, int numCtas, cudaStream_t stream) {
+  dispatchHtIntranodeKernel<<<numCtas, kDispatchThreads, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+}  // namespace nccl_moe

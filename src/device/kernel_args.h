@@ -1,0 +1,95 @@
+// Arguments of the device kernels and their host launchers (one launcher per kernel file).
+// Shared by host code (src/*.cc) and kernels (src/device/*.cu); no device code here.
+#pragma once
+#include <stdint.h>
+#include <cuda_runtime.h>
+#include <nccl.h>
+#include <nccl_device/core.h>
+
+namespace nccl_moe {
+
+// Kernel-detected failures, written once (first error wins) into host-mapped memory so that a
+// later API call reports them without synchronising. code: one of DeviceErrorCode.
+enum DeviceErrorCode : int {
+  kDevOk = 0,
+  kDevTimeout = 1,      // a = signal kind, b = peer rank, c = value seen
+  kDevOverflow = 2,     // a = destination rank, b = rows it would receive, c = capacity
+  kDevBadExpert = 3,    // a = token, b = k, c = expert id (truncated to int)
+};
+struct DeviceError {
+  int code, a, b, c;
+};
+
+// Per-context device state (device memory, zeroed at creation).
+struct DeviceState {
+  unsigned long long dispatchSeq;  // dispatch kernels completed on this rank
+  unsigned long long combineSeq;   // combine kernels completed on this rank
+  unsigned int dispatchArrived;    // CTAs of the running dispatch kernel that finished
+  unsigned int combineArrived;     // likewise for combine
+};
+
+// Routing of one dispatch, on the device (owned by the handle). R = ranks, K = top-k.
+struct RoutingView {
+  int* sendPos;          // [maxTokens][R]: row of token t among those this rank sends to rank r
+                         // (0-based, in token order), -1 if t does not go to r
+  int64_t* topkIdx;      // [maxTokens][K]: copy of the routing's expert ids (-1 = none), so
+                         // that a reused routing needs no input from the caller
+  int* tokensPerRank;    // [R]
+  int* tokensPerExpert;  // [E]
+  int* sendOffset;       // [R]: first row of this rank's tokens in rank r's output (dispatch)
+  int* recvCounts;       // [1 + E/R]: rows received, then rows per local expert (dispatch)
+};
+
+struct LayoutArgs {
+  const int64_t* topkIdx;  // [T][K]
+  int numTokens, topK, numExperts, nRanks;
+  int* sendPos;            // [T][R] or NULL
+  int64_t* topkIdxCopy;    // [T][K] or NULL: receives a copy of topkIdx
+  int* tokensPerRank;      // [R]
+  int* tokensPerExpert;    // [E]
+  uint8_t* isTokenInRank;  // [T][R] or NULL
+  DeviceError* error;
+};
+cudaError_t launchLayout(const LayoutArgs& args, cudaStream_t stream);
+
+// Everything the HT kernels need to find the window and synchronise with peers.
+struct WindowView {
+  ncclWindow_t win;
+  int rank, nRanks;
+  size_t signalsOff, countsOff;   // byte offsets in the window (WindowLayout)
+  DeviceState* state;
+  DeviceError* error;
+  long long timeoutNs;
+};
+
+struct DispatchArgs {
+  WindowView w;
+  RoutingView routing;
+  const void* x;                // [T][H] dispatch dtype
+  const float* xScales;         // [T][H/128] or NULL
+  const float* topkWeights;     // [T][K] or NULL
+  int numTokens, hidden, topK, numExperts, capacity;
+  int rowBytes;                 // bytes of one token row (H * dtype bytes)
+  int scaleCols;                // H/128 for FP8, 0 for BF16
+  size_t recvXOff, recvScalesOff, recvTopkIdxOff, recvTopkWeightsOff;
+};
+cudaError_t launchDispatchHtIntranode(const DispatchArgs& args, int numCtas, cudaStream_t stream);
+
+struct CombineArgs {
+  WindowView w;
+  RoutingView routing;
+  size_t inOff;                 // byte offset of the expert outputs [rows][H] BF16 in the window
+  const float* topkWeights;     // [T][K] or NULL (unweighted)
+  uint16_t* out;                // [T][H] BF16
+  int numTokens, hidden, topK, numExperts;
+};
+cudaError_t launchCombineHtIntranode(const CombineArgs& args, int numCtas, cudaStream_t stream);
+
+// Copies rows [0, *numRows) of src ([*][rowBytes]) to dst with numCtas CTAs (rowBytes % 16 == 0).
+cudaError_t launchCopyRows(void* dst, const void* src, const int* numRows, int rowBytes,
+                           int numCtas, cudaStream_t stream);
+
+// One CTA syncs LSA barrier 0 of devComm with every LSA peer (creation-time check).
+cudaError_t launchLsaBarrier(const ncclDevComm& devComm, cudaStream_t stream);
+
+}  // namespace nccl_moe

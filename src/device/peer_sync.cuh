@@ -1,0 +1,108 @@
+// Device primitives for signalling peers over LSA (NVLink load/store) with release/acquire
+// semantics at system scope, waits that give up after a timeout, and kernel error reporting.
+//
+// Signals are monotonic uint64 counters in the receiver's window: signals[kind][srcRank], written
+// only by rank srcRank. A wait compares against a target derived from the per-context sequence
+// numbers in DeviceState, so nothing is ever reset and CUDA-graph replays stay consistent.
+#pragma once
+#include <stdint.h>
+#include <nccl_device.h>
+#include "config.h"
+#include "device/kernel_args.h"
+
+namespace nccl_moe {
+
+__device__ __forceinline__ uint64_t* signalPtr(const WindowView& w, int owner, int kind, int src) {
+  char* base = (char*)ncclGetLsaPointer(w.win, w.signalsOff, owner);
+  return (uint64_t*)base + kind * kMaxRanks + src;
+}
+
+// Release-store `value` into peer `peer`'s signals[kind][w.rank]. Orders every store this thread
+// (and, through a preceding barrier, its CTA) made before it, for observers on any GPU.
+__device__ __forceinline__ void signalStore(const WindowView& w, int peer, int kind, uint64_t value) {
+  uint64_t* p = signalPtr(w, peer, kind, w.rank);
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(value) : "memory");
+}
+
+// Release-add `value` to peer `peer`'s signals[kind][w.rank].
+__device__ __forceinline__ void signalAdd(const WindowView& w, int peer, int kind, uint64_t value) {
+  uint64_t* p = signalPtr(w, peer, kind, w.rank);
+  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(value) : "memory");
+}
+
+__device__ __forceinline__ uint64_t loadAcquire(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ uint64_t globalTimerNs() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Records the first kernel error of the context (later ones are dropped).
+__device__ __forceinline__ void reportError(DeviceError* e, int code, int a, int b, int c) {
+  if (atomicCAS(&e->code, 0, code) == 0) {
+    e->a = a; e->b = b; e->c = c;
+    __threadfence_system();
+  }
+}
+
+// True once a kernel error has been recorded (any kernel of this context).
+__device__ __forceinline__ bool errorRaised(const DeviceError* e) {
+  return *(volatile const int*)&e->code != 0;
+}
+
+// Waits until this rank's signals[kind][src] >= target (acquire). Returns false after a timeout
+// (error recorded) or if another part of the context already failed.
+__device__ __forceinline__ bool waitSignal(const WindowView& w, int kind, int src, uint64_t target) {
+  const uint64_t* p = signalPtr(w, w.rank, kind, src);
+  uint64_t v = loadAcquire(p);
+  if (v >= target) return true;
+  const uint64_t start = globalTimerNs();
+  while (true) {
+    for (int i = 0; i < 64; ++i) {
+      v = loadAcquire(p);
+      if (v >= target) return true;
+    }
+    if (errorRaised(w.error)) return false;
+    if (globalTimerNs() - start > (uint64_t)w.timeoutNs) {
+      reportError(w.error, kDevTimeout, kind, src, (int)v);
+      return false;
+    }
+  }
+}
+
+// Each thread i < nRanks waits for signals[kind][i] >= target; then the CTA agrees on success.
+__device__ __forceinline__ bool ctaWaitAllPeers(const WindowView& w, int kind, uint64_t target) {
+  bool ok = true;
+  for (int src = threadIdx.x; src < w.nRanks; src += blockDim.x) ok &= waitSignal(w, kind, src, target);
+  return __syncthreads_and(ok) != 0;
+}
+
+// Every CTA calls this once at its end. Signals `kind` (+1) to every peer, then the last CTA to
+// arrive waits for all peers' CTAs (target numCtas * seq) and publishes seq as completed.
+// `arrived` counts finished CTAs of this launch; `seqSlot` is the context's sequence counter.
+__device__ __forceinline__ void finishAndWaitPeers(const WindowView& w, int kind, uint64_t seq,
+                                                   unsigned int* arrived,
+                                                   unsigned long long* seqSlot) {
+  __syncthreads();
+  __shared__ bool isLast;
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    for (int p = 0; p < w.nRanks; ++p) signalAdd(w, p, kind, 1);
+    isLast = atomicAdd(arrived, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!isLast) return;
+  ctaWaitAllPeers(w, kind, (uint64_t)gridDim.x * seq);
+  if (threadIdx.x == 0) {
+    *arrived = 0;
+    *(volatile unsigned long long*)seqSlot = seq;
+    __threadfence();
+  }
+}
+
+}  // namespace nccl_moe

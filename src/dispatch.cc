@@ -1,0 +1,160 @@
+// ncclMoeDispatch, ncclMoeGetLayout and handle lifetime.
+#include <string.h>
+#include "comm.h"
+#include "error.h"
+
+namespace nccl_moe {
+
+static size_t align256(size_t v) { return (v + 255) / 256 * 256; }
+
+// Allocates a handle's routing arrays sized for maxTokensPerRank (not graph-capturable).
+static ncclResult_t createHandle(ncclMoeComm* c, ncclMoeHandle** out) {
+  const size_t T = c->cfg.maxTokensPerRank, R = c->nRanks, E = c->cfg.numExperts, K = c->cfg.topK;
+  const size_t sizes[] = {T * R * sizeof(int), T * K * sizeof(int64_t), R * sizeof(int),
+                          E * sizeof(int), R * sizeof(int), (1 + E / R) * sizeof(int)};
+  size_t total = 0;
+  for (size_t s : sizes) total += align256(s);
+  ncclMoeHandle* h = new ncclMoeHandle();
+  h->comm = c;
+  if (cudaMalloc(&h->deviceBlock, total) != cudaSuccess ||
+      cudaMemset(h->deviceBlock, 0, total) != cudaSuccess ||
+      cudaMallocHost(&h->hostCounts, sizes[5]) != cudaSuccess) {
+    if (h->deviceBlock) cudaFree(h->deviceBlock);
+    delete h;
+    return setError(ncclUnhandledCudaError, "ncclMoeDispatch: allocating a handle (%zu bytes) failed", total);
+  }
+  char* p = (char*)h->deviceBlock;
+  auto take = [&](size_t bytes) { char* at = p; p += align256(bytes); return at; };
+  h->routing.sendPos = (int*)take(sizes[0]);
+  h->routing.topkIdx = (int64_t*)take(sizes[1]);
+  h->routing.tokensPerRank = (int*)take(sizes[2]);
+  h->routing.tokensPerExpert = (int*)take(sizes[3]);
+  h->routing.sendOffset = (int*)take(sizes[4]);
+  h->routing.recvCounts = (int*)take(sizes[5]);
+  c->liveHandles++;
+  *out = h;
+  return ncclSuccess;
+}
+
+}  // namespace nccl_moe
+
+using namespace nccl_moe;
+
+extern "C" ncclResult_t ncclMoeGetLayout(ncclMoeComm_t c, const int64_t* topkIdx, int numTokens,
+                                         int* tokensPerRank, int* tokensPerExpert,
+                                         uint8_t* isTokenInRank, cudaStream_t stream) {
+  clearError();
+  if (c == nullptr) return setError(ncclInvalidArgument, "ncclMoeGetLayout: moeComm is NULL");
+  MOE_CHECK(checkDeviceErrors(c));
+  if (numTokens < 0 || numTokens > c->cfg.maxTokensPerRank)
+    return setError(ncclInvalidArgument, "ncclMoeGetLayout: numTokens = %d must be in 0..maxTokensPerRank = %d",
+                    numTokens, c->cfg.maxTokensPerRank);
+  if (topkIdx == nullptr && numTokens > 0)
+    return setError(ncclInvalidArgument, "ncclMoeGetLayout: topkIdx is NULL");
+  if (tokensPerRank == nullptr) return setError(ncclInvalidArgument, "ncclMoeGetLayout: tokensPerRank is NULL");
+  if (tokensPerExpert == nullptr)
+    return setError(ncclInvalidArgument, "ncclMoeGetLayout: tokensPerExpert is NULL");
+  LayoutArgs a;
+  memset(&a, 0, sizeof(a));
+  a.topkIdx = topkIdx;
+  a.numTokens = numTokens;
+  a.topK = c->cfg.topK;
+  a.numExperts = c->cfg.numExperts;
+  a.nRanks = c->nRanks;
+  a.tokensPerRank = tokensPerRank;
+  a.tokensPerExpert = tokensPerExpert;
+  a.isTokenInRank = isTokenInRank;
+  a.error = c->errorDev;
+  MOE_CUDA(launchLayout(a, stream));
+  return ncclSuccess;
+}
+
+extern "C" ncclResult_t ncclMoeDispatch(ncclMoeComm_t c, const void* x, const float* xScales,
+                                        const int64_t* topkIdx, const float* topkWeights, int numTokens,
+                                        unsigned int flags, ncclMoeHandle_t* handle,
+                                        ncclMoeDispatchOutput_t* out, cudaStream_t stream) {
+  clearError();
+  if (c == nullptr) return setError(ncclInvalidArgument, "ncclMoeDispatch: moeComm is NULL");
+  if (handle == nullptr) return setError(ncclInvalidArgument, "ncclMoeDispatch: handle is NULL");
+  if (out == nullptr) return setError(ncclInvalidArgument, "ncclMoeDispatch: out is NULL");
+  MOE_CHECK(checkDeviceErrors(c));
+  ncclMoeHandle* h = *handle;
+  if (h != nullptr && h->comm != c)
+    return setError(ncclInvalidArgument, "ncclMoeDispatch: *handle belongs to another EP context");
+  const bool haveRouting = h != nullptr && h->haveRouting;
+  MOE_CHECK(validateDispatchArgs(c->cfg, x, xScales, topkIdx, numTokens, flags, haveRouting,
+                                 haveRouting ? h->numTokens : 0));
+  if (h == nullptr) {
+    MOE_CHECK(createHandle(c, &h));
+    *handle = h;
+  }
+  const ncclMoeConfig_t& cfg = c->cfg;
+  if (topkIdx != nullptr || !h->haveRouting) {
+    LayoutArgs la;
+    memset(&la, 0, sizeof(la));
+    la.topkIdx = topkIdx;
+    la.numTokens = numTokens;
+    la.topK = cfg.topK;
+    la.numExperts = cfg.numExperts;
+    la.nRanks = c->nRanks;
+    la.sendPos = h->routing.sendPos;
+    la.topkIdxCopy = h->routing.topkIdx;
+    la.tokensPerRank = h->routing.tokensPerRank;
+    la.tokensPerExpert = h->routing.tokensPerExpert;
+    la.error = c->errorDev;
+    MOE_CUDA(launchLayout(la, stream));
+    h->numTokens = numTokens;
+    h->haveRouting = true;
+  }
+
+  DispatchArgs a;
+  memset(&a, 0, sizeof(a));
+  a.w = windowView(c);
+  a.routing = h->routing;
+  a.x = x;
+  a.xScales = xScales;
+  a.topkWeights = topkWeights;
+  a.numTokens = numTokens;
+  a.hidden = cfg.hidden;
+  a.topK = cfg.topK;
+  a.numExperts = cfg.numExperts;
+  a.capacity = cfg.outputCapacity;
+  a.rowBytes = cfg.hidden * (int)dtypeBytes(cfg.dispatchDtype);
+  a.scaleCols = cfg.dispatchDtype == ncclMoeFp8E4m3 ? cfg.hidden / kFp8GroupSize : 0;
+  a.recvXOff = c->layout.recvX;
+  a.recvScalesOff = c->layout.recvScales;
+  a.recvTopkIdxOff = c->layout.recvTopkIdx;
+  a.recvTopkWeightsOff = c->layout.recvTopkWeights;
+  MOE_CUDA(launchDispatchHtIntranode(a, cfg.numSms, stream));
+
+  const int localExperts = cfg.numExperts / c->nRanks;
+  out->x = c->winBase + c->layout.recvX;
+  out->xScales = a.scaleCols ? (float*)(c->winBase + c->layout.recvScales) : nullptr;
+  out->topkIdx = (int64_t*)(c->winBase + c->layout.recvTopkIdx);
+  out->topkWeights = (float*)(c->winBase + c->layout.recvTopkWeights);
+  out->numRecvTokens = h->routing.recvCounts;
+  out->expertCounts = h->routing.recvCounts + 1;
+  out->combineInput = c->winBase + c->layout.combineIn;
+  out->hostNumRecvTokens = -1;
+  out->hostExpertCounts = nullptr;
+  if (flags & NCCL_MOE_DISPATCH_HOST_COUNTS) {
+    MOE_CUDA(cudaMemcpyAsync(h->hostCounts, h->routing.recvCounts, sizeof(int) * (1 + localExperts),
+                             cudaMemcpyDeviceToHost, stream));
+    MOE_CUDA(cudaStreamSynchronize(stream));
+    MOE_CHECK(checkDeviceErrors(c));
+    out->hostNumRecvTokens = h->hostCounts[0];
+    out->hostExpertCounts = h->hostCounts + 1;
+  }
+  return ncclSuccess;
+}
+
+extern "C" ncclResult_t ncclMoeHandleDestroy(ncclMoeHandle_t h) {
+  clearError();
+  if (h == nullptr) return setError(ncclInvalidArgument, "ncclMoeHandleDestroy: handle is NULL");
+  MOE_CUDA(cudaDeviceSynchronize());
+  cudaFree(h->deviceBlock);
+  cudaFreeHost(h->hostCounts);
+  h->comm->liveHandles--;
+  delete h;
+  return ncclSuccess;
+}

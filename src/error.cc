@@ -1,0 +1,31 @@
+// Thread-local last error of the public API.
+#include "error.h"
+#include <stdarg.h>
+#include <stdio.h>
+#include "nccl_moe.h"
+
+namespace nccl_moe {
+
+static thread_local char lastError[1024] = "";
+
+ncclResult_t setError(ncclResult_t code, const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(lastError, sizeof(lastError), fmt, ap);
+  va_end(ap);
+  return code;
+}
+
+void clearError() { lastError[0] = '\0'; }
+
+}  // namespace nccl_moe
+
+extern "C" const char* ncclMoeGetLastError(void) { return nccl_moe::lastError; }
+
+extern "C" ncclResult_t ncclMoeGetVersion(int* version) {
+  nccl_moe::clearError();
+  if (version == nullptr)
+    return nccl_moe::setError(ncclInvalidArgument, "ncclMoeGetVersion: version is NULL");
+  *version = NCCL_MOE_VERSION_CODE;
+  return ncclSuccess;
+}
