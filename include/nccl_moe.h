@@ -92,7 +92,8 @@ ncclResult_t ncclMoeCommDestroy(ncclMoeComm_t moeComm);
 /* Routing statistics of `topkIdx` ([numTokens][K] int64, device memory, -1 = none), written to
  * device memory on `stream` (no host synchronisation):
  *   tokensPerRank   [R]  int32: tokens with at least one expert on each rank
- *   tokensPerExpert [E]  int32: tokens per expert
+ *   tokensPerExpert [E]  int32: (token, k) entries naming each expert (a token naming an expert
+ *                        twice counts twice; real routing has no duplicates)
  *   isTokenInRank   [numTokens][R] uint8 (0/1), may be NULL.
  * Expert ids outside [-1, E) are counted nowhere and make the call's next check fail
  * (ncclMoeCheckErrors). */
@@ -110,7 +111,7 @@ ncclResult_t ncclMoeGetLayout(ncclMoeComm_t moeComm, const int64_t* topkIdx, int
  *   topkWeights   [outputCapacity][K] FP32, the sender's weights (0 where topkIdx is -1);
  *                 written only when the dispatch was given weights
  *   numRecvTokens [1]   int32 device
- *   expertCounts  [E/R] int32 device: rows naming each local expert
+ *   expertCounts  [E/R] int32 device: (row, k) entries naming each local expert
  *   combineInput  [outputCapacity][H] BF16: a buffer in the window where the expert kernel can
  *                 write its outputs, so that ncclMoeCombine reads them without a copy.
  * hostNumRecvTokens / hostExpertCounts are filled only when the dispatch was asked for host
@@ -143,11 +144,14 @@ typedef struct {
  *                topkIdx unless topkIdx is NULL. The handle is what ncclMoeCombine needs.
  *   out          where the rows are (see ncclMoeDispatchOutput_t)
  * Without NCCL_MOE_DISPATCH_HOST_COUNTS the call never synchronises the host and a handle that
- * exists can be captured in a CUDA graph with it. Receiving more than outputCapacity rows, an
- * expert id outside [-1, E) or a peer that does not arrive within timeoutMs leave the outputs
- * unwritten and make this call (with host counts) or the next call on the EP context fail with
- * ncclInvalidUsage / ncclSystemError. The source buffers may be reused once `stream` passes the
- * call. */
+ * exists can be captured in a CUDA graph with it. Kernel-detected failures are sticky and make
+ * this call (with host counts) or the next call on the EP context fail:
+ *   - a rank would receive more than outputCapacity rows: no rank writes any row
+ *     (ncclInvalidUsage);
+ *   - an expert id outside [-1, E): the entry is treated as -1 (ncclInvalidArgument);
+ *   - a peer does not take part within timeoutMs: the kernel gives up (ncclSystemError).
+ * Every rank must call dispatch and combine in the same order. The source buffers may be reused
+ * once `stream` passes the call. expertOut of combine must be 16-byte aligned and not NULL. */
 ncclResult_t ncclMoeDispatch(ncclMoeComm_t moeComm, const void* x, const float* xScales,
                              const int64_t* topkIdx, const float* topkWeights, int numTokens,
                              unsigned int flags, ncclMoeHandle_t* handle,

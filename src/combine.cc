@@ -13,6 +13,7 @@ extern "C" ncclResult_t ncclMoeCombine(ncclMoeComm_t c, ncclMoeHandle_t h, const
   if (h->comm != c) return setError(ncclInvalidArgument, "ncclMoeCombine: handle belongs to another EP context");
   if (!h->haveRouting)
     return setError(ncclInvalidUsage, "ncclMoeCombine: handle holds no dispatch to reverse");
+  if (expertOut == nullptr) return setError(ncclInvalidArgument, "ncclMoeCombine: expertOut is NULL");
   if (out == nullptr && h->numTokens > 0) return setError(ncclInvalidArgument, "ncclMoeCombine: out is NULL");
   MOE_CHECK(checkDeviceErrors(c));
   const ncclMoeConfig_t& cfg = c->cfg;
@@ -21,14 +22,14 @@ extern "C" ncclResult_t ncclMoeCombine(ncclMoeComm_t c, ncclMoeHandle_t h, const
   const char* end = c->winBase + c->layout.total;
   const char* in = (const char*)expertOut;
   size_t inOff = c->layout.combineIn;
-  if (in != nullptr && in >= begin && in < end) {
+  if (in >= begin && in < end) {
     inOff = (size_t)(in - begin);
     if (inOff % 16 != 0 || inOff + (size_t)cfg.outputCapacity * rowBytes > c->layout.total)
       return setError(ncclInvalidArgument,
                       "ncclMoeCombine: expertOut = %p lies in the EP window at offset %zu but is not 16-byte "
                       "aligned or has no room for outputCapacity rows",
                       expertOut, inOff);
-  } else if (in != nullptr) {
+  } else {
     if ((uintptr_t)in % 16 != 0)
       return setError(ncclInvalidArgument, "ncclMoeCombine: expertOut = %p is not 16-byte aligned", expertOut);
     MOE_CUDA(launchCopyRows(c->winBase + c->layout.combineIn, in, h->routing.recvCounts, (int)rowBytes,

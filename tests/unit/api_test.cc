@@ -1,0 +1,101 @@
+// The public API's argument checks, which need no GPU: every call given a NULL context or
+// output pointer returns ncclInvalidArgument and names the argument in ncclMoeGetLastError().
+// No call here may touch CUDA or NCCL before rejecting its NULL argument.
+#include <ctype.h>
+#include <gtest/gtest.h>
+
+#include <string>
+#include <thread>
+
+#include "nccl_moe.h"
+
+namespace {
+
+// True when `msg` contains `name` as a whole identifier.
+bool containsWord(const std::string& msg, const std::string& name) {
+  auto ident = [](char ch) { return isalnum((unsigned char)ch) || ch == '_'; };
+  for (size_t p = msg.find(name); p != std::string::npos; p = msg.find(name, p + 1)) {
+    bool before = p > 0 && ident(msg[p - 1]);
+    bool after = p + name.size() < msg.size() && ident(msg[p + name.size()]);
+    if (!before && !after) return true;
+  }
+  return false;
+}
+
+#define EXPECT_REJECTS(call, name)                                                \
+  do {                                                                            \
+    EXPECT_EQ((call), ncclInvalidArgument) << #call;                              \
+    std::string msg_ = ncclMoeGetLastError();                                     \
+    EXPECT_TRUE(containsWord(msg_, name)) << #call << ": \"" << msg_ << "\" does not name " << name; \
+  } while (0)
+
+ncclMoeConfig_t goodConfig() {
+  ncclMoeConfig_t c = NCCL_MOE_CONFIG_INITIALIZER;
+  c.numExperts = 8;
+  c.hidden = 1024;
+  c.topK = 2;
+  c.maxTokensPerRank = 128;
+  c.numSms = 4;
+  return c;
+}
+
+// A non-NULL communicator that must never be dereferenced: the NULL-argument checks come first.
+ncclComm_t fakeComm() {
+  alignas(64) static char storage[1 << 16] = {};
+  return reinterpret_cast<ncclComm_t>(storage);
+}
+
+}  // namespace
+
+TEST(Api, Version) {
+  int v = -1;
+  ASSERT_EQ(ncclMoeGetVersion(&v), ncclSuccess);
+  EXPECT_EQ(v, NCCL_MOE_VERSION_CODE);
+  EXPECT_EQ(v, NCCL_MOE_MAJOR * 10000 + NCCL_MOE_MINOR * 100 + NCCL_MOE_PATCH);
+  EXPECT_REJECTS(ncclMoeGetVersion(nullptr), "version");
+}
+
+TEST(Api, LastErrorClearedBySuccess) {
+  EXPECT_NE(ncclMoeCheckErrors(nullptr), ncclSuccess);
+  EXPECT_STRNE(ncclMoeGetLastError(), "");
+  int v;
+  ASSERT_EQ(ncclMoeGetVersion(&v), ncclSuccess);
+  EXPECT_STREQ(ncclMoeGetLastError(), "");
+}
+
+TEST(Api, LastErrorIsThreadLocal) {
+  int v;
+  ASSERT_EQ(ncclMoeGetVersion(&v), ncclSuccess);
+  std::string other;
+  std::thread t([&] {
+    ncclMoeCheckErrors(nullptr);
+    other = ncclMoeGetLastError();
+  });
+  t.join();
+  EXPECT_TRUE(containsWord(other, "moeComm")) << other;
+  EXPECT_STREQ(ncclMoeGetLastError(), "");
+}
+
+TEST(Api, CommCreateNullArguments) {
+  ncclMoeConfig_t cfg = goodConfig();
+  ncclMoeComm_t moe = reinterpret_cast<ncclMoeComm_t>(0x1);
+  EXPECT_REJECTS(ncclMoeCommCreate(nullptr, &cfg, &moe), "comm");
+  EXPECT_REJECTS(ncclMoeCommCreate(fakeComm(), nullptr, &moe), "config");
+  EXPECT_REJECTS(ncclMoeCommCreate(fakeComm(), &cfg, nullptr), "moeComm");
+  EXPECT_REJECTS(ncclMoeCommDestroy(nullptr), "moeComm");
+}
+
+TEST(Api, NullContext) {
+  ncclMoeHandle_t handle = nullptr;
+  ncclMoeDispatchOutput_t out;
+  EXPECT_REJECTS(ncclMoeDispatch(nullptr, nullptr, nullptr, nullptr, nullptr, 0, 0, &handle, &out,
+                                 nullptr),
+                 "moeComm");
+  EXPECT_EQ(handle, nullptr);  // nothing allocated on failure
+  EXPECT_REJECTS(ncclMoeCombine(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr), "moeComm");
+  int perRank[4], perExpert[8];
+  EXPECT_REJECTS(ncclMoeGetLayout(nullptr, nullptr, 0, perRank, perExpert, nullptr, nullptr),
+                 "moeComm");
+  EXPECT_REJECTS(ncclMoeCheckErrors(nullptr), "moeComm");
+  EXPECT_REJECTS(ncclMoeHandleDestroy(nullptr), "handle");
+}
