@@ -115,7 +115,8 @@ ncclResult_t ncclMoeGetLayout(ncclMoeComm_t moeComm, const int64_t* topkIdx, int
  *   combineInput  [outputCapacity][H] BF16: a buffer in the window where the expert kernel can
  *                 write its outputs, so that ncclMoeCombine reads them without a copy.
  * hostNumRecvTokens / hostExpertCounts are filled only when the dispatch was asked for host
- * counts (-1 otherwise). */
+ * counts (-1 and NULL otherwise). A cached dispatch (topkIdx = NULL) rewrites every output,
+ * the routing ones included (with the same values). */
 typedef struct {
   void* x;
   float* xScales;

@@ -147,8 +147,10 @@ Received dispatch(int dst, const std::vector<Routing>& routing,
   const int perRank = numExperts / numRanks;
   const int topK = routing[0].topK;
   const int groups = hidden / 128;
-  const bool withScales = !scales.empty() && !scales[0].empty();
-  const bool withWeights = !routing[0].topkWeights.empty();
+  // A rank with zero tokens has empty vectors: look at every rank.
+  bool withScales = false, withWeights = false;
+  for (const std::vector<float>& sc : scales) withScales |= !sc.empty();
+  for (const Routing& r : routing) withWeights |= !r.topkWeights.empty();
 
   Received out;
   out.expertCounts.assign(perRank, 0);

@@ -1,0 +1,201 @@
+// Shared harness of the multi-GPU tests: the per-rank global state (communicator, stream),
+// return-code checks, cross-rank agreement, deterministic problem generation, and the
+// dispatch / combine runner that compares every output with the CPU reference (moe_ref).
+//
+// Rules every test follows (each rank runs the whole suite; collectives must line up):
+//  - the sequence of collective calls (EP context creation, dispatch, combine, agree*) depends
+//    only on data every rank has, never on a rank's own results;
+//  - data comparisons use EXPECT_* and count mismatches; API failures are recorded with
+//    ADD_FAILURE and then agreed on with allRanksOk(), so that all ranks leave a test together.
+#pragma once
+#include <gtest/gtest.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+#include <string>
+#include <vector>
+#include "nccl_moe.h"
+#include "../common/ranks.h"
+#include "../common/reference.h"
+
+namespace moe_gpu {
+
+// --- global state (set up once by the environment in main.cc) ------------------------------
+int rank();
+int nRanks();
+ncclComm_t comm();
+cudaStream_t stream();
+void setGlobal(int rank, int nRanks, ncclComm_t comm, cudaStream_t stream);
+// Non-empty when the suite cannot run here (no GPUs, one GPU): every test reports skipped.
+void setSkipReason(const std::string& reason);
+const std::string& skipReason();
+
+// Base of every test fixture: skips (gtest counts the test as skipped) when setSkipReason said so.
+class GpuTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!skipReason().empty()) GTEST_SKIP();
+  }
+};
+
+// --- return-code checks: add a (non-fatal) failure and return false on error ----------------
+bool checkNccl(ncclResult_t res, const char* expr, const char* file, int line);
+bool checkCuda(cudaError_t err, const char* expr, const char* file, int line);
+#define MOE_OK(call) ::moe_gpu::checkNccl((call), #call, __FILE__, __LINE__)
+#define CUDA_OK(call) ::moe_gpu::checkCuda((call), #call, __FILE__, __LINE__)
+
+// Collective: true when `localOk` holds on every rank. A rank that was fine records a failure
+// naming the step when another rank was not, so rank 0's output shows every failure.
+bool allRanksOk(bool localOk, const char* step);
+// Collective: sums `localMismatches` over ranks; adds a failure on a rank whose own count is 0
+// while the total is not. Returns the total.
+long agreeMismatches(long localMismatches, const char* what);
+// Leaves the calling (void) test function on every rank when `ok` failed on any rank.
+#define MOE_AGREE_OR_RETURN(ok, step)                          \
+  do {                                                         \
+    if (!::moe_gpu::allRanksOk((ok), (step))) return;          \
+  } while (0)
+
+// --- device memory ---------------------------------------------------------------------------
+class DevMem {
+ public:
+  DevMem() = default;
+  explicit DevMem(size_t bytes) { alloc(bytes); }
+  ~DevMem();
+  DevMem(const DevMem&) = delete;
+  DevMem& operator=(const DevMem&) = delete;
+  bool alloc(size_t bytes);  // at least 1 byte, so that the pointer is never NULL
+  void* get() const { return p_; }
+  template <class T> T* as() const { return static_cast<T*>(p_); }
+  size_t bytes() const { return bytes_; }
+ private:
+  void* p_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+bool upload(void* dst, const void* src, size_t bytes);    // synchronous
+bool download(void* dst, const void* src, size_t bytes);  // synchronous, on stream()
+bool poison(void* dst, size_t bytes);                      // 0xFF bytes, synchronous
+
+// --- shapes and problems ----------------------------------------------------------------------
+struct Shape {
+  int hidden = 7168;
+  int topK = 8;
+  int experts = 32;  // rounded up to a multiple of the number of ranks by makeConfig
+  int maxTokens = 512;
+  ncclMoeDtype_t dtype = ncclMoeBf16;
+  int numSms = 24;
+  int outputCapacity = 0;  // 0 = R * maxTokens
+  int timeoutMs = 10000;
+  int numExperts() const;  // experts rounded up to a multiple of nRanks()
+  int capacity() const { return outputCapacity > 0 ? outputCapacity : nRanks() * maxTokens; }
+  int rowBytes() const { return hidden * (dtype == ncclMoeBf16 ? 2 : 1); }
+  int scalesPerRow() const { return dtype == ncclMoeBf16 ? 0 : hidden / 128; }
+  std::string str() const;
+};
+ncclMoeConfig_t makeConfig(const Shape& s);
+
+enum class Route {
+  Random,       // K distinct experts per token, each entry -1 with probability dropProb
+  OneExpert,    // expert 0 for every token, the other K-1 entries -1
+  RankZeroOnly  // min(K, E/R) distinct experts of rank 0, the rest -1
+};
+
+struct GenSpec {
+  uint64_t seed = 1;
+  Route route = Route::Random;
+  double dropProb = 0.1;
+  int numTokens = -1;      // >= 0: every rank sends this many; -1: maxTokens minus a per-rank
+                           // amount (different T on every rank, same for every seed)
+  int zeroTokenRank = -1;  // this rank (if it exists) sends no tokens
+};
+
+// Every rank's inputs, generated on the host from (seed, rank) so that each rank can compute
+// the reference for all ranks without communication.
+struct Problem {
+  Shape shape;
+  std::vector<moe_ref::Routing> routing;   // [R]
+  std::vector<std::vector<uint8_t>> x;     // [R][T][rowBytes]
+  std::vector<std::vector<float>> scales;  // [R][T][H/128], empty for BF16
+  int tokens(int r) const { return routing[r].numTokens; }
+};
+Problem makeProblem(const Shape& s, const GenSpec& g);
+// New token data (same routing), from another seed.
+void regenerateX(Problem& p, uint64_t seed);
+
+// Reference results of one problem: what every rank receives, and the identity expert's
+// BF16 output on every rank (the received rows, dequantised for FP8).
+struct Reference {
+  std::vector<moe_ref::Received> recv;             // [R]
+  std::vector<std::vector<uint16_t>> expertOut;    // [R][rows][H]
+};
+Reference makeReference(const Problem& p);
+std::vector<uint16_t> referenceCombine(const Problem& p, const Reference& ref, bool weighted);
+
+// This rank's inputs in device memory, sized for maxTokens (same buffers reused by uploads).
+struct DeviceInputs {
+  DevMem x, scales, topkIdx, weights;
+  bool upload(const Problem& p);  // allocates on first use
+};
+
+// --- comparisons (this rank; return the number of mismatches, print the first few) ----------
+struct DispatchChecks {
+  bool topkIdx = true;
+  bool weights = true;     // only when the dispatch was given weights
+  bool hostCounts = false; // the dispatch used NCCL_MOE_DISPATCH_HOST_COUNTS
+};
+long checkDispatch(const ncclMoeDispatchOutput_t& out, const Problem& p,
+                   const moe_ref::Received& ref, const DispatchChecks& what, const char* tag);
+long checkCombine(const void* devOut, const std::vector<uint16_t>& expected, int numTokens,
+                  int hidden, const char* tag, std::vector<uint16_t>* got = nullptr);
+// Poisons (0xFF) the output regions a dispatch writes: capacity rows of x and scales, and
+// unless `rowsOnly`, topkIdx, weights and the counts. A cached dispatch (topkIdx = NULL) gets
+// rowsOnly: whether it rewrites the routing outputs is left open by the header, and with the
+// same routing their old contents are what it would write.
+bool poisonDispatchOutput(const ncclMoeDispatchOutput_t& out, const Shape& s,
+                          bool rowsOnly = false);
+
+// --- EP context owning its handle; destroyed (collectively) at scope exit -------------------
+class Ep {
+ public:
+  explicit Ep(const Shape& s) : shape(s) {}
+  ~Ep();
+  Ep(const Ep&) = delete;
+  Ep& operator=(const Ep&) = delete;
+  bool create();          // collective; agreed over ranks
+  void destroyHandle();   // local
+  Shape shape;
+  ncclMoeComm_t comm = nullptr;
+  ncclMoeHandle_t handle = nullptr;
+  ncclMoeDispatchOutput_t lastOut{};  // outputs of the last successful dispatch
+  bool haveOut = false;
+};
+
+// Where combine reads the expert output from.
+enum class ExpertSrc {
+  DispatchX,     // out.x itself (zero-copy; BF16 only)
+  CombineInput,  // written into out.combineInput (zero-copy)
+  Copy           // a separate cudaMalloc'ed buffer (the library copies it)
+};
+
+struct RunOpts {
+  unsigned flags = 0;
+  bool reuseRouting = false;     // topkIdx = NULL: the handle's routing
+  bool dispatchWeights = true;   // pass topkWeights to dispatch
+  bool combine = true;
+  bool combineWeighted = true;
+  ExpertSrc src = ExpertSrc::DispatchX;  // FP8 dispatch falls back to CombineInput
+  std::vector<uint16_t>* combineResult = nullptr;  // receives this rank's combine output
+};
+
+// One dispatch (+ combine) of `p` on `ep` with the inputs in `in` (already uploaded), every
+// output poisoned first and compared with the reference. Collective. Returns false when an API
+// step failed on some rank (all ranks return false together); data mismatches are test failures
+// but do not change the return value.
+bool runAndCheck(Ep& ep, DeviceInputs& in, const Problem& p, const Reference& ref,
+                 const RunOpts& o, const char* tag);
+
+// Generates, uploads and runs a whole scenario: dispatch + combine twice on one context (the
+// second time on new routing and data, reusing the handle, with outputs poisoned).
+void runScenario(const Shape& s, const GenSpec& g, const RunOpts& o);
+
+}  // namespace moe_gpu

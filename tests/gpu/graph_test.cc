@@ -1,0 +1,118 @@
+// CUDA graphs: a handle created by one eager dispatch; then dispatch (with topkIdx, no host
+// counts) and combine captured on a non-default stream and replayed several times, each time
+// after new routing and data were written into the same input buffers.
+#include <string.h>
+
+#include "gpu_env.h"
+
+namespace moe_gpu {
+namespace {
+
+class Graph : public GpuTest {};
+
+struct OwnedGraph {
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  ~OwnedGraph() {
+    if (exec) CUDA_OK(cudaGraphExecDestroy(exec));
+    if (graph) CUDA_OK(cudaGraphDestroy(graph));
+  }
+};
+
+GenSpec spec(uint64_t seed) {
+  GenSpec g;
+  g.seed = seed;
+  return g;  // numTokens -1: T differs per rank but not per seed, as the graph needs
+}
+
+void graphScenario(const Shape& s, uint64_t seed, bool withCombine, bool weighted) {
+  Ep ep(s);
+  if (!ep.create()) return;
+  const int me = rank();
+  const bool fp8 = s.dtype != ncclMoeBf16;
+  Problem p = makeProblem(s, spec(seed));
+  const int T = p.tokens(me);
+  DeviceInputs in;
+  MOE_AGREE_OR_RETURN(in.upload(p), "upload inputs");
+  RunOpts eager;
+  eager.combine = withCombine;
+  eager.combineWeighted = weighted;
+  {
+    Reference ref = makeReference(p);
+    std::string tag = s.str() + " [eager dispatch creating the handle]";
+    if (!runAndCheck(ep, in, p, ref, eager, tag.c_str())) return;
+  }
+
+  DevMem combOut((size_t)s.maxTokens * s.hidden * 2);
+  OwnedGraph g;
+  ncclMoeDispatchOutput_t out;
+  memset(&out, 0, sizeof(out));
+  bool ok = combOut.get() != nullptr;
+  ok = ok && CUDA_OK(cudaStreamBeginCapture(stream(), cudaStreamCaptureModeThreadLocal));
+  if (ok) {
+    bool captured = MOE_OK(ncclMoeDispatch(ep.comm, in.x.get(), fp8 ? in.scales.as<float>() : nullptr,
+                                           in.topkIdx.as<int64_t>(), in.weights.as<float>(), T,
+                                           0, &ep.handle, &out, stream()));
+    // Zero-copy combine from out.x (BF16); for FP8 only the dispatch is captured.
+    if (captured && withCombine)
+      captured = MOE_OK(ncclMoeCombine(ep.comm, ep.handle, out.x,
+                                       weighted ? in.weights.as<float>() : nullptr, combOut.get(),
+                                       stream()));
+    ok = CUDA_OK(cudaStreamEndCapture(stream(), &g.graph)) && captured;
+  }
+  if (ok) ok = CUDA_OK(cudaGraphInstantiate(&g.exec, g.graph, 0));
+  MOE_AGREE_OR_RETURN(ok, "graph capture");
+  ep.lastOut = out;
+  ep.haveOut = true;
+
+  for (int replay = 0; replay < 3; replay++) {
+    const std::string tag = s.str() + " [graph replay " + std::to_string(replay + 1) + "]";
+    Problem q = makeProblem(s, spec(seed + 1 + replay));
+    Reference ref = makeReference(q);
+    ok = in.upload(q);
+    ok = poisonDispatchOutput(out, s) && ok;
+    ok = poison(combOut.get(), combOut.bytes()) && ok;
+    MOE_AGREE_OR_RETURN(ok, (tag + ": inputs and poison").c_str());
+    ok = CUDA_OK(cudaGraphLaunch(g.exec, stream()));
+    ok = CUDA_OK(cudaStreamSynchronize(stream())) && ok;
+    MOE_AGREE_OR_RETURN(ok, (tag + ": cudaGraphLaunch").c_str());
+    DispatchChecks dc;
+    long bad = checkDispatch(out, q, ref.recv[me], dc, tag.c_str());
+    agreeMismatches(bad, (tag + ": dispatch output").c_str());
+    if (withCombine) {
+      std::vector<uint16_t> expected = referenceCombine(q, ref, weighted);
+      bad = checkCombine(combOut.get(), expected, T, s.hidden, tag.c_str());
+      agreeMismatches(bad, (tag + ": combine output").c_str());
+    }
+    MOE_AGREE_OR_RETURN(MOE_OK(ncclMoeCheckErrors(ep.comm)), (tag + ": check errors").c_str());
+  }
+
+  // Eager use of the same handle after the replays.
+  Problem q = makeProblem(s, spec(seed + 100));
+  Reference ref = makeReference(q);
+  MOE_AGREE_OR_RETURN(in.upload(q), "upload inputs");
+  runAndCheck(ep, in, q, ref, eager, (s.str() + " [eager dispatch after replays]").c_str());
+}
+
+Shape shape(int hidden, int experts, ncclMoeDtype_t dtype) {
+  Shape s;
+  s.hidden = hidden;
+  s.topK = 8;
+  s.experts = experts;
+  s.maxTokens = 512;
+  s.dtype = dtype;
+  return s;
+}
+
+TEST_F(Graph, DispatchCombineBf16Weighted) {
+  graphScenario(shape(7168, 32, ncclMoeBf16), 401, true, true);
+}
+
+TEST_F(Graph, DispatchCombineBf16Unweighted) {
+  graphScenario(shape(2048, 256, ncclMoeBf16), 402, true, false);
+}
+
+TEST_F(Graph, DispatchOnlyFp8) { graphScenario(shape(7168, 32, ncclMoeFp8E4m3), 403, false, false); }
+
+}  // namespace
+}  // namespace moe_gpu
