@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build against the Python environment's NCCL (2.28.9), run the GPU
-# tests at 2 and at all GPUs, run the HT perf sweep, print a short table. Logs go to $OUT if set.
-# Usage: scripts/gpu_check.sh [quick]
+# tests at 2 GPUs and at all GPUs, run the HT perf binary for the issue's benchmark, and print a
+# short table. Every step has a time limit; full logs go to $OUT (or /tmp/nccl-moe-out).
+# Usage: scripts/gpu_check.sh [tests|perf|all] [extra gtest args...]
 set -uo pipefail
 cd "$(dirname "$0")/.."
+what=${1:-all}; shift || true
 OUT=${OUT:-/tmp/nccl-moe-out}; mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0
 PYNCCL=$(python3 -c "import nvidia.nccl;print(list(nvidia.nccl.__path__)[0])")
@@ -15,21 +17,29 @@ ln -sf "$PYNCCL/lib/libnccl.so.2" $SHIM/lib/libnccl.so.2
 export LD_LIBRARY_PATH=$SHIM/lib:${LD_LIBRARY_PATH:-}
 NGPU=$(nvidia-smi -L | wc -l)
 nvidia-smi -L | tee "$OUT/gpus.txt"
-grep -m1 NCCL_VERSION_CODE $SHIM/include/nccl.h
+grep -m1 "define NCCL_VERSION_CODE" $SHIM/include/nccl.h
 
-time make -j16 all NCCL_HOME=$SHIM > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-make test NCCL_HOME=$SHIM > "$OUT/unit.log" 2>&1; echo "unit tests rc=$?"; tail -3 "$OUT/unit.log"
-
-for n in 2 $NGPU; do
-  timeout 300 make gputest NGPUS=$n NCCL_HOME=$SHIM > "$OUT/gputest_$n.log" 2>&1
-  echo "gputest NGPUS=$n rc=$?"; grep -E "PASSED|FAILED|SKIPPED|tests ran" "$OUT/gputest_$n.log" | tail -5
-done
-[ "${1:-}" = quick ] && exit 0
-
-P=build/perf/ht_perf
-for d in fp8 bf16; do
-  for s in 8 16 24; do
-    echo "=== ht_perf -d $d -s $s (EP$NGPU, 4096 tokens, H 7168, top-8, 256 experts)"
-    timeout 120 $P -g $NGPU -b 4096 -e 4096 -H 7168 -k 8 -E 256 -s $s -d $d -n 20 -w 5 -c 1 2>&1 | tee -a "$OUT/perf.log" | grep -vE "^#\s*$" | tail -14
+SECONDS=0
+make -j32 all NCCL_HOME=$SHIM > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+echo "build: ${SECONDS}s"
+summary=()
+if [ "$what" != perf ]; then
+  for n in $(printf '%s\n' 2 "$NGPU" | sort -un); do
+    SECONDS=0
+    timeout -k 5 240 build/test/gpu_tests --ngpus=$n "$@" > "$OUT/gputest_$n.log" 2>&1
+    rc=$?
+    summary+=("gputest NGPUS=$n rc=$rc (${SECONDS}s): $(grep -E '^\[  (PASSED|FAILED) ' "$OUT/gputest_$n.log" | head -2 | tr '\n' ' ')")
+    grep -E "Failure|FAILED|rank [0-9]+:|mismatch" "$OUT/gputest_$n.log" | head -30
   done
-done
+fi
+if [ "$what" != tests ]; then
+  for d in fp8 bf16; do
+    for s in 24 16 8; do
+      echo "=== ht_perf EP$NGPU -d $d -s $s (4096 tokens, H 7168, top-8, 256 experts)"
+      timeout -k 5 90 build/perf/ht_perf -g $NGPU -b 4096 -e 4096 -H 7168 -k 8 -E 256 -s $s -d $d \
+        -n 20 -w 5 -c 1 > "$OUT/perf_${d}_$s.log" 2>&1
+      echo "rc=$?"; grep -vE "^# *(rank|$)" "$OUT/perf_${d}_$s.log" | grep -E "^ *[0-9]|layout|dispatch|combine|wrong|rror" | head -12
+    done
+  done
+fi
+printf '%s\n' "${summary[@]}"

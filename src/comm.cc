@@ -54,27 +54,33 @@ static void releaseComm(ncclMoeComm* c) {
   delete c;
 }
 
-// Every rank must pass the same configuration: compare all ranks' copies.
+// Every rank must pass the same configuration: all-gather the fields (not the struct bytes,
+// whose padding is undefined) and compare.
 static ncclResult_t checkConfigsEqual(ncclMoeComm* c, cudaStream_t stream) {
-  const size_t bytes = sizeof(ncclMoeConfig_t);
-  char* dev = nullptr;
+  const ncclMoeConfig_t& f = c->cfg;
+  const int64_t mine[] = {(int64_t)f.size, f.magic, f.version, f.mode, f.numExperts, f.hidden,
+                          f.topK, f.maxTokensPerRank, f.dispatchDtype, f.numSms, f.outputCapacity,
+                          f.timeoutMs};
+  const size_t n = sizeof(mine) / sizeof(mine[0]), bytes = sizeof(mine);
+  int64_t* dev = nullptr;
   MOE_CUDA(cudaMalloc(&dev, bytes * (c->nRanks + 1)));
-  std::vector<char> all(bytes * c->nRanks);
+  std::vector<int64_t> all(n * c->nRanks);
   ncclResult_t res = ncclSuccess;
-  if (cudaMemcpy(dev, &c->cfg, bytes, cudaMemcpyHostToDevice) != cudaSuccess ||
-      ncclAllGather(dev, dev + bytes, bytes, ncclChar, c->nccl, stream) != ncclSuccess ||
-      cudaMemcpyAsync(all.data(), dev + bytes, all.size(), cudaMemcpyDeviceToHost, stream) != cudaSuccess ||
+  if (cudaMemcpy(dev, mine, bytes, cudaMemcpyHostToDevice) != cudaSuccess ||
+      ncclAllGather(dev, dev + n, n, ncclInt64, c->nccl, stream) != ncclSuccess ||
+      cudaMemcpyAsync(all.data(), dev + n, bytes * c->nRanks, cudaMemcpyDeviceToHost, stream) != cudaSuccess ||
       cudaStreamSynchronize(stream) != cudaSuccess) {
     res = setError(ncclSystemError, "ncclMoeCommCreate: exchanging configurations failed");
   }
   cudaFree(dev);
   MOE_CHECK(res);
   for (int r = 0; r < c->nRanks; ++r)
-    if (memcmp(all.data() + r * bytes, &c->cfg, bytes) != 0)
-      return setError(ncclInvalidArgument,
-                      "ncclMoeCommCreate: rank %d passed a configuration different from rank %d's; "
-                      "every rank must pass the same config",
-                      r, c->rank);
+    for (size_t i = 0; i < n; ++i)
+      if (all[r * n + i] != mine[i])
+        return setError(ncclInvalidArgument,
+                        "ncclMoeCommCreate: rank %d passed a configuration different from rank %d's "
+                        "(field %zu: %lld vs %lld); every rank must pass the same config",
+                        r, c->rank, i, (long long)all[r * n + i], (long long)mine[i]);
   return ncclSuccess;
 }
 
