@@ -37,8 +37,9 @@ if [ "$what" != tests ]; then
     for s in 24 16 8; do
       echo "=== ht_perf EP$NGPU -d $d -s $s (4096 tokens, H 7168, top-8, 256 experts)"
       timeout -k 5 90 build/perf/ht_perf -g $NGPU -b 4096 -e 4096 -H 7168 -k 8 -E 256 -s $s -d $d \
-        -n 20 -w 5 -c 1 > "$OUT/perf_${d}_$s.log" 2>&1
-      echo "rc=$?"; grep -vE "^# *(rank|$)" "$OUT/perf_${d}_$s.log" | grep -E "^ *[0-9]|layout|dispatch|combine|wrong|rror" | head -12
+        -n 20 -w 5 -c 1 > /tmp/perf_one.log 2>&1
+      echo "rc=$?"; cat /tmp/perf_one.log >> "$OUT/perf.log"
+      grep -E "^ *[0-9]|layout|dispatch|combine|rror" /tmp/perf_one.log | grep -v "^# *rank" | head -12
     done
   done
 fi
