@@ -18,7 +18,8 @@
 namespace nccl_moe {
 
 constexpr int kCombineThreads = 512;
-constexpr int kCombineUnroll = 4;  // 16-byte vectors (8 BF16) per lane per rank in flight
+constexpr int kCombineUnroll = 4;   // 16-byte vectors (8 BF16) per lane per rank in flight
+constexpr int kRanksInFlight = 4;   // ranks whose rows are loaded before any is summed
 
 __device__ __forceinline__ void accumulate(float (&acc)[8], uint4 v, float scale) {
   const uint32_t words[4] = {v.x, v.y, v.z, v.w};
@@ -40,7 +41,8 @@ __device__ __forceinline__ uint4 packBf16(const float (&acc)[8]) {
 }
 
 // Reduces token t. srcMask: ranks holding a row of t; rowIndex/weight (lane r): t's row on rank
-// r and its weight w(t, r).
+// r and its weight w(t, r). Loads of up to kRanksInFlight ranks are issued before any is summed
+// (latency of remote loads is what bounds the pull), then summed in rank order.
 __device__ __forceinline__ void reduceToken(const CombineArgs& a, char* const* peer, int t,
                                             unsigned srcMask, int rowIndex, float weight, int lane) {
   const int rowVecs = a.hidden / 8;
@@ -52,19 +54,30 @@ __device__ __forceinline__ void reduceToken(const CombineArgs& a, char* const* p
     for (int u = 0; u < kCombineUnroll; ++u)
 #pragma unroll
       for (int i = 0; i < 8; ++i) acc[u][i] = 0.0f;
-    for (unsigned m = srcMask; m != 0; m &= m - 1) {
-      const int r = __ffs(m) - 1;
-      const int row = __shfl_sync(0xffffffffu, rowIndex, r);
-      const float scale = __shfl_sync(0xffffffffu, weight, r);
-      const uint4* src = (const uint4*)(peer[r] + a.inOff + (size_t)row * rowBytes);
-      uint4 v[kCombineUnroll];
+    for (unsigned m = srcMask; m != 0;) {  // m is warp-uniform
+      uint4 v[kRanksInFlight][kCombineUnroll];
+      float scale[kRanksInFlight];
+      int count = 0;
 #pragma unroll
-      for (int u = 0; u < kCombineUnroll; ++u) {
-        const int idx = base + u * 32 + lane;
-        if (idx < rowVecs) v[u] = loadPeer(src + idx);
+      for (int q = 0; q < kRanksInFlight; ++q) {
+        if (m == 0) break;
+        const int r = __ffs(m) - 1;
+        m &= m - 1;
+        const int row = __shfl_sync(0xffffffffu, rowIndex, r);
+        scale[q] = __shfl_sync(0xffffffffu, weight, r);
+        const uint4* src = (const uint4*)(peer[r] + a.inOff + (size_t)row * rowBytes);
+#pragma unroll
+        for (int u = 0; u < kCombineUnroll; ++u) {
+          const int idx = base + u * 32 + lane;
+          v[q][u] = idx < rowVecs ? loadPeer(src + idx) : make_uint4(0, 0, 0, 0);
+        }
+        count = q + 1;
       }
 #pragma unroll
-      for (int u = 0; u < kCombineUnroll; ++u) accumulate(acc[u], v[u], scale);
+      for (int q = 0; q < kRanksInFlight; ++q)
+        if (q < count)
+#pragma unroll
+          for (int u = 0; u < kCombineUnroll; ++u) accumulate(acc[u], v[q][u], scale[q]);
     }
 #pragma unroll
     for (int u = 0; u < kCombineUnroll; ++u) {

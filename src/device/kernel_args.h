@@ -17,7 +17,8 @@ enum DeviceErrorCode : int {
   kDevBadExpert = 3,    // a = token, b = k, c = expert id (truncated to int)
 };
 struct DeviceError {
-  int code, a, b, c;
+  int code, a, b, c;  // the first error of the context
+  int timedOut;       // set by every timeout, whatever error came first
 };
 
 // Per-context device state (device memory, zeroed at creation).

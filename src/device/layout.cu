@@ -7,6 +7,7 @@
 namespace nccl_moe {
 
 constexpr int kLayoutThreads = 1024;
+constexpr int kIdsInFlight = 8;  // expert ids each thread loads before using them
 
 __global__ void __launch_bounds__(kLayoutThreads, 1) layoutKernel(LayoutArgs a) {
   extern __shared__ int smem[];
@@ -24,16 +25,25 @@ __global__ void __launch_bounds__(kLayoutThreads, 1) layoutKernel(LayoutArgs a) 
     const int t = tile + threadIdx.x;
     unsigned mask = 0;  // bit r: token t has an expert on rank r
     if (t < a.numTokens) {
-      for (int k = 0; k < K; ++k) {
-        const int64_t e = a.topkIdx[(size_t)t * K + k];
-        if (a.topkIdxCopy) a.topkIdxCopy[(size_t)t * K + k] = (e >= 0 && e < E) ? e : -1;
-        if (e == -1) continue;
-        if (e < -1 || e >= E) {
-          reportError(a.error, kDevBadExpert, t, k, (int)e);
-          continue;
+      const int64_t* row = a.topkIdx + (size_t)t * K;
+      for (int k0 = 0; k0 < K; k0 += kIdsInFlight) {
+        // Issue every load of the batch before the shared atomics, which would serialise them.
+        int64_t ids[kIdsInFlight];
+#pragma unroll
+        for (int j = 0; j < kIdsInFlight; ++j) ids[j] = k0 + j < K ? __ldg(row + k0 + j) : -1;
+#pragma unroll
+        for (int j = 0; j < kIdsInFlight; ++j) {
+          const int64_t e = ids[j];
+          if (k0 + j >= K) break;
+          if (a.topkIdxCopy) a.topkIdxCopy[(size_t)t * K + k0 + j] = (e >= 0 && e < E) ? e : -1;
+          if (e == -1) continue;
+          if (e < -1 || e >= E) {
+            reportError(a.error, kDevBadExpert, t, k0 + j, (int)e);
+            continue;
+          }
+          atomicAdd(&sExpert[e], 1);
+          mask |= 1u << (int)(e / expertsPerRank);
         }
-        atomicAdd(&sExpert[e], 1);
-        mask |= 1u << (int)(e / expertsPerRank);
       }
     }
     for (int r = 0; r < R; ++r) {

@@ -50,13 +50,14 @@ __device__ __forceinline__ void reportError(DeviceError* e, int code, int a, int
   }
 }
 
-// True once a kernel error has been recorded (any kernel of this context).
-__device__ __forceinline__ bool errorRaised(const DeviceError* e) {
-  return *(volatile const int*)&e->code != 0;
+// True once a wait of this context has timed out: every later wait gives up at once instead of
+// timing out again. Other errors (overflow, bad ids) leave the peers in step and do not count.
+__device__ __forceinline__ bool timeoutRaised(const DeviceError* e) {
+  return *(volatile const int*)&e->timedOut != 0;
 }
 
 // Waits until this rank's signals[kind][src] >= target (acquire). Returns false after a timeout
-// (error recorded) or if another part of the context already failed.
+// (error recorded) or if another wait of the context already timed out.
 __device__ __forceinline__ bool waitSignal(const WindowView& w, int kind, int src, uint64_t target) {
   const uint64_t* p = signalPtr(w, w.rank, kind, src);
   uint64_t v = loadAcquire(p);
@@ -67,8 +68,9 @@ __device__ __forceinline__ bool waitSignal(const WindowView& w, int kind, int sr
       v = loadAcquire(p);
       if (v >= target) return true;
     }
-    if (errorRaised(w.error)) return false;
+    if (timeoutRaised(w.error)) return false;
     if (globalTimerNs() - start > (uint64_t)w.timeoutNs) {
+      *(volatile int*)&w.error->timedOut = 1;
       reportError(w.error, kDevTimeout, kind, src, (int)v);
       return false;
     }
