@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combineHtIntranodeKernel(C
         weight = 0.0f;
         for (int k = 0; k < a.topK; ++k) {
           const int64_t e = a.routing.topkIdx[(size_t)t * a.topK + k];
-          if (e >= 0 && e / expertsPerRank == lane) weight += a.topkWeights[(size_t)t * a.topK + k];
+          if (e >= 0 && (int)e / expertsPerRank == lane) weight += a.topkWeights[(size_t)t * a.topK + k];
         }
       }
       const int rowIndex = pos >= 0 ? sendOffset[lane] + pos : 0;

@@ -74,7 +74,7 @@ __device__ __forceinline__ void sendToken(const DispatchArgs& a, char* const* pe
     }
     if (lane < a.topK) {
       const int64_t e = a.routing.topkIdx[(size_t)t * a.topK + lane];
-      const bool local = e >= 0 && e / expertsPerRank == d;
+      const bool local = e >= 0 && (int)e / expertsPerRank == d;  // ids < E: 32-bit division
       int64_t* ids = (int64_t*)(peer[d] + a.recvTopkIdxOff) + (size_t)row * a.topK;
       ids[lane] = local ? e - (int64_t)d * expertsPerRank : -1;
       if (a.topkWeights) {

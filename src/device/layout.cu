@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(kLayoutThreads, 1) layoutKernel(LayoutArgs a) 
             continue;
           }
           atomicAdd(&sExpert[e], 1);
-          mask |= 1u << (int)(e / expertsPerRank);
+          mask |= 1u << ((int)e / expertsPerRank);  // 32-bit division: 64-bit is a slow subroutine
         }
       }
     }
