@@ -1,0 +1,371 @@
+// Launcher of the moeloop plugin GPU test (see plugin_gpu_test.h).
+//
+//   plugin_gpu_test [--ngpus=N]      N GPUs (default 4, even, >= 2) as 2 fake nodes of N/2
+//
+// 1. host GIN check: 3 processes drive the plugin's GIN on host memory (no GPU needed);
+// 2. without 2 GPUs: prints SKIPPED and exits 0;
+// 3. scenario "main": NCCL all-reduce and all-to-all across the fake nodes, ncclDevCommCreate
+//    with GIN, kernels putting to every other rank with signals; bandwidth and latency measured;
+// 4. scenario "shaped": the same measurements with NCCL_MOELOOP_GBPS / NCCL_MOELOOP_LATENCY_US
+//    set, compared with the settings.
+// Every child gets NCCL_HOSTID=nodeA|nodeB, NCCL_NET_PLUGIN=moeloop, NCCL_NVLS_ENABLE=0.
+#include <cuda_runtime.h>
+#include <dlfcn.h>
+#include <errno.h>
+#include <execinfo.h>
+#include <limits.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <string>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+#include <vector>
+
+#include "../../plugin/moeloop_stats.h"
+#include "plugin_gpu_test.h"
+
+namespace plugintest {
+
+int gFailures = 0;
+int gRank = -1;
+
+double nowSec() {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+bool barrier(const RankInfo& r, double timeoutSec) {
+  Shared* s = r.shared;
+  int gen = s->barrierGeneration.load(std::memory_order_acquire);
+  if (s->barrierArrived.fetch_add(1, std::memory_order_acq_rel) == r.nRanks - 1) {
+    s->barrierArrived.store(0, std::memory_order_relaxed);
+    s->barrierGeneration.fetch_add(1, std::memory_order_release);
+    return true;
+  }
+  double t0 = nowSec();
+  while (s->barrierGeneration.load(std::memory_order_acquire) == gen) {
+    if (nowSec() - t0 > timeoutSec) {
+      PT_FAIL("barrier timed out after %.0f s", timeoutSec);
+      return false;
+    }
+    sched_yield();
+  }
+  return true;
+}
+
+bool readPluginStats(void* out) {
+  void* h = dlopen("libnccl-net-moeloop.so", RTLD_NOW | RTLD_NOLOAD);
+  if (h == nullptr) return false;
+  moeloopGetStats_t fn = (moeloopGetStats_t)dlsym(h, "moeloopGetStats");
+  bool ok = fn != nullptr && fn((moeloopStats_t*)out, sizeof(moeloopStats_t)) == sizeof(moeloopStats_t);
+  dlclose(h);  // drops only the reference taken here
+  return ok;
+}
+
+}  // namespace plugintest
+
+using namespace plugintest;
+
+namespace {
+
+constexpr double kShapedGBps = 0.5;
+constexpr double kShapedLatencyUs = 500;
+
+enum class Scenario { kHostGin, kMain, kShaped };
+
+// Makes libnccl-net-moeloop.so loadable by name: if it is not on the library path, re-executes
+// this program once with <dir of this binary>/../lib prepended to LD_LIBRARY_PATH.
+bool ensurePluginOnLibraryPath(char** argv) {
+  void* h = dlopen("libnccl-net-moeloop.so", RTLD_LAZY | RTLD_LOCAL);
+  if (h != nullptr) {
+    dlclose(h);
+    return true;
+  }
+  char exe[PATH_MAX];
+  ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+  if (n <= 0 || getenv("MOELOOP_TEST_REEXEC") != nullptr) {
+    fprintf(stderr, "cannot load libnccl-net-moeloop.so: %s\n"
+                    "build it (make plugin) and put its folder on LD_LIBRARY_PATH\n", dlerror());
+    return false;
+  }
+  exe[n] = '\0';
+  std::string dir(exe);
+  dir = dir.substr(0, dir.rfind('/'));
+  std::string lib = dir + "/../lib";
+  const char* old = getenv("LD_LIBRARY_PATH");
+  std::string path = lib + (old && *old ? ":" + std::string(old) : "");
+  setenv("LD_LIBRARY_PATH", path.c_str(), 1);
+  setenv("MOELOOP_TEST_REEXEC", "1", 1);
+  execv(exe, argv);
+  fprintf(stderr, "re-exec of %s failed: %s\n", exe, strerror(errno));
+  return false;
+}
+
+// Counts GPUs in a short-lived child so that this process never initialises CUDA before fork.
+int countGpus() {
+  int fds[2];
+  if (pipe(fds) != 0) return 0;
+  pid_t pid = fork();
+  if (pid == 0) {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) n = 0;
+    ssize_t w = write(fds[1], &n, sizeof(n));
+    _exit(w == (ssize_t)sizeof(n) ? 0 : 1);
+  }
+  close(fds[1]);
+  int n = 0;
+  if (pid < 0 || read(fds[0], &n, sizeof(n)) != (ssize_t)sizeof(n)) n = 0;
+  close(fds[0]);
+  if (pid > 0) waitpid(pid, nullptr, 0);
+  return n;
+}
+
+// A crashing rank prints its stack (addresses in the plugin resolve with addr2line -e <.so>).
+void crashHandler(int sig, siginfo_t* info, void*) {
+  char msg[128];
+  int len = snprintf(msg, sizeof(msg), "[rank %d] signal %d at address %p; stack:\n", gRank, sig,
+                     info ? info->si_addr : nullptr);
+  if (write(2, msg, len) < 0) {}
+  void* frames[48];
+  int n = backtrace(frames, 48);
+  backtrace_symbols_fd(frames, n, 2);
+  _exit(128 + sig);
+}
+
+int rankMain(Shared* sh, Scenario sc, int rank, int nRanks, int gpusPerNode) {
+  gRank = rank;
+  struct sigaction sa;
+  memset(&sa, 0, sizeof(sa));
+  sa.sa_sigaction = crashHandler;
+  sa.sa_flags = SA_SIGINFO;
+  sigaction(SIGSEGV, &sa, nullptr);
+  sigaction(SIGBUS, &sa, nullptr);
+  sigaction(SIGABRT, &sa, nullptr);
+  RankInfo r{sh, rank, nRanks, gpusPerNode, sc == Scenario::kShaped, kShapedGBps, kShapedLatencyUs};
+  if (sc == Scenario::kHostGin) return hostGinCheck(r) && gFailures == 0 ? 0 : 1;
+
+  // Environment first: NCCL reads it at initialisation.
+  setenv("NCCL_HOSTID", rank / gpusPerNode == 0 ? "nodeA" : "nodeB", 1);
+  setenv("NCCL_NET_PLUGIN", "moeloop", 1);
+  setenv("NCCL_NVLS_ENABLE", "0", 1);
+  if (getenv("NCCL_DEBUG") == nullptr) setenv("NCCL_DEBUG", "WARN", 1);
+  if (sc == Scenario::kShaped) {
+    char buf[32];
+    snprintf(buf, sizeof(buf), "%g", kShapedGBps);
+    setenv("NCCL_MOELOOP_GBPS", buf, 1);
+    snprintf(buf, sizeof(buf), "%g", kShapedLatencyUs);
+    setenv("NCCL_MOELOOP_LATENCY_US", buf, 1);
+  } else {
+    unsetenv("NCCL_MOELOOP_GBPS");
+    unsetenv("NCCL_MOELOOP_LATENCY_US");
+  }
+  int ndev = 0;
+  if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev < 1) {
+    PT_FAIL("no CUDA device in rank process");
+    return 1;
+  }
+  if (cudaSetDevice(rank % ndev) != cudaSuccess) {
+    PT_FAIL("cudaSetDevice(%d) failed", rank % ndev);
+    return 1;
+  }
+  if (rank == 0) {
+    if (ncclGetUniqueId(&sh->id) != ncclSuccess) {
+      PT_FAIL("ncclGetUniqueId failed");
+      sh->idReady.store(-1, std::memory_order_release);
+      return 1;
+    }
+    sh->idReady.store(1, std::memory_order_release);
+  } else {
+    double t0 = nowSec();
+    while (sh->idReady.load(std::memory_order_acquire) == 0) {
+      if (nowSec() - t0 > 120) {
+        PT_FAIL("timed out waiting for the NCCL unique id");
+        return 1;
+      }
+      usleep(1000);
+    }
+    if (sh->idReady.load() < 0) return 1;
+  }
+  ncclComm_t comm = nullptr;
+  ncclResult_t res = ncclCommInitRank(&comm, nRanks, sh->id, rank);
+  if (res != ncclSuccess) {
+    PT_FAIL("ncclCommInitRank: %s (%s)", ncclGetErrorString(res), ncclGetLastError(nullptr));
+    return 1;
+  }
+  moeloopStats_t st;
+  if (!readPluginStats(&st)) {
+    PT_FAIL("NCCL did not load libnccl-net-moeloop.so (NCCL_NET_PLUGIN=moeloop)");
+  } else {
+    PT_CHECK(st.netInits >= 1, "the plugin's NET init was never called");
+  }
+  bool ok = true;
+  if (sc == Scenario::kMain) {
+    ok = ncclCollectiveChecks(r, comm);
+    if (ok) ok = ginChecks(r, comm, /*correctness=*/true, 0);
+    if (ok) ok = ncclShapingMeasurements(r, comm, 0);
+  } else {
+    ok = ncclShapingMeasurements(r, comm, 1);
+    if (ok) ok = ginChecks(r, comm, /*correctness=*/false, 1);
+  }
+  if (readPluginStats(&st)) {
+    PT_CHECK(st.netBytesSent > 0 && st.netBytesRecv > 0,
+             "no NET traffic went through the plugin (sent %llu, received %llu bytes)",
+             (unsigned long long)st.netBytesSent, (unsigned long long)st.netBytesRecv);
+    PT_CHECK(st.errors == 0, "the plugin reported %llu error(s)", (unsigned long long)st.errors);
+    if (rank == 0)
+      printf("[rank 0] plugin counters: NET %llu msgs / %llu bytes sent, GIN %llu puts, %llu signals "
+             "applied, %llu bytes sent\n",
+             (unsigned long long)st.netMsgsSent, (unsigned long long)st.netBytesSent,
+             (unsigned long long)st.ginPuts, (unsigned long long)st.ginSignals,
+             (unsigned long long)st.ginBytesSent);
+  }
+  barrier(r);
+  if (ok) {
+    res = ncclCommDestroy(comm);
+    PT_CHECK(res == ncclSuccess, "ncclCommDestroy: %s", ncclGetErrorString(res));
+  }
+  fflush(stdout);
+  return gFailures == 0 ? 0 : 1;
+}
+
+// Forks nRanks children running `sc`; returns true if all exit 0. A failing or hung child gets
+// the others killed so that nothing waits forever.
+bool runScenario(Shared* sh, Scenario sc, int nRanks, int gpusPerNode, double timeoutSec) {
+  memset((void*)sh, 0, sizeof(*sh));
+  std::vector<pid_t> pids(nRanks, -1);
+  fflush(stdout);
+  fflush(stderr);
+  for (int r = 0; r < nRanks; r++) {
+    pid_t pid = fork();
+    if (pid == 0) {
+      int code = rankMain(sh, sc, r, nRanks, gpusPerNode);
+      fflush(stdout);
+      fflush(stderr);
+      _exit(code);
+    }
+    if (pid < 0) {
+      fprintf(stderr, "fork failed: %s\n", strerror(errno));
+      for (pid_t p : pids)
+        if (p > 0) kill(p, SIGKILL);
+      for (pid_t p : pids)
+        if (p > 0) waitpid(p, nullptr, 0);
+      return false;
+    }
+    pids[r] = pid;
+  }
+  bool ok = true;
+  int running = nRanks;
+  double t0 = nowSec(), failedAt = -1;
+  while (running > 0) {
+    int status = 0;
+    pid_t pid = waitpid(-1, &status, WNOHANG);
+    if (pid > 0) {
+      for (int r = 0; r < nRanks; r++) {
+        if (pids[r] != pid) continue;
+        pids[r] = -1;
+        running--;
+        bool good = WIFEXITED(status) && WEXITSTATUS(status) == 0;
+        if (!good) {
+          if (WIFSIGNALED(status))
+            fprintf(stderr, "rank %d died with signal %d\n", r, WTERMSIG(status));
+          else
+            fprintf(stderr, "rank %d exited with status %d\n", r, WEXITSTATUS(status));
+          ok = false;
+          if (failedAt < 0) failedAt = nowSec();
+        }
+      }
+      continue;
+    }
+    double now = nowSec();
+    if ((failedAt >= 0 && now - failedAt > 20) || now - t0 > timeoutSec) {
+      fprintf(stderr, "%s: killing %d remaining rank(s)\n",
+              failedAt >= 0 ? "a rank failed" : "scenario timed out", running);
+      for (pid_t p : pids)
+        if (p > 0) kill(p, SIGKILL);
+      ok = false;
+      failedAt = now;  // keep reaping
+      t0 = now + 1e9;
+    }
+    usleep(20000);
+  }
+  return ok;
+}
+
+bool within(double v, double lo, double hi) { return v >= lo && v <= hi; }
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  setvbuf(stdout, nullptr, _IOLBF, 0);
+  int requested = 4;
+  for (int i = 1; i < argc; i++) {
+    if (strncmp(argv[i], "--ngpus=", 8) == 0) {
+      requested = atoi(argv[i] + 8);
+    } else {
+      fprintf(stderr, "usage: %s [--ngpus=N]   (N even, >= 2; default 4)\n", argv[0]);
+      return 2;
+    }
+  }
+  if (requested <= 0) requested = 4;
+  if (!ensurePluginOnLibraryPath(argv)) return 1;
+
+  Shared* sh = (Shared*)mmap(nullptr, sizeof(Shared), PROT_READ | PROT_WRITE,
+                             MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  if (sh == MAP_FAILED) {
+    fprintf(stderr, "mmap failed: %s\n", strerror(errno));
+    return 1;
+  }
+  bool allOk = true;
+  printf("== moeloop plugin test: GIN protocol on host memory (3 processes, no GPU)\n");
+  bool hostOk = runScenario(sh, Scenario::kHostGin, 3, 3, 120);
+  printf("%s: host-memory GIN check\n", hostOk ? "PASSED" : "FAILED");
+  allOk &= hostOk;
+
+  int gpus = countGpus();
+  if (gpus < 2) {
+    printf("SKIPPED: the plugin GPU test needs at least 2 GPUs (found %d)\n", gpus);
+    return allOk ? 0 : 1;
+  }
+  int n = requested;
+  if (n > gpus) n = gpus;
+  if (n % 2) n--;
+  if (n > kMaxRanks) n = kMaxRanks;
+  if (n != requested)
+    printf("NOTE: %d GPU(s) requested, %d present: running %d ranks as 2 nodes x %d\n", requested,
+           gpus, n, n / 2);
+  int perNode = n / 2;
+
+  printf("== scenario main: %d ranks as 2 fake nodes x %d GPUs (NCCL_NET_PLUGIN=moeloop)\n", n, perNode);
+  bool mainOk = runScenario(sh, Scenario::kMain, n, perNode, 540);
+  double bw0 = sh->netBwGBps[0], rtt0 = sh->rttUs[0], gbw0 = sh->ginBwGBps[0];
+  printf("%s: NCCL all-reduce / all-to-all across fake nodes, GIN puts with SignalAdd to every rank\n",
+         mainOk ? "PASSED" : "FAILED");
+  printf("   unshaped: NCCL send/recv %.2f GB/s, round trip %.0f us, GIN put %.2f GB/s\n", bw0, rtt0, gbw0);
+  allOk &= mainOk;
+
+  printf("== scenario shaped: NCCL_MOELOOP_GBPS=%g NCCL_MOELOOP_LATENCY_US=%g\n", kShapedGBps,
+         kShapedLatencyUs);
+  bool shapedOk = runScenario(sh, Scenario::kShaped, n, perNode, 540);
+  double bw1 = sh->netBwGBps[1], rtt1 = sh->rttUs[1], gbw1 = sh->ginBwGBps[1];
+  printf("   shaped:   NCCL send/recv %.2f GB/s, round trip %.0f us, GIN put %.2f GB/s\n", bw1, rtt1, gbw1);
+  if (shapedOk) {
+    // Bandwidth as set (within 25 %), below the unshaped one, and the latency shows in round trips.
+    bool bwOk = within(bw1, 0.75 * kShapedGBps, 1.15 * kShapedGBps) && bw1 < bw0;
+    bool ginOk = within(gbw1, 0.70 * kShapedGBps, 1.15 * kShapedGBps) && gbw1 < gbw0;
+    bool latOk = rtt1 >= 2 * kShapedLatencyUs * 0.95 && rtt1 > rtt0 + kShapedLatencyUs;
+    if (!bwOk) printf("FAILED: shaped NCCL bandwidth %.3f GB/s is not %.2f GB/s +-25%%\n", bw1, kShapedGBps);
+    if (!ginOk) printf("FAILED: shaped GIN bandwidth %.3f GB/s is not %.2f GB/s -30%%/+15%%\n", gbw1, kShapedGBps);
+    if (!latOk) printf("FAILED: shaped round trip %.0f us does not show 2 x %.0f us of latency\n", rtt1, kShapedLatencyUs);
+    shapedOk = bwOk && ginOk && latOk;
+  }
+  printf("%s: shaping changes the measured bandwidth and latency as set\n", shapedOk ? "PASSED" : "FAILED");
+  allOk &= shapedOk;
+  printf("%s\n", allOk ? "ALL PASSED" : "SOME CHECKS FAILED");
+  munmap(sh, sizeof(Shared));
+  return allOk ? 0 : 1;
+}
