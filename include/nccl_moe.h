@@ -39,7 +39,7 @@ ncclResult_t ncclMoeGetVersion(int* version);
 
 typedef enum {
   ncclMoeHighThroughput = 0, /* training / prefill: exact-sized output, count exchange first */
-  ncclMoeLowLatency = 1      /* decode: fixed-size buffers (not available in this version) */
+  ncclMoeLowLatency = 1      /* decode: fixed-size buffers, no host sync, send/complete split */
 } ncclMoeMode_t;
 
 typedef enum {
@@ -47,6 +47,17 @@ typedef enum {
   ncclMoeFp8E4m3 = 1 /* float8 e4m3 tokens, 1 byte per element, plus one FP32 scale per
                         128 consecutive channels: scales are [T][H/128] row-major */
 } ncclMoeDtype_t;
+
+/* Scales of the low-latency FP8 cast, one per 128 channels of a row:
+ *   ncclMoeScaleFp32      FP32 amax/448 (amax clamped below at 1e-4), [rows][H/128] float
+ *   ncclMoeScaleFp32Pow2  FP32, rounded up to a power of two, [rows][H/128] float
+ *   ncclMoeScaleUe8m0     the same powers of two as exponent bytes (2^(b-127)), four per int32
+ *                         (group 4j+i in byte i, little-endian), [rows][H/512] int32 */
+typedef enum {
+  ncclMoeScaleFp32 = 0,
+  ncclMoeScaleFp32Pow2 = 1,
+  ncclMoeScaleUe8m0 = 2
+} ncclMoeScaleFormat_t;
 
 #define NCCL_MOE_CONFIG_MAGIC 0x6d6f6531u /* "moe1" */
 
@@ -60,20 +71,25 @@ typedef struct {
                             a multiple of 128 when dispatchDtype is FP8 */
   int topK;              /* K, 1..min(E, 32) */
   int maxTokensPerRank;  /* upper bound of T on any rank, > 0 */
-  ncclMoeDtype_t dispatchDtype; /* dtype of x in ncclMoeDispatch; combine is always BF16 */
+  ncclMoeDtype_t dispatchDtype; /* HT: dtype of x in ncclMoeDispatch. LL: x is always BF16 and
+                                   FP8 e4m3 means "cast to FP8 in the sending warp". Combine is
+                                   always BF16. */
   int numSms;            /* CTAs each dispatch / combine kernel launches (persistent), 1..the
                             device's SM count; the layout kernel uses one CTA */
   int outputCapacity;    /* rows each rank can receive in one dispatch; 0 = R*maxTokensPerRank
                             (never overflows). A smaller value saves window memory; a dispatch
                             that would exceed it writes nothing and fails (see Dispatch). */
   int timeoutMs;         /* a kernel waiting on a peer gives up after this (ms); 0 = 30000 */
+  int numBufferSlots;    /* low-latency mode: operations that may be in flight at once, each with
+                            its own buffers, 1..8; 0 = 2. Ignored in HT mode. */
+  ncclMoeScaleFormat_t fp8Scales; /* low-latency FP8 cast: format of the per-128 scales */
 } ncclMoeConfig_t;
 
 #define NCCL_MOE_CONFIG_INITIALIZER {                                              \
   sizeof(ncclMoeConfig_t), NCCL_MOE_CONFIG_MAGIC, NCCL_MOE_VERSION_CODE,             \
   ncclMoeHighThroughput, /*numExperts*/ 0, /*hidden*/ 0, /*topK*/ 0,                  \
   /*maxTokensPerRank*/ 0, ncclMoeBf16, /*numSms*/ 24, /*outputCapacity*/ 0,           \
-  /*timeoutMs*/ 0 }
+  /*timeoutMs*/ 0, /*numBufferSlots*/ 0, ncclMoeScaleFp32 }
 
 typedef struct ncclMoeComm* ncclMoeComm_t;     /* EP context on one ncclComm_t */
 typedef struct ncclMoeHandle* ncclMoeHandle_t; /* routing of one dispatch, reused by combine */
@@ -171,6 +187,90 @@ ncclResult_t ncclMoeDispatch(ncclMoeComm_t moeComm, const void* x, const float* 
  * Must follow the dispatch that filled `handle` and precede the next dispatch on the context. */
 ncclResult_t ncclMoeCombine(ncclMoeComm_t moeComm, ncclMoeHandle_t handle, const void* expertOut,
                             const float* topkWeights, void* out, cudaStream_t stream);
+
+/* ---------------------------------------------------------------------------------------------
+ * Low-latency mode (config.mode = ncclMoeLowLatency): decode-sized batches, fixed buffers.
+ *
+ * Each operation uses one buffer slot of the EP window, chosen round-robin by the dispatch
+ * (slot = dispatch count % numBufferSlots); its combine uses the same slot. The outputs of a
+ * slot stay valid until the dispatch numBufferSlots dispatches later: at most numBufferSlots
+ * operations may be in flight, on every rank. No call synchronises the host; with the same
+ * output struct, dispatch and combine (one-shot or split) can be captured in a CUDA graph and
+ * replayed with new data and new routing in the same input buffers.
+ *
+ * Split ("hook") form: a call with NCCL_MOE_LL_SEND_ONLY launches a kernel that issues this
+ * rank's stores and returns without waiting for any peer; the matching *Complete call, on any
+ * stream ordered after it, waits for the peers' data and finishes. Between the two the library
+ * holds no SM. The one-shot form is the two back to back and gives identical results.
+ * ------------------------------------------------------------------------------------------- */
+
+#define NCCL_MOE_LL_SEND_ONLY 0x2 /* dispatch / combine: issue the sends only */
+
+/* Bytes of EP window each rank allocates for `config` on nRanks ranks (either mode): what
+ * ncclMoeCommCreate will take, so that users can plan memory. */
+ncclResult_t ncclMoeGetWindowSize(const ncclMoeConfig_t* config, int nRanks, size_t* bytes);
+
+/* Rows a low-latency dispatch delivered to this rank, expert-major. Let L = E/R local experts,
+ * M = maxTokensPerRank, B = R*M rows per expert. The rows that source rank s sent to local expert
+ * l are x[l][s*M + i] for i < recvCountsPerSource[l][s], in no particular order (srcToken names
+ * each row's token). All pointers are device memory in the slot's part of the window.
+ *   x                  [L][B][H] BF16, or FP8 e4m3 when config.dispatchDtype is FP8
+ *   xScales            FP8 only: [L][B][H/128] float, or [L][B][H/512] int32 for UE8M0
+ *   srcToken           [L][B] int32: the row's token index on its source rank
+ *   recvCountsPerSource[L][R] int32, filled by the dispatch's completion
+ *   expertCounts       [L] int32: rows per local expert (sum over sources), likewise
+ *   combineInput       [L][B][H] BF16: where the expert kernel may write its outputs (same row
+ *                      positions as x) so that the combine reads them in place
+ *   slot               the buffer slot (0..numBufferSlots-1) */
+typedef struct {
+  void* x;
+  void* xScales;
+  int* srcToken;
+  int* recvCountsPerSource;
+  int* expertCounts;
+  void* combineInput;
+  int slot;
+  int numTokens; /* this rank's T of the dispatch (its combine produces T rows) */
+} ncclMoeLowLatencyOutput_t;
+
+/* Low-latency dispatch of this rank's T tokens.
+ *   x         [T][H] BF16 device; cast to FP8 in the sending warp when config.dispatchDtype is FP8
+ *   topkIdx   [T][K] int64 device, expert ids or -1 (distinct within a token)
+ *   numTokens T, 0..maxTokensPerRank
+ *   flags     0 (one-shot) or NCCL_MOE_LL_SEND_ONLY (then ncclMoeLowLatencyDispatchComplete)
+ *   out       filled at once (pointers are known before the data arrives)
+ * Every token-expert pair is one row at the destination (a token with two experts on a rank is
+ * stored twice), written straight into its final row over NVLink (LSA stores). */
+ncclResult_t ncclMoeLowLatencyDispatch(ncclMoeComm_t moeComm, const void* x, const int64_t* topkIdx,
+                                       int numTokens, unsigned int flags,
+                                       ncclMoeLowLatencyOutput_t* out, cudaStream_t stream);
+
+/* Waits (on `stream`) for every peer's rows of the send-only dispatch that returned `out`, then
+ * writes out->recvCountsPerSource and out->expertCounts. */
+ncclResult_t ncclMoeLowLatencyDispatchComplete(ncclMoeComm_t moeComm,
+                                               const ncclMoeLowLatencyOutput_t* out,
+                                               cudaStream_t stream);
+
+/* Low-latency combine of the operation `dispatched` (this rank's dispatch output):
+ *   expertOut    [L][B][H] BF16 device on this rank, rows at the positions of dispatched->x
+ *                (dispatched->combineInput, or any other buffer of that shape)
+ *   topkIdx      [T][K] int64, the routing this rank dispatched (T = dispatched->numTokens)
+ *   topkWeights  [T][K] FP32 or NULL: out[t] = sum over k with topkIdx[t][k] >= 0, in k order,
+ *                of topkWeights[t][k] * expertOut row of (t, k) (FP32 accumulation, one BF16
+ *                rounding: bitwise deterministic); NULL sums unweighted
+ *   out          [T][H] BF16 device on this rank
+ *   flags        0 or NCCL_MOE_LL_SEND_ONLY (then ncclMoeLowLatencyCombineComplete with the
+ *                same arguments) */
+ncclResult_t ncclMoeLowLatencyCombine(ncclMoeComm_t moeComm, const ncclMoeLowLatencyOutput_t* dispatched,
+                                      const void* expertOut, const int64_t* topkIdx,
+                                      const float* topkWeights, void* out, unsigned int flags,
+                                      cudaStream_t stream);
+
+/* Waits for every peer's expert outputs of the send-only combine and reduces them into out. */
+ncclResult_t ncclMoeLowLatencyCombineComplete(ncclMoeComm_t moeComm,
+                                              const ncclMoeLowLatencyOutput_t* dispatched,
+                                              const int64_t* topkIdx, const float* topkWeights,
+                                              void* out, cudaStream_t stream);
 
 /* Frees a handle (synchronises the device). */
 ncclResult_t ncclMoeHandleDestroy(ncclMoeHandle_t handle);

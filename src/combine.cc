@@ -15,6 +15,9 @@ extern "C" ncclResult_t ncclMoeCombine(ncclMoeComm_t c, ncclMoeHandle_t h, const
     return setError(ncclInvalidUsage, "ncclMoeCombine: handle holds no dispatch to reverse");
   if (expertOut == nullptr) return setError(ncclInvalidArgument, "ncclMoeCombine: expertOut is NULL");
   if (out == nullptr && h->numTokens > 0) return setError(ncclInvalidArgument, "ncclMoeCombine: out is NULL");
+  if (c->cfg.mode != ncclMoeHighThroughput)
+    return setError(ncclInvalidUsage, "%s: the EP context is in low-latency mode; use ncclMoeLowLatency*",
+                    "ncclMoeCombine");
   MOE_CHECK(checkDeviceErrors(c));
   const ncclMoeConfig_t& cfg = c->cfg;
   const size_t rowBytes = (size_t)cfg.hidden * 2;

@@ -27,8 +27,8 @@ ncclResult_t checkDeviceErrors(const ncclMoeComm* c) {
       return ncclSuccess;
     case kDevTimeout:
       return setError(ncclSystemError,
-                      "rank %d: a kernel waited more than timeoutMs = %d ms for rank %d (signal kind %d, "
-                      "value %d): a peer did not take part in the same operation",
+                      "rank %d: timeout: a kernel waited more than timeoutMs = %d ms for rank %d (wait "
+                      "kind %d, value %d): a peer did not take part in the same operation",
                       c->rank, c->cfg.timeoutMs, e->b, e->a, e->c);
     case kDevOverflow:
       return setError(ncclInvalidUsage,
@@ -50,6 +50,7 @@ static void releaseComm(ncclMoeComm* c) {
   if (c->win) ncclCommWindowDeregister(c->nccl, c->win);
   if (c->winBase) ncclMemFree(c->winBase);
   if (c->state) cudaFree(c->state);
+  if (c->llPosCounters) cudaFree(c->llPosCounters);
   if (c->errorHost) cudaFreeHost(c->errorHost);
   delete c;
 }
@@ -60,7 +61,7 @@ static ncclResult_t checkConfigsEqual(ncclMoeComm* c, cudaStream_t stream) {
   const ncclMoeConfig_t& f = c->cfg;
   const int64_t mine[] = {(int64_t)f.size, f.magic, f.version, f.mode, f.numExperts, f.hidden,
                           f.topK, f.maxTokensPerRank, f.dispatchDtype, f.numSms, f.outputCapacity,
-                          f.timeoutMs};
+                          f.timeoutMs, f.numBufferSlots, f.fp8Scales};
   const size_t n = sizeof(mine) / sizeof(mine[0]), bytes = sizeof(mine);
   int64_t* dev = nullptr;
   MOE_CUDA(cudaMalloc(&dev, bytes * (c->nRanks + 1)));
@@ -130,6 +131,11 @@ static ncclResult_t createComm(ncclComm_t nccl, const ncclMoeConfig_t* config, n
 
   MOE_CUDA(cudaMalloc(&c->state, sizeof(DeviceState)));
   MOE_CUDA(cudaMemset(c->state, 0, sizeof(DeviceState)));
+  if (c->cfg.mode == ncclMoeLowLatency) {
+    const size_t bytes = sizeof(int) * c->cfg.numBufferSlots * c->cfg.numExperts;
+    MOE_CUDA(cudaMalloc(&c->llPosCounters, bytes));
+    MOE_CUDA(cudaMemset(c->llPosCounters, 0, bytes));
+  }
   MOE_CUDA(cudaHostAlloc(&c->errorHost, sizeof(DeviceError), cudaHostAllocMapped));
   memset(c->errorHost, 0, sizeof(DeviceError));
   MOE_CUDA(cudaHostGetDevicePointer((void**)&c->errorDev, c->errorHost, 0));

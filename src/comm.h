@@ -19,6 +19,11 @@ struct ncclMoeComm {
   nccl_moe::DeviceError* errorHost = nullptr;  // host-mapped pinned memory, written by kernels
   nccl_moe::DeviceError* errorDev = nullptr;   // the same memory, device address
   int liveHandles = 0;
+  // Low-latency mode.
+  int* llPosCounters = nullptr;       // device [numBufferSlots][E], zero between sends
+  unsigned long long llDispatches = 0;  // dispatches enqueued (slot = count % numBufferSlots)
+  bool llDispatchPending[nccl_moe::kMaxBufferSlots] = {};  // send-only dispatch not completed
+  bool llCombinePending[nccl_moe::kMaxBufferSlots] = {};
 };
 
 struct ncclMoeHandle {

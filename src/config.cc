@@ -22,8 +22,6 @@ ncclResult_t validateConfig(const ncclMoeConfig_t* cfg, int nRanks, int deviceSm
     return setError(bad, "communicator has %d ranks; supported 1..%d", nRanks, kMaxRanks);
   if (cfg->mode != ncclMoeHighThroughput && cfg->mode != ncclMoeLowLatency)
     return setError(bad, "config.mode = %d is not an ncclMoeMode_t", (int)cfg->mode);
-  if (cfg->mode == ncclMoeLowLatency)
-    return setError(bad, "config.mode = ncclMoeLowLatency is not available in this version");
   if (cfg->dispatchDtype != ncclMoeBf16 && cfg->dispatchDtype != ncclMoeFp8E4m3)
     return setError(bad, "config.dispatchDtype = %d is not an ncclMoeDtype_t", (int)cfg->dispatchDtype);
   if (cfg->numExperts <= 0)
@@ -49,6 +47,16 @@ ncclResult_t validateConfig(const ncclMoeConfig_t* cfg, int nRanks, int deviceSm
                     cfg->outputCapacity);
   if (cfg->timeoutMs < 0)
     return setError(bad, "config.timeoutMs = %d must be >= 0 (0 = %d ms)", cfg->timeoutMs, kDefaultTimeoutMs);
+  if (cfg->numBufferSlots < 0 || cfg->numBufferSlots > kMaxBufferSlots)
+    return setError(bad, "config.numBufferSlots = %d must be in 0..%d (0 = 2)", cfg->numBufferSlots,
+                    kMaxBufferSlots);
+  if (cfg->fp8Scales != ncclMoeScaleFp32 && cfg->fp8Scales != ncclMoeScaleFp32Pow2 &&
+      cfg->fp8Scales != ncclMoeScaleUe8m0)
+    return setError(bad, "config.fp8Scales = %d is not an ncclMoeScaleFormat_t", (int)cfg->fp8Scales);
+  if (cfg->mode == ncclMoeLowLatency && cfg->fp8Scales == ncclMoeScaleUe8m0 &&
+      (cfg->dispatchDtype != ncclMoeFp8E4m3 || cfg->hidden % (4 * kFp8GroupSize) != 0))
+    return setError(bad, "config.fp8Scales = ncclMoeScaleUe8m0 needs FP8 dispatch and config.hidden = %d "
+                    "a multiple of %d (four scales per int32)", cfg->hidden, 4 * kFp8GroupSize);
   long long worst = (long long)nRanks * cfg->maxTokensPerRank;
   if (worst > (1 << 30))
     return setError(bad, "config.maxTokensPerRank = %d times %d ranks exceeds 2^30 rows",
@@ -56,11 +64,38 @@ ncclResult_t validateConfig(const ncclMoeConfig_t* cfg, int nRanks, int deviceSm
   *resolved = *cfg;
   if (resolved->outputCapacity == 0) resolved->outputCapacity = (int)worst;
   if (resolved->timeoutMs == 0) resolved->timeoutMs = kDefaultTimeoutMs;
+  if (resolved->numBufferSlots == 0) resolved->numBufferSlots = 2;
   return ncclSuccess;
 }
 
+size_t llScaleBytesPerRow(const ncclMoeConfig_t& c) {
+  if (c.dispatchDtype != ncclMoeFp8E4m3) return 0;
+  const size_t groups = (size_t)c.hidden / kFp8GroupSize;
+  return c.fp8Scales == ncclMoeScaleUe8m0 ? groups : groups * sizeof(float);  // 1 byte or 4 per group
+}
+
+static LowLatencySlotLayout lowLatencySlotLayout(const ncclMoeConfig_t& c, int nRanks) {
+  const size_t L = c.numExperts / nRanks, M = c.maxTokensPerRank, B = (size_t)nRanks * M;
+  const size_t H = c.hidden, K = c.topK;
+  LowLatencySlotLayout s;
+  size_t off = 0;
+  auto take = [&](size_t bytes) { size_t at = off; off = alignUp(off + bytes, 256); return at; };
+  s.dispatchSignals = take(sizeof(uint64_t) * L * nRanks);
+  s.combineSignals = take(sizeof(uint64_t) * nRanks);
+  s.recvCounts = take(sizeof(int) * (L * nRanks + L));
+  s.recvX = take(L * B * H * dtypeBytes(c.dispatchDtype));
+  s.recvScales = take(L * B * llScaleBytesPerRow(c));
+  s.srcToken = take(sizeof(int) * L * B);
+  s.srcK = take(sizeof(int) * L * B);
+  s.combineRecv = take(M * K * H * 2);
+  s.combineInput = take(L * B * H * 2);
+  s.bytes = alignUp(off, NCCL_WIN_REQUIRED_ALIGNMENT);
+  return s;
+}
+
 WindowLayout computeWindowLayout(const ncclMoeConfig_t& c, int nRanks) {
-  const size_t a = 256, cap = (size_t)c.outputCapacity, H = (size_t)c.hidden, K = (size_t)c.topK;
+  const bool ll = c.mode == ncclMoeLowLatency;
+  const size_t a = 256, cap = ll ? 0 : (size_t)c.outputCapacity, H = (size_t)c.hidden, K = (size_t)c.topK;
   WindowLayout w;
   size_t off = 0;
   auto take = [&](size_t bytes) { size_t at = off; off = alignUp(off + bytes, a); return at; };
@@ -71,7 +106,9 @@ WindowLayout computeWindowLayout(const ncclMoeConfig_t& c, int nRanks) {
   w.recvTopkIdx = take(cap * K * sizeof(int64_t));
   w.recvTopkWeights = take(cap * K * sizeof(float));
   w.combineIn = take(cap * H * 2);
-  w.total = alignUp(off, NCCL_WIN_REQUIRED_ALIGNMENT);
+  w.llSlots = alignUp(off, NCCL_WIN_REQUIRED_ALIGNMENT);
+  w.ll = ll ? lowLatencySlotLayout(c, nRanks) : LowLatencySlotLayout{};
+  w.total = w.llSlots + (ll ? (size_t)c.numBufferSlots * w.ll.bytes : 0);
   return w;
 }
 

@@ -4,6 +4,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include "nccl_moe.h"
+#include "device/kernel_args.h"
 
 namespace nccl_moe {
 
@@ -33,8 +34,15 @@ struct WindowLayout {
   size_t recvTopkIdx;   // int64 [capacity][K]
   size_t recvTopkWeights; // float [capacity][K]
   size_t combineIn; // BF16 [capacity][H]
+  // Low-latency mode only (the HT regions above are then empty): numBufferSlots slots of
+  // ll.bytes each, starting at llSlots.
+  size_t llSlots;
+  LowLatencySlotLayout ll;
   size_t total;
 };
+
+// Bytes of one row of FP8 scales in the low-latency cast (0 for BF16).
+size_t llScaleBytesPerRow(const ncclMoeConfig_t& resolved);
 // Signal kinds (rows of the signals region).
 enum SignalKind { kSigDispatchCounts = 0, kSigDispatchDone = 1, kSigCombineReady = 2,
                   kSigCombineDone = 3, kSignalKinds = 4 };

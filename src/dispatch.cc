@@ -77,6 +77,9 @@ extern "C" ncclResult_t ncclMoeDispatch(ncclMoeComm_t c, const void* x, const fl
   if (c == nullptr) return setError(ncclInvalidArgument, "ncclMoeDispatch: moeComm is NULL");
   if (handle == nullptr) return setError(ncclInvalidArgument, "ncclMoeDispatch: handle is NULL");
   if (out == nullptr) return setError(ncclInvalidArgument, "ncclMoeDispatch: out is NULL");
+  if (c->cfg.mode != ncclMoeHighThroughput)
+    return setError(ncclInvalidUsage, "%s: the EP context is in low-latency mode; use ncclMoeLowLatency*",
+                    "ncclMoeDispatch");
   MOE_CHECK(checkDeviceErrors(c));
   ncclMoeHandle* h = *handle;
   if (h != nullptr && h->comm != c)

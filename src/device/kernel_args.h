@@ -16,10 +16,16 @@ enum DeviceErrorCode : int {
   kDevOverflow = 2,     // a = destination rank, b = rows it would receive, c = capacity
   kDevBadExpert = 3,    // a = token, b = k, c = expert id (truncated to int)
 };
+// Wait kinds of the low-latency kernels in timeout reports (HT waits report their SignalKind).
+constexpr int kWaitLlDispatch = 16;
+constexpr int kWaitLlCombine = 17;
+
 struct DeviceError {
   int code, a, b, c;  // the first error of the context
   int timedOut;       // set by every timeout, whatever error came first
 };
+
+constexpr int kMaxBufferSlots = 8;  // low-latency operations in flight
 
 // Per-context device state (device memory, zeroed at creation).
 struct DeviceState {
@@ -27,6 +33,11 @@ struct DeviceState {
   unsigned long long combineSeq;   // combine kernels completed on this rank
   unsigned int dispatchArrived;    // CTAs of the running dispatch kernel that finished
   unsigned int combineArrived;     // likewise for combine
+  // Low-latency mode, per buffer slot: sends issued on this rank (the epoch of the slot's
+  // signals; equal on every rank since all ranks run the same operations in the same order).
+  unsigned long long llDispatchSends[kMaxBufferSlots];
+  unsigned long long llCombineSends[kMaxBufferSlots];
+  unsigned int llDispatchArrived, llCombineArrived;
 };
 
 // Routing of one dispatch, on the device (owned by the handle). R = ranks, K = top-k.
@@ -89,6 +100,50 @@ cudaError_t launchCombineHtIntranode(const CombineArgs& args, int numCtas, cudaS
 // Copies rows [0, *numRows) of src ([*][rowBytes]) to dst with numCtas CTAs (rowBytes % 16 == 0).
 cudaError_t launchCopyRows(void* dst, const void* src, const int* numRows, int rowBytes,
                            int numCtas, cudaStream_t stream);
+
+// Byte offsets of one low-latency buffer slot, relative to the slot's start in the window.
+// L = local experts, B = R * maxTokensPerRank rows per expert, M = maxTokensPerRank.
+struct LowLatencySlotLayout {
+  size_t dispatchSignals;  // uint64 [L][R]: (epoch << 32) | rows, written by source rank s
+  size_t combineSignals;   // uint64 [R]: CTAs of rank r's combine send that finished (adds)
+  size_t recvCounts;       // int32 [L][R] then [L]: rows per (expert, source), per expert
+  size_t recvX;            // [L][B][rowBytes]
+  size_t recvScales;       // [L][B][scaleBytesPerRow]
+  size_t srcToken;         // int32 [L][B]: token index on the source rank
+  size_t srcK;             // int32 [L][B]: top-k position of the row's expert in that token
+  size_t combineRecv;      // BF16 [M][K][H]: expert outputs returned to this rank, per (t, k)
+  size_t combineInput;     // BF16 [L][B][H]: optional in-window expert outputs
+  size_t bytes;            // size of one slot (a multiple of 4096)
+};
+
+struct LlDispatchArgs {
+  WindowView w;
+  size_t slotOff;          // byte offset of the slot in the window
+  LowLatencySlotLayout slot;
+  int slotIndex;
+  const uint16_t* x;       // [T][H] BF16
+  const int64_t* topkIdx;  // [T][K]
+  int numTokens, hidden, topK, numExperts, maxTokens;
+  int fp8;                 // cast to FP8 e4m3 in the sending warp
+  int scaleFormat;         // ncclMoeScaleFormat_t
+  int* posCounter;         // [E] device: rows of this rank per expert in the running send
+};
+cudaError_t launchLlDispatchSend(const LlDispatchArgs& args, int numCtas, cudaStream_t stream);
+cudaError_t launchLlDispatchComplete(const LlDispatchArgs& args, cudaStream_t stream);
+
+struct LlCombineArgs {
+  WindowView w;
+  size_t slotOff;
+  LowLatencySlotLayout slot;
+  int slotIndex;
+  const uint16_t* expertOut;  // [L][B][H] BF16 (send)
+  const int64_t* topkIdx;     // [T][K] (complete)
+  const float* topkWeights;   // [T][K] or NULL (complete)
+  uint16_t* out;              // [T][H] BF16 (complete)
+  int numTokens, hidden, topK, numExperts, maxTokens;
+};
+cudaError_t launchLlCombineSend(const LlCombineArgs& args, int numCtas, cudaStream_t stream);
+cudaError_t launchLlCombineComplete(const LlCombineArgs& args, int numCtas, cudaStream_t stream);
 
 // One CTA syncs LSA barrier 0 of devComm with every LSA peer (creation-time check).
 cudaError_t launchLsaBarrier(const ncclDevComm& devComm, cudaStream_t stream);

@@ -56,10 +56,10 @@ __device__ __forceinline__ bool timeoutRaised(const DeviceError* e) {
   return *(volatile const int*)&e->timedOut != 0;
 }
 
-// Waits until this rank's signals[kind][src] >= target (acquire). Returns false after a timeout
-// (error recorded) or if another wait of the context already timed out.
-__device__ __forceinline__ bool waitSignal(const WindowView& w, int kind, int src, uint64_t target) {
-  const uint64_t* p = signalPtr(w, w.rank, kind, src);
+// Waits until *p >= target (acquire). Returns false after timeoutNs (error recorded with `kind`
+// and `src` for the message) or at once if another wait of the context already timed out.
+__device__ __forceinline__ bool waitAtLeast(const WindowView& w, const uint64_t* p, uint64_t target,
+                                            int kind, int src) {
   uint64_t v = loadAcquire(p);
   if (v >= target) return true;
   const uint64_t start = globalTimerNs();
@@ -75,6 +75,29 @@ __device__ __forceinline__ bool waitSignal(const WindowView& w, int kind, int sr
       return false;
     }
   }
+}
+
+// Waits until this rank's signals[kind][src] >= target.
+__device__ __forceinline__ bool waitSignal(const WindowView& w, int kind, int src, uint64_t target) {
+  return waitAtLeast(w, signalPtr(w, w.rank, kind, src), target, kind, src);
+}
+
+// The calling CTA's threads end their part of a launch; returns true in exactly one CTA, the last
+// to arrive, once every other CTA's stores are ordered before it (system scope). `arrived` counts
+// the CTAs of this launch; the last CTA resets it for the next launch.
+__device__ __forceinline__ bool lastCtaToArrive(unsigned int* arrived) {
+  __shared__ bool isLast;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    isLast = atomicAdd(arrived, 1u) == gridDim.x - 1;
+    if (isLast) {
+      *arrived = 0;
+      __threadfence_system();
+    }
+  }
+  __syncthreads();
+  return isLast;
 }
 
 // Each thread i < nRanks waits for signals[kind][i] >= target; then the CTA agrees on success.

@@ -210,13 +210,43 @@ TEST(ConfigValidate, ModeAndDtypeValues) {
   expectRejected(c, "dispatchDtype", -1);
 }
 
-TEST(ConfigValidate, LowLatencyNotAvailable) {
+TEST(ConfigValidate, LowLatencyOptions) {
   ncclMoeConfig_t c = goodConfig(), r;
   c.mode = ncclMoeLowLatency;
-  EXPECT_EQ(validateConfig(&c, kRanks, kSms, &r), ncclInvalidArgument);
-  std::string msg = ncclMoeGetLastError();
-  EXPECT_TRUE(containsWord(msg, "mode")) << msg;
-  EXPECT_NE(msg.find("LowLatency"), std::string::npos) << msg;
+  ASSERT_EQ(validateConfig(&c, kRanks, kSms, &r), ncclSuccess) << ncclMoeGetLastError();
+  EXPECT_EQ(r.numBufferSlots, 2);
+  c.numBufferSlots = 9;
+  expectRejected(c, "numBufferSlots", 9);
+  c.numBufferSlots = -1;
+  expectRejected(c, "numBufferSlots", -1);
+  c.numBufferSlots = 3;
+  c.fp8Scales = (ncclMoeScaleFormat_t)3;
+  expectRejected(c, "fp8Scales", 3);
+  // UE8M0 packs four groups per int32: FP8 and hidden % 512 == 0.
+  c.fp8Scales = ncclMoeScaleUe8m0;
+  c.dispatchDtype = ncclMoeFp8E4m3;
+  c.hidden = 384;
+  expectRejected(c, "hidden", 384);
+  c.hidden = 7168;
+  EXPECT_EQ(validateConfig(&c, kRanks, kSms, &r), ncclSuccess) << ncclMoeGetLastError();
+}
+
+TEST(WindowLayout, LowLatencySlots) {
+  ncclMoeConfig_t c = goodConfig(), r;
+  c.mode = ncclMoeLowLatency;
+  c.dispatchDtype = ncclMoeFp8E4m3;
+  c.numBufferSlots = 3;
+  ASSERT_EQ(validateConfig(&c, kRanks, kSms, &r), ncclSuccess) << ncclMoeGetLastError();
+  const WindowLayout w = computeWindowLayout(r, kRanks);
+  const size_t L = r.numExperts / kRanks, B = (size_t)kRanks * r.maxTokensPerRank, H = r.hidden;
+  EXPECT_EQ(w.llSlots % 4096, 0u);
+  EXPECT_EQ(w.ll.bytes % 4096, 0u);
+  EXPECT_EQ(w.total, w.llSlots + 3 * w.ll.bytes);
+  EXPECT_GE(w.ll.recvScales - w.ll.recvX, L * B * H);              // FP8 rows: 1 byte each
+  EXPECT_GE(w.ll.srcToken - w.ll.recvScales, L * B * (H / 128) * 4);
+  EXPECT_GE(w.ll.combineInput - w.ll.combineRecv, (size_t)r.maxTokensPerRank * r.topK * H * 2);
+  EXPECT_GE(w.ll.bytes - w.ll.combineInput, L * B * H * 2);
+  EXPECT_EQ(w.recvX, w.combineIn);  // HT regions are empty in LL mode
 }
 
 TEST(ConfigValidate, RankCount) {

@@ -1,0 +1,139 @@
+// Low-latency combine over LSA: send kernel (expert ranks push their outputs back) and
+// completion kernel (the source reduces them).
+//
+// Send (numSms CTAs): warps walk the rows this rank received in the slot, (l, s, i) with
+// i < recvCounts[l][s], read each expert-output row (16-byte loads) and store it into source s's
+// combineRecv[t][k] (t = srcToken, k = srcK of the row). Each CTA then release-adds 1 to
+// combineSignals[me] at every rank; nothing waits for a peer.
+// Complete (numSms CTAs): wait until every rank's signal reaches numCtas * epoch, then one warp
+// per token sums its K rows in k order (weighted or not) in FP32 and writes BF16.
+#include "config.h"
+#include "device/kernel_args.h"
+#include "device/peer_sync.cuh"
+#include "device/vec_io.cuh"
+
+namespace nccl_moe {
+
+constexpr int kLlCombineThreads = 512;
+constexpr int kLlCombineUnroll = 4;
+
+__global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineSendKernel(LlCombineArgs a) {
+  const WindowView& w = a.w;
+  const int R = w.nRanks, me = w.rank, L = a.numExperts / R, M = a.maxTokens;
+  __shared__ char* peer[kMaxRanks];
+  if (threadIdx.x < R) peer[threadIdx.x] = (char*)ncclGetLsaPointer(w.win, 0, threadIdx.x) + a.slotOff;
+  __syncthreads();
+  const char* slot = peer[me];
+  const int* counts = (const int*)(slot + a.slot.recvCounts);
+  const int* srcToken = (const int*)(slot + a.slot.srcToken);
+  const int* srcK = (const int*)(slot + a.slot.srcK);
+  const int rowVecs = a.hidden / 8;
+  const size_t rowBytes = (size_t)a.hidden * 2;
+  const int lane = threadIdx.x % 32, warpsPerCta = blockDim.x / 32;
+  const long long items = (long long)L * R * M;  // (l, s, i) with i < M; rows past the count skip
+  for (long long it = blockIdx.x * warpsPerCta + threadIdx.x / 32; it < items;
+       it += (long long)gridDim.x * warpsPerCta) {
+    const int block = (int)(it / M), i = (int)(it % M), s = block % R;
+    if (i >= counts[block]) continue;
+    const size_t row = (size_t)block * M + i;  // == l*R*M + s*M + i
+    const int t = srcToken[row], k = srcK[row];
+    const uint4* src = (const uint4*)(a.expertOut + row * a.hidden);
+    uint4* dst = (uint4*)(peer[s] + a.slot.combineRecv + ((size_t)t * a.topK + k) * rowBytes);
+    for (int base = 0; base < rowVecs; base += 32 * kLlCombineUnroll) {
+      uint4 v[kLlCombineUnroll];
+#pragma unroll
+      for (int u = 0; u < kLlCombineUnroll; ++u) {
+        const int idx = base + u * 32 + lane;
+        if (idx < rowVecs) v[u] = loadStreaming(src + idx);
+      }
+#pragma unroll
+      for (int u = 0; u < kLlCombineUnroll; ++u) {
+        const int idx = base + u * 32 + lane;
+        if (idx < rowVecs) storeNoAllocate(dst + idx, v[u]);
+      }
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) __threadfence_system();
+  __syncthreads();
+  for (int r = threadIdx.x; r < R; r += blockDim.x) {
+    uint64_t* sig = (uint64_t*)(peer[r] + a.slot.combineSignals) + me;
+    asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(sig), "l"((uint64_t)1) : "memory");
+  }
+  if (lastCtaToArrive(&w.state->llCombineArrived) && threadIdx.x == 0)
+    w.state->llCombineSends[a.slotIndex] += 1;
+}
+
+__global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineCompleteKernel(LlCombineArgs a) {
+  const WindowView& w = a.w;
+  const int R = w.nRanks;
+  const char* slot = (const char*)ncclGetLocalPointer(w.win, a.slotOff);
+  const uint64_t epoch = *(volatile unsigned long long*)&w.state->llCombineSends[a.slotIndex];
+  const uint64_t* sig = (const uint64_t*)(slot + a.slot.combineSignals);
+  bool ok = true;
+  for (int r = threadIdx.x; r < R; r += blockDim.x)
+    ok &= waitAtLeast(w, sig + r, (uint64_t)gridDim.x * epoch, kWaitLlCombine, r);
+  if (!__syncthreads_and(ok)) return;
+
+  const int lane = threadIdx.x % 32, warpsPerCta = blockDim.x / 32, rowVecs = a.hidden / 8;
+  const uint4* recv = (const uint4*)(slot + a.slot.combineRecv);
+  for (int t = blockIdx.x * warpsPerCta + threadIdx.x / 32; t < a.numTokens; t += gridDim.x * warpsPerCta) {
+    // Lane k < K: is (t, k) a valid pair, and its weight.
+    bool valid = false;
+    float weight = 1.0f;
+    if (lane < a.topK) {
+      const int64_t e = a.topkIdx[(size_t)t * a.topK + lane];
+      valid = e >= 0 && e < a.numExperts;
+      if (a.topkWeights) weight = a.topkWeights[(size_t)t * a.topK + lane];
+    }
+    const unsigned pairs = __ballot_sync(0xffffffffu, valid);
+    uint4* dst = (uint4*)(a.out + (size_t)t * a.hidden);
+    for (int base = 0; base < rowVecs; base += 32 * kLlCombineUnroll) {
+      float acc[kLlCombineUnroll][8];
+#pragma unroll
+      for (int u = 0; u < kLlCombineUnroll; ++u)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[u][j] = 0.0f;
+      for (unsigned m = pairs; m != 0; m &= m - 1) {  // k in increasing order
+        const int k = __ffs(m) - 1;
+        const float wk = __shfl_sync(0xffffffffu, weight, k);
+        const uint4* src = recv + ((size_t)t * a.topK + k) * rowVecs;
+#pragma unroll
+        for (int u = 0; u < kLlCombineUnroll; ++u) {
+          const int idx = base + u * 32 + lane;
+          if (idx >= rowVecs) continue;
+          const uint4 v = loadPeer(src + idx);
+          const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            acc[u][2 * j] = __fadd_rn(acc[u][2 * j], __fmul_rn(wk, bf16BitsToFloat(words[j] & 0xffffu)));
+            acc[u][2 * j + 1] = __fadd_rn(acc[u][2 * j + 1], __fmul_rn(wk, bf16BitsToFloat(words[j] >> 16)));
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kLlCombineUnroll; ++u) {
+        const int idx = base + u * 32 + lane;
+        if (idx >= rowVecs) continue;
+        uint4 o;
+        o.x = floatToBf16Bits(acc[u][0]) | (floatToBf16Bits(acc[u][1]) << 16);
+        o.y = floatToBf16Bits(acc[u][2]) | (floatToBf16Bits(acc[u][3]) << 16);
+        o.z = floatToBf16Bits(acc[u][4]) | (floatToBf16Bits(acc[u][5]) << 16);
+        o.w = floatToBf16Bits(acc[u][6]) | (floatToBf16Bits(acc[u][7]) << 16);
+        dst[idx] = o;
+      }
+    }
+  }
+}
+
+cudaError_t launchLlCombineSend(const LlCombineArgs& args, int numCtas, cudaStream_t stream) {
+  llCombineSendKernel<<<numCtas, kLlCombineThreads, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+cudaError_t launchLlCombineComplete(const LlCombineArgs& args, int numCtas, cudaStream_t stream) {
+  llCombineCompleteKernel<<<numCtas, kLlCombineThreads, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+}  // namespace nccl_moe

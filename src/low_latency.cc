@@ -1,0 +1,192 @@
+// Low-latency mode: host side of ncclMoeLowLatency{Dispatch,Combine}[Complete] and the window
+// size query. No call here synchronises the host.
+#include <limits.h>
+#include <string.h>
+#include "comm.h"
+#include "error.h"
+
+namespace nccl_moe {
+
+static ncclResult_t checkLowLatencyComm(const ncclMoeComm* c, const char* fn) {
+  if (c == nullptr) return setError(ncclInvalidArgument, "%s: moeComm is NULL", fn);
+  if (c->cfg.mode != ncclMoeLowLatency)
+    return setError(ncclInvalidUsage, "%s: the EP context is in high-throughput mode; use ncclMoeDispatch/Combine",
+                    fn);
+  return checkDeviceErrors(c);
+}
+
+static ncclResult_t checkSlot(const ncclMoeComm* c, const ncclMoeLowLatencyOutput_t* d, const char* fn) {
+  if (d == nullptr) return setError(ncclInvalidArgument, "%s: dispatched is NULL", fn);
+  if (d->slot < 0 || d->slot >= c->cfg.numBufferSlots)
+    return setError(ncclInvalidArgument, "%s: dispatched->slot = %d is not a buffer slot (0..%d)", fn, d->slot,
+                    c->cfg.numBufferSlots - 1);
+  if (d->numTokens < 0 || d->numTokens > c->cfg.maxTokensPerRank)
+    return setError(ncclInvalidArgument, "%s: dispatched->numTokens = %d is outside 0..%d", fn, d->numTokens,
+                    c->cfg.maxTokensPerRank);
+  return ncclSuccess;
+}
+
+static LlDispatchArgs dispatchArgs(ncclMoeComm* c, int slot, const void* x, const int64_t* topkIdx, int T) {
+  const ncclMoeConfig_t& cfg = c->cfg;
+  LlDispatchArgs a;
+  memset(&a, 0, sizeof(a));
+  a.w = windowView(c);
+  a.slotOff = c->layout.llSlots + (size_t)slot * c->layout.ll.bytes;
+  a.slot = c->layout.ll;
+  a.slotIndex = slot;
+  a.x = (const uint16_t*)x;
+  a.topkIdx = topkIdx;
+  a.numTokens = T;
+  a.hidden = cfg.hidden;
+  a.topK = cfg.topK;
+  a.numExperts = cfg.numExperts;
+  a.maxTokens = cfg.maxTokensPerRank;
+  a.fp8 = cfg.dispatchDtype == ncclMoeFp8E4m3;
+  a.scaleFormat = cfg.fp8Scales;
+  a.posCounter = c->llPosCounters + (size_t)slot * cfg.numExperts;
+  return a;
+}
+
+static LlCombineArgs combineArgs(ncclMoeComm* c, const ncclMoeLowLatencyOutput_t* d, const void* expertOut,
+                                 const int64_t* topkIdx, const float* topkWeights, void* out) {
+  const ncclMoeConfig_t& cfg = c->cfg;
+  LlCombineArgs a;
+  memset(&a, 0, sizeof(a));
+  a.w = windowView(c);
+  a.slotOff = c->layout.llSlots + (size_t)d->slot * c->layout.ll.bytes;
+  a.slot = c->layout.ll;
+  a.slotIndex = d->slot;
+  a.expertOut = (const uint16_t*)expertOut;
+  a.topkIdx = topkIdx;
+  a.topkWeights = topkWeights;
+  a.out = (uint16_t*)out;
+  a.numTokens = d->numTokens;
+  a.hidden = cfg.hidden;
+  a.topK = cfg.topK;
+  a.numExperts = cfg.numExperts;
+  a.maxTokens = cfg.maxTokensPerRank;
+  return a;
+}
+
+}  // namespace nccl_moe
+
+using namespace nccl_moe;
+
+extern "C" ncclResult_t ncclMoeGetWindowSize(const ncclMoeConfig_t* config, int nRanks, size_t* bytes) {
+  clearError();
+  if (bytes == nullptr) return setError(ncclInvalidArgument, "ncclMoeGetWindowSize: bytes is NULL");
+  ncclMoeConfig_t resolved;
+  // numSms is checked against the device at creation; any positive count passes here.
+  MOE_CHECK(validateConfig(config, nRanks, INT_MAX, &resolved));
+  *bytes = computeWindowLayout(resolved, nRanks).total;
+  return ncclSuccess;
+}
+
+extern "C" ncclResult_t ncclMoeLowLatencyDispatch(ncclMoeComm_t c, const void* x, const int64_t* topkIdx,
+                                                  int numTokens, unsigned int flags,
+                                                  ncclMoeLowLatencyOutput_t* out, cudaStream_t stream) {
+  clearError();
+  const char* fn = "ncclMoeLowLatencyDispatch";
+  MOE_CHECK(checkLowLatencyComm(c, fn));
+  const ncclMoeConfig_t& cfg = c->cfg;
+  if (out == nullptr) return setError(ncclInvalidArgument, "%s: out is NULL", fn);
+  if (numTokens < 0 || numTokens > cfg.maxTokensPerRank)
+    return setError(ncclInvalidArgument, "%s: numTokens = %d must be in 0..maxTokensPerRank = %d", fn, numTokens,
+                    cfg.maxTokensPerRank);
+  if (numTokens > 0 && x == nullptr) return setError(ncclInvalidArgument, "%s: x is NULL", fn);
+  if (numTokens > 0 && topkIdx == nullptr) return setError(ncclInvalidArgument, "%s: topkIdx is NULL", fn);
+  if ((uintptr_t)x % 16 != 0) return setError(ncclInvalidArgument, "%s: x = %p is not 16-byte aligned", fn, x);
+  if (flags & ~(unsigned)NCCL_MOE_LL_SEND_ONLY)
+    return setError(ncclInvalidArgument, "%s: flags = 0x%x has unknown bits", fn, flags);
+  const int slot = (int)(c->llDispatches % cfg.numBufferSlots);
+  if (c->llDispatchPending[slot] || c->llCombinePending[slot])
+    return setError(ncclInvalidUsage,
+                    "%s: buffer slot %d still has a send-only %s that was not completed; at most "
+                    "numBufferSlots = %d operations may be in flight",
+                    fn, slot, c->llDispatchPending[slot] ? "dispatch" : "combine", cfg.numBufferSlots);
+
+  const LlDispatchArgs a = dispatchArgs(c, slot, x, topkIdx, numTokens);
+  MOE_CUDA(launchLlDispatchSend(a, cfg.numSms, stream));
+  if (flags & NCCL_MOE_LL_SEND_ONLY) {
+    c->llDispatchPending[slot] = true;
+  } else {
+    MOE_CUDA(launchLlDispatchComplete(a, stream));
+  }
+  c->llDispatches++;
+
+  char* base = c->winBase + a.slotOff;
+  const int L = cfg.numExperts / c->nRanks;
+  out->x = base + c->layout.ll.recvX;
+  out->xScales = a.fp8 ? base + c->layout.ll.recvScales : nullptr;
+  out->srcToken = (int*)(base + c->layout.ll.srcToken);
+  out->recvCountsPerSource = (int*)(base + c->layout.ll.recvCounts);
+  out->expertCounts = out->recvCountsPerSource + L * c->nRanks;
+  out->combineInput = base + c->layout.ll.combineInput;
+  out->slot = slot;
+  out->numTokens = numTokens;
+  return ncclSuccess;
+}
+
+extern "C" ncclResult_t ncclMoeLowLatencyDispatchComplete(ncclMoeComm_t c, const ncclMoeLowLatencyOutput_t* out,
+                                                          cudaStream_t stream) {
+  clearError();
+  const char* fn = "ncclMoeLowLatencyDispatchComplete";
+  MOE_CHECK(checkLowLatencyComm(c, fn));
+  MOE_CHECK(checkSlot(c, out, fn));
+  if (!c->llDispatchPending[out->slot])
+    return setError(ncclInvalidUsage, "%s: slot %d has no send-only dispatch to complete", fn, out->slot);
+  MOE_CUDA(launchLlDispatchComplete(dispatchArgs(c, out->slot, nullptr, nullptr, out->numTokens), stream));
+  c->llDispatchPending[out->slot] = false;
+  return ncclSuccess;
+}
+
+static ncclResult_t checkCombineArgs(const ncclMoeComm* c, const ncclMoeLowLatencyOutput_t* d,
+                                     const int64_t* topkIdx, void* out, const char* fn) {
+  MOE_CHECK(checkSlot(c, d, fn));
+  if (c->llDispatchPending[d->slot])
+    return setError(ncclInvalidUsage, "%s: the dispatch of slot %d was not completed", fn, d->slot);
+  if (d->numTokens > 0 && topkIdx == nullptr) return setError(ncclInvalidArgument, "%s: topkIdx is NULL", fn);
+  if (d->numTokens > 0 && out == nullptr) return setError(ncclInvalidArgument, "%s: out is NULL", fn);
+  if ((uintptr_t)out % 16 != 0) return setError(ncclInvalidArgument, "%s: out = %p is not 16-byte aligned", fn, out);
+  return ncclSuccess;
+}
+
+extern "C" ncclResult_t ncclMoeLowLatencyCombine(ncclMoeComm_t c, const ncclMoeLowLatencyOutput_t* dispatched,
+                                                 const void* expertOut, const int64_t* topkIdx,
+                                                 const float* topkWeights, void* out, unsigned int flags,
+                                                 cudaStream_t stream) {
+  clearError();
+  const char* fn = "ncclMoeLowLatencyCombine";
+  MOE_CHECK(checkLowLatencyComm(c, fn));
+  MOE_CHECK(checkCombineArgs(c, dispatched, topkIdx, out, fn));
+  if (expertOut == nullptr) return setError(ncclInvalidArgument, "%s: expertOut is NULL", fn);
+  if ((uintptr_t)expertOut % 16 != 0)
+    return setError(ncclInvalidArgument, "%s: expertOut = %p is not 16-byte aligned", fn, expertOut);
+  if (flags & ~(unsigned)NCCL_MOE_LL_SEND_ONLY)
+    return setError(ncclInvalidArgument, "%s: flags = 0x%x has unknown bits", fn, flags);
+  if (c->llCombinePending[dispatched->slot])
+    return setError(ncclInvalidUsage, "%s: slot %d already has a send-only combine in flight", fn, dispatched->slot);
+  const LlCombineArgs a = combineArgs(c, dispatched, expertOut, topkIdx, topkWeights, out);
+  MOE_CUDA(launchLlCombineSend(a, c->cfg.numSms, stream));
+  if (flags & NCCL_MOE_LL_SEND_ONLY) {
+    c->llCombinePending[dispatched->slot] = true;
+    return ncclSuccess;
+  }
+  MOE_CUDA(launchLlCombineComplete(a, c->cfg.numSms, stream));
+  return ncclSuccess;
+}
+
+extern "C" ncclResult_t ncclMoeLowLatencyCombineComplete(ncclMoeComm_t c, const ncclMoeLowLatencyOutput_t* dispatched,
+                                                         const int64_t* topkIdx, const float* topkWeights,
+                                                         void* out, cudaStream_t stream) {
+  clearError();
+  const char* fn = "ncclMoeLowLatencyCombineComplete";
+  MOE_CHECK(checkLowLatencyComm(c, fn));
+  MOE_CHECK(checkCombineArgs(c, dispatched, topkIdx, out, fn));
+  if (!c->llCombinePending[dispatched->slot])
+    return setError(ncclInvalidUsage, "%s: slot %d has no send-only combine to complete", fn, dispatched->slot);
+  const LlCombineArgs a = combineArgs(c, dispatched, nullptr, topkIdx, topkWeights, out);
+  MOE_CUDA(launchLlCombineComplete(a, c->cfg.numSms, stream));
+  c->llCombinePending[dispatched->slot] = false;
+  return ncclSuccess;
+}
