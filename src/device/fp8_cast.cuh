@@ -46,8 +46,9 @@ __device__ __forceinline__ Fp8Scale fp8Scale(float amax, bool powerOfTwo) {
   const uint32_t bits = __float_as_uint(r);
   int e = (int)((bits >> 23) & 0xff) - 127;   // r = 1.m * 2^e
   if (bits & 0x7fffffu) e += 1;               // round up unless r is a power of two
-  s.scale = exp2f((float)e);                  // exact for integer e in the normal range
-  s.inverse = exp2f((float)-e);
+  // e is in [-22, 120] (amax >= 1e-4, BF16 < 2^128): both powers are normal floats, built exactly.
+  s.scale = __uint_as_float((uint32_t)(e + 127) << 23);
+  s.inverse = __uint_as_float((uint32_t)(127 - e) << 23);
   s.ue8m0 = (uint8_t)(e + 127);
   return s;
 }

@@ -34,9 +34,10 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineSendKernel(LlCo
   for (long long it = blockIdx.x * warpsPerCta + threadIdx.x / 32; it < items;
        it += (long long)gridDim.x * warpsPerCta) {
     const int block = (int)(it / M), i = (int)(it % M), s = block % R;
-    if (i >= counts[block]) continue;
+    // Written by peers (srcToken, srcK) or by the dispatch completion: read past L1.
+    if (i >= loadPeerInt(counts + block)) continue;
     const size_t row = (size_t)block * M + i;  // == l*R*M + s*M + i
-    const int t = srcToken[row], k = srcK[row];
+    const int t = loadPeerInt(srcToken + row), k = loadPeerInt(srcK + row);
     const uint4* src = (const uint4*)(a.expertOut + row * a.hidden);
     uint4* dst = (uint4*)(peer[s] + a.slot.combineRecv + ((size_t)t * a.topK + k) * rowBytes);
     for (int base = 0; base < rowVecs; base += 32 * kLlCombineUnroll) {
@@ -75,9 +76,13 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineCompleteKernel(
     ok &= waitAtLeast(w, sig + r, (uint64_t)gridDim.x * epoch, kWaitLlCombine, r);
   if (!__syncthreads_and(ok)) return;
 
+  // Work items are (token, chunk of 32 * kLlCombineUnroll vectors): several warps per token.
   const int lane = threadIdx.x % 32, warpsPerCta = blockDim.x / 32, rowVecs = a.hidden / 8;
+  const int chunkVecs = 32 * kLlCombineUnroll, chunks = (rowVecs + chunkVecs - 1) / chunkVecs;
   const uint4* recv = (const uint4*)(slot + a.slot.combineRecv);
-  for (int t = blockIdx.x * warpsPerCta + threadIdx.x / 32; t < a.numTokens; t += gridDim.x * warpsPerCta) {
+  for (int it = blockIdx.x * warpsPerCta + threadIdx.x / 32; it < a.numTokens * chunks;
+       it += gridDim.x * warpsPerCta) {
+    const int t = it / chunks, base = (it % chunks) * chunkVecs;
     // Lane k < K: is (t, k) a valid pair, and its weight.
     bool valid = false;
     float weight = 1.0f;
@@ -87,41 +92,39 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineCompleteKernel(
       if (a.topkWeights) weight = a.topkWeights[(size_t)t * a.topK + lane];
     }
     const unsigned pairs = __ballot_sync(0xffffffffu, valid);
-    uint4* dst = (uint4*)(a.out + (size_t)t * a.hidden);
-    for (int base = 0; base < rowVecs; base += 32 * kLlCombineUnroll) {
-      float acc[kLlCombineUnroll][8];
+    float acc[kLlCombineUnroll][8];
 #pragma unroll
-      for (int u = 0; u < kLlCombineUnroll; ++u)
+    for (int u = 0; u < kLlCombineUnroll; ++u)
 #pragma unroll
-        for (int j = 0; j < 8; ++j) acc[u][j] = 0.0f;
-      for (unsigned m = pairs; m != 0; m &= m - 1) {  // k in increasing order
-        const int k = __ffs(m) - 1;
-        const float wk = __shfl_sync(0xffffffffu, weight, k);
-        const uint4* src = recv + ((size_t)t * a.topK + k) * rowVecs;
-#pragma unroll
-        for (int u = 0; u < kLlCombineUnroll; ++u) {
-          const int idx = base + u * 32 + lane;
-          if (idx >= rowVecs) continue;
-          const uint4 v = loadPeer(src + idx);
-          const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            acc[u][2 * j] = __fadd_rn(acc[u][2 * j], __fmul_rn(wk, bf16BitsToFloat(words[j] & 0xffffu)));
-            acc[u][2 * j + 1] = __fadd_rn(acc[u][2 * j + 1], __fmul_rn(wk, bf16BitsToFloat(words[j] >> 16)));
-          }
-        }
-      }
+      for (int j = 0; j < 8; ++j) acc[u][j] = 0.0f;
+    for (unsigned m = pairs; m != 0; m &= m - 1) {  // k in increasing order
+      const int k = __ffs(m) - 1;
+      const float wk = __shfl_sync(0xffffffffu, weight, k);
+      const uint4* src = recv + ((size_t)t * a.topK + k) * rowVecs;
 #pragma unroll
       for (int u = 0; u < kLlCombineUnroll; ++u) {
         const int idx = base + u * 32 + lane;
         if (idx >= rowVecs) continue;
-        uint4 o;
-        o.x = floatToBf16Bits(acc[u][0]) | (floatToBf16Bits(acc[u][1]) << 16);
-        o.y = floatToBf16Bits(acc[u][2]) | (floatToBf16Bits(acc[u][3]) << 16);
-        o.z = floatToBf16Bits(acc[u][4]) | (floatToBf16Bits(acc[u][5]) << 16);
-        o.w = floatToBf16Bits(acc[u][6]) | (floatToBf16Bits(acc[u][7]) << 16);
-        dst[idx] = o;
+        const uint4 v = loadPeer(src + idx);
+        const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          acc[u][2 * j] = __fadd_rn(acc[u][2 * j], __fmul_rn(wk, bf16BitsToFloat(words[j] & 0xffffu)));
+          acc[u][2 * j + 1] = __fadd_rn(acc[u][2 * j + 1], __fmul_rn(wk, bf16BitsToFloat(words[j] >> 16)));
+        }
       }
+    }
+    uint4* dst = (uint4*)(a.out + (size_t)t * a.hidden);
+#pragma unroll
+    for (int u = 0; u < kLlCombineUnroll; ++u) {
+      const int idx = base + u * 32 + lane;
+      if (idx >= rowVecs) continue;
+      uint4 o;
+      o.x = floatToBf16Bits(acc[u][0]) | (floatToBf16Bits(acc[u][1]) << 16);
+      o.y = floatToBf16Bits(acc[u][2]) | (floatToBf16Bits(acc[u][3]) << 16);
+      o.z = floatToBf16Bits(acc[u][4]) | (floatToBf16Bits(acc[u][5]) << 16);
+      o.w = floatToBf16Bits(acc[u][6]) | (floatToBf16Bits(acc[u][7]) << 16);
+      dst[idx] = o;
     }
   }
 }
