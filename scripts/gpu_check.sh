@@ -43,4 +43,13 @@ if [ "$what" != tests ]; then
     done
   done
 fi
+if [ "$what" != tests ] && [ -x build/perf/ll_perf ]; then
+  for d in fp8 bf16; do
+    echo "=== ll_perf EP$NGPU -d $d (128 tokens, H 7168, top-8, 288 experts)"
+    timeout -k 5 90 build/perf/ll_perf -g $NGPU -b 128 -e 128 -H 7168 -k 8 -E 288 -d $d -n 100 -w 20 -c 1 \
+      > /tmp/perf_one.log 2>&1
+    echo "rc=$?"; cat /tmp/perf_one.log >> "$OUT/perf.log"
+    grep -vE "^# *(rank|Rank|$)" /tmp/perf_one.log | tail -14
+  done
+fi
 printf '%s\n' "${summary[@]}"
