@@ -2,12 +2,14 @@
 // output pointer returns ncclInvalidArgument and names the argument in ncclMoeGetLastError().
 // No call here may touch CUDA or NCCL before rejecting its NULL argument.
 #include <ctype.h>
+#include <string.h>
 #include <gtest/gtest.h>
 
 #include <string>
 #include <thread>
 
 #include "nccl_moe.h"
+#include "config.h"
 
 namespace {
 
@@ -98,4 +100,37 @@ TEST(Api, NullContext) {
                  "moeComm");
   EXPECT_REJECTS(ncclMoeCheckErrors(nullptr), "moeComm");
   EXPECT_REJECTS(ncclMoeHandleDestroy(nullptr), "handle");
+}
+
+TEST(Api, LowLatencyNullContext) {
+  ncclMoeLowLatencyOutput_t out;
+  memset(&out, 0, sizeof(out));
+  EXPECT_REJECTS(ncclMoeLowLatencyDispatch(nullptr, nullptr, nullptr, 0, 0, &out, nullptr), "moeComm");
+  EXPECT_REJECTS(ncclMoeLowLatencyDispatchComplete(nullptr, &out, nullptr), "moeComm");
+  EXPECT_REJECTS(ncclMoeLowLatencyCombine(nullptr, &out, nullptr, nullptr, nullptr, nullptr, 0, nullptr),
+                 "moeComm");
+  EXPECT_REJECTS(ncclMoeLowLatencyCombineComplete(nullptr, &out, nullptr, nullptr, nullptr, nullptr),
+                 "moeComm");
+}
+
+// The size query is what creation allocates: validate like creation, then the window layout.
+TEST(Api, WindowSizeQuery) {
+  ncclMoeConfig_t cfg = goodConfig();
+  size_t bytes = 0;
+  EXPECT_REJECTS(ncclMoeGetWindowSize(&cfg, 4, nullptr), "bytes");
+  ASSERT_EQ(ncclMoeGetWindowSize(&cfg, 4, &bytes), ncclSuccess) << ncclMoeGetLastError();
+  ncclMoeConfig_t resolved;
+  ASSERT_EQ(nccl_moe::validateConfig(&cfg, 4, 1 << 20, &resolved), ncclSuccess);
+  EXPECT_EQ(bytes, nccl_moe::computeWindowLayout(resolved, 4).total);
+  // Low latency: slots scale the size.
+  cfg.mode = ncclMoeLowLatency;
+  cfg.numBufferSlots = 1;
+  size_t one = 0, three = 0;
+  ASSERT_EQ(ncclMoeGetWindowSize(&cfg, 4, &one), ncclSuccess) << ncclMoeGetLastError();
+  cfg.numBufferSlots = 3;
+  ASSERT_EQ(ncclMoeGetWindowSize(&cfg, 4, &three), ncclSuccess) << ncclMoeGetLastError();
+  EXPECT_GT(three, one);
+  EXPECT_EQ((three - one) % 4096, 0u);
+  cfg.numExperts = 30;  // not divisible by 4 ranks
+  EXPECT_REJECTS(ncclMoeGetWindowSize(&cfg, 4, &bytes), "numExperts");
 }
