@@ -1,6 +1,8 @@
 // Shared harness of the nccl-moe perf binaries; see common.h.
 #include "common.h"
 
+#include <chrono>
+
 #include <errno.h>
 #include <limits.h>
 #include <stdarg.h>
@@ -249,7 +251,17 @@ void checkMoe(ncclResult_t res, const char* file, int line, const char* call) {
 // --- timing ----------------------------------------------------------------------------------
 
 double timeUs(cudaStream_t stream, int warmup, int iters, const std::function<void()>& op) {
+  // Warm up for `warmup` calls, then for at least 50 ms more: an idle GPU runs at a low clock
+  // and short kernels (the layout: a few µs) would otherwise be timed before it has ramped up.
+  // The ops are collective, so every rank runs the same number of calls (agreed on the host).
+  const auto start = std::chrono::steady_clock::now();
   for (int i = 0; i < warmup; i++) op();
+  PERF_CUDA(cudaStreamSynchronize(stream));
+  const double perCallUs =
+      std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count() /
+      (warmup > 0 ? warmup : 1);
+  const long more = (long)moe_ranks::maxOverRanks(50000.0 / (perCallUs > 1.0 ? perCallUs : 1.0));
+  for (long i = 0; i < more; i++) op();
   PERF_CUDA(cudaStreamSynchronize(stream));
   moe_ranks::barrier();
   cudaEvent_t begin, end;
