@@ -49,10 +49,12 @@ typedef enum {
 } ncclMoeDtype_t;
 
 /* Scales of the low-latency FP8 cast, one per 128 channels of a row:
- *   ncclMoeScaleFp32      FP32 amax/448 (amax clamped below at 1e-4), [rows][H/128] float
+ *   ncclMoeScaleFp32      FP32 amax/448, [rows][H/128] float
  *   ncclMoeScaleFp32Pow2  FP32, rounded up to a power of two, [rows][H/128] float
  *   ncclMoeScaleUe8m0     the same powers of two as exponent bytes (2^(b-127)), four per int32
- *                         (group 4j+i in byte i, little-endian), [rows][H/512] int32 */
+ *                         (group 4j+i in byte i, little-endian), [rows][H/512] int32; needs
+ *                         hidden % 512 == 0
+ * In every format amax is clamped below at 1e-4, so an all-zero group gets a finite scale. */
 typedef enum {
   ncclMoeScaleFp32 = 0,
   ncclMoeScaleFp32Pow2 = 1,
@@ -202,6 +204,7 @@ ncclResult_t ncclMoeCombine(ncclMoeComm_t moeComm, ncclMoeHandle_t handle, const
  * rank's stores and returns without waiting for any peer; the matching *Complete call, on any
  * stream ordered after it, waits for the peers' data and finishes. Between the two the library
  * holds no SM. The one-shot form is the two back to back and gives identical results.
+ * Operations on different slots may run concurrently on different streams.
  * ------------------------------------------------------------------------------------------- */
 
 #define NCCL_MOE_LL_SEND_ONLY 0x2 /* dispatch / combine: issue the sends only */
@@ -220,7 +223,8 @@ ncclResult_t ncclMoeGetWindowSize(const ncclMoeConfig_t* config, int nRanks, siz
  *   recvCountsPerSource[L][R] int32, filled by the dispatch's completion
  *   expertCounts       [L] int32: rows per local expert (sum over sources), likewise
  *   combineInput       [L][B][H] BF16: where the expert kernel may write its outputs (same row
- *                      positions as x) so that the combine reads them in place
+ *                      positions as x) so that the combine reads them in place; the library
+ *                      never writes it
  *   slot               the buffer slot (0..numBufferSlots-1) */
 typedef struct {
   void* x;
@@ -253,7 +257,7 @@ ncclResult_t ncclMoeLowLatencyDispatchComplete(ncclMoeComm_t moeComm,
 
 /* Low-latency combine of the operation `dispatched` (this rank's dispatch output):
  *   expertOut    [L][B][H] BF16 device on this rank, rows at the positions of dispatched->x
- *                (dispatched->combineInput, or any other buffer of that shape)
+ *                (dispatched->combineInput, or any other buffer of that shape), 16-byte aligned
  *   topkIdx      [T][K] int64, the routing this rank dispatched (T = dispatched->numTokens)
  *   topkWeights  [T][K] FP32 or NULL: out[t] = sum over k with topkIdx[t][k] >= 0, in k order,
  *                of topkWeights[t][k] * expertOut row of (t, k) (FP32 accumulation, one BF16

@@ -114,9 +114,9 @@ static ncclResult_t createComm(ncclComm_t nccl, const ncclMoeConfig_t* config, n
   void* base = nullptr;
   MOE_NCCL(ncclMemAlloc(&base, c->layout.total));
   c->winBase = (char*)base;
-  // Zero the signals and counts before any peer can reach the window (registration is
-  // collective, so no peer signals before every rank has finished this).
-  MOE_CUDA(cudaMemset(c->winBase, 0, c->layout.recvX));
+  // Zero the whole window (signals of both modes start at 0; ~1 ms for a GiB) before any peer
+  // can reach it: registration is collective, so no peer signals before every rank is done.
+  MOE_CUDA(cudaMemset(c->winBase, 0, c->layout.total));
   MOE_CUDA(cudaDeviceSynchronize());
   MOE_NCCL(ncclCommWindowRegister(nccl, c->winBase, c->layout.total, &c->win, NCCL_WIN_COLL_SYMMETRIC));
 

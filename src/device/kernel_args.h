@@ -37,7 +37,8 @@ struct DeviceState {
   // signals; equal on every rank since all ranks run the same operations in the same order).
   unsigned long long llDispatchSends[kMaxBufferSlots];
   unsigned long long llCombineSends[kMaxBufferSlots];
-  unsigned int llDispatchArrived, llCombineArrived;
+  unsigned int llDispatchArrived[kMaxBufferSlots];  // CTAs of the running send, per slot, so
+  unsigned int llCombineArrived[kMaxBufferSlots];   // that sends of two slots may overlap
 };
 
 // Routing of one dispatch, on the device (owned by the handle). R = ranks, K = top-k.

@@ -1,8 +1,8 @@
 // Low-latency combine over LSA: send kernel (expert ranks push their outputs back) and
 // completion kernel (the source reduces them).
 //
-// Send (numSms CTAs): warps walk the rows this rank received in the slot, (l, s, i) with
-// i < recvCounts[l][s], read each expert-output row (16-byte loads) and store it into source s's
+// Send (numSms CTAs): warps share out the rows this rank received in the slot, (l, s, i) with
+// i < recvCounts[l][s] (a prefix over the blocks maps a row number to its block), read each expert-output row (16-byte loads) and store it into source s's
 // combineRecv[t][k] (t = srcToken, k = srcK of the row). Each CTA then release-adds 1 to
 // combineSignals[me] at every rank; nothing waits for a peer.
 // Complete (numSms CTAs): wait until every rank's signal reaches numCtas * epoch, then one warp
@@ -29,14 +29,38 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineSendKernel(LlCo
   const int* srcK = (const int*)(slot + a.slot.srcK);
   const int rowVecs = a.hidden / 8;
   const size_t rowBytes = (size_t)a.hidden * 2;
-  const int lane = threadIdx.x % 32, warpsPerCta = blockDim.x / 32;
-  const long long items = (long long)L * R * M;  // (l, s, i) with i < M; rows past the count skip
-  for (long long it = blockIdx.x * warpsPerCta + threadIdx.x / 32; it < items;
-       it += (long long)gridDim.x * warpsPerCta) {
-    const int block = (int)(it / M), i = (int)(it % M), s = block % R;
-    // Written by peers (srcToken, srcK) or by the dispatch completion: read past L1.
-    if (i >= loadPeerInt(counts + block)) continue;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warpsPerCta = blockDim.x / 32;
+  // Row prefix over the (l, s) blocks, so that warps share out the rows actually received.
+  extern __shared__ int blockStart[];  // [L*R + 1]
+  const int numBlocks = L * R;
+  if (warp == 0) {
+    const int per = (numBlocks + 31) / 32, lo = min(lane * per, numBlocks), hi = min(lo + per, numBlocks);
+    int sum = 0;
+    for (int b = lo; b < hi; ++b) sum += loadPeerInt(counts + b);
+    int inclusive = sum;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, inclusive, off);
+      if (lane >= off) inclusive += v;
+    }
+    int run = inclusive - sum;
+    for (int b = lo; b < hi; ++b) {
+      blockStart[b] = run;
+      run += loadPeerInt(counts + b);
+    }
+    if (lane == 31) blockStart[numBlocks] = inclusive;
+  }
+  __syncthreads();
+  const int totalRows = blockStart[numBlocks];
+  for (int j = blockIdx.x * warpsPerCta + warp; j < totalRows; j += gridDim.x * warpsPerCta) {
+    int lo = 0, hi = numBlocks;  // the last block starting at or before j holds row j
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) / 2;
+      if (blockStart[mid] <= j) lo = mid; else hi = mid;
+    }
+    const int block = lo, i = j - blockStart[block], s = block % R;
     const size_t row = (size_t)block * M + i;  // == l*R*M + s*M + i
+    // srcToken and srcK were written by the peers during the dispatch: read past L1.
     const int t = loadPeerInt(srcToken + row), k = loadPeerInt(srcK + row);
     const uint4* src = (const uint4*)(a.expertOut + row * a.hidden);
     uint4* dst = (uint4*)(peer[s] + a.slot.combineRecv + ((size_t)t * a.topK + k) * rowBytes);
@@ -61,7 +85,7 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineSendKernel(LlCo
     uint64_t* sig = (uint64_t*)(peer[r] + a.slot.combineSignals) + me;
     asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(sig), "l"((uint64_t)1) : "memory");
   }
-  if (lastCtaToArrive(&w.state->llCombineArrived) && threadIdx.x == 0)
+  if (lastCtaToArrive(&w.state->llCombineArrived[a.slotIndex]) && threadIdx.x == 0)
     w.state->llCombineSends[a.slotIndex] += 1;
 }
 
@@ -130,7 +154,8 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineCompleteKernel(
 }
 
 cudaError_t launchLlCombineSend(const LlCombineArgs& args, int numCtas, cudaStream_t stream) {
-  llCombineSendKernel<<<numCtas, kLlCombineThreads, 0, stream>>>(args);
+  const size_t smem = sizeof(int) * ((size_t)args.numExperts + 1);  // L*R + 1 block starts
+  llCombineSendKernel<<<numCtas, kLlCombineThreads, smem, stream>>>(args);
   return cudaGetLastError();
 }
 

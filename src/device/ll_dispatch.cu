@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kLlThreads, 1) llDispatchSendKernel(LlDispatch
     sendRowLl(a, peer[d], t, row, lane);
   }
 
-  if (!lastCtaToArrive(&w.state->llDispatchArrived)) return;
+  if (!lastCtaToArrive(&w.state->llDispatchArrived[a.slotIndex])) return;
   // Publish the row counts of this send: expert e's rows go to rank e / L, local expert e % L.
   for (int e = threadIdx.x; e < a.numExperts; e += blockDim.x) {
     const int rows = min(atomicExch(&a.posCounter[e], 0), M);
