@@ -3,6 +3,7 @@
 # tests at 2 GPUs and at all GPUs, run the HT perf binary for the issue's benchmark, and print a
 # short table. Every step has a time limit; full logs go to $OUT (or /tmp/nccl-moe-out).
 # Usage: scripts/gpu_check.sh [tests|perf|all] [extra gtest args...]
+# GPUTEST_SIZES="2 4" picks the GPU counts of the tests (default 2 and all), GPUTEST_TIMEOUT (s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}; shift || true
@@ -23,15 +24,6 @@ SECONDS=0
 make -j32 lib perf build/test/gpu_tests NCCL_HOME=$SHIM > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build: ${SECONDS}s"
 summary=()
-if [ "$what" != perf ]; then
-  for n in $(printf '%s\n' 2 "$NGPU" | sort -un); do
-    SECONDS=0
-    timeout -k 5 240 build/test/gpu_tests --ngpus=$n "$@" > "$OUT/gputest_$n.log" 2>&1
-    rc=$?
-    summary+=("gputest NGPUS=$n rc=$rc (${SECONDS}s): $(grep -E '^\[  (PASSED|FAILED) ' "$OUT/gputest_$n.log" | head -2 | tr '\n' ' ')")
-    grep -E "Failure|FAILED|rank [0-9]+:|mismatch" "$OUT/gputest_$n.log" | head -30
-  done
-fi
 if [ "$what" != tests ]; then
   for d in fp8 bf16; do
     for s in 24 16 8; do
@@ -50,6 +42,15 @@ if [ "$what" != tests ] && [ -x build/perf/ll_perf ]; then
       > /tmp/perf_one.log 2>&1
     echo "rc=$?"; cat /tmp/perf_one.log >> "$OUT/perf.log"
     grep -vE "^# *(rank|Rank|$)" /tmp/perf_one.log | tail -14
+  done
+fi
+if [ "$what" != perf ]; then
+  for n in ${GPUTEST_SIZES:-$(printf '%s\n' 2 "$NGPU" | sort -un)}; do
+    SECONDS=0
+    timeout -k 5 ${GPUTEST_TIMEOUT:-240} build/test/gpu_tests --ngpus=$n "$@" > "$OUT/gputest_$n.log" 2>&1
+    rc=$?
+    summary+=("gputest NGPUS=$n rc=$rc (${SECONDS}s): $(grep -E '^\[  (PASSED|FAILED) ' "$OUT/gputest_$n.log" | head -2 | tr '\n' ' ')")
+    grep -E "Failure|FAILED|rank [0-9]+:|mismatch" "$OUT/gputest_$n.log" | head -30
   done
 fi
 printf '%s\n' "${summary[@]}"
