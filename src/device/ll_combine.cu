@@ -15,7 +15,9 @@
 namespace nccl_moe {
 
 constexpr int kLlCombineThreads = 512;
-constexpr int kLlCombineUnroll = 4;
+constexpr int kLlCopyUnroll = 8;     // send: 16-byte vectors per lane in flight per row
+constexpr int kLlReduceUnroll = 2;   // complete: vectors per lane per (t, k) row in flight
+constexpr int kLlPairsInFlight = 8;  // complete: rows of a token loaded before any is summed
 
 __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineSendKernel(LlCombineArgs a) {
   const WindowView& w = a.w;
@@ -64,15 +66,15 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineSendKernel(LlCo
     const int t = loadPeerInt(srcToken + row), k = loadPeerInt(srcK + row);
     const uint4* src = (const uint4*)(a.expertOut + row * a.hidden);
     uint4* dst = (uint4*)(peer[s] + a.slot.combineRecv + ((size_t)t * a.topK + k) * rowBytes);
-    for (int base = 0; base < rowVecs; base += 32 * kLlCombineUnroll) {
-      uint4 v[kLlCombineUnroll];
+    for (int base = 0; base < rowVecs; base += 32 * kLlCopyUnroll) {
+      uint4 v[kLlCopyUnroll];
 #pragma unroll
-      for (int u = 0; u < kLlCombineUnroll; ++u) {
+      for (int u = 0; u < kLlCopyUnroll; ++u) {
         const int idx = base + u * 32 + lane;
         if (idx < rowVecs) v[u] = loadStreaming(src + idx);
       }
 #pragma unroll
-      for (int u = 0; u < kLlCombineUnroll; ++u) {
+      for (int u = 0; u < kLlCopyUnroll; ++u) {
         const int idx = base + u * 32 + lane;
         if (idx < rowVecs) storeNoAllocate(dst + idx, v[u]);
       }
@@ -100,9 +102,10 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineCompleteKernel(
     ok &= waitAtLeast(w, sig + r, (uint64_t)gridDim.x * epoch, kWaitLlCombine, r);
   if (!__syncthreads_and(ok)) return;
 
-  // Work items are (token, chunk of 32 * kLlCombineUnroll vectors): several warps per token.
+  // Work items are (token, chunk of 32 * kLlReduceUnroll vectors): several warps per token. The
+  // rows of up to kLlPairsInFlight pairs are loaded before any is summed (latency bound).
   const int lane = threadIdx.x % 32, warpsPerCta = blockDim.x / 32, rowVecs = a.hidden / 8;
-  const int chunkVecs = 32 * kLlCombineUnroll, chunks = (rowVecs + chunkVecs - 1) / chunkVecs;
+  const int chunkVecs = 32 * kLlReduceUnroll, chunks = (rowVecs + chunkVecs - 1) / chunkVecs;
   const uint4* recv = (const uint4*)(slot + a.slot.combineRecv);
   for (int it = blockIdx.x * warpsPerCta + threadIdx.x / 32; it < a.numTokens * chunks;
        it += gridDim.x * warpsPerCta) {
@@ -115,32 +118,46 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineCompleteKernel(
       valid = e >= 0 && e < a.numExperts;
       if (a.topkWeights) weight = a.topkWeights[(size_t)t * a.topK + lane];
     }
-    const unsigned pairs = __ballot_sync(0xffffffffu, valid);
-    float acc[kLlCombineUnroll][8];
+    float acc[kLlReduceUnroll][8];
 #pragma unroll
-    for (int u = 0; u < kLlCombineUnroll; ++u)
+    for (int u = 0; u < kLlReduceUnroll; ++u)
 #pragma unroll
       for (int j = 0; j < 8; ++j) acc[u][j] = 0.0f;
-    for (unsigned m = pairs; m != 0; m &= m - 1) {  // k in increasing order
-      const int k = __ffs(m) - 1;
-      const float wk = __shfl_sync(0xffffffffu, weight, k);
-      const uint4* src = recv + ((size_t)t * a.topK + k) * rowVecs;
+    for (unsigned m = __ballot_sync(0xffffffffu, valid); m != 0;) {  // k in increasing order
+      uint4 v[kLlPairsInFlight][kLlReduceUnroll];
+      float wk[kLlPairsInFlight];
+      int n = 0;
 #pragma unroll
-      for (int u = 0; u < kLlCombineUnroll; ++u) {
-        const int idx = base + u * 32 + lane;
-        if (idx >= rowVecs) continue;
-        const uint4 v = loadPeer(src + idx);
-        const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+      for (int q = 0; q < kLlPairsInFlight; ++q) {
+        if (m == 0) break;
+        const int k = __ffs(m) - 1;
+        m &= m - 1;
+        wk[q] = __shfl_sync(0xffffffffu, weight, k);
+        const uint4* src = recv + ((size_t)t * a.topK + k) * rowVecs;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          acc[u][2 * j] = __fadd_rn(acc[u][2 * j], __fmul_rn(wk, bf16BitsToFloat(words[j] & 0xffffu)));
-          acc[u][2 * j + 1] = __fadd_rn(acc[u][2 * j + 1], __fmul_rn(wk, bf16BitsToFloat(words[j] >> 16)));
+        for (int u = 0; u < kLlReduceUnroll; ++u) {
+          const int idx = base + u * 32 + lane;
+          v[q][u] = idx < rowVecs ? loadPeer(src + idx) : make_uint4(0, 0, 0, 0);
+        }
+        n = q + 1;
+      }
+#pragma unroll
+      for (int q = 0; q < kLlPairsInFlight; ++q) {
+        if (q >= n) break;
+#pragma unroll
+        for (int u = 0; u < kLlReduceUnroll; ++u) {
+          const uint32_t words[4] = {v[q][u].x, v[q][u].y, v[q][u].z, v[q][u].w};
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            acc[u][2 * j] = __fadd_rn(acc[u][2 * j], __fmul_rn(wk[q], bf16BitsToFloat(words[j] & 0xffffu)));
+            acc[u][2 * j + 1] = __fadd_rn(acc[u][2 * j + 1], __fmul_rn(wk[q], bf16BitsToFloat(words[j] >> 16)));
+          }
         }
       }
     }
     uint4* dst = (uint4*)(a.out + (size_t)t * a.hidden);
 #pragma unroll
-    for (int u = 0; u < kLlCombineUnroll; ++u) {
+    for (int u = 0; u < kLlReduceUnroll; ++u) {
       const int idx = base + u * 32 + lane;
       if (idx >= rowVecs) continue;
       uint4 o;

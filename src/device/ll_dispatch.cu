@@ -19,7 +19,7 @@
 namespace nccl_moe {
 
 constexpr int kLlThreads = 512;
-constexpr int kLlUnroll = 4;  // 32-vector steps per batch: 4 * 32 * 8 = 1024 channels = 8 groups
+constexpr int kLlUnroll = 8;  // 32-vector steps per batch: 8 * 32 * 8 = 2048 channels = 16 groups
 
 // Sends token t's row (cast to FP8 when asked) to row `row` of rank d's slot.
 __device__ void sendRowLl(const LlDispatchArgs& a, char* slot, int t, int row, int lane) {
@@ -57,7 +57,7 @@ __device__ void sendRowLl(const LlDispatchArgs& a, char* slot, int t, int row, i
       for (int i = 0; i < kLlUnroll / 2; ++i) {
         const uint32_t b0 = sc[2 * i].ue8m0, b2 = sc[2 * i + 1].ue8m0;
         const uint32_t b1 = __shfl_sync(0xffffffffu, b0, 16), b3 = __shfl_sync(0xffffffffu, b2, 16);
-        const int word = base / 64 + i;  // 64 vectors = 512 channels per word
+        const int word = base / 64 + i;  // 64 vectors = 512 channels per word, base % 256 == 0
         if (lane == 0 && word < groups / 4) s[word] = b0 | (b1 << 8) | (b2 << 16) | (b3 << 24);
       }
     } else if ((lane & 15) == 0) {
