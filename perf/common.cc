@@ -327,20 +327,6 @@ void printNote(const char* fmt, ...) {
 
 // --- number formats and seeds ----------------------------------------------------------------
 
-float bf16ToFloat(uint16_t v) {
-  uint32_t bits = (uint32_t)v << 16;
-  float f;
-  memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-uint16_t floatToBf16(float f) {
-  uint32_t bits;
-  memcpy(&bits, &f, sizeof(bits));
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);  // quiet NaN
-  uint32_t roundingBias = 0x7fffu + ((bits >> 16) & 1u);  // round to nearest, ties to even
-  return (uint16_t)((bits + roundingBias) >> 16);
-}
 
 uint64_t mixSeed(uint64_t a, uint64_t b, uint64_t c, uint64_t d) {
   Rng rng(a);

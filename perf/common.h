@@ -95,8 +95,6 @@ void printTable(const char* opName, const std::vector<Row>& rows);
 void printNote(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 
 // --- host helpers for generating and checking data -------------------------------------------
-float bf16ToFloat(uint16_t v);
-uint16_t floatToBf16(float f);  // round to nearest even, NaN stays NaN
 
 // splitmix64: small, fast and deterministic for a given seed on every host.
 struct Rng {

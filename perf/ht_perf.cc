@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "common.h"
+#include "../tests/common/reference.h"
 
 using moe_perf::Options;
 using moe_perf::Row;
@@ -115,7 +116,7 @@ void makeTokens(const Problem& p, int src, long T, std::vector<uint8_t>* x,
 // The BF16 value row (src, token) carries as FP8 combine input on every rank that received it.
 uint16_t combineValue(int src, long token, int h) {
   long v = ((long)src * 7919 + token * 131 + (long)h * 17) % 61 - 30;
-  return moe_perf::floatToBf16((float)v * 0.125f);
+  return moe_ref::floatToBf16((float)v * 0.125f);
 }
 
 bool tokenOnRank(const Problem& p, const int64_t* idxRow, int dst) {
@@ -295,8 +296,8 @@ long long checkCombine(const Problem& p, const HostRouting& own, long T,
     for (int h = 0; h < p.hidden; h++) {
       uint16_t v = p.dtype == ncclMoeBf16 ? x[(size_t)t * p.hidden + h] : combineValue(p.rank, t, h);
       float acc = 0.0f;
-      for (int r = 0; r < visited; r++) acc += moe_perf::bf16ToFloat(v);
-      wrong += got[(size_t)t * p.hidden + h] != (visited ? moe_perf::floatToBf16(acc) : 0);
+      for (int r = 0; r < visited; r++) acc += moe_ref::bf16ToFloat(v);
+      wrong += got[(size_t)t * p.hidden + h] != (visited ? moe_ref::floatToBf16(acc) : 0);
     }
   }
   return wrong;

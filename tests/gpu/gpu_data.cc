@@ -316,4 +316,21 @@ long checkCombine(const void* devOut, const std::vector<uint16_t>& expected, int
   return bad;
 }
 
+// Counts the bytes of `bytes` at `dev` that are no longer 0xFF (and reports them as a failure).
+long countUnpoisoned(const void* dev, size_t bytes, const std::string& what) {
+  if (!dev || bytes == 0) return 0;
+  std::vector<uint8_t> h(bytes);
+  download(h.data(), dev, bytes);
+  long n = 0, first = -1;
+  for (size_t i = 0; i < bytes; i++)
+    if (h[i] != 0xFF) {
+      if (first < 0) first = (long)i;
+      n++;
+    }
+  if (n)
+    ADD_FAILURE() << "rank " << rank() << ": " << what << ": " << n
+                  << " bytes no longer poisoned (first at byte " << first << ")";
+  return n;
+}
+
 }  // namespace moe_gpu

@@ -75,6 +75,9 @@ class DevMem {
 bool upload(void* dst, const void* src, size_t bytes);    // synchronous
 bool download(void* dst, const void* src, size_t bytes);  // synchronous, on stream()
 bool poison(void* dst, size_t bytes);                      // 0xFF bytes, synchronous
+// Bytes of [dev, dev + bytes) no longer 0xFF; a non-zero count is reported as a failure naming
+// `what`.
+long countUnpoisoned(const void* dev, size_t bytes, const std::string& what);
 
 // --- shapes and problems ----------------------------------------------------------------------
 struct Shape {

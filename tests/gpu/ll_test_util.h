@@ -137,7 +137,5 @@ bool llRunAndCheck(LlEp& ep, LlInputs& in, const LlProblem& p, const LlRunOpts& 
 // r % 4 < 2 (with o.split / o.combine as given).
 void llScenario(const LlShape& s, const GenSpec& g, const LlRunOpts& o, int rounds = 4);
 
-// Counts bytes of [dev, dev + bytes) that are not 0xFF (and reports them as failures).
-long countUnpoisoned(const void* dev, size_t bytes, const std::string& what);
 
 }  // namespace moe_gpu

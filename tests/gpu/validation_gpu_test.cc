@@ -38,22 +38,6 @@ bool isReportedError(ncclResult_t r, bool anyCode) {
   return anyCode ? r != ncclSuccess : (r == ncclInvalidUsage || r == ncclSystemError);
 }
 
-// Counts bytes of `bytes` at `dev` that are no longer 0xFF.
-long unpoisoned(const void* dev, size_t bytes, const char* field) {
-  if (!dev || bytes == 0) return 0;
-  std::vector<uint8_t> h(bytes);
-  download(h.data(), dev, bytes);
-  long n = 0, first = -1;
-  for (size_t i = 0; i < bytes; i++)
-    if (h[i] != 0xFF) {
-      if (first < 0) first = (long)i;
-      n++;
-    }
-  if (n)
-    ADD_FAILURE() << "rank " << rank() << ": " << field << ": " << n
-                  << " bytes written by a failed dispatch (first at byte " << first << ")";
-  return n;
-}
 
 TEST_F(GpuErrors, RejectedArgumentsLeaveContextUsable) {
   Shape s = smallShape(64, 0);
@@ -152,10 +136,10 @@ void expectDispatchError(const Shape& s, int goodTokens, void (*corrupt)(Problem
     return;
   }
   const size_t cap = s.capacity(), K = s.topK;
-  long bad = unpoisoned(prev.x, cap * s.rowBytes(), "x");
-  if (fp8) bad += unpoisoned(prev.xScales, cap * s.scalesPerRow() * sizeof(float), "xScales");
-  bad += unpoisoned(prev.topkIdx, cap * K * sizeof(int64_t), "topkIdx");
-  bad += unpoisoned(prev.topkWeights, cap * K * sizeof(float), "topkWeights");
+  long bad = countUnpoisoned(prev.x, cap * s.rowBytes(), "x");
+  if (fp8) bad += countUnpoisoned(prev.xScales, cap * s.scalesPerRow() * sizeof(float), "xScales");
+  bad += countUnpoisoned(prev.topkIdx, cap * K * sizeof(int64_t), "topkIdx");
+  bad += countUnpoisoned(prev.topkWeights, cap * K * sizeof(float), "topkWeights");
   agreeMismatches(bad, (std::string(what) + ": outputs written by a failed dispatch").c_str());
   // Ep's destructor destroys the handle and the context (which must work after an error).
 }
