@@ -152,18 +152,11 @@ ncclResult_t ginListen(void* ctx, int dev, void* handle, void** listenComm) {
   GinListenComm* l = new GinListenComm();
   l->magic = kGinListenMagic;
   l->dev = dev;
-  l->nonce = randomNonce();
-  GinHandle h;
-  memset(&h, 0, sizeof(h));
-  h.magic = kGinHandleMagic;
-  h.nonce = l->nonce;
-  ncclResult_t res = createListener(defaultFamily(), &h.addr, &l->fd);
+  ncclResult_t res = openListenHandle(kGinHandleMagic, handle, &l->fd, &l->nonce);
   if (res != ncclSuccess) {
     delete l;
     return res;
   }
-  memset(handle, 0, NCCL_NET_HANDLE_MAXSIZE);
-  memcpy(handle, &h, sizeof(h));
   *listenComm = l;
   return ncclSuccess;
 }

@@ -141,6 +141,8 @@ struct GinHandle {
   SocketAddress addr;
 };
 static_assert(sizeof(GinHandle) <= NCCL_NET_HANDLE_MAXSIZE, "GinHandle must fit NCCL's handle");
+static_assert(offsetof(GinHandle, addr) == offsetof(ListenHandlePrefix, addr),
+              "GinHandle starts with the ListenHandlePrefix fields");
 constexpr uint64_t kGinHandleMagic = 0x6d6c2d67696e2d31ull;
 
 struct GinListenComm {

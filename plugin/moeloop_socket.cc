@@ -114,6 +114,19 @@ void closeFd(int* fd) {
   }
 }
 
+ncclResult_t openListenHandle(uint64_t magic, void* handle, int* fd, uint64_t* nonce) {
+  ListenHandlePrefix h;
+  memset(&h, 0, sizeof(h));
+  h.magic = magic;
+  h.nonce = randomNonce();
+  ncclResult_t res = createListener(defaultFamily(), &h.addr, fd);
+  if (res != ncclSuccess) return res;
+  memset(handle, 0, NCCL_NET_HANDLE_MAXSIZE);
+  memcpy(handle, &h, sizeof(h));
+  *nonce = h.nonce;
+  return ncclSuccess;
+}
+
 ncclResult_t createListener(uint32_t family, SocketAddress* addr, int* fdOut) {
   *fdOut = -1;
   memset(addr, 0, sizeof(*addr));

@@ -42,6 +42,17 @@ double connectTimeoutSec();    // NCCL_MOELOOP_CONNECT_TIMEOUT_S, default 120
 ncclResult_t createListener(uint32_t family, SocketAddress* addr, int* fd);
 void closeFd(int* fd);
 
+// What NCCL's opaque connection handle starts with, for NET and GIN connections alike: a magic
+// number naming the kind, the listener's nonce (checked by the hello) and its address.
+struct ListenHandlePrefix {
+  uint64_t magic;
+  uint64_t nonce;
+  SocketAddress addr;
+};
+// Opens a listener of the default family and writes {magic, a new nonce, its address} at the
+// start of `handle` (NCCL_NET_HANDLE_MAXSIZE bytes, the rest zeroed). Returns fd and nonce.
+ncclResult_t openListenHandle(uint64_t magic, void* handle, int* fd, uint64_t* nonce);
+
 // Non-blocking connection establishment: connect, then send the hello.
 struct Connector {
   int fd = -1;

@@ -156,18 +156,11 @@ ncclResult_t netListen(int dev, void* handle, NetListenComm** out) {
   NetListenComm* l = new NetListenComm();
   l->magic = kListenCommMagic;
   l->dev = dev;
-  l->nonce = randomNonce();
-  NetHandle h;
-  memset(&h, 0, sizeof(h));
-  h.magic = kNetHandleMagic;
-  h.nonce = l->nonce;
-  ncclResult_t res = createListener(defaultFamily(), &h.addr, &l->fd);
+  ncclResult_t res = openListenHandle(kNetHandleMagic, handle, &l->fd, &l->nonce);
   if (res != ncclSuccess) {
     delete l;
     return res;
   }
-  memset(handle, 0, NCCL_NET_HANDLE_MAXSIZE);
-  memcpy(handle, &h, sizeof(h));
   *out = l;
   return ncclSuccess;
 }

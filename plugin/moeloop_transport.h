@@ -23,6 +23,8 @@ struct NetHandle {
   Connector* pending;
 };
 static_assert(sizeof(NetHandle) <= NCCL_NET_HANDLE_MAXSIZE, "NetHandle must fit NCCL's handle");
+static_assert(offsetof(NetHandle, addr) == offsetof(ListenHandlePrefix, addr),
+              "NetHandle starts with the ListenHandlePrefix fields");
 constexpr uint64_t kNetHandleMagic = 0x6d6c2d6e65742d31ull;
 
 struct MessageHeader {
