@@ -120,6 +120,8 @@ ncclResult_t validateDispatchArgs(const ncclMoeConfig_t& cfg, const void* x, con
     return setError(bad, "ncclMoeDispatch: numTokens = %d must be in 0..maxTokensPerRank = %d",
                     numTokens, cfg.maxTokensPerRank);
   if (x == nullptr && numTokens > 0) return setError(bad, "ncclMoeDispatch: x is NULL");
+  if ((uintptr_t)x % 16 != 0)  // rows move as 16-byte vectors
+    return setError(bad, "ncclMoeDispatch: x = %p is not 16-byte aligned", x);
   if (cfg.dispatchDtype == ncclMoeFp8E4m3 && xScales == nullptr && numTokens > 0)
     return setError(bad, "ncclMoeDispatch: xScales is NULL but config.dispatchDtype is FP8 e4m3");
   if (cfg.dispatchDtype == ncclMoeBf16 && xScales != nullptr)

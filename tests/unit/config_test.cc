@@ -333,7 +333,7 @@ ncclMoeConfig_t resolved(ncclMoeDtype_t dtype) {
 }
 const int64_t kIdx[1] = {0};
 const float kScales[1] = {1.0f};
-const char kX[16] = {};
+alignas(16) const char kX[32] = {};
 
 void expectDispatchRejected(ncclResult_t res, const char* name, long long v, bool checkValue) {
   std::string msg = ncclMoeGetLastError();
@@ -365,6 +365,13 @@ TEST(DispatchArgs, NullX) {
   ncclMoeConfig_t bf = resolved(ncclMoeBf16);
   expectDispatchRejected(validateDispatchArgs(bf, nullptr, nullptr, kIdx, 5, 0, false, 0), "x", 0,
                          false);
+}
+
+TEST(DispatchArgs, MisalignedX) {
+  ncclMoeConfig_t bf = resolved(ncclMoeBf16);
+  expectDispatchRejected(validateDispatchArgs(bf, kX + 8, nullptr, kIdx, 5, 0, false, 0), "x", 0,
+                         false);
+  EXPECT_NE(std::string(ncclMoeGetLastError()).find("aligned"), std::string::npos) << ncclMoeGetLastError();
 }
 
 TEST(DispatchArgs, ScalesMustMatchDtype) {
