@@ -151,7 +151,7 @@ typedef struct {
 #define NCCL_MOE_DISPATCH_HOST_COUNTS 0x1 /* synchronise `stream` and fill the host counts */
 
 /* Sends every token of this rank to each rank that owns one of its experts.
- *   x            [numTokens][H] device, BF16 or FP8 as config.dispatchDtype
+ *   x            [numTokens][H] device, BF16 or FP8 as config.dispatchDtype, 16-byte aligned
  *   xScales      [numTokens][H/128] FP32 device, required for FP8, must be NULL for BF16
  *   topkIdx      [numTokens][K] int64 device, expert ids or -1; NULL = reuse the routing already
  *                in *handle (the backward pass: same routing, other data, no layout)
@@ -185,7 +185,7 @@ ncclResult_t ncclMoeDispatch(ncclMoeComm_t moeComm, const void* x, const float* 
  *                them). Zero-copy when it lies inside the EP window (out->combineInput, or out->x
  *                of a BF16 dispatch); other memory is first copied into the window.
  *   topkWeights  [T][K] FP32 device on this (source) rank, or NULL for unweighted
- *   out          [T][H] BF16 device on this rank; T is the handle's numTokens
+ *   out          [T][H] BF16 device on this rank, 16-byte aligned; T is the handle's numTokens
  * Must follow the dispatch that filled `handle` and precede the next dispatch on the context. */
 ncclResult_t ncclMoeCombine(ncclMoeComm_t moeComm, ncclMoeHandle_t handle, const void* expertOut,
                             const float* topkWeights, void* out, cudaStream_t stream);

@@ -15,6 +15,8 @@ extern "C" ncclResult_t ncclMoeCombine(ncclMoeComm_t c, ncclMoeHandle_t h, const
     return setError(ncclInvalidUsage, "ncclMoeCombine: handle holds no dispatch to reverse");
   if (expertOut == nullptr) return setError(ncclInvalidArgument, "ncclMoeCombine: expertOut is NULL");
   if (out == nullptr && h->numTokens > 0) return setError(ncclInvalidArgument, "ncclMoeCombine: out is NULL");
+  if ((uintptr_t)out % 16 != 0)  // rows are written as 16-byte vectors
+    return setError(ncclInvalidArgument, "ncclMoeCombine: out = %p is not 16-byte aligned", out);
   if (c->cfg.mode != ncclMoeHighThroughput)
     return setError(ncclInvalidUsage, "%s: the EP context is in low-latency mode; use ncclMoeLowLatency*",
                     "ncclMoeCombine");
