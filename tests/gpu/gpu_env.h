@@ -157,6 +157,16 @@ long checkCombine(const void* devOut, const std::vector<uint16_t>& expected, int
 bool poisonDispatchOutput(const ncclMoeDispatchOutput_t& out, const Shape& s,
                           bool rowsOnly = false);
 
+// A captured CUDA graph and its executable, destroyed at scope exit.
+struct OwnedGraph {
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  ~OwnedGraph() {
+    if (exec) CUDA_OK(cudaGraphExecDestroy(exec));
+    if (graph) CUDA_OK(cudaGraphDestroy(graph));
+  }
+};
+
 // --- EP context owning its handle; destroyed (collectively) at scope exit -------------------
 class Ep {
  public:

@@ -10,15 +10,6 @@ namespace {
 
 class Graph : public GpuTest {};
 
-struct OwnedGraph {
-  cudaGraph_t graph = nullptr;
-  cudaGraphExec_t exec = nullptr;
-  ~OwnedGraph() {
-    if (exec) CUDA_OK(cudaGraphExecDestroy(exec));
-    if (graph) CUDA_OK(cudaGraphDestroy(graph));
-  }
-};
-
 GenSpec spec(uint64_t seed) {
   GenSpec g;
   g.seed = seed;

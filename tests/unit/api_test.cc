@@ -10,19 +10,9 @@
 
 #include "nccl_moe.h"
 #include "config.h"
+#include "error_message_match.h"
 
 namespace {
-
-// True when `msg` contains `name` as a whole identifier.
-bool containsWord(const std::string& msg, const std::string& name) {
-  auto ident = [](char ch) { return isalnum((unsigned char)ch) || ch == '_'; };
-  for (size_t p = msg.find(name); p != std::string::npos; p = msg.find(name, p + 1)) {
-    bool before = p > 0 && ident(msg[p - 1]);
-    bool after = p + name.size() < msg.size() && ident(msg[p + name.size()]);
-    if (!before && !after) return true;
-  }
-  return false;
-}
 
 #define EXPECT_REJECTS(call, name)                                                \
   do {                                                                            \

@@ -10,6 +10,8 @@
 #include <utility>
 #include <vector>
 
+#include "error_message_match.h"
+
 #include "config.h"
 #include "nccl_moe.h"
 
@@ -28,28 +30,6 @@ ncclMoeConfig_t goodConfig() {
   c.maxTokensPerRank = 4096;
   c.numSms = 24;
   return c;
-}
-
-// True when `msg` contains the decimal `v` as a whole number (not part of a longer one).
-bool containsNumber(const std::string& msg, long long v) {
-  const std::string s = std::to_string(v);
-  for (size_t p = msg.find(s); p != std::string::npos; p = msg.find(s, p + 1)) {
-    bool digitBefore = p > 0 && (isdigit((unsigned char)msg[p - 1]) || (v >= 0 && msg[p - 1] == '-'));
-    bool digitAfter = p + s.size() < msg.size() && isdigit((unsigned char)msg[p + s.size()]);
-    if (!digitBefore && !digitAfter) return true;
-  }
-  return false;
-}
-
-// True when `msg` contains `name` as a whole identifier ("x" does not match "xScales").
-bool containsWord(const std::string& msg, const std::string& name) {
-  auto ident = [](char ch) { return isalnum((unsigned char)ch) || ch == '_'; };
-  for (size_t p = msg.find(name); p != std::string::npos; p = msg.find(name, p + 1)) {
-    bool before = p > 0 && ident(msg[p - 1]);
-    bool after = p + name.size() < msg.size() && ident(msg[p + name.size()]);
-    if (!before && !after) return true;
-  }
-  return false;
 }
 
 // Validates `c` and expects a rejection whose message names `field` and the value `v`.
