@@ -7,7 +7,6 @@
 namespace nccl_moe {
 
 constexpr int kLayoutThreads = 1024;
-constexpr int kIdsInFlight = 8;  // expert ids each thread loads before using them
 
 __global__ void __launch_bounds__(kLayoutThreads, 1) layoutKernel(LayoutArgs a) {
   extern __shared__ int smem[];
@@ -16,34 +15,32 @@ __global__ void __launch_bounds__(kLayoutThreads, 1) layoutKernel(LayoutArgs a) 
   int* sExpert = smem;                 // [E] tokens per expert
   int* sWarpCount = sExpert + E;       // [numWarps][R] tokens of each warp going to each rank
   int* sBase = sWarpCount + numWarps * R;  // [R] tokens of earlier tiles going to each rank
+  int16_t* sIds = (int16_t*)(sBase + R);   // [blockDim][K] this tile's expert ids, -1 = none
   for (int i = threadIdx.x; i < E; i += blockDim.x) sExpert[i] = 0;
   for (int i = threadIdx.x; i < R; i += blockDim.x) sBase[i] = 0;
   __syncthreads();
 
   const unsigned laneBelow = (1u << lane) - 1;
   for (int tile = 0; tile < a.numTokens; tile += blockDim.x) {
+    // Stage the tile's ids with coalesced loads (thread i takes entry i of the [tokens][K] block):
+    // one token per thread would read with a stride of K*8 bytes, which bounds the kernel on L1.
+    const int entries = min((int)blockDim.x, a.numTokens - tile) * K;
+    const int64_t* src = a.topkIdx + (size_t)tile * K;
+    for (int i = threadIdx.x; i < entries; i += blockDim.x) {
+      const int64_t e = __ldg(src + i);
+      const bool ok = e >= 0 && e < E;
+      if (a.topkIdxCopy) a.topkIdxCopy[(size_t)tile * K + i] = ok ? e : -1;
+      if (e < -1 || e >= E) reportError(a.error, kDevBadExpert, tile + i / K, i % K, (int)e);
+      if (ok) atomicAdd(&sExpert[e], 1);
+      sIds[i] = ok ? (int16_t)e : (int16_t)-1;
+    }
+    __syncthreads();
     const int t = tile + threadIdx.x;
     unsigned mask = 0;  // bit r: token t has an expert on rank r
     if (t < a.numTokens) {
-      const int64_t* row = a.topkIdx + (size_t)t * K;
-      for (int k0 = 0; k0 < K; k0 += kIdsInFlight) {
-        // Issue every load of the batch before the shared atomics, which would serialise them.
-        int64_t ids[kIdsInFlight];
-#pragma unroll
-        for (int j = 0; j < kIdsInFlight; ++j) ids[j] = k0 + j < K ? __ldg(row + k0 + j) : -1;
-#pragma unroll
-        for (int j = 0; j < kIdsInFlight; ++j) {
-          const int64_t e = ids[j];
-          if (k0 + j >= K) break;
-          if (a.topkIdxCopy) a.topkIdxCopy[(size_t)t * K + k0 + j] = (e >= 0 && e < E) ? e : -1;
-          if (e == -1) continue;
-          if (e < -1 || e >= E) {
-            reportError(a.error, kDevBadExpert, t, k0 + j, (int)e);
-            continue;
-          }
-          atomicAdd(&sExpert[e], 1);
-          mask |= 1u << ((int)e / expertsPerRank);  // 32-bit division: 64-bit is a slow subroutine
-        }
+      for (int k = 0; k < K; ++k) {
+        const int e = sIds[threadIdx.x * K + k];
+        if (e >= 0) mask |= 1u << (e / expertsPerRank);
       }
     }
     for (int r = 0; r < R; ++r) {
@@ -79,7 +76,8 @@ __global__ void __launch_bounds__(kLayoutThreads, 1) layoutKernel(LayoutArgs a) 
 
 cudaError_t launchLayout(const LayoutArgs& a, cudaStream_t stream) {
   const int numWarps = kLayoutThreads / 32;
-  const size_t smem = sizeof(int) * ((size_t)a.numExperts + (size_t)numWarps * a.nRanks + a.nRanks);
+  const size_t smem = sizeof(int) * ((size_t)a.numExperts + (size_t)numWarps * a.nRanks + a.nRanks) +
+                      sizeof(int16_t) * kLayoutThreads * a.topK;
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(layoutKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;
