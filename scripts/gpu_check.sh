@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build against the Python environment's NCCL (2.28.9), run the GPU
-# tests at 2 GPUs and at all GPUs, run the HT perf binary for the issue's benchmark, and print a
-# short table. Every step has a time limit; full logs go to $OUT (or /tmp/nccl-moe-out).
-# Usage: scripts/gpu_check.sh [tests|perf|all] [extra gtest args...]
+# tests at 2 GPUs and at all GPUs, run the HT and LL perf binaries for the issues' benchmarks and the
+# moeloop plugin's GPU test (all GPUs as 2 fake nodes), and print a short table. Every step has a
+# time limit; full logs go to $OUT (or /tmp/nccl-moe-out).
+# Usage: scripts/gpu_check.sh [tests|perf|plugin|all] [extra gtest args...]
 # GPUTEST_SIZES="2 4" picks the GPU counts of the tests (default 2 and all), GPUTEST_TIMEOUT (s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,10 +22,10 @@ nvidia-smi -L | tee "$OUT/gpus.txt"
 grep -m1 "define NCCL_VERSION_CODE" $SHIM/include/nccl.h
 
 SECONDS=0
-make -j32 lib perf build/test/gpu_tests NCCL_HOME=$SHIM > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+make -j32 lib perf build/test/gpu_tests plugin build/test/plugin_gpu_test NCCL_HOME=$SHIM > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build: ${SECONDS}s"
 summary=()
-if [ "$what" != tests ]; then
+if [ "$what" = perf ] || [ "$what" = all ]; then
   for d in fp8 bf16; do
     for s in 24 16 8; do
       echo "=== ht_perf EP$NGPU -d $d -s $s (4096 tokens, H 7168, top-8, 256 experts)"
@@ -35,7 +36,7 @@ if [ "$what" != tests ]; then
     done
   done
 fi
-if [ "$what" != tests ] && [ -x build/perf/ll_perf ]; then
+if [ "$what" = perf ] || [ "$what" = all ]; then
   for d in fp8 bf16; do
     echo "=== ll_perf EP$NGPU -d $d (128 tokens, H 7168, top-8, 288 experts)"
     timeout -k 5 90 build/perf/ll_perf -g $NGPU -b 128 -e 128 -H 7168 -k 8 -E 288 -d $d -n 100 -w 20 -c 1 \
@@ -44,7 +45,7 @@ if [ "$what" != tests ] && [ -x build/perf/ll_perf ]; then
     grep -vE "^# *(rank|Rank|$)" /tmp/perf_one.log | tail -14
   done
 fi
-if [ "$what" != perf ]; then
+if [ "$what" = tests ] || [ "$what" = all ]; then
   for n in ${GPUTEST_SIZES:-$(printf '%s\n' 2 "$NGPU" | sort -un)}; do
     SECONDS=0
     timeout -k 5 ${GPUTEST_TIMEOUT:-240} build/test/gpu_tests --ngpus=$n "$@" > "$OUT/gputest_$n.log" 2>&1
@@ -52,5 +53,12 @@ if [ "$what" != perf ]; then
     summary+=("gputest NGPUS=$n rc=$rc (${SECONDS}s): $(grep -E '^\[  (PASSED|FAILED) ' "$OUT/gputest_$n.log" | head -2 | tr '\n' ' ')")
     grep -E "Failure|FAILED|rank [0-9]+:|mismatch" "$OUT/gputest_$n.log" | head -30
   done
+fi
+if [ "$what" = plugin ] || [ "$what" = all ]; then
+  SECONDS=0
+  timeout -k 5 ${PLUGIN_TIMEOUT:-240} make plugintest PLUGIN_NGPUS=$NGPU NCCL_HOME=$SHIM > "$OUT/plugintest.log" 2>&1
+  rc=$?
+  grep -E "^(==|PASSED|FAILED|SKIPPED|NOTE|ALL|SOME|   )" "$OUT/plugintest.log" | tail -14
+  summary+=("plugintest PLUGIN_NGPUS=$NGPU rc=$rc (${SECONDS}s)")
 fi
 printf '%s\n' "${summary[@]}"

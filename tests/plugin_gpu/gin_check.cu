@@ -2,7 +2,7 @@
 // puts a chunk (in four pieces, the last with ncclGin_SignalAdd), a value (putValue on NCCL >= 2.29,
 // an 8-byte put before: see roundKernel) and a signal-only SignalInc to every other rank, and waits
 // for its signals; every byte is checked on the GPU and again on the host. Also a bulk put for the
-// bandwidth measurement.
+// bandwidth measurement and a signal-only ping-pong for the GIN signal round-trip time.
 #include <nccl.h>
 #include <nccl_device.h>
 #include <string.h>
@@ -20,6 +20,9 @@ constexpr size_t kBulk = 64u << 20;                // bulk put for the bandwidth
 constexpr int kBulkPieces = 16;
 constexpr unsigned long long kTimeoutNs = 60ull * 1000 * 1000 * 1000;
 constexpr int kRounds = 3;
+constexpr int kPingIters = 200;                    // signal round trips timed per scenario
+// GIN signal ids: 0..2 the correctness rounds and the bulk put, 3 ping (A -> B), 4 pong (B -> A).
+constexpr int kSignalPing = 3, kSignalPong = 4, kSignals = 5;
 enum : int { kStatWrongBytes = 0, kStatTimeouts = 1, kStatWrongValues = 2, kStatOvershoot = 3, kStats = 4 };
 
 struct Layout {
@@ -72,6 +75,8 @@ __global__ void resetSignalsKernel(ncclDevComm dc) {
   gin.resetSignal(0);
   gin.resetSignal(1);
   gin.resetSignal(2);
+  gin.resetSignal(kSignalPing);
+  gin.resetSignal(kSignalPong);
 }
 
 // Blocks 0..nRanks-1: block p sends to rank p (none to itself). Block nRanks waits and checks.
@@ -166,6 +171,30 @@ __global__ void waitSignalKernel(ncclDevComm dc, int signal, uint64_t least, uns
   }
 }
 
+// One thread. The starter sends a signal-only SignalInc to `peer` and waits for the reply; the
+// other side waits and replies. `base`: both signals' values before this launch. *elapsedNs: the
+// starter's time for all iterations (the GPU's global timer).
+__global__ void signalPingPongKernel(ncclDevComm dc, int peer, bool starter, int iters, uint64_t base,
+                                     unsigned long long* stats, unsigned long long* elapsedNs) {
+  ncclGin gin(dc, 0);
+  ncclTeam world = ncclTeamWorld(dc);
+  const int waitOn = starter ? kSignalPong : kSignalPing, sendTo = starter ? kSignalPing : kSignalPong;
+  uint64_t t0 = globalNs();
+  for (int i = 1; i <= iters; i++) {
+    if (starter) gin.signal(world, peer, ncclGin_SignalInc{(ncclGinSignal_t)sendTo}, ncclCoopThread());
+    uint64_t tw = globalNs();
+    while (gin.readSignal(waitOn) < base + i) {
+      if (globalNs() - tw > kTimeoutNs) {
+        atomicAdd(&stats[kStatTimeouts], 1ull);
+        return;
+      }
+    }
+    if (!starter) gin.signal(world, peer, ncclGin_SignalInc{(ncclGinSignal_t)sendTo}, ncclCoopThread());
+  }
+  gin.flush(ncclCoopThread());
+  *elapsedNs = globalNs() - t0;
+}
+
 bool checkStats(unsigned long long* dStats, const char* what) {
   unsigned long long h[kStats];
   PT_CUDA(cudaMemcpy(h, dStats, sizeof(h), cudaMemcpyDeviceToHost));
@@ -249,6 +278,30 @@ bool bulkBandwidth(const RankInfo& r, ncclComm_t comm, const ncclDevComm& dc, nc
   return barrier(r);
 }
 
+// Rank 0 and the first rank of node B bounce a signal-only SignalInc kPingIters times (after a
+// warm-up of the same length); rank 0 reports the mean round trip.
+bool signalRoundTrip(const RankInfo& r, ncclComm_t comm, const ncclDevComm& dc, cudaStream_t s,
+                     unsigned long long* dStats, int slot) {
+  const int a = 0, b = r.gpusPerNode;
+  unsigned long long* dElapsed = (unsigned long long*)(dStats + kStats);
+  for (int phase = 0; phase < 2; phase++) {  // 0: warm-up, 1: measured
+    if (!barrier(r)) return false;
+    if (r.rank == a || r.rank == b) {
+      signalPingPongKernel<<<1, 1, 0, s>>>(dc, r.rank == a ? b : a, r.rank == a, kPingIters,
+                                           (uint64_t)phase * kPingIters, dStats, dElapsed);
+      PT_CUDA(cudaGetLastError());
+      if (!waitStream(s, comm, 120, "GIN signal ping-pong")) return false;
+      if (!checkStats(dStats, "GIN signal ping-pong")) return false;
+      if (phase == 1 && r.rank == a) {
+        unsigned long long ns = 0;
+        PT_CUDA(cudaMemcpy(&ns, dElapsed, sizeof(ns), cudaMemcpyDeviceToHost));
+        r.shared->ginSignalRttUs[slot] = (double)ns / kPingIters * 1e-3;
+      }
+    }
+  }
+  return barrier(r);
+}
+
 }  // namespace
 
 bool ginChecks(const RankInfo& r, ncclComm_t comm, bool correctness, int slot) {
@@ -261,7 +314,7 @@ bool ginChecks(const RankInfo& r, ncclComm_t comm, bool correctness, int slot) {
   memset(&reqs, 0, sizeof(reqs));  // 2.28.9 has no initializer macro
   reqs.ginForceEnable = true;
   reqs.ginContextCount = 1;
-  reqs.ginSignalCount = 3;
+  reqs.ginSignalCount = kSignals;
   reqs.ginCounterCount = 1;
   ncclDevComm dc;
   ncclResult_t res = ncclDevCommCreate(comm, &reqs, &dc);
@@ -276,7 +329,7 @@ bool ginChecks(const RankInfo& r, ncclComm_t comm, bool correctness, int slot) {
   cudaStream_t s;
   PT_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
   unsigned long long* dStats = nullptr;
-  PT_CUDA(cudaMalloc(&dStats, kStats * sizeof(unsigned long long)));
+  PT_CUDA(cudaMalloc(&dStats, (kStats + 1) * sizeof(unsigned long long)));  // + the ping-pong time
   PT_CUDA(cudaMemset(dStats, 0, kStats * sizeof(unsigned long long)));
   resetSignalsKernel<<<1, 1, 0, s>>>(dc);
   PT_CUDA(cudaGetLastError());
@@ -284,6 +337,7 @@ bool ginChecks(const RankInfo& r, ncclComm_t comm, bool correctness, int slot) {
   if (ok) ok = barrier(r);
   if (ok && correctness) ok = correctnessRounds(r, comm, dc, win, (char*)buf, L, s, dStats);
   if (ok) ok = bulkBandwidth(r, comm, dc, win, L, s, dStats, slot);
+  if (ok) ok = signalRoundTrip(r, comm, dc, s, dStats, slot);
   if (ok) ok = barrier(r);
   if (ok) {
     PT_NCCL(ncclDevCommDestroy(comm, &dc));

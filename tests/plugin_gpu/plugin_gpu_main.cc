@@ -343,25 +343,33 @@ int main(int argc, char** argv) {
   printf("== scenario main: %d ranks as 2 fake nodes x %d GPUs (NCCL_NET_PLUGIN=moeloop)\n", n, perNode);
   bool mainOk = runScenario(sh, Scenario::kMain, n, perNode, 540);
   double bw0 = sh->netBwGBps[0], rtt0 = sh->rttUs[0], gbw0 = sh->ginBwGBps[0];
+  double grtt0 = sh->ginSignalRttUs[0];
   printf("%s: NCCL all-reduce / all-to-all across fake nodes, GIN puts with SignalAdd to every rank\n",
          mainOk ? "PASSED" : "FAILED");
-  printf("   unshaped: NCCL send/recv %.2f GB/s, round trip %.0f us, GIN put %.2f GB/s\n", bw0, rtt0, gbw0);
+  printf("   unshaped: NCCL send/recv %.2f GB/s, round trip %.0f us, GIN put %.2f GB/s, "
+         "GIN signal round trip %.1f us\n", bw0, rtt0, gbw0, grtt0);
   allOk &= mainOk;
 
   printf("== scenario shaped: NCCL_MOELOOP_GBPS=%g NCCL_MOELOOP_LATENCY_US=%g\n", kShapedGBps,
          kShapedLatencyUs);
   bool shapedOk = runScenario(sh, Scenario::kShaped, n, perNode, 540);
   double bw1 = sh->netBwGBps[1], rtt1 = sh->rttUs[1], gbw1 = sh->ginBwGBps[1];
-  printf("   shaped:   NCCL send/recv %.2f GB/s, round trip %.0f us, GIN put %.2f GB/s\n", bw1, rtt1, gbw1);
+  double grtt1 = sh->ginSignalRttUs[1];
+  printf("   shaped:   NCCL send/recv %.2f GB/s, round trip %.0f us, GIN put %.2f GB/s, "
+         "GIN signal round trip %.1f us\n", bw1, rtt1, gbw1, grtt1);
   if (shapedOk) {
     // Bandwidth as set (within 25 %), below the unshaped one, and the latency shows in round trips.
     bool bwOk = within(bw1, 0.75 * kShapedGBps, 1.15 * kShapedGBps) && bw1 < bw0;
     bool ginOk = within(gbw1, 0.70 * kShapedGBps, 1.15 * kShapedGBps) && gbw1 < gbw0;
     bool latOk = rtt1 >= 2 * kShapedLatencyUs * 0.95 && rtt1 > rtt0 + kShapedLatencyUs;
+    bool ginLatOk = grtt1 >= 2 * kShapedLatencyUs * 0.95 && grtt1 > grtt0 + kShapedLatencyUs;
     if (!bwOk) printf("FAILED: shaped NCCL bandwidth %.3f GB/s is not %.2f GB/s +-25%%\n", bw1, kShapedGBps);
     if (!ginOk) printf("FAILED: shaped GIN bandwidth %.3f GB/s is not %.2f GB/s -30%%/+15%%\n", gbw1, kShapedGBps);
     if (!latOk) printf("FAILED: shaped round trip %.0f us does not show 2 x %.0f us of latency\n", rtt1, kShapedLatencyUs);
-    shapedOk = bwOk && ginOk && latOk;
+    if (!ginLatOk)
+      printf("FAILED: shaped GIN signal round trip %.1f us does not show 2 x %.0f us of latency\n", grtt1,
+             kShapedLatencyUs);
+    shapedOk = bwOk && ginOk && latOk && ginLatOk;
   }
   printf("%s: shaping changes the measured bandwidth and latency as set\n", shapedOk ? "PASSED" : "FAILED");
   allOk &= shapedOk;

@@ -27,6 +27,7 @@ struct Shared {
   double netBwGBps[2];            // [unshaped, shaped] NCCL send/recv bandwidth, rank 0 -> first rank of node B
   double rttUs[2];                // [unshaped, shaped] NCCL ping-pong round trip
   double ginBwGBps[2];            // [unshaped, shaped] GIN put bandwidth
+  double ginSignalRttUs[2];       // [unshaped, shaped] GIN signal-only ping-pong round trip
 };
 
 struct RankInfo {
