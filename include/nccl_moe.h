@@ -220,7 +220,7 @@ ncclResult_t ncclMoeGetWindowSize(const ncclMoeConfig_t* config, int nRanks, siz
  *   x                  [L][B][H] BF16, or FP8 e4m3 when config.dispatchDtype is FP8
  *   xScales            FP8 only: [L][B][H/128] float, or [L][B][H/512] int32 for UE8M0
  *   srcToken           [L][B] int32: the row's token index on its source rank
- *   recvCountsPerSource[L][R] int32, filled by the dispatch's completion
+ *   recvCountsPerSource[L][R] int32, valid once the dispatch's completion has run
  *   expertCounts       [L] int32: rows per local expert (sum over sources), likewise
  *   combineInput       [L][B][H] BF16: where the expert kernel may write its outputs (same row
  *                      positions as x) so that the combine reads them in place; the library
@@ -238,19 +238,27 @@ typedef struct {
 } ncclMoeLowLatencyOutput_t;
 
 /* Low-latency dispatch of this rank's T tokens.
- *   x         [T][H] BF16 device; cast to FP8 in the sending warp when config.dispatchDtype is FP8
- *   topkIdx   [T][K] int64 device, expert ids or -1 (distinct within a token)
- *   numTokens T, 0..maxTokensPerRank
- *   flags     0 (one-shot) or NCCL_MOE_LL_SEND_ONLY (then ncclMoeLowLatencyDispatchComplete)
- *   out       filled at once (pointers are known before the data arrives)
- * Every token-expert pair is one row at the destination (a token with two experts on a rank is
- * stored twice), written straight into its final row over NVLink (LSA stores). */
+ *   x            [T][H] BF16 device, 16-byte aligned; cast to FP8 in the sending warp when
+ *                config.dispatchDtype is FP8
+ *   topkIdx      [T][K] int64 device, expert ids or -1 (distinct within a token)
+ *   topkWeights  [T][K] FP32 device, or NULL: the weights the combine of this operation applies
+ *                (NULL: it sums unweighted). They travel with the tokens, so that each expert
+ *                rank can sum its experts' outputs for a token before sending them back.
+ *   numTokens    T, 0..maxTokensPerRank
+ *   flags        0 (one-shot) or NCCL_MOE_LL_SEND_ONLY (then ncclMoeLowLatencyDispatchComplete)
+ *   out          filled at once (pointers are known before the data arrives)
+ * x, topkIdx and topkWeights may be reused once `stream` passes this call (the send copies what
+ * the combine needs into the window). Every token-expert pair is one row at the destination (a token with two experts on a rank is
+ * stored twice). A token crosses NVLink once per destination rank, whatever the number of its
+ * experts there: the send stores it (LSA) into the row of its first expert on that rank and the
+ * completion copies it to the rows of the others (local HBM). */
 ncclResult_t ncclMoeLowLatencyDispatch(ncclMoeComm_t moeComm, const void* x, const int64_t* topkIdx,
-                                       int numTokens, unsigned int flags,
+                                       const float* topkWeights, int numTokens, unsigned int flags,
                                        ncclMoeLowLatencyOutput_t* out, cudaStream_t stream);
 
-/* Waits (on `stream`) for every peer's rows of the send-only dispatch that returned `out`, then
- * writes out->recvCountsPerSource and out->expertCounts. */
+/* Waits (on `stream`) for every peer's rows of the send-only dispatch that returned `out`,
+ * copies each token to its further expert rows on this rank, and writes out->expertCounts
+ * (out->recvCountsPerSource is written by the sources). */
 ncclResult_t ncclMoeLowLatencyDispatchComplete(ncclMoeComm_t moeComm,
                                                const ncclMoeLowLatencyOutput_t* out,
                                                cudaStream_t stream);
@@ -258,23 +266,23 @@ ncclResult_t ncclMoeLowLatencyDispatchComplete(ncclMoeComm_t moeComm,
 /* Low-latency combine of the operation `dispatched` (this rank's dispatch output):
  *   expertOut    [L][B][H] BF16 device on this rank, rows at the positions of dispatched->x
  *                (dispatched->combineInput, or any other buffer of that shape), 16-byte aligned
- *   topkIdx      [T][K] int64, the routing this rank dispatched (T = dispatched->numTokens)
- *   topkWeights  [T][K] FP32 or NULL: out[t] = sum over k with topkIdx[t][k] >= 0, in k order,
- *                of topkWeights[t][k] * expertOut row of (t, k) (FP32 accumulation, one BF16
- *                rounding: bitwise deterministic); NULL sums unweighted
- *   out          [T][H] BF16 device on this rank
- *   flags        0 or NCCL_MOE_LL_SEND_ONLY (then ncclMoeLowLatencyCombineComplete with the
- *                same arguments) */
+ *   out          [T][H] BF16 device on this rank (T = dispatched->numTokens), 16-byte aligned
+ *   flags        0 or NCCL_MOE_LL_SEND_ONLY (then ncclMoeLowLatencyCombineComplete)
+ * The routing and weights are those of the dispatch. Each expert rank r sums, for every token t
+ * it received, its rows of t in k order (FP32, weights of the dispatch or 1) and sends the sum
+ * rounded to BF16, p(t, r), back once; the source adds these partials in rank order (FP32) and
+ * rounds once more:  out[t] = bf16( sum over r in increasing order of p(t, r) ),
+ *   p(t, r) = bf16( sum over k in increasing order with expert(t, k) on r of w(t, k) * y(t, k) ).
+ * Bitwise deterministic; tokens that went nowhere come out as zeros. */
 ncclResult_t ncclMoeLowLatencyCombine(ncclMoeComm_t moeComm, const ncclMoeLowLatencyOutput_t* dispatched,
-                                      const void* expertOut, const int64_t* topkIdx,
-                                      const float* topkWeights, void* out, unsigned int flags,
+                                      const void* expertOut, void* out, unsigned int flags,
                                       cudaStream_t stream);
 
-/* Waits for every peer's expert outputs of the send-only combine and reduces them into out. */
+/* Waits for every peer's partial sums of the send-only combine and adds them into out (the same
+ * `out` as the send-only call). */
 ncclResult_t ncclMoeLowLatencyCombineComplete(ncclMoeComm_t moeComm,
-                                              const ncclMoeLowLatencyOutput_t* dispatched,
-                                              const int64_t* topkIdx, const float* topkWeights,
-                                              void* out, cudaStream_t stream);
+                                              const ncclMoeLowLatencyOutput_t* dispatched, void* out,
+                                              cudaStream_t stream);
 
 /* Frees a handle (synchronises the device). */
 ncclResult_t ncclMoeHandleDestroy(ncclMoeHandle_t handle);

@@ -4,8 +4,8 @@
 // distinct experts per token, uniform over E; -r skew: the first one among rank 0's experts)
 // and its BF16 tokens on the host from (seed, rank, T), then:
 //  - one-shot loop: per iteration the ranks meet (host barrier after a stream sync), then
-//    dispatch and combine (expert output = out.combineInput, weighted unless -W 0) are timed
-//    with CUDA events around each call;
+//    dispatch (given the weights unless -W 0, so that its combine is weighted) and combine
+//    (expert output = out.combineInput) are timed with CUDA events around each call;
 //  - split loop: send-only dispatch | dispatch complete | send-only combine | combine complete,
 //    each timed alone, with a stream sync and a host barrier between them: "complete" is then
 //    the cost of completing once every peer has sent (perfect overlap);
@@ -16,11 +16,15 @@
 // Per rank the median over the -n iterations (after -w warm-up ones) is taken; the tables show
 // the median and the p99 over ranks (nearest rank: the maximum with up to 100 ranks) of these
 // medians, and the median over ranks of each rank's bandwidth = bytes / its median time:
-//   dispatch: rows this rank receives (one per (token, expert) pair) * (H*2 BF16, or H + scale
-//             bytes for FP8);  combine: this rank's valid (token, k) pairs * H*2.
+//   dispatch: bytes delivered into this rank's expert rows: one row per (token, expert) pair it
+//             receives (a token with two experts here counts twice, although it crosses NVLink
+//             once) * (H*2 BF16, or H + scale bytes for FP8); weights and routing not counted;
+//   combine:  likewise logical bytes: one BF16 row of H*2 bytes per valid (token, k) pair of
+//             this rank's own tokens (DeepEP's definition), although the library moves one
+//             partial per (token, destination rank) pair.
 // Flags besides perf/common's: -F fp32|pow2|ue8m0 (FP8 scale format, default fp32), -l slots
-// (numBufferSlots, default 2), -W 0|1 (weighted combine, default 1). Defaults here: -b 128
-// -e 128 -E 288 -d fp8 -n 100 -w 20.
+// (numBufferSlots, default 2), -W 0|1 (weights given to the dispatch, i.e. a weighted combine,
+// default 1). Defaults here: -b 128 -e 128 -E 288 -d fp8 -n 100 -w 20.
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -198,7 +202,7 @@ long long checkCombine(const Ctx& c, long T, const moe_ref::Routing& own, bool w
                        const void* devOut) {
   const moe_ref::LlRows mine = moe_ref::llSendRows(makeTokens(c, c.me, T), (int)T, c.H, c.fp8, c.fmt);
   const std::vector<uint16_t> want = moe_ref::llCombine(
-      own, [&](int t, int) { return mine.identRow(t, c.H); }, c.H, weighted);
+      own, [&](int t, int) { return mine.identRow(t, c.H); }, c.H, weighted, c.E, c.R);
   std::vector<uint16_t> got;
   toHost(&got, devOut, want.size());
   long long wrong = 0;
@@ -288,7 +292,7 @@ int main(int argc, char** argv) {
   if (rc >= 0) {
     if (rc == 0)
       printf("ll_perf also takes: -F fp32|pow2|ue8m0 (default fp32)  -l <slots> (default 2)  "
-             "-W 0|1 weighted combine (default 1)\nll_perf defaults: -b 128 -e 128 -E 288 "
+             "-W 0|1 weights to the dispatch (default 1)\nll_perf defaults: -b 128 -e 128 -E 288 "
              "-d fp8 -n 100 -w 20\n");
     return rc;
   }
@@ -310,8 +314,9 @@ int main(int argc, char** argv) {
   moe_perf::printNote("LL: scales %s  slots %d  combine %s; the tables below: per rank the "
                       "median over iterations,", fmtName(lo.fmt), lo.slots,
                       lo.weighted ? "weighted" : "unweighted");
-  moe_perf::printNote("then median / p99 over ranks (us); GB/s = median over ranks of bytes "
-                      "received / median time (see ll_perf.cc)");
+  moe_perf::printNote("then median / p99 over ranks (us); GB/s = median over ranks of bytes / "
+                      "median time, bytes: rows per (token, expert) pair, "
+                      "dispatched / combined (see ll_perf.cc)");
 
   Ctx c;
   c.R = env.nRanks;
@@ -367,7 +372,8 @@ int main(int argc, char** argv) {
     copy(dw, own.topkWeights.data(), own.topkWeights.size() * 4, cudaMemcpyHostToDevice);
     const int64_t* idx = (const int64_t*)didx;
     const float* w = lo.weighted ? (const float*)dw : nullptr;
-    long recvRows = moe_ref::llDispatch(c.me, rt, c.E).totalRows(), pairs = 0;
+    const long recvRows = moe_ref::llDispatch(c.me, rt, c.E).totalRows();
+    long pairs = 0;
     for (int64_t e : own.topkIdx) pairs += e >= 0;
     const double dBytes = (double)recvRows * (rowBytes(c) + scaleBytes(c));
     const double cBytes = (double)pairs * c.H * 2;
@@ -384,9 +390,9 @@ int main(int argc, char** argv) {
     for (int i = 0; i < opt.warmup + opt.iters; i++) {  // one-shot
       sync();
       PERF_CUDA(cudaEventRecord(ev[0], stream));
-      PERF_MOE(ncclMoeLowLatencyDispatch(moe, dx, idx, (int)T, 0, &out, stream));
+      PERF_MOE(ncclMoeLowLatencyDispatch(moe, dx, idx, w, (int)T, 0, &out, stream));
       PERF_CUDA(cudaEventRecord(ev[1], stream));
-      PERF_MOE(ncclMoeLowLatencyCombine(moe, &out, out.combineInput, idx, w, dout, 0, stream));
+      PERF_MOE(ncclMoeLowLatencyCombine(moe, &out, out.combineInput, dout, 0, stream));
       PERF_CUDA(cudaEventRecord(ev[2], stream));
       PERF_CUDA(cudaEventSynchronize(ev[2]));
       seen[out.slot] = out;
@@ -406,15 +412,15 @@ int main(int argc, char** argv) {
     for (int i = 0; i < opt.warmup + opt.iters; i++) {
       const bool keep = i >= opt.warmup;
       timed(&times[2], keep, [&] {
-        PERF_MOE(ncclMoeLowLatencyDispatch(moe, dx, idx, (int)T, NCCL_MOE_LL_SEND_ONLY, &out, stream));
+        PERF_MOE(ncclMoeLowLatencyDispatch(moe, dx, idx, w, (int)T, NCCL_MOE_LL_SEND_ONLY, &out, stream));
       });
       timed(&times[3], keep, [&] { PERF_MOE(ncclMoeLowLatencyDispatchComplete(moe, &out, stream)); });
       timed(&times[4], keep, [&] {
-        PERF_MOE(ncclMoeLowLatencyCombine(moe, &out, out.combineInput, idx, w, dout,
-                                          NCCL_MOE_LL_SEND_ONLY, stream));
+        PERF_MOE(ncclMoeLowLatencyCombine(moe, &out, out.combineInput, dout, NCCL_MOE_LL_SEND_ONLY,
+                                          stream));
       });
       timed(&times[5], keep, [&] {
-        PERF_MOE(ncclMoeLowLatencyCombineComplete(moe, &out, idx, w, dout, stream));
+        PERF_MOE(ncclMoeLowLatencyCombineComplete(moe, &out, dout, stream));
       });
     }
     long long dWrong = -1, cWrong = -1;
@@ -428,12 +434,12 @@ int main(int argc, char** argv) {
         fill(nx.expertCounts, (size_t)c.L * sizeof(int));
       }
       sync();
-      PERF_MOE(ncclMoeLowLatencyDispatch(moe, dx, idx, (int)T, 0, &out, stream));
+      PERF_MOE(ncclMoeLowLatencyDispatch(moe, dx, idx, w, (int)T, 0, &out, stream));
       sync();
       dWrong = checkDispatchAndFillExpert(c, T, out, rt);
       fill(dout, (size_t)c.M * c.H * 2);
       sync();
-      PERF_MOE(ncclMoeLowLatencyCombine(moe, &out, out.combineInput, idx, w, dout, 0, stream));
+      PERF_MOE(ncclMoeLowLatencyCombine(moe, &out, out.combineInput, dout, 0, stream));
       sync();
       cWrong = checkCombine(c, T, own, lo.weighted, dout);
     }

@@ -80,14 +80,15 @@ static LowLatencySlotLayout lowLatencySlotLayout(const ncclMoeConfig_t& c, int n
   LowLatencySlotLayout s;
   size_t off = 0;
   auto take = [&](size_t bytes) { size_t at = off; off = alignUp(off + bytes, 256); return at; };
-  s.dispatchSignals = take(sizeof(uint64_t) * L * nRanks);
+  s.dispatchSignals = take(sizeof(uint64_t) * nRanks);
   s.combineSignals = take(sizeof(uint64_t) * nRanks);
   s.recvCounts = take(sizeof(int) * (L * nRanks + L));
+  s.route = take(sizeof(LlRouteEntry) * nRanks * M * K);
+  s.tokenRanks = take(sizeof(uint32_t) * M);
   s.recvX = take(L * B * H * dtypeBytes(c.dispatchDtype));
   s.recvScales = take(L * B * llScaleBytesPerRow(c));
   s.srcToken = take(sizeof(int) * L * B);
-  s.srcK = take(sizeof(int) * L * B);
-  s.combineRecv = take(M * K * H * 2);
+  s.combineRecv = take(M * nRanks * H * 2);
   s.combineInput = take(L * B * H * 2);
   s.bytes = alignUp(off, NCCL_WIN_REQUIRED_ALIGNMENT);
   return s;

@@ -26,7 +26,8 @@ static ncclResult_t checkSlot(const ncclMoeComm* c, const ncclMoeLowLatencyOutpu
   return ncclSuccess;
 }
 
-static LlDispatchArgs dispatchArgs(ncclMoeComm* c, int slot, const void* x, const int64_t* topkIdx, int T) {
+static LlDispatchArgs dispatchArgs(ncclMoeComm* c, int slot, const void* x, const int64_t* topkIdx,
+                                   const float* topkWeights, int T) {
   const ncclMoeConfig_t& cfg = c->cfg;
   LlDispatchArgs a;
   memset(&a, 0, sizeof(a));
@@ -36,6 +37,7 @@ static LlDispatchArgs dispatchArgs(ncclMoeComm* c, int slot, const void* x, cons
   a.slotIndex = slot;
   a.x = (const uint16_t*)x;
   a.topkIdx = topkIdx;
+  a.topkWeights = topkWeights;
   a.numTokens = T;
   a.hidden = cfg.hidden;
   a.topK = cfg.topK;
@@ -43,12 +45,13 @@ static LlDispatchArgs dispatchArgs(ncclMoeComm* c, int slot, const void* x, cons
   a.maxTokens = cfg.maxTokensPerRank;
   a.fp8 = cfg.dispatchDtype == ncclMoeFp8E4m3;
   a.scaleFormat = cfg.fp8Scales;
+  a.scaleBytes = a.fp8 ? (int)llScaleBytesPerRow(cfg) : 0;
   a.posCounter = c->llPosCounters + (size_t)slot * cfg.numExperts;
   return a;
 }
 
 static LlCombineArgs combineArgs(ncclMoeComm* c, const ncclMoeLowLatencyOutput_t* d, const void* expertOut,
-                                 const int64_t* topkIdx, const float* topkWeights, void* out) {
+                                 void* out) {
   const ncclMoeConfig_t& cfg = c->cfg;
   LlCombineArgs a;
   memset(&a, 0, sizeof(a));
@@ -57,8 +60,6 @@ static LlCombineArgs combineArgs(ncclMoeComm* c, const ncclMoeLowLatencyOutput_t
   a.slot = c->layout.ll;
   a.slotIndex = d->slot;
   a.expertOut = (const uint16_t*)expertOut;
-  a.topkIdx = topkIdx;
-  a.topkWeights = topkWeights;
   a.out = (uint16_t*)out;
   a.numTokens = d->numTokens;
   a.hidden = cfg.hidden;
@@ -83,7 +84,7 @@ extern "C" ncclResult_t ncclMoeGetWindowSize(const ncclMoeConfig_t* config, int 
 }
 
 extern "C" ncclResult_t ncclMoeLowLatencyDispatch(ncclMoeComm_t c, const void* x, const int64_t* topkIdx,
-                                                  int numTokens, unsigned int flags,
+                                                  const float* topkWeights, int numTokens, unsigned int flags,
                                                   ncclMoeLowLatencyOutput_t* out, cudaStream_t stream) {
   clearError();
   const char* fn = "ncclMoeLowLatencyDispatch";
@@ -105,12 +106,12 @@ extern "C" ncclResult_t ncclMoeLowLatencyDispatch(ncclMoeComm_t c, const void* x
                     "numBufferSlots = %d operations may be in flight",
                     fn, slot, c->llDispatchPending[slot] ? "dispatch" : "combine", cfg.numBufferSlots);
 
-  const LlDispatchArgs a = dispatchArgs(c, slot, x, topkIdx, numTokens);
+  const LlDispatchArgs a = dispatchArgs(c, slot, x, topkIdx, topkWeights, numTokens);
   MOE_CUDA(launchLlDispatchSend(a, cfg.numSms, stream));
   if (flags & NCCL_MOE_LL_SEND_ONLY) {
     c->llDispatchPending[slot] = true;
   } else {
-    MOE_CUDA(launchLlDispatchComplete(a, stream));
+    MOE_CUDA(launchLlDispatchComplete(a, cfg.numSms, stream));
   }
   c->llDispatches++;
 
@@ -135,30 +136,29 @@ extern "C" ncclResult_t ncclMoeLowLatencyDispatchComplete(ncclMoeComm_t c, const
   MOE_CHECK(checkSlot(c, out, fn));
   if (!c->llDispatchPending[out->slot])
     return setError(ncclInvalidUsage, "%s: slot %d has no send-only dispatch to complete", fn, out->slot);
-  MOE_CUDA(launchLlDispatchComplete(dispatchArgs(c, out->slot, nullptr, nullptr, out->numTokens), stream));
+  MOE_CUDA(launchLlDispatchComplete(dispatchArgs(c, out->slot, nullptr, nullptr, nullptr, out->numTokens),
+                                    c->cfg.numSms, stream));
   c->llDispatchPending[out->slot] = false;
   return ncclSuccess;
 }
 
-static ncclResult_t checkCombineArgs(const ncclMoeComm* c, const ncclMoeLowLatencyOutput_t* d,
-                                     const int64_t* topkIdx, void* out, const char* fn) {
+static ncclResult_t checkCombineArgs(const ncclMoeComm* c, const ncclMoeLowLatencyOutput_t* d, void* out,
+                                     const char* fn) {
   MOE_CHECK(checkSlot(c, d, fn));
   if (c->llDispatchPending[d->slot])
     return setError(ncclInvalidUsage, "%s: the dispatch of slot %d was not completed", fn, d->slot);
-  if (d->numTokens > 0 && topkIdx == nullptr) return setError(ncclInvalidArgument, "%s: topkIdx is NULL", fn);
   if (d->numTokens > 0 && out == nullptr) return setError(ncclInvalidArgument, "%s: out is NULL", fn);
   if ((uintptr_t)out % 16 != 0) return setError(ncclInvalidArgument, "%s: out = %p is not 16-byte aligned", fn, out);
   return ncclSuccess;
 }
 
 extern "C" ncclResult_t ncclMoeLowLatencyCombine(ncclMoeComm_t c, const ncclMoeLowLatencyOutput_t* dispatched,
-                                                 const void* expertOut, const int64_t* topkIdx,
-                                                 const float* topkWeights, void* out, unsigned int flags,
+                                                 const void* expertOut, void* out, unsigned int flags,
                                                  cudaStream_t stream) {
   clearError();
   const char* fn = "ncclMoeLowLatencyCombine";
   MOE_CHECK(checkLowLatencyComm(c, fn));
-  MOE_CHECK(checkCombineArgs(c, dispatched, topkIdx, out, fn));
+  MOE_CHECK(checkCombineArgs(c, dispatched, out, fn));
   if (expertOut == nullptr) return setError(ncclInvalidArgument, "%s: expertOut is NULL", fn);
   if ((uintptr_t)expertOut % 16 != 0)
     return setError(ncclInvalidArgument, "%s: expertOut = %p is not 16-byte aligned", fn, expertOut);
@@ -166,7 +166,7 @@ extern "C" ncclResult_t ncclMoeLowLatencyCombine(ncclMoeComm_t c, const ncclMoeL
     return setError(ncclInvalidArgument, "%s: flags = 0x%x has unknown bits", fn, flags);
   if (c->llCombinePending[dispatched->slot])
     return setError(ncclInvalidUsage, "%s: slot %d already has a send-only combine in flight", fn, dispatched->slot);
-  const LlCombineArgs a = combineArgs(c, dispatched, expertOut, topkIdx, topkWeights, out);
+  const LlCombineArgs a = combineArgs(c, dispatched, expertOut, out);
   MOE_CUDA(launchLlCombineSend(a, c->cfg.numSms, stream));
   if (flags & NCCL_MOE_LL_SEND_ONLY) {
     c->llCombinePending[dispatched->slot] = true;
@@ -177,15 +177,14 @@ extern "C" ncclResult_t ncclMoeLowLatencyCombine(ncclMoeComm_t c, const ncclMoeL
 }
 
 extern "C" ncclResult_t ncclMoeLowLatencyCombineComplete(ncclMoeComm_t c, const ncclMoeLowLatencyOutput_t* dispatched,
-                                                         const int64_t* topkIdx, const float* topkWeights,
                                                          void* out, cudaStream_t stream) {
   clearError();
   const char* fn = "ncclMoeLowLatencyCombineComplete";
   MOE_CHECK(checkLowLatencyComm(c, fn));
-  MOE_CHECK(checkCombineArgs(c, dispatched, topkIdx, out, fn));
+  MOE_CHECK(checkCombineArgs(c, dispatched, out, fn));
   if (!c->llCombinePending[dispatched->slot])
     return setError(ncclInvalidUsage, "%s: slot %d has no send-only combine to complete", fn, dispatched->slot);
-  const LlCombineArgs a = combineArgs(c, dispatched, nullptr, topkIdx, topkWeights, out);
+  const LlCombineArgs a = combineArgs(c, dispatched, nullptr, out);
   MOE_CUDA(launchLlCombineComplete(a, c->cfg.numSms, stream));
   c->llCombinePending[dispatched->slot] = false;
   return ncclSuccess;

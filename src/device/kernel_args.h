@@ -105,16 +105,26 @@ cudaError_t launchCopyRows(void* dst, const void* src, const int* numRows, int r
 // Byte offsets of one low-latency buffer slot, relative to the slot's start in the window.
 // L = local experts, B = R * maxTokensPerRank rows per expert, M = maxTokensPerRank.
 struct LowLatencySlotLayout {
-  size_t dispatchSignals;  // uint64 [L][R]: (epoch << 32) | rows, written by source rank s
+  size_t dispatchSignals;  // uint64 [R]: (epoch << 32) | tokens sent, written by source rank s
   size_t combineSignals;   // uint64 [R]: CTAs of rank r's combine send that finished (adds)
-  size_t recvCounts;       // int32 [L][R] then [L]: rows per (expert, source), per expert
+  size_t recvCounts;       // int32 [L][R] then [L]: rows per (expert, source) (written by the
+                           // sources), rows per expert (written by the completion)
+  size_t route;            // LlRouteEntry [R][M][K]: where source s's token t went on this rank
+  size_t tokenRanks;       // uint32 [M]: bit r set when this rank's token t went to rank r
   size_t recvX;            // [L][B][rowBytes]
   size_t recvScales;       // [L][B][scaleBytesPerRow]
   size_t srcToken;         // int32 [L][B]: token index on the source rank
-  size_t srcK;             // int32 [L][B]: top-k position of the row's expert in that token
-  size_t combineRecv;      // BF16 [M][K][H]: expert outputs returned to this rank, per (t, k)
+  size_t combineRecv;      // BF16 [M][R][H]: partial sums returned to this rank, per (t, rank)
   size_t combineInput;     // BF16 [L][B][H]: optional in-window expert outputs
   size_t bytes;            // size of one slot (a multiple of 4096)
+};
+
+// Pair (t, k) of source s as seen by the rank that owns its expert: the row it fills in x
+// (l * B + s * M + pos), -1 when expert k of t lives on another rank (or k is unused), and the
+// pair's combine weight (1 for an unweighted dispatch). 8 bytes, written by the source.
+struct LlRouteEntry {
+  int row;
+  float weight;
 };
 
 struct LlDispatchArgs {
@@ -124,13 +134,17 @@ struct LlDispatchArgs {
   int slotIndex;
   const uint16_t* x;       // [T][H] BF16
   const int64_t* topkIdx;  // [T][K]
+  const float* topkWeights;  // [T][K] or NULL (unweighted)
   int numTokens, hidden, topK, numExperts, maxTokens;
   int fp8;                 // cast to FP8 e4m3 in the sending warp
   int scaleFormat;         // ncclMoeScaleFormat_t
+  int scaleBytes;          // bytes of one row's scales (0 for BF16)
   int* posCounter;         // [E] device: rows of this rank per expert in the running send
 };
+// Send: numCtas CTAs, waits for no peer. Complete: numCtas CTAs, waits for every source, then
+// copies each token from its first expert row to its other expert rows on this rank.
 cudaError_t launchLlDispatchSend(const LlDispatchArgs& args, int numCtas, cudaStream_t stream);
-cudaError_t launchLlDispatchComplete(const LlDispatchArgs& args, cudaStream_t stream);
+cudaError_t launchLlDispatchComplete(const LlDispatchArgs& args, int numCtas, cudaStream_t stream);
 
 struct LlCombineArgs {
   WindowView w;
@@ -138,8 +152,6 @@ struct LlCombineArgs {
   LowLatencySlotLayout slot;
   int slotIndex;
   const uint16_t* expertOut;  // [L][B][H] BF16 (send)
-  const int64_t* topkIdx;     // [T][K] (complete)
-  const float* topkWeights;   // [T][K] or NULL (complete)
   uint16_t* out;              // [T][H] BF16 (complete)
   int numTokens, hidden, topK, numExperts, maxTokens;
 };

@@ -1,12 +1,13 @@
-// Low-latency combine over LSA: send kernel (expert ranks push their outputs back) and
-// completion kernel (the source reduces them).
+// Low-latency combine over LSA, one partial sum per (token, rank) on NVLink.
 //
-// Send (numSms CTAs): warps share out the rows this rank received in the slot, (l, s, i) with
-// i < recvCounts[l][s] (a prefix over the blocks maps a row number to its block), read each expert-output row (16-byte loads) and store it into source s's
-// combineRecv[t][k] (t = srcToken, k = srcK of the row). Each CTA then release-adds 1 to
-// combineSignals[me] at every rank; nothing waits for a peer.
-// Complete (numSms CTAs): wait until every rank's signal reaches numCtas * epoch, then one warp
-// per token sums its K rows in k order (weighted or not) in FP32 and writes BF16.
+// Send (numSms CTAs, on every rank as an expert rank): warps share out (source token, chunk)
+// items over the tokens the slot's dispatch brought here (T_s of each source s, from its
+// dispatch signal). For token t of source s the route entries name this rank's rows of t and
+// their weights; the warp sums those rows of the expert output in k order (FP32, weighted),
+// rounds the partial to BF16 and stores it into source s's combineRecv[t][me]. Each CTA then
+// release-adds 1 to combineSignals[me] at every rank; nothing waits for a peer.
+// Complete (numSms CTAs, as the source): wait until every rank's signal reaches numCtas * epoch,
+// then (token, chunk) items sum the token's partials in rank order (FP32) and write BF16.
 #include "config.h"
 #include "device/kernel_args.h"
 #include "device/peer_sync.cuh"
@@ -15,69 +16,111 @@
 namespace nccl_moe {
 
 constexpr int kLlCombineThreads = 512;
-constexpr int kLlCopyUnroll = 8;     // send: 16-byte vectors per lane in flight per row
-constexpr int kLlReduceUnroll = 2;   // complete: vectors per lane per (t, k) row in flight
-constexpr int kLlPairsInFlight = 8;  // complete: rows of a token loaded before any is summed
+constexpr int kLlCombineWarps = kLlCombineThreads / 32;
+constexpr int kLlReduceUnroll = 2;   // vectors per lane per row in flight
+constexpr int kLlRowsInFlight = 8;   // rows of a sum loaded before any is added
+constexpr int kLlSumVecs = 32 * kLlReduceUnroll;  // vectors of one (token, chunk) item
+
+// Sums vectors [base, base + kLlSumVecs) of the BF16 rows named by the lanes in `m`, in
+// increasing lane order: each lane j in m passes its row's start and weight. FP32 accumulation
+// acc = acc + (w * y rounded to float) from +0.0f, then one BF16 rounding; m == 0 gives zeros.
+// kPeerWritten: the rows were written by another GPU (read past L1).
+template <bool kPeerWritten>
+__device__ void sumRowsChunk(unsigned m, const uint4* myRow, float myWeight, int base, int rowVecs,
+                             int lane, uint4 (&result)[kLlReduceUnroll]) {
+  float acc[kLlReduceUnroll][8];
+#pragma unroll
+  for (int u = 0; u < kLlReduceUnroll; ++u)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[u][j] = 0.0f;
+  while (m != 0) {
+    uint4 v[kLlRowsInFlight][kLlReduceUnroll];
+    float wq[kLlRowsInFlight];
+    int n = 0;
+#pragma unroll
+    for (int q = 0; q < kLlRowsInFlight; ++q) {
+      if (m == 0) break;
+      const int j = __ffs(m) - 1;
+      m &= m - 1;
+      wq[q] = __shfl_sync(0xffffffffu, myWeight, j);
+      const uint4* src = (const uint4*)__shfl_sync(0xffffffffu, (unsigned long long)myRow, j);
+#pragma unroll
+      for (int u = 0; u < kLlReduceUnroll; ++u) {
+        const int idx = base + u * 32 + lane;
+        if (idx >= rowVecs) v[q][u] = make_uint4(0, 0, 0, 0);
+        else v[q][u] = kPeerWritten ? loadPeer(src + idx) : loadStreaming(src + idx);
+      }
+      n = q + 1;
+    }
+#pragma unroll
+    for (int q = 0; q < kLlRowsInFlight; ++q) {
+      if (q >= n) break;
+#pragma unroll
+      for (int u = 0; u < kLlReduceUnroll; ++u) {
+        const uint32_t words[4] = {v[q][u].x, v[q][u].y, v[q][u].z, v[q][u].w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          acc[u][2 * j] = __fadd_rn(acc[u][2 * j], __fmul_rn(wq[q], bf16BitsToFloat(words[j] & 0xffffu)));
+          acc[u][2 * j + 1] = __fadd_rn(acc[u][2 * j + 1], __fmul_rn(wq[q], bf16BitsToFloat(words[j] >> 16)));
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < kLlReduceUnroll; ++u) {
+    result[u].x = floatToBf16Bits(acc[u][0]) | (floatToBf16Bits(acc[u][1]) << 16);
+    result[u].y = floatToBf16Bits(acc[u][2]) | (floatToBf16Bits(acc[u][3]) << 16);
+    result[u].z = floatToBf16Bits(acc[u][4]) | (floatToBf16Bits(acc[u][5]) << 16);
+    result[u].w = floatToBf16Bits(acc[u][6]) | (floatToBf16Bits(acc[u][7]) << 16);
+  }
+}
 
 __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineSendKernel(LlCombineArgs a) {
   const WindowView& w = a.w;
-  const int R = w.nRanks, me = w.rank, L = a.numExperts / R, M = a.maxTokens;
+  const int R = w.nRanks, me = w.rank, M = a.maxTokens, K = a.topK;
   __shared__ char* peer[kMaxRanks];
+  __shared__ int tokenStart[kMaxRanks + 1];  // prefix of the sources' token counts
   if (threadIdx.x < R) peer[threadIdx.x] = (char*)ncclGetLsaPointer(w.win, 0, threadIdx.x) + a.slotOff;
   __syncthreads();
   const char* slot = peer[me];
-  const int* counts = (const int*)(slot + a.slot.recvCounts);
-  const int* srcToken = (const int*)(slot + a.slot.srcToken);
-  const int* srcK = (const int*)(slot + a.slot.srcK);
-  const int rowVecs = a.hidden / 8;
-  const size_t rowBytes = (size_t)a.hidden * 2;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warpsPerCta = blockDim.x / 32;
-  // Row prefix over the (l, s) blocks, so that warps share out the rows actually received.
-  extern __shared__ int blockStart[];  // [L*R + 1]
-  const int numBlocks = L * R;
-  if (warp == 0) {
-    const int per = (numBlocks + 31) / 32, lo = min(lane * per, numBlocks), hi = min(lo + per, numBlocks);
-    int sum = 0;
-    for (int b = lo; b < hi; ++b) sum += loadPeerInt(counts + b);
-    int inclusive = sum;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const int v = __shfl_up_sync(0xffffffffu, inclusive, off);
-      if (lane >= off) inclusive += v;
+  if (threadIdx.x == 0) {
+    // The completed dispatch of this slot left (epoch << 32) | T_s in each source's signal.
+    const volatile uint64_t* sig = (const volatile uint64_t*)(slot + a.slot.dispatchSignals);
+    int run = 0;
+    for (int s = 0; s < R; ++s) {
+      tokenStart[s] = run;
+      run += (int)(sig[s] & 0xffffffffu);
     }
-    int run = inclusive - sum;
-    for (int b = lo; b < hi; ++b) {
-      blockStart[b] = run;
-      run += loadPeerInt(counts + b);
-    }
-    if (lane == 31) blockStart[numBlocks] = inclusive;
+    tokenStart[R] = run;
   }
   __syncthreads();
-  const int totalRows = blockStart[numBlocks];
-  for (int j = blockIdx.x * warpsPerCta + warp; j < totalRows; j += gridDim.x * warpsPerCta) {
-    int lo = 0, hi = numBlocks;  // the last block starting at or before j holds row j
-    while (hi - lo > 1) {
-      const int mid = (lo + hi) / 2;
-      if (blockStart[mid] <= j) lo = mid; else hi = mid;
+  const LlRouteEntry* route = (const LlRouteEntry*)(slot + a.slot.route);
+  const int rowVecs = a.hidden / 8, chunks = (rowVecs + kLlSumVecs - 1) / kLlSumVecs;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int it = blockIdx.x * kLlCombineWarps + warp; it < tokenStart[R] * chunks;
+       it += gridDim.x * kLlCombineWarps) {
+    const int flat = it / chunks, base = (it % chunks) * kLlSumVecs;
+    int s = 0;
+    while (tokenStart[s + 1] <= flat) ++s;
+    const int t = flat - tokenStart[s];
+    int row = -1;
+    float weight = 0.0f;
+    if (lane < K) {
+      // Written by source s during the dispatch: read past L1.
+      const int2 e = loadPeerInt2((const int2*)(route + ((size_t)s * M + t) * K + lane));
+      row = e.x;
+      weight = __int_as_float(e.y);
     }
-    const int block = lo, i = j - blockStart[block], s = block % R;
-    const size_t row = (size_t)block * M + i;  // == l*R*M + s*M + i
-    // srcToken and srcK were written by the peers during the dispatch: read past L1.
-    const int t = loadPeerInt(srcToken + row), k = loadPeerInt(srcK + row);
-    const uint4* src = (const uint4*)(a.expertOut + row * a.hidden);
-    uint4* dst = (uint4*)(peer[s] + a.slot.combineRecv + ((size_t)t * a.topK + k) * rowBytes);
-    for (int base = 0; base < rowVecs; base += 32 * kLlCopyUnroll) {
-      uint4 v[kLlCopyUnroll];
+    const unsigned here = __ballot_sync(0xffffffffu, row >= 0);
+    if (here == 0) continue;  // token t of s has no expert on this rank
+    const uint4* myRow = (const uint4*)(a.expertOut + (size_t)max(row, 0) * a.hidden);
+    uint4 partial[kLlReduceUnroll];
+    sumRowsChunk<false>(here, myRow, weight, base, rowVecs, lane, partial);
+    uint4* dst = (uint4*)(peer[s] + a.slot.combineRecv + ((size_t)t * R + me) * a.hidden * 2);
 #pragma unroll
-      for (int u = 0; u < kLlCopyUnroll; ++u) {
-        const int idx = base + u * 32 + lane;
-        if (idx < rowVecs) v[u] = loadStreaming(src + idx);
-      }
-#pragma unroll
-      for (int u = 0; u < kLlCopyUnroll; ++u) {
-        const int idx = base + u * 32 + lane;
-        if (idx < rowVecs) storeNoAllocate(dst + idx, v[u]);
-      }
+    for (int u = 0; u < kLlReduceUnroll; ++u) {
+      const int idx = base + u * 32 + lane;
+      if (idx < rowVecs) storeNoAllocate(dst + idx, partial[u]);
     }
   }
   __syncthreads();
@@ -102,77 +145,28 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineCompleteKernel(
     ok &= waitAtLeast(w, sig + r, (uint64_t)gridDim.x * epoch, kWaitLlCombine, r);
   if (!__syncthreads_and(ok)) return;
 
-  // Work items are (token, chunk of 32 * kLlReduceUnroll vectors): several warps per token. The
-  // rows of up to kLlPairsInFlight pairs are loaded before any is summed (latency bound).
-  const int lane = threadIdx.x % 32, warpsPerCta = blockDim.x / 32, rowVecs = a.hidden / 8;
-  const int chunkVecs = 32 * kLlReduceUnroll, chunks = (rowVecs + chunkVecs - 1) / chunkVecs;
-  const uint4* recv = (const uint4*)(slot + a.slot.combineRecv);
-  for (int it = blockIdx.x * warpsPerCta + threadIdx.x / 32; it < a.numTokens * chunks;
-       it += gridDim.x * warpsPerCta) {
-    const int t = it / chunks, base = (it % chunks) * chunkVecs;
-    // Lane k < K: is (t, k) a valid pair, and its weight.
-    bool valid = false;
-    float weight = 1.0f;
-    if (lane < a.topK) {
-      const int64_t e = a.topkIdx[(size_t)t * a.topK + lane];
-      valid = e >= 0 && e < a.numExperts;
-      if (a.topkWeights) weight = a.topkWeights[(size_t)t * a.topK + lane];
-    }
-    float acc[kLlReduceUnroll][8];
-#pragma unroll
-    for (int u = 0; u < kLlReduceUnroll; ++u)
-#pragma unroll
-      for (int j = 0; j < 8; ++j) acc[u][j] = 0.0f;
-    for (unsigned m = __ballot_sync(0xffffffffu, valid); m != 0;) {  // k in increasing order
-      uint4 v[kLlPairsInFlight][kLlReduceUnroll];
-      float wk[kLlPairsInFlight];
-      int n = 0;
-#pragma unroll
-      for (int q = 0; q < kLlPairsInFlight; ++q) {
-        if (m == 0) break;
-        const int k = __ffs(m) - 1;
-        m &= m - 1;
-        wk[q] = __shfl_sync(0xffffffffu, weight, k);
-        const uint4* src = recv + ((size_t)t * a.topK + k) * rowVecs;
-#pragma unroll
-        for (int u = 0; u < kLlReduceUnroll; ++u) {
-          const int idx = base + u * 32 + lane;
-          v[q][u] = idx < rowVecs ? loadPeer(src + idx) : make_uint4(0, 0, 0, 0);
-        }
-        n = q + 1;
-      }
-#pragma unroll
-      for (int q = 0; q < kLlPairsInFlight; ++q) {
-        if (q >= n) break;
-#pragma unroll
-        for (int u = 0; u < kLlReduceUnroll; ++u) {
-          const uint32_t words[4] = {v[q][u].x, v[q][u].y, v[q][u].z, v[q][u].w};
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            acc[u][2 * j] = __fadd_rn(acc[u][2 * j], __fmul_rn(wk[q], bf16BitsToFloat(words[j] & 0xffffu)));
-            acc[u][2 * j + 1] = __fadd_rn(acc[u][2 * j + 1], __fmul_rn(wk[q], bf16BitsToFloat(words[j] >> 16)));
-          }
-        }
-      }
-    }
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, rowVecs = a.hidden / 8;
+  const int chunks = (rowVecs + kLlSumVecs - 1) / kLlSumVecs;
+  const uint32_t* tokenRanks = (const uint32_t*)(slot + a.slot.tokenRanks);
+  const uint16_t* recv = (const uint16_t*)(slot + a.slot.combineRecv);  // [M][R][H]
+  for (int it = blockIdx.x * kLlCombineWarps + warp; it < a.numTokens * chunks;
+       it += gridDim.x * kLlCombineWarps) {
+    const int t = it / chunks, base = (it % chunks) * kLlSumVecs;
+    const unsigned ranks = tokenRanks[t];  // written by this rank's dispatch send
+    const uint4* myRow = (const uint4*)(recv + ((size_t)t * R + min(lane, R - 1)) * a.hidden);
+    uint4 sum[kLlReduceUnroll];
+    sumRowsChunk<true>(ranks, myRow, 1.0f, base, rowVecs, lane, sum);
     uint4* dst = (uint4*)(a.out + (size_t)t * a.hidden);
 #pragma unroll
     for (int u = 0; u < kLlReduceUnroll; ++u) {
       const int idx = base + u * 32 + lane;
-      if (idx >= rowVecs) continue;
-      uint4 o;
-      o.x = floatToBf16Bits(acc[u][0]) | (floatToBf16Bits(acc[u][1]) << 16);
-      o.y = floatToBf16Bits(acc[u][2]) | (floatToBf16Bits(acc[u][3]) << 16);
-      o.z = floatToBf16Bits(acc[u][4]) | (floatToBf16Bits(acc[u][5]) << 16);
-      o.w = floatToBf16Bits(acc[u][6]) | (floatToBf16Bits(acc[u][7]) << 16);
-      dst[idx] = o;
+      if (idx < rowVecs) dst[idx] = sum[u];
     }
   }
 }
 
 cudaError_t launchLlCombineSend(const LlCombineArgs& args, int numCtas, cudaStream_t stream) {
-  const size_t smem = sizeof(int) * ((size_t)args.numExperts + 1);  // L*R + 1 block starts
-  llCombineSendKernel<<<numCtas, kLlCombineThreads, smem, stream>>>(args);
+  llCombineSendKernel<<<numCtas, kLlCombineThreads, 0, stream>>>(args);
   return cudaGetLastError();
 }
 

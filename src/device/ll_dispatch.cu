@@ -1,15 +1,20 @@
 // Low-latency dispatch over LSA: send kernel (no waiting on peers) and completion kernel.
 //
-// Send (numSms CTAs): warps take (token, k) pairs round-robin, reserve a row with an atomic on
-// this rank's per-expert counter, stream the token row (16-byte vectors), cast it to FP8 when
-// asked (amax and scale per 128 channels inside half-warps) and store it straight into the
-// destination row x[l][me*M + pos] of the owning rank's window, with its scales, srcToken and
-// srcK. The last CTA
-// to finish publishes, for every expert e, (epoch << 32) | rows to the owner's dispatchSignals
-// [l][me] with release semantics and clears the counters. Nothing here waits for a peer.
+// A token crosses NVLink once per destination rank (not once per expert):
+// Send (numSms CTAs of 16 warps): each CTA takes rounds of up to 16 tokens. Phase 1, one warp per
+// token: every valid (t, k) reserves row pos of its expert with an atomic on this rank's
+// per-expert counter; the warp writes the token's route entries (row and weight of each k, -1
+// for k on other ranks) to every rank, srcToken of each row to its owner, and the set of ranks
+// the token goes to into this rank's tokenRanks[t]. Phase 2, all warps of the CTA: (token,
+// chunk of 2048 channels) items; the warp loads the chunk once, casts it to FP8 when asked (amax
+// and scale per 128 channels inside half-warps) and stores it, with its scales, into the row of
+// the token's first expert on every destination rank. The last CTA to finish writes the row
+// counts recvCounts[l][me] at every rank, then publishes (epoch << 32) | T to each rank's
+// dispatchSignals[me] with release semantics and clears the counters.
 //
-// Complete (1 CTA): one thread per (l, s) waits for the signal of this slot's epoch (acquire, with
-// the context timeout) and writes recvCounts[l][s]; then the per-expert sums.
+// Complete (numSms CTAs): every CTA waits (acquire, with the context timeout) for the signal of
+// this slot's epoch from every source; then CTA 0 sums the per-expert counts and all warps copy
+// each received token from its first expert row to its other expert rows on this rank.
 #include "config.h"
 #include "device/fp8_cast.cuh"
 #include "device/kernel_args.h"
@@ -19,49 +24,119 @@
 namespace nccl_moe {
 
 constexpr int kLlThreads = 512;
-constexpr int kLlUnroll = 8;  // 32-vector steps per batch: 8 * 32 * 8 = 2048 channels = 16 groups
+constexpr int kLlWarps = kLlThreads / 32;
+constexpr int kLlUnroll = 8;  // vectors per lane in one chunk: 8 * 32 * 8 = 2048 channels = 16 groups
+constexpr int kLlChunkVecs = 32 * kLlUnroll;
 
-// Sends token t's row (cast to FP8 when asked) to row `row` of rank d's slot.
-__device__ void sendRowLl(const LlDispatchArgs& a, char* slot, int t, int row, int lane) {
-  const int H = a.hidden, rowVecs = H / 8, groups = H / kFp8GroupSize;
+// Where a token of the running round goes: for each k, its destination rank (-1: none) and row.
+struct LlTokenRoute {
+  unsigned lead;  // bit k set for the first k of each destination rank
+  int dest[kMaxTopK];
+  int row[kMaxTopK];
+};
+
+// Phase 1 for token t, by one warp: reserve rows, write route entries, srcToken and tokenRanks.
+__device__ void routeTokenLl(const LlDispatchArgs& a, char* const* peer, char* mySlot, int t,
+                             LlTokenRoute* r, int lane) {
+  const WindowView& w = a.w;
+  const int R = w.nRanks, me = w.rank, K = a.topK, L = a.numExperts / R, M = a.maxTokens;
+  int d = -1, row = -1;
+  float weight = 1.0f;
+  if (lane < K) {
+    const int64_t e = a.topkIdx[(size_t)t * K + lane];
+    if (e < -1 || e >= a.numExperts) {
+      reportError(w.error, kDevBadExpert, t, lane, (int)e);
+    } else if (e >= 0) {
+      const int ei = (int)e, pos = atomicAdd(&a.posCounter[ei], 1);
+      if (pos < M) {
+        d = ei / L;
+        row = (ei % L) * R * M + me * M + pos;
+      } else {  // only possible with an expert repeated inside a token
+        reportError(w.error, kDevOverflow, ei / L, pos + 1, M);
+      }
+    }
+    if (a.topkWeights) weight = a.topkWeights[(size_t)t * K + lane];
+  }
+  // The first k of each destination rank receives the data; the completion copies it onward.
+  const unsigned same = __match_any_sync(0xffffffffu, d);
+  const unsigned lead = __ballot_sync(0xffffffffu, d >= 0 && lane == __ffs(same) - 1);
+  const unsigned ranks = __reduce_or_sync(0xffffffffu, d >= 0 ? 1u << d : 0u);
+  if (lane == 0) {
+    ((uint32_t*)(mySlot + a.slot.tokenRanks))[t] = ranks;
+    r->lead = lead;
+  }
+  if (lane < K) {
+    r->dest[lane] = d;
+    r->row[lane] = row;
+    if (d >= 0) ((int*)(peer[d] + a.slot.srcToken))[row] = t;
+    // Every rank gets this token's K entries, so that no entry of an earlier use of the slot
+    // survives: 8-byte stores, K consecutive per (rank, token).
+    const size_t entry = ((size_t)me * M + t) * K + lane;
+    for (int dst = 0; dst < R; ++dst) {
+      LlRouteEntry* p = (LlRouteEntry*)(peer[dst] + a.slot.route) + entry;
+      *(uint2*)p = make_uint2((uint32_t)(d == dst ? row : -1), __float_as_uint(weight));
+    }
+  }
+}
+
+// Phase 2: chunk c (kLlChunkVecs vectors) of token t, loaded once, stored to every destination.
+__device__ void sendChunkLl(const LlDispatchArgs& a, char* const* peer, const LlTokenRoute& r, int t,
+                            int c, int lane) {
+  const int H = a.hidden, rowVecs = H / 8, groups = H / kFp8GroupSize, base = c * kLlChunkVecs;
   const size_t rowBytes = a.fp8 ? (size_t)H : (size_t)H * 2;
   const uint4* src = (const uint4*)(a.x + (size_t)t * H);
-  for (int base = 0; base < rowVecs; base += 32 * kLlUnroll) {
-    uint4 v[kLlUnroll];
+  uint4 v[kLlUnroll];
 #pragma unroll
-    for (int u = 0; u < kLlUnroll; ++u) {
-      const int idx = base + u * 32 + lane;
-      v[u] = idx < rowVecs ? __ldg(src + idx) : make_uint4(0, 0, 0, 0);  // re-read per expert: L2
-    }
-    if (!a.fp8) {
-      uint4* dst = (uint4*)(slot + a.slot.recvX + (size_t)row * rowBytes);
+  for (int u = 0; u < kLlUnroll; ++u) {
+    const int idx = base + u * 32 + lane;
+    v[u] = idx < rowVecs ? __ldg(src + idx) : make_uint4(0, 0, 0, 0);
+  }
+  if (!a.fp8) {
+    for (unsigned m = r.lead; m != 0; m &= m - 1) {
+      const int k = __ffs(m) - 1;
+      uint4* dst = (uint4*)(peer[r.dest[k]] + a.slot.recvX + (size_t)r.row[k] * rowBytes);
 #pragma unroll
       for (int u = 0; u < kLlUnroll; ++u) {
         const int idx = base + u * 32 + lane;
         if (idx < rowVecs) storeNoAllocate(dst + idx, v[u]);
       }
-      continue;
     }
-    Fp8Scale sc[kLlUnroll];
-    uint2* dst = (uint2*)(slot + a.slot.recvX + (size_t)row * rowBytes);
+    return;
+  }
+  Fp8Scale sc[kLlUnroll];
+  uint2 q[kLlUnroll];
+#pragma unroll
+  for (int u = 0; u < kLlUnroll; ++u) {
+    sc[u] = fp8Scale(groupAmax(v[u]), a.scaleFormat != ncclMoeScaleFp32);  // whole warp shuffles
+    q[u] = castToFp8(v[u], sc[u].inverse);
+  }
+  // UE8M0: the exponent bytes of groups 4j..4j+3 come from steps u = 2i, 2i+1, half-warps 0, 1.
+  uint32_t words[kLlUnroll / 2];
+#pragma unroll
+  for (int i = 0; i < kLlUnroll / 2; ++i) {
+    const uint32_t b0 = sc[2 * i].ue8m0, b2 = sc[2 * i + 1].ue8m0;
+    const uint32_t b1 = __shfl_sync(0xffffffffu, b0, 16), b3 = __shfl_sync(0xffffffffu, b2, 16);
+    words[i] = b0 | (b1 << 8) | (b2 << 16) | (b3 << 24);
+  }
+  for (unsigned m = r.lead; m != 0; m &= m - 1) {
+    const int k = __ffs(m) - 1;
+    char* slot = peer[r.dest[k]];
+    const size_t row = (size_t)r.row[k];
+    uint2* dst = (uint2*)(slot + a.slot.recvX + row * rowBytes);
 #pragma unroll
     for (int u = 0; u < kLlUnroll; ++u) {
-      sc[u] = fp8Scale(groupAmax(v[u]), a.scaleFormat != ncclMoeScaleFp32);  // whole warp shuffles
       const int idx = base + u * 32 + lane;
-      if (idx < rowVecs) dst[idx] = castToFp8(v[u], sc[u].inverse);
+      if (idx < rowVecs) dst[idx] = q[u];
     }
     if (a.scaleFormat == ncclMoeScaleUe8m0) {
-      // The exponent bytes of groups 4j..4j+3 come from steps u = 2i, 2i+1, half-warps 0 and 1.
-      uint32_t* s = (uint32_t*)(slot + a.slot.recvScales) + (size_t)row * (groups / 4);
+      uint32_t* s = (uint32_t*)(slot + a.slot.recvScales) + row * (groups / 4);
 #pragma unroll
       for (int i = 0; i < kLlUnroll / 2; ++i) {
-        const uint32_t b0 = sc[2 * i].ue8m0, b2 = sc[2 * i + 1].ue8m0;
-        const uint32_t b1 = __shfl_sync(0xffffffffu, b0, 16), b3 = __shfl_sync(0xffffffffu, b2, 16);
-        const int word = base / 64 + i;  // 64 vectors = 512 channels per word, base % 256 == 0
-        if (lane == 0 && word < groups / 4) s[word] = b0 | (b1 << 8) | (b2 << 16) | (b3 << 24);
+        const int word = base / 64 + i;  // 64 vectors = 512 channels per word
+        if (lane == 0 && word < groups / 4) s[word] = words[i];
       }
     } else if ((lane & 15) == 0) {
-      float* s = (float*)(slot + a.slot.recvScales) + (size_t)row * groups;
+      float* s = (float*)(slot + a.slot.recvScales) + row * groups;
 #pragma unroll
       for (int u = 0; u < kLlUnroll; ++u) {
         const int g = (base + u * 32 + lane) / 16;
@@ -71,74 +146,141 @@ __device__ void sendRowLl(const LlDispatchArgs& a, char* slot, int t, int row, i
   }
 }
 
-// Work items are (token, k) pairs, one per warp at a time: 8x more parallelism than one warp per
-// token at decode sizes, at the price of re-reading the token row from L2 for each expert.
 __global__ void __launch_bounds__(kLlThreads, 1) llDispatchSendKernel(LlDispatchArgs a) {
   const WindowView& w = a.w;
-  const int R = w.nRanks, me = w.rank, L = a.numExperts / R, M = a.maxTokens, K = a.topK;
+  const int R = w.nRanks, me = w.rank, L = a.numExperts / R, M = a.maxTokens, T = a.numTokens;
   __shared__ char* peer[kMaxRanks];
+  __shared__ LlTokenRoute route[kLlWarps];
   unsigned long long* sends = &w.state->llDispatchSends[a.slotIndex];
   const uint64_t epoch = *(volatile unsigned long long*)sends + 1;
   if (threadIdx.x < R) peer[threadIdx.x] = (char*)ncclGetLsaPointer(w.win, 0, threadIdx.x) + a.slotOff;
   __syncthreads();
+  char* mySlot = peer[me];
 
-  const int lane = threadIdx.x % 32, warpsPerCta = blockDim.x / 32;
-  const int items = a.numTokens * K;
-  for (int it = blockIdx.x * warpsPerCta + threadIdx.x / 32; it < items; it += gridDim.x * warpsPerCta) {
-    const int t = it / K, k = it % K;
-    const int64_t e = a.topkIdx[(size_t)t * K + k];
-    if (e == -1) continue;
-    if (e < -1 || e >= a.numExperts) {
-      if (lane == 0) reportError(w.error, kDevBadExpert, t, k, (int)e);
-      continue;
-    }
-    const int ei = (int)e, d = ei / L, l = ei % L;
-    int pos = 0;
-    if (lane == 0) pos = atomicAdd(&a.posCounter[ei], 1);
-    pos = __shfl_sync(0xffffffffu, pos, 0);
-    if (pos >= M) {  // only possible with an expert repeated inside a token
-      if (lane == 0) reportError(w.error, kDevOverflow, d, pos + 1, M);
-      continue;
-    }
-    const int row = l * R * M + me * M + pos;
-    if (lane == 0) {
-      ((int*)(peer[d] + a.slot.srcToken))[row] = t;
-      ((int*)(peer[d] + a.slot.srcK))[row] = k;
-    }
-    sendRowLl(a, peer[d], t, row, lane);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int chunks = (a.hidden / 8 + kLlChunkVecs - 1) / kLlChunkVecs;
+  // Tokens per CTA and round: spread the tokens over all CTAs, at most one per warp.
+  const int perRound = min(kLlWarps, (T + (int)gridDim.x - 1) / (int)gridDim.x);
+  for (int first = blockIdx.x * perRound; first < T; first += gridDim.x * perRound) {
+    const int n = min(perRound, T - first);
+    if (warp < n) routeTokenLl(a, peer, mySlot, first + warp, &route[warp], lane);
+    __syncthreads();
+    for (int item = warp; item < n * chunks; item += kLlWarps)
+      sendChunkLl(a, peer, route[item / chunks], first + item / chunks, item % chunks, lane);
+    __syncthreads();  // route[] is rewritten by the next round
   }
 
   if (!lastCtaToArrive(&w.state->llDispatchArrived[a.slotIndex])) return;
-  // Publish the row counts of this send: expert e's rows go to rank e / L, local expert e % L.
+  // Row counts first (plain stores), then the signals that release them: expert e's rows go to
+  // rank e / L, local expert e % L.
   for (int e = threadIdx.x; e < a.numExperts; e += blockDim.x) {
     const int rows = min(atomicExch(&a.posCounter[e], 0), M);
-    uint64_t* sig = (uint64_t*)(peer[e / L] + a.slot.dispatchSignals) + (e % L) * R + me;
-    const uint64_t value = (epoch << 32) | (uint64_t)rows;
+    ((int*)(peer[e / L] + a.slot.recvCounts))[(e % L) * R + me] = rows;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x < R) {
+    uint64_t* sig = (uint64_t*)(peer[threadIdx.x] + a.slot.dispatchSignals) + me;
+    const uint64_t value = (epoch << 32) | (uint64_t)T;
     asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(sig), "l"(value) : "memory");
   }
   if (threadIdx.x == 0) *(volatile unsigned long long*)sends = epoch;
 }
 
-__global__ void llDispatchCompleteKernel(LlDispatchArgs a) {
+// Copies chunk c of a received row (rowBytes) from row `from` to every row of `rows` but the
+// first; chunk 0 also copies the row's scales (scaleBytes, a multiple of 4).
+__device__ void fanOutChunk(char* x, char* scales, size_t rowBytes, size_t scaleBytes, int from,
+                            const int* rowOfK, unsigned others, int c, int lane) {
+  const int rowVecs = (int)(rowBytes / 16), base = c * kLlChunkVecs;
+  const uint4* src = (const uint4*)(x + (size_t)from * rowBytes);
+  uint4 v[kLlUnroll];
+#pragma unroll
+  for (int u = 0; u < kLlUnroll; ++u) {
+    const int idx = base + u * 32 + lane;
+    if (idx < rowVecs) v[u] = loadPeer(src + idx);  // written by a peer: read past L1
+  }
+  for (unsigned m = others; m != 0; m &= m - 1) {
+    uint4* dst = (uint4*)(x + (size_t)rowOfK[__ffs(m) - 1] * rowBytes);
+#pragma unroll
+    for (int u = 0; u < kLlUnroll; ++u) {
+      const int idx = base + u * 32 + lane;
+      if (idx < rowVecs) dst[idx] = v[u];
+    }
+  }
+  if (c != 0 || scaleBytes == 0) return;
+  const int words = (int)(scaleBytes / 4);
+  const int* s = (const int*)(scales + (size_t)from * scaleBytes);
+  for (int i = lane; i < words; i += 32) {
+    const int value = loadPeerInt(s + i);
+    for (unsigned m = others; m != 0; m &= m - 1)
+      ((int*)(scales + (size_t)rowOfK[__ffs(m) - 1] * scaleBytes))[i] = value;
+  }
+}
+
+__global__ void __launch_bounds__(kLlThreads, 1) llDispatchCompleteKernel(LlDispatchArgs a) {
   const WindowView& w = a.w;
-  const int R = w.nRanks, L = a.numExperts / R;
+  const int R = w.nRanks, L = a.numExperts / R, M = a.maxTokens, K = a.topK;
   char* slot = (char*)ncclGetLocalPointer(w.win, a.slotOff);
   const uint64_t epoch = *(volatile unsigned long long*)&w.state->llDispatchSends[a.slotIndex];
   const uint64_t* sig = (const uint64_t*)(slot + a.slot.dispatchSignals);
-  int* counts = (int*)(slot + a.slot.recvCounts);  // [L][R], then [L]
-  for (int i = threadIdx.x; i < L * R; i += blockDim.x) {
-    int rows = 0;
-    if (waitAtLeast(w, sig + i, epoch << 32, kWaitLlDispatch, i % R)) {
-      const uint64_t v = loadAcquire(sig + i);
-      rows = (v >> 32) == epoch ? (int)(v & 0xffffffffu) : 0;
+  __shared__ int tokenStart[kMaxRanks + 1];  // prefix of the sources' token counts
+  __shared__ int tokens[kMaxRanks];
+  bool ok = true;
+  for (int s = threadIdx.x; s < R; s += blockDim.x) {
+    int n = 0;
+    if (waitAtLeast(w, sig + s, epoch << 32, kWaitLlDispatch, s)) {
+      const uint64_t v = loadAcquire(sig + s);
+      n = (v >> 32) == epoch ? (int)(v & 0xffffffffu) : 0;
+    } else {
+      ok = false;
     }
-    counts[i] = rows;
+    tokens[s] = n;
+  }
+  if (!__syncthreads_and(ok)) return;
+  if (threadIdx.x == 0) {
+    int run = 0;
+    for (int s = 0; s < R; ++s) {
+      tokenStart[s] = run;
+      run += tokens[s];
+    }
+    tokenStart[R] = run;
+  }
+  int* counts = (int*)(slot + a.slot.recvCounts);  // [L][R], then [L]
+  if (blockIdx.x == 0) {
+    for (int l = threadIdx.x; l < L; l += blockDim.x) {
+      int sum = 0;
+      for (int s = 0; s < R; ++s) sum += loadPeerInt(counts + l * R + s);
+      counts[L * R + l] = sum;
+    }
   }
   __syncthreads();
-  for (int l = threadIdx.x; l < L; l += blockDim.x) {
-    int sum = 0;
-    for (int s = 0; s < R; ++s) sum += counts[l * R + s];
-    counts[L * R + l] = sum;
+
+  // Fan-out: items (source token, chunk); tokens with one row here need nothing.
+  const size_t rowBytes = a.fp8 ? (size_t)a.hidden : (size_t)a.hidden * 2;
+  const size_t scaleBytes = (size_t)a.scaleBytes;
+  const int chunks = (int)((rowBytes / 16 + kLlChunkVecs - 1) / kLlChunkVecs);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  __shared__ int rowOfK[kLlWarps][kMaxTopK];
+  const LlRouteEntry* route = (const LlRouteEntry*)(slot + a.slot.route);
+  for (int it = blockIdx.x * kLlWarps + warp; it < tokenStart[R] * chunks; it += gridDim.x * kLlWarps) {
+    const int flat = it / chunks, c = it % chunks;
+    int s = 0;
+    while (tokenStart[s + 1] <= flat) ++s;
+    const int t = flat - tokenStart[s];
+    int row = -1;
+    if (lane < K) {
+      const int2 e = loadPeerInt2((const int2*)(route + ((size_t)s * M + t) * K + lane));
+      row = e.x;
+      rowOfK[warp][lane] = row;
+    }
+    const unsigned here = __ballot_sync(0xffffffffu, row >= 0);
+    __syncwarp();
+    if (__popc(here) < 2) continue;
+    const int from = rowOfK[warp][__ffs(here) - 1];
+    fanOutChunk(slot + a.slot.recvX, slot + a.slot.recvScales, rowBytes, scaleBytes, from, rowOfK[warp],
+                here & (here - 1), c, lane);
+    __syncwarp();  // rowOfK[warp] is rewritten by the next item
   }
 }
 
@@ -147,8 +289,8 @@ cudaError_t launchLlDispatchSend(const LlDispatchArgs& args, int numCtas, cudaSt
   return cudaGetLastError();
 }
 
-cudaError_t launchLlDispatchComplete(const LlDispatchArgs& args, cudaStream_t stream) {
-  llDispatchCompleteKernel<<<1, 1024, 0, stream>>>(args);
+cudaError_t launchLlDispatchComplete(const LlDispatchArgs& args, int numCtas, cudaStream_t stream) {
+  llDispatchCompleteKernel<<<numCtas, kLlThreads, 0, stream>>>(args);
   return cudaGetLastError();
 }
 

@@ -27,6 +27,12 @@ __device__ __forceinline__ int loadPeerInt(const int* p) {
   return v;
 }
 
+__device__ __forceinline__ int2 loadPeerInt2(const int2* p) {
+  int2 v;
+  asm volatile("ld.global.cg.v2.s32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+
 __device__ __forceinline__ void storeNoAllocate(uint4* p, uint4 v) {
   asm volatile("st.global.L1::no_allocate.v4.u32 [%0], {%1,%2,%3,%4};"
                ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");

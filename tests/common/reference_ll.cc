@@ -11,7 +11,8 @@
 //  - Dequantised value: fp8ToFloat(q) * scale (float), rounded to BF16 for the identity expert.
 //  - Dispatch: one row per (token, k) whose expert lives on dst; blocks keyed (local expert,
 //    source rank). Counting per (token, k) entry.
-//  - Combine: per token, k in increasing order, valid entries (expert id >= 0) only.
+//  - Combine: per token, one BF16 partial per destination rank (its k in increasing order, valid
+//    entries only), then the partials in rank order.
 #include "reference_ll.h"
 
 #include <assert.h>
@@ -157,18 +158,28 @@ LlReceived llDispatch(int dst, const std::vector<Routing>& routing, int numExper
   return out;
 }
 
-std::vector<uint16_t> llCombine(const Routing& r, const LlExpertRow& y, int hidden,
-                                bool weighted) {
+std::vector<uint16_t> llCombine(const Routing& r, const LlExpertRow& y, int hidden, bool weighted,
+                                int numExperts, int nRanks) {
   assert(!weighted || r.topkWeights.size() >= (size_t)r.numTokens * r.topK);
+  assert(nRanks > 0 && numExperts % nRanks == 0);
+  const int L = numExperts / nRanks;
   std::vector<uint16_t> out((size_t)r.numTokens * hidden);
-  std::vector<float> acc(hidden);
+  std::vector<float> acc(hidden), partial(hidden);
   for (int t = 0; t < r.numTokens; ++t) {
     std::fill(acc.begin(), acc.end(), 0.0f);
-    for (int k = 0; k < r.topK; ++k) {
-      if (r.topkIdx[(size_t)t * r.topK + k] < 0) continue;
-      const float w = weighted ? r.topkWeights[(size_t)t * r.topK + k] : 1.0f;
-      const uint16_t* row = y(t, k);
-      for (int h = 0; h < hidden; ++h) acc[h] = acc[h] + roundedProduct(w, bf16ToFloat(row[h]));
+    for (int d = 0; d < nRanks; ++d) {
+      bool any = false;
+      std::fill(partial.begin(), partial.end(), 0.0f);
+      for (int k = 0; k < r.topK; ++k) {
+        const int64_t e = r.topkIdx[(size_t)t * r.topK + k];
+        if (e < 0 || e >= numExperts || e / L != d) continue;
+        any = true;
+        const float w = weighted ? r.topkWeights[(size_t)t * r.topK + k] : 1.0f;
+        const uint16_t* row = y(t, k);
+        for (int h = 0; h < hidden; ++h) partial[h] = partial[h] + roundedProduct(w, bf16ToFloat(row[h]));
+      }
+      if (!any) continue;
+      for (int h = 0; h < hidden; ++h) acc[h] = acc[h] + bf16ToFloat(floatToBf16(partial[h]));
     }
     for (int h = 0; h < hidden; ++h) out[(size_t)t * hidden + h] = floatToBf16(acc[h]);
   }

@@ -1,5 +1,5 @@
 // CPU reference model of the low-latency (LL) mode: the FP8 cast done in the sending warp, the
-// expert-major dispatch layout and the per-(token, k) combine. See reference_ll.cc for the exact
+// expert-major dispatch layout and the per-(token, rank) combine. See reference_ll.cc for the exact
 // rules; the GPU tests (tests/gpu/ll_*) and perf/ll_perf compare the library against it.
 // All data is host memory; BF16 values are raw uint16_t bit patterns, FP8 e4m3 raw uint8_t.
 #pragma once
@@ -70,12 +70,15 @@ struct LlReceived {
 };
 LlReceived llDispatch(int dst, const std::vector<Routing>& routing, int numExperts);
 
-// --- combine ----------------------------------------------------------------------------------
-// out[t] = sum over k in increasing order with topkIdx[t][k] >= 0 of w * y(t, k), w the weight
-// (1 when !weighted), FP32: acc = acc + (w * y rounded to float), acc from +0.0f, one BF16
-// rounding. A token with no valid k gives +0. Returns [T][H] BF16.
+// --- combine ---------------------------------------------------------------------------------
+// Per (token, rank), as the library sums: for every rank d in increasing order that owns an
+// expert of token t (expert e on rank e / (numExperts / nRanks)), the partial
+//   p(t, d) = bf16( sum over k in increasing order with topkIdx[t][k] on d of w * y(t, k) )
+// (FP32: acc = acc + (w * y rounded to float), acc from +0.0f; w the weight, 1 when !weighted);
+// then out[t] = bf16( sum over those d in increasing order of float(p(t, d)) ), acc from +0.0f.
+// A token with no valid k gives +0. Returns [T][H] BF16.
 using LlExpertRow = std::function<const uint16_t*(int t, int k)>;
-std::vector<uint16_t> llCombine(const Routing& r, const LlExpertRow& y, int hidden,
-                                bool weighted);
+std::vector<uint16_t> llCombine(const Routing& r, const LlExpertRow& y, int hidden, bool weighted,
+                                int numExperts, int nRanks);
 
 }  // namespace moe_ref

@@ -7,7 +7,8 @@
 //  - several operations in flight (dispatch A, dispatch B, ..., combine A, combine B, ...), one
 //    per buffer slot, with the host looking at the rows in between, and fully stream-ordered
 //    (identity expert by a device copy of x for BF16, block-constant expert outputs otherwise),
-//    one-shot and split, the ranks skewed by host delays.
+//    one-shot and split, the ranks skewed by host delays; operation 1 is dispatched without
+//    weights and the others with their own, so each combine must use its own dispatch's.
 #include <string.h>
 #include <unistd.h>
 
@@ -133,7 +134,7 @@ TEST_F(LlCombine, SplitEqualsOneShotFp8Ue8m0) {
 // and the combines (hostInBetween), or fully stream-ordered. Expert outputs: identity from the
 // downloaded rows (hostInBetween), else op i even: BF16 -> device copy of x into combineInput,
 // FP8 -> block-constant written into combineInput before the dispatches; op i odd:
-// block-constant in a separate buffer.
+// block-constant in a separate buffer. Op i's dispatch gets weights unless i == 1.
 void inFlight(const LlShape& s, uint64_t seed, bool split, bool hostInBetween) {
   const int n = s.slots, me = rank(), H = s.hidden;
   LlEp ep(s);
@@ -171,9 +172,11 @@ void inFlight(const LlShape& s, uint64_t seed, bool split, bool hostInBetween) {
   std::vector<ncclMoeLowLatencyOutput_t> out(n);
   usleep(3000 * me);
   const unsigned first = split ? NCCL_MOE_LL_SEND_ONLY : 0;
+  auto weighted = [](int i) { return i != 1; };
   for (int i = 0; i < n && ok; i++) {
     memset(&out[i], 0, sizeof(out[i]));
-    ok = MOE_OK(ncclMoeLowLatencyDispatch(ep.comm, in[i]->x.get(), in[i]->topkIdx.as<int64_t>(),
+    const float* w = weighted(i) ? in[i]->weights.as<float>() : nullptr;
+    ok = MOE_OK(ncclMoeLowLatencyDispatch(ep.comm, in[i]->x.get(), in[i]->topkIdx.as<int64_t>(), w,
                                           p[i].tokens(me), first, &out[i], stream()));
   }
   for (int i = 0; i < n && ok && split; i++)
@@ -195,14 +198,11 @@ void inFlight(const LlShape& s, uint64_t seed, bool split, bool hostInBetween) {
                                  cudaMemcpyDeviceToDevice, stream()));
   for (int i = 0; i < n && ok; i++) {
     const void* expert = i % 2 ? sep[i]->get() : out[i].combineInput;
-    ok = MOE_OK(ncclMoeLowLatencyCombine(ep.comm, &out[i], expert, in[i]->topkIdx.as<int64_t>(),
-                                         in[i]->weights.as<float>(), comb[i]->get(), first,
+    ok = MOE_OK(ncclMoeLowLatencyCombine(ep.comm, &out[i], expert, comb[i]->get(), first,
                                          stream()));
   }
   for (int i = 0; i < n && ok && split; i++)
-    ok = MOE_OK(ncclMoeLowLatencyCombineComplete(ep.comm, &out[i], in[i]->topkIdx.as<int64_t>(),
-                                                 in[i]->weights.as<float>(), comb[i]->get(),
-                                                 stream()));
+    ok = MOE_OK(ncclMoeLowLatencyCombineComplete(ep.comm, &out[i], comb[i]->get(), stream()));
   ok = CUDA_OK(cudaStreamSynchronize(stream())) && ok;
   MOE_AGREE_OR_RETURN(ok, (what + ": enqueue and run").c_str());
   for (int i = 0; i < n; i++) ep.record(out[i], what.c_str());
@@ -213,8 +213,8 @@ void inFlight(const LlShape& s, uint64_t seed, bool split, bool hostInBetween) {
       agreeMismatches(checkLlDispatch(out[i], p[i], llReference(p[i]), tag.c_str()),
                       (tag + ": dispatch output").c_str());
     const bool identity = hostInBetween || (i % 2 == 0 && !s.fp8);
-    std::vector<uint16_t> expected =
-        identity ? llIdentityCombine(p[i], true) : llBlockConstantCombine(p[i], true);
+    std::vector<uint16_t> expected = identity ? llIdentityCombine(p[i], weighted(i))
+                                              : llBlockConstantCombine(p[i], weighted(i));
     agreeMismatches(checkCombine(comb[i]->get(), expected, p[i].tokens(me), H, tag.c_str()),
                     (tag + ": combine output").c_str());
   }
@@ -245,10 +245,8 @@ TEST_F(LlCombine, FourInFlightSplitBf16) {
 }
 
 // Two operations whose kernels run at the same time on two streams (dispatch A on stream(),
-// dispatch B on sideStream(), then the combines likewise). DISABLED: the header does not say
-// whether operations of different slots may run concurrently on different streams, and the
-// v0.1 send kernels share one "last CTA" arrival counter per kind (dispatch / combine), which
-// such overlap would corrupt. Enable it if the contract is meant to allow this.
+// dispatch B on sideStream(), then the combines likewise), each with its own weights: the header
+// allows operations on different slots to run concurrently on different streams.
 TEST_F(LlCombine, TwoOperationsOnTwoStreams) {
   const LlShape s = shape(false);
   const int me = rank();
@@ -265,7 +263,8 @@ TEST_F(LlCombine, TwoOperationsOnTwoStreams) {
   ncclMoeLowLatencyOutput_t out[2];
   for (int i = 0; i < 2 && ok; i++)
     ok = MOE_OK(ncclMoeLowLatencyDispatch(ep.comm, in[i].x.get(), in[i].topkIdx.as<int64_t>(),
-                                          p[i].tokens(me), 0, &out[i], st[i]));
+                                          in[i].weights.as<float>(), p[i].tokens(me), 0, &out[i],
+                                          st[i]));
   ok = CUDA_OK(cudaStreamSynchronize(st[0])) && CUDA_OK(cudaStreamSynchronize(st[1])) && ok;
   MOE_AGREE_OR_RETURN(ok, "dispatches on two streams");
   DevMem comb[2];
@@ -280,9 +279,8 @@ TEST_F(LlCombine, TwoOperationsOnTwoStreams) {
   }
   MOE_AGREE_OR_RETURN(ok, "expert outputs");
   for (int i = 0; i < 2 && ok; i++)
-    ok = MOE_OK(ncclMoeLowLatencyCombine(ep.comm, &out[i], out[i].combineInput,
-                                         in[i].topkIdx.as<int64_t>(), in[i].weights.as<float>(),
-                                         comb[i].get(), 0, st[i]));
+    ok = MOE_OK(ncclMoeLowLatencyCombine(ep.comm, &out[i], out[i].combineInput, comb[i].get(), 0,
+                                         st[i]));
   ok = CUDA_OK(cudaStreamSynchronize(st[0])) && CUDA_OK(cudaStreamSynchronize(st[1])) && ok;
   MOE_AGREE_OR_RETURN(ok, "combines on two streams");
   for (int i = 0; i < 2; i++) {

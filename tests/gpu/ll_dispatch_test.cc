@@ -8,7 +8,8 @@
 // each slot cannot be poisoned (its pointers are not known yet), later ones are. Each round
 // compares the counts exactly and every (local expert, source) block as a set keyed by srcToken
 // (row bytes and scales bitwise), then the combine bitwise against moe_ref::llCombine, with
-// the expert output in out.combineInput or in a separate buffer, weighted or not.
+// the expert output in out.combineInput or in a separate buffer, and the dispatch given the
+// weights (weighted combine) or NULL (unweighted).
 #include "ll_test_util.h"
 
 namespace moe_gpu {

@@ -1,16 +1,18 @@
 // Low-latency mode in CUDA graphs, the peer timeout, and argument validation.
-//  - Graphs: one dispatch + combine (one-shot, or split with the completions on a forked stream)
-//    captured once and replayed many times, each replay after new routing and data were written
-//    into the same input buffers; every replay checks the counts and the combine, every 10th
-//    the whole dispatch output. The captured dispatch keeps the slot it had at capture; the test
-//    synchronises after every replay. Expert output: BF16 -> a captured device copy of x into
-//    combineInput (identity); FP8 -> block-constant rows in a separate buffer.
+//  - Graphs: one dispatch (given the weights, or NULL) + combine (one-shot, or split with the
+//    completions on a forked stream) captured once and replayed many times, each replay after
+//    new routing, weights and data were written into the same input buffers; every replay
+//    checks the counts and the combine, every 10th the whole dispatch output. The captured
+//    dispatch keeps the slot it had at capture; the test synchronises after every replay.
+//    Expert output: BF16 -> a captured device copy of x into combineInput (identity); FP8 ->
+//    block-constant rows in a separate buffer.
 //  - Timeout: config.timeoutMs = 2000 and rank 0 skips a dispatch: the other ranks' dispatch
 //    gives up and ncclMoeCheckErrors reports ncclSystemError naming the timeout; destroying the
 //    context works and a fresh context works.
-//  - Validation: bad configurations at create, bad arguments, *Complete without a send-only call
-//    pending, LL calls on an HT context and HT calls on an LL context are rejected with a message
-//    and leave the context usable.
+//  - Validation: bad configurations at create, bad arguments (NULL, out of range, misaligned
+//    combine buffers, unknown flags), *Complete without a send-only call pending, LL calls on an
+//    HT context and HT calls on an LL context are rejected with a message and leave the context
+//    usable.
 #include <string.h>
 #include <strings.h>
 
@@ -50,12 +52,12 @@ void graphScenario(const LlShape& s, uint64_t seed, int replays, bool split, boo
   memset(&out, 0, sizeof(out));
   ok = CUDA_OK(cudaStreamBeginCapture(stream(), cudaStreamCaptureModeThreadLocal));
   if (ok) {
-    bool cap = runLlDispatch(ep, in, p0.tokens(me), split, &out);
+    bool cap = runLlDispatch(ep, in, p0.tokens(me), weighted, split, &out);
     const void* expert = s.fp8 ? separate.get() : out.combineInput;
     if (cap && !s.fp8)
       cap = CUDA_OK(cudaMemcpyAsync(out.combineInput, out.x, expertBytes,
                                     cudaMemcpyDeviceToDevice, stream()));
-    if (cap) cap = runLlCombine(ep, out, expert, in, weighted, combOut.get(), split);
+    if (cap) cap = runLlCombine(ep, out, expert, combOut.get(), split);
     ok = CUDA_OK(cudaStreamEndCapture(stream(), &g.graph)) && cap;
   }
   if (ok) ok = CUDA_OK(cudaGraphInstantiate(&g.exec, g.graph, 0));
@@ -130,7 +132,8 @@ TEST_F(LlTimeout, PeerSkipsDispatch) {
     if (me != 0) {  // rank 0 never calls the dispatch
       ncclMoeLowLatencyOutput_t out;
       ok = MOE_OK(ncclMoeLowLatencyDispatch(ep.comm, in.x.get(), in.topkIdx.as<int64_t>(),
-                                            p.tokens(me), 0, &out, stream()));
+                                            in.weights.as<float>(), p.tokens(me), 0, &out,
+                                            stream()));
       ok = CUDA_OK(cudaStreamSynchronize(stream())) && ok;
       const ncclResult_t r = ncclMoeCheckErrors(ep.comm);
       const std::string msg = ncclMoeGetLastError();
@@ -230,42 +233,46 @@ TEST_F(LlValidation, RejectedCallsLeaveContextUsable) {
   const void* x = in.x.get();
   const int64_t* idx = in.topkIdx.as<int64_t>();
   const float* w = in.weights.as<float>();
-  DevMem comb((size_t)M * s.hidden * 2);
+  DevMem comb((size_t)M * s.hidden * 2 + 16);  // + 16: room for the misaligned `out` below
   void* co = comb.get();
   ncclMoeLowLatencyOutput_t out;
   cudaStream_t st = stream();
   const auto A = ncclInvalidArgument, U = ncclInvalidUsage;
 
-  expectRejected(ncclMoeLowLatencyDispatch(ep.comm, x, idx, M + 1, 0, &out, st), {A},
+  expectRejected(ncclMoeLowLatencyDispatch(ep.comm, x, idx, w, M + 1, 0, &out, st), {A},
                  "LL dispatch: numTokens = maxTokensPerRank + 1");
-  expectRejected(ncclMoeLowLatencyDispatch(ep.comm, x, idx, -1, 0, &out, st), {A},
+  expectRejected(ncclMoeLowLatencyDispatch(ep.comm, x, idx, w, -1, 0, &out, st), {A},
                  "LL dispatch: numTokens = -1");
-  expectRejected(ncclMoeLowLatencyDispatch(ep.comm, nullptr, idx, T, 0, &out, st), {A},
+  expectRejected(ncclMoeLowLatencyDispatch(ep.comm, nullptr, idx, w, T, 0, &out, st), {A},
                  "LL dispatch: x NULL with T > 0");
-  expectRejected(ncclMoeLowLatencyDispatch(ep.comm, x, nullptr, T, 0, &out, st), {A},
-                 "LL dispatch: topkIdx NULL with T > 0");
-  expectRejected(ncclMoeLowLatencyDispatch(ep.comm, x, idx, T, 0, nullptr, st), {A},
+  expectRejected(ncclMoeLowLatencyDispatch(ep.comm, x, nullptr, w, T, 0, &out, st), {A},
+                 "LL dispatch: topkIdx NULL with T > 0 (weights given)");
+  expectRejected(ncclMoeLowLatencyDispatch(ep.comm, x, nullptr, nullptr, T, 0, &out, st), {A},
+                 "LL dispatch: topkIdx NULL with T > 0 (no weights)");
+  expectRejected(ncclMoeLowLatencyDispatch(ep.comm, x, idx, w, T, 0, nullptr, st), {A},
                  "LL dispatch: out NULL");
-  expectRejected(ncclMoeLowLatencyDispatch(ep.comm, x, idx, T, 0x80, &out, st), {A},
+  expectRejected(ncclMoeLowLatencyDispatch(ep.comm, x, idx, w, T, 0x80, &out, st), {A},
                  "LL dispatch: unknown flag 0x80");
-  expectRejected(ncclMoeLowLatencyDispatch(ep.comm, x, idx, T, NCCL_MOE_DISPATCH_HOST_COUNTS,
+  expectRejected(ncclMoeLowLatencyDispatch(ep.comm, x, idx, w, T, NCCL_MOE_DISPATCH_HOST_COUNTS,
                                            &out, st), {A, U},
                  "LL dispatch: NCCL_MOE_DISPATCH_HOST_COUNTS (LL never syncs the host)");
   expectRejected(ncclMoeLowLatencyDispatchComplete(ep.comm, &done, st), {U, A},
                  "LL dispatch complete without a send-only dispatch pending");
   expectRejected(ncclMoeLowLatencyDispatchComplete(ep.comm, nullptr, st), {A},
                  "LL dispatch complete: out NULL");
-  expectRejected(ncclMoeLowLatencyCombineComplete(ep.comm, &done, idx, w, co, st), {U, A},
+  expectRejected(ncclMoeLowLatencyCombineComplete(ep.comm, &done, co, st), {U, A},
                  "LL combine complete without a send-only combine pending");
-  expectRejected(ncclMoeLowLatencyCombine(ep.comm, nullptr, done.combineInput, idx, w, co, 0, st),
-                 {A}, "LL combine: dispatched NULL");
-  expectRejected(ncclMoeLowLatencyCombine(ep.comm, &done, nullptr, idx, w, co, 0, st), {A},
+  expectRejected(ncclMoeLowLatencyCombine(ep.comm, nullptr, done.combineInput, co, 0, st), {A},
+                 "LL combine: dispatched NULL");
+  expectRejected(ncclMoeLowLatencyCombine(ep.comm, &done, nullptr, co, 0, st), {A},
                  "LL combine: expertOut NULL");
-  expectRejected(ncclMoeLowLatencyCombine(ep.comm, &done, done.combineInput, idx, w, nullptr, 0,
-                                          st), {A}, "LL combine: out NULL");
-  if (done.numTokens > 0)
-    expectRejected(ncclMoeLowLatencyCombine(ep.comm, &done, done.combineInput, nullptr, w, co, 0,
-                                            st), {A}, "LL combine: topkIdx NULL with T > 0");
+  expectRejected(ncclMoeLowLatencyCombine(ep.comm, &done, done.combineInput, nullptr, 0, st), {A},
+                 "LL combine: out NULL");
+  // The header requires 16-byte alignment of both buffers: 2 bytes off, still BF16-aligned.
+  expectRejected(ncclMoeLowLatencyCombine(ep.comm, &done, (const char*)done.combineInput + 2, co,
+                                          0, st), {A}, "LL combine: expertOut not 16-byte aligned");
+  expectRejected(ncclMoeLowLatencyCombine(ep.comm, &done, done.combineInput, (char*)co + 2, 0, st),
+                 {A}, "LL combine: out not 16-byte aligned");
   ncclMoeDispatchOutput_t htOut;
   ncclMoeHandle_t handle = nullptr;
   expectRejected(ncclMoeDispatch(ep.comm, x, nullptr, idx, w, T, 0, &handle, &htOut, st), {U, A},
@@ -287,17 +294,19 @@ TEST_F(LlValidation, LowLatencyCallsOnHtContextRejected) {
   hs.maxTokens = 64;
   Ep ep(hs);
   if (!ep.create()) return;
-  DevMem x((size_t)64 * 2048 * 2), idx((size_t)64 * hs.topK * 8), comb((size_t)64 * 2048 * 2);
+  DevMem x((size_t)64 * 2048 * 2), idx((size_t)64 * hs.topK * 8), w((size_t)64 * hs.topK * 4),
+      comb((size_t)64 * 2048 * 2);
   ncclMoeLowLatencyOutput_t out;
   memset(&out, 0, sizeof(out));
-  expectRejected(ncclMoeLowLatencyDispatch(ep.comm, x.get(), idx.as<int64_t>(), 0, 0, &out,
-                                           stream()), {ncclInvalidUsage, ncclInvalidArgument},
-                 "LL dispatch on an HT context");
+  expectRejected(ncclMoeLowLatencyDispatch(ep.comm, x.get(), idx.as<int64_t>(), w.as<float>(), 0,
+                                           0, &out, stream()),
+                 {ncclInvalidUsage, ncclInvalidArgument}, "LL dispatch on an HT context");
   expectRejected(ncclMoeLowLatencyDispatchComplete(ep.comm, &out, stream()),
                  {ncclInvalidUsage, ncclInvalidArgument}, "LL dispatch complete on an HT context");
-  expectRejected(ncclMoeLowLatencyCombine(ep.comm, &out, x.get(), idx.as<int64_t>(), nullptr,
-                                          comb.get(), 0, stream()),
+  expectRejected(ncclMoeLowLatencyCombine(ep.comm, &out, x.get(), comb.get(), 0, stream()),
                  {ncclInvalidUsage, ncclInvalidArgument}, "LL combine on an HT context");
+  expectRejected(ncclMoeLowLatencyCombineComplete(ep.comm, &out, comb.get(), stream()),
+                 {ncclInvalidUsage, ncclInvalidArgument}, "LL combine complete on an HT context");
   MOE_AGREE_OR_RETURN(CUDA_OK(cudaStreamSynchronize(stream())), "rejected LL calls");
   // The HT context still works.
   Problem p = makeProblem(hs, spec(1401));

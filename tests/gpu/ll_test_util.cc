@@ -318,7 +318,7 @@ std::vector<uint16_t> llIdentityCombine(const LlProblem& p, bool weighted) {
   const int me = rank(), H = p.shape.hidden;
   const moe_ref::LlRows& rows = p.send[me];
   return moe_ref::llCombine(p.routing[me], [&](int t, int) { return rows.identRow(t, H); }, H,
-                            weighted);
+                            weighted, p.shape.numExperts(), nRanks());
 }
 
 std::vector<uint16_t> llBlockConstantCombine(const LlProblem& p, bool weighted) {
@@ -329,7 +329,7 @@ std::vector<uint16_t> llBlockConstantCombine(const LlProblem& p, bool weighted) 
   const moe_ref::Routing& r = p.routing[me];
   return moe_ref::llCombine(
       r, [&](int t, int k) { return perExpert[r.topkIdx[(size_t)t * r.topK + k]].data(); }, H,
-      weighted);
+      weighted, E, nRanks());
 }
 
 cudaStream_t sideStream() { return side().stream; }
@@ -390,31 +390,30 @@ void LlEp::record(const ncclMoeLowLatencyOutput_t& out, const char* tag) {
 
 // --- runners ---------------------------------------------------------------------------------
 
-bool runLlDispatch(LlEp& ep, LlInputs& in, int numTokens, bool split,
+bool runLlDispatch(LlEp& ep, LlInputs& in, int numTokens, bool weighted, bool split,
                    ncclMoeLowLatencyOutput_t* out) {
   memset(out, 0, sizeof(*out));
   const int64_t* idx = in.topkIdx.as<int64_t>();
+  const float* w = weighted ? in.weights.as<float>() : nullptr;
   if (!split)
-    return MOE_OK(ncclMoeLowLatencyDispatch(ep.comm, in.x.get(), idx, numTokens, 0, out, stream()));
-  if (!MOE_OK(ncclMoeLowLatencyDispatch(ep.comm, in.x.get(), idx, numTokens,
+    return MOE_OK(ncclMoeLowLatencyDispatch(ep.comm, in.x.get(), idx, w, numTokens, 0, out,
+                                            stream()));
+  if (!MOE_OK(ncclMoeLowLatencyDispatch(ep.comm, in.x.get(), idx, w, numTokens,
                                         NCCL_MOE_LL_SEND_ONLY, out, stream())))
     return false;
   return completeElsewhere(
       [&] { return MOE_OK(ncclMoeLowLatencyDispatchComplete(ep.comm, out, sideStream())); });
 }
 
-bool runLlCombine(LlEp& ep, const ncclMoeLowLatencyOutput_t& d, const void* expertOut,
-                  LlInputs& in, bool weighted, void* out, bool split) {
-  const int64_t* idx = in.topkIdx.as<int64_t>();
-  const float* w = weighted ? in.weights.as<float>() : nullptr;
+bool runLlCombine(LlEp& ep, const ncclMoeLowLatencyOutput_t& d, const void* expertOut, void* out,
+                  bool split) {
   if (!split)
-    return MOE_OK(ncclMoeLowLatencyCombine(ep.comm, &d, expertOut, idx, w, out, 0, stream()));
-  if (!MOE_OK(ncclMoeLowLatencyCombine(ep.comm, &d, expertOut, idx, w, out,
-                                       NCCL_MOE_LL_SEND_ONLY, stream())))
+    return MOE_OK(ncclMoeLowLatencyCombine(ep.comm, &d, expertOut, out, 0, stream()));
+  if (!MOE_OK(ncclMoeLowLatencyCombine(ep.comm, &d, expertOut, out, NCCL_MOE_LL_SEND_ONLY,
+                                       stream())))
     return false;
-  return completeElsewhere([&] {
-    return MOE_OK(ncclMoeLowLatencyCombineComplete(ep.comm, &d, idx, w, out, sideStream()));
-  });
+  return completeElsewhere(
+      [&] { return MOE_OK(ncclMoeLowLatencyCombineComplete(ep.comm, &d, out, sideStream())); });
 }
 
 bool llRunAndCheck(LlEp& ep, LlInputs& in, const LlProblem& p, const LlRunOpts& o,
@@ -424,7 +423,7 @@ bool llRunAndCheck(LlEp& ep, LlInputs& in, const LlProblem& p, const LlRunOpts& 
   bool ok = ep.poisonNextSlot();
   if (!allRanksOk(ok, (tag + ": poison").c_str())) return false;
   ncclMoeLowLatencyOutput_t out;
-  ok = runLlDispatch(ep, in, T, o.split, &out);
+  ok = runLlDispatch(ep, in, T, o.weighted, o.split, &out);
   ok = CUDA_OK(cudaStreamSynchronize(stream())) && ok;
   if (!allRanksOk(ok, (tag + ": LL dispatch").c_str())) return false;
   ep.record(out, tag.c_str());
@@ -442,7 +441,7 @@ bool llRunAndCheck(LlEp& ep, LlInputs& in, const LlProblem& p, const LlRunOpts& 
     ok = ok && dst && combOut.get() && writeIdentityExpert(dst, s, blocks);
     ok = ok && poison(combOut.get(), combOut.bytes());
     if (!allRanksOk(ok, (tag + ": expert output").c_str())) return false;
-    ok = runLlCombine(ep, out, dst, in, o.weighted, combOut.get(), o.split);
+    ok = runLlCombine(ep, out, dst, combOut.get(), o.split);
     ok = CUDA_OK(cudaStreamSynchronize(stream())) && ok;
     if (!allRanksOk(ok, (tag + ": LL combine").c_str())) return false;
     std::vector<uint16_t> expected = llIdentityCombine(p, o.weighted);

@@ -80,7 +80,8 @@ moe_ref::LlReceived llReference(const LlProblem& p);
 bool writeIdentityExpert(void* dst, const LlShape& s, const LlBlocks& got);
 uint16_t blockValue(int rank, int l, int s, int h);
 bool writeBlockConstantExpert(void* dst, const LlShape& s);
-// Reference combine of this rank for the identity / block-constant expert.
+// Reference combine of this rank for the identity / block-constant expert (moe_ref::llCombine
+// on this shape's experts and ranks); weighted = the dispatch was given the weights.
 std::vector<uint16_t> llIdentityCombine(const LlProblem& p, bool weighted);
 std::vector<uint16_t> llBlockConstantCombine(const LlProblem& p, bool weighted);
 
@@ -109,19 +110,22 @@ class LlEp {
   int nextSlot = 0;
 };
 
-// Dispatch of this rank's tokens (in already uploaded), one-shot or split. Split: send-only on
-// stream(), then after a host delay and other work on sideStream() (ordered by events) the
-// completion there, and stream() waits for it. Not synchronised.
-bool runLlDispatch(LlEp& ep, LlInputs& in, int numTokens, bool split, ncclMoeLowLatencyOutput_t* out);
-// Combine of `d` likewise (split: send-only on stream(), completion on sideStream()).
-bool runLlCombine(LlEp& ep, const ncclMoeLowLatencyOutput_t& d, const void* expertOut,
-                  LlInputs& in, bool weighted, void* out, bool split);
+// Dispatch of this rank's tokens (in already uploaded), one-shot or split, with in.weights when
+// `weighted` (the combine of this operation then applies them) and NULL weights otherwise.
+// Split: send-only on stream(), then after a host delay and other work on sideStream()
+// (ordered by events) the completion there, and stream() waits for it. Not synchronised.
+bool runLlDispatch(LlEp& ep, LlInputs& in, int numTokens, bool weighted, bool split,
+                   ncclMoeLowLatencyOutput_t* out);
+// Combine of `d` likewise (split: send-only on stream(), completion on sideStream()); routing
+// and weights are those of d's dispatch.
+bool runLlCombine(LlEp& ep, const ncclMoeLowLatencyOutput_t& d, const void* expertOut, void* out,
+                  bool split);
 
 enum class LlExpertSrc { CombineInput, Separate };
 struct LlRunOpts {
   bool split = false;
   bool combine = true;
-  bool weighted = true;
+  bool weighted = true;  // the dispatch gets the weights (its combine applies them)
   LlExpertSrc src = LlExpertSrc::CombineInput;
   std::vector<uint16_t>* combineResult = nullptr;  // this rank's combine output
   LlBlocks* blocks = nullptr;                      // this rank's downloaded dispatch blocks
@@ -133,8 +137,8 @@ bool llRunAndCheck(LlEp& ep, LlInputs& in, const LlProblem& p, const LlRunOpts& 
                    const std::string& tag);
 
 // Fresh context, `rounds` dispatch + combine rounds with new data (seed + round); the combine
-// source and weighting alternate: round r uses CombineInput when r % 2 == 0, weights when
-// r % 4 < 2 (with o.split / o.combine as given).
+// source and weighting alternate: round r uses CombineInput when r % 2 == 0, and its dispatch
+// gets the weights when r % 4 < 2 (with o.split / o.combine as given).
 void llScenario(const LlShape& s, const GenSpec& g, const LlRunOpts& o, int rounds = 4);
 
 

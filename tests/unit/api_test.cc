@@ -95,12 +95,11 @@ TEST(Api, NullContext) {
 TEST(Api, LowLatencyNullContext) {
   ncclMoeLowLatencyOutput_t out;
   memset(&out, 0, sizeof(out));
-  EXPECT_REJECTS(ncclMoeLowLatencyDispatch(nullptr, nullptr, nullptr, 0, 0, &out, nullptr), "moeComm");
+  EXPECT_REJECTS(ncclMoeLowLatencyDispatch(nullptr, nullptr, nullptr, nullptr, 0, 0, &out, nullptr),
+                 "moeComm");
   EXPECT_REJECTS(ncclMoeLowLatencyDispatchComplete(nullptr, &out, nullptr), "moeComm");
-  EXPECT_REJECTS(ncclMoeLowLatencyCombine(nullptr, &out, nullptr, nullptr, nullptr, nullptr, 0, nullptr),
-                 "moeComm");
-  EXPECT_REJECTS(ncclMoeLowLatencyCombineComplete(nullptr, &out, nullptr, nullptr, nullptr, nullptr),
-                 "moeComm");
+  EXPECT_REJECTS(ncclMoeLowLatencyCombine(nullptr, &out, nullptr, nullptr, 0, nullptr), "moeComm");
+  EXPECT_REJECTS(ncclMoeLowLatencyCombineComplete(nullptr, &out, nullptr, nullptr), "moeComm");
 }
 
 // The size query is what creation allocates: validate like creation, then the window layout.

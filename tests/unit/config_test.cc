@@ -224,7 +224,10 @@ TEST(WindowLayout, LowLatencySlots) {
   EXPECT_EQ(w.total, w.llSlots + 3 * w.ll.bytes);
   EXPECT_GE(w.ll.recvScales - w.ll.recvX, L * B * H);              // FP8 rows: 1 byte each
   EXPECT_GE(w.ll.srcToken - w.ll.recvScales, L * B * (H / 128) * 4);
-  EXPECT_GE(w.ll.combineInput - w.ll.combineRecv, (size_t)r.maxTokensPerRank * r.topK * H * 2);
+  EXPECT_GE(w.ll.tokenRanks - w.ll.route, (size_t)kRanks * r.maxTokensPerRank * r.topK * 8);
+  EXPECT_GE(w.ll.recvX - w.ll.tokenRanks, (size_t)r.maxTokensPerRank * 4);
+  EXPECT_GE(w.ll.combineRecv - w.ll.srcToken, L * B * 4);
+  EXPECT_GE(w.ll.combineInput - w.ll.combineRecv, (size_t)r.maxTokensPerRank * kRanks * H * 2);
   EXPECT_GE(w.ll.bytes - w.ll.combineInput, L * B * H * 2);
   EXPECT_EQ(w.recvX, w.combineIn);  // HT regions are empty in LL mode
 }

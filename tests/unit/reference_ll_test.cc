@@ -1,6 +1,9 @@
 // Tests of the low-latency CPU reference model (tests/common/reference_ll.h): the FP8 cast and
 // its three scale formats on known values, UE8M0 packing, the expert-major dispatch blocks and
-// the per-(token, k) combine order and weights.
+// the per-(token, rank) combine: k order and weights inside a rank's partial, the BF16 rounding
+// of each partial, which rank owns an expert, the rank order of the partials, and +0 for tokens
+// that went nowhere. Combine values are chosen so that every other plausible summation order or
+// rounding gives a different BF16 result (the comments name the alternatives).
 #include <gtest/gtest.h>
 #include <math.h>
 #include <string.h>
@@ -39,6 +42,22 @@ Routing routing(int topK, const std::vector<std::vector<int64_t>>& idx,
   for (auto& row : w) r.topkWeights.insert(r.topkWeights.end(), row.begin(), row.end());
   return r;
 }
+
+// Expert outputs of hidden size 1: y[t][k], each value exact in BF16.
+struct Column {
+  int topK;
+  std::vector<uint16_t> v;  // [T][K] BF16
+  Column(int k, const std::vector<std::vector<float>>& y) : topK(k) {
+    for (auto& row : y)
+      for (float f : row) {
+        EXPECT_EQ(bf16ToFloat(bf(f)), f) << "test value not exact in BF16";
+        v.push_back(bf(f));
+      }
+  }
+  LlExpertRow rows() const {
+    return [this](int t, int k) { return &v[(size_t)t * topK + k]; };
+  }
+};
 
 }  // namespace
 
@@ -200,7 +219,8 @@ TEST(RefLlDispatch, BlocksPerExpertAndSource) {
   EXPECT_EQ(r0.expertCounts, (std::vector<int>{2, 1}));
 }
 
-TEST(RefLlCombine, KOrderWeightsAndSkippedEntries) {
+// One rank owns every expert (E = 8, R = 1): one partial per token, i.e. the k-order sum.
+TEST(RefLlCombine, OneRankKOrderWeightsAndSkippedEntries) {
   const int H = 2;
   // Token 0: k order 2^24, 1, 1, -2^24: in order the ones vanish (2^24 + 1 rounds to even).
   // Token 1: weights, -1 entry skipped (its weight would change the result).
@@ -218,14 +238,14 @@ TEST(RefLlCombine, KOrderWeightsAndSkippedEntries) {
   set(1, 2, 4.0f, 8.0f);
   set(1, 3, 0.5f, 0.5f);
   auto rows = [&](int t, int k) { return y[t * 4 + k].data(); };
-  std::vector<uint16_t> u = llCombine(r, rows, H, false);
+  std::vector<uint16_t> u = llCombine(r, rows, H, false, 8, 1);
   EXPECT_EQ(u[0], bf(0.0f));  // not 2: k order
   EXPECT_EQ(u[1], bf(4.0f));
   EXPECT_EQ(u[2], bf(2.0f + 4.0f + 0.5f));
   EXPECT_EQ(u[3], bf(-4.0f + 8.0f + 0.5f));
   EXPECT_EQ(u[4], 0x0000);
   EXPECT_EQ(u[5], 0x0000);
-  std::vector<uint16_t> w = llCombine(r, rows, H, true);
+  std::vector<uint16_t> w = llCombine(r, rows, H, true, 8, 1);
   EXPECT_EQ(w[2], bf(0.5f * 2 + 0.25f * 4 + 2.0f * 0.5f));
   EXPECT_EQ(w[3], bf(0.5f * -4 + 0.25f * 8 + 2.0f * 0.5f));
   EXPECT_EQ(w[4], 0x0000);
@@ -238,5 +258,62 @@ TEST(RefLlCombine, ProductRoundedBeforeAdd) {
   Routing r = routing(2, {{0, 1}}, {{1.0f, third}});
   std::vector<uint16_t> y0 = {bf(1.0f)}, y1 = {bf(-3.0f)};
   auto rows = [&](int, int k) { return k == 0 ? y0.data() : y1.data(); };
-  EXPECT_EQ(llCombine(r, rows, 1, true)[0], 0x0000);
+  EXPECT_EQ(llCombine(r, rows, 1, true, 2, 1)[0], 0x0000);
+}
+
+// E = 4 on R = 2: experts 0, 1 on rank 0, experts 2, 3 on rank 1. u = 3 * 2^-10 is below half a
+// BF16 ulp of 1 (2^-8), 2u above it.
+TEST(RefLlCombine, PartialRoundedToBf16PerRank) {
+  const float u = ldexpf(3.0f, -10);
+  Routing r = routing(3, {{0, 1, 2}, {0, 2, 1}, {0, 2, 1}});
+  Column y(3, {{1, u, u}, {1, u, u}, {1, u, -u}});
+  std::vector<uint16_t> out = llCombine(r, y.rows(), 1, false, 4, 2);
+  // Token 0: p(0) = bf16(1 + u) = 1, p(1) = u, out = bf16(1 + u) = 1. One FP32 sum over every k,
+  // or p(0) left unrounded, gives bf16(1 + 2u) = 1 + 2^-7.
+  EXPECT_EQ(out[0], bf(1.0f));
+  // Token 1: rank 0's experts at k = 0 and k = 2 share one partial; a partial per run of
+  // consecutive k on one rank would add 1, u, u: 1 + 2^-7.
+  EXPECT_EQ(out[1], bf(1.0f));
+  // Token 2: expert e lives on rank e / (E/R): p(0) = bf16(1 - u) = 1 - 2^-8 (k = 0 and 2),
+  // p(1) = u, out = bf16(1 - 2^-10) = 1. Ranks e % R would pair k = 0 and 1: p(0) = bf16(1 + u)
+  // = 1, p(1) = -u, out = bf16(1 - u) = 1 - 2^-8.
+  EXPECT_EQ(out[2], bf(1.0f));
+}
+
+// R = 3 ranks of one expert each (E = 3); the token names them in k order 1, 2, 0. As 2^24 + 1
+// rounds back to 2^24 (ties to even), the partials in increasing rank order give
+// (2^24 + 1) - 2^24 = 0, while k order (1 - 2^24 + 2^24) and decreasing rank order
+// (-2^24 + 1 + 2^24) both give 1.
+TEST(RefLlCombine, PartialsAddedInIncreasingRankOrder) {
+  const float big = 16777216.0f;
+  Routing r = routing(3, {{1, 2, 0}});
+  Column y(3, {{1, -big, big}});
+  EXPECT_EQ(llCombine(r, y.rows(), 1, false, 3, 3)[0], 0x0000);
+}
+
+// Weights multiply each entry inside its rank's partial, before the partial is rounded; the
+// weight and row of a -1 entry are ignored. E = 4 on R = 2 as above; u = 3 * 2^-10.
+TEST(RefLlCombine, WeightsInsideThePartial) {
+  const float s = ldexpf(1.0f, -7);
+  Routing r = routing(4, {{0, 1, 2, -1}}, {{0.5f, 0.375f, 0.375f, 100.0f}});
+  Column y(4, {{2, s, s, 1000}});
+  // Weighted: products 1, u, u; p(0) = bf16(1 + u) = 1, p(1) = u, out = bf16(1 + u) = 1 (one
+  // FP32 sum: bf16(1 + 2u) = 1 + 2^-7; unweighted partials times their weight sums: 1.75).
+  EXPECT_EQ(llCombine(r, y.rows(), 1, true, 4, 2)[0], bf(1.0f));
+  // Unweighted: p(0) = bf16(2 + 2^-7) = 2 (a tie, to even), p(1) = 2^-7, out = bf16(2 + 2^-7)
+  // = 2 (one FP32 sum: 2 + 2^-6, exact in BF16).
+  EXPECT_EQ(llCombine(r, y.rows(), 1, false, 4, 2)[0], bf(2.0f));
+}
+
+// A token with no valid expert gives +0, and so does one whose only expert output is -0 (the
+// partial and the final sum both start from +0), weighted or not. The rows of -1 entries (5)
+// must not be read.
+TEST(RefLlCombine, NothingGivesPositiveZero) {
+  Routing r = routing(2, {{-1, -1}, {-1, 3}}, {{1, 1}, {7, 0.5f}});
+  Column y(2, {{5, 5}, {5, -0.0f}});
+  for (bool weighted : {false, true}) {
+    std::vector<uint16_t> out = llCombine(r, y.rows(), 1, weighted, 4, 2);
+    EXPECT_EQ(out[0], 0x0000) << "weighted " << weighted;
+    EXPECT_EQ(out[1], 0x0000) << "weighted " << weighted;
+  }
 }
