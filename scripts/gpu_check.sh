@@ -39,8 +39,7 @@ fi
 if [ "$what" = perf ] || [ "$what" = all ]; then
   # LL: FP8 at 24 SMs and all SMs, BF16 at all SMs. BASELINE_DIR (optional): another checkout,
   # built the same way, whose ll_perf runs the same cases right after ours (A/B on one machine).
-  NSM=$(nvidia-smi --query-gpu=multiprocessor_count --format=csv,noheader 2>/dev/null | head -1)
-  NSM=${NSM:-132}
+  NSM=${ALL_SMS:-132}  # every SM of an H100 / H200 SXM
   for dir in . ${BASELINE_DIR:-}; do
     if [ "$dir" != . ]; then
       (cd "$dir" && make -j32 perf NCCL_HOME=$SHIM > "$OUT/build_baseline.log" 2>&1) || { tail -20 "$OUT/build_baseline.log"; continue; }

@@ -16,6 +16,8 @@ struct ncclMoeComm {
   ncclDevComm devComm{};
   bool devCommCreated = false;
   nccl_moe::DeviceState* state = nullptr;   // device memory
+  void* layoutScratchMem = nullptr;          // device memory carved into layoutScratch
+  nccl_moe::LayoutScratch layoutScratch{};
   nccl_moe::DeviceError* errorHost = nullptr;  // host-mapped pinned memory, written by kernels
   nccl_moe::DeviceError* errorDev = nullptr;   // the same memory, device address
   int liveHandles = 0;

@@ -65,6 +65,8 @@ extern "C" ncclResult_t ncclMoeGetLayout(ncclMoeComm_t c, const int64_t* topkIdx
   a.tokensPerExpert = tokensPerExpert;
   a.isTokenInRank = isTokenInRank;
   a.error = c->errorDev;
+  a.state = c->state;
+  a.scratch = c->layoutScratch;
   MOE_CUDA(launchLayout(a, stream));
   return ncclSuccess;
 }
@@ -105,6 +107,8 @@ extern "C" ncclResult_t ncclMoeDispatch(ncclMoeComm_t c, const void* x, const fl
     la.tokensPerRank = h->routing.tokensPerRank;
     la.tokensPerExpert = h->routing.tokensPerExpert;
     la.error = c->errorDev;
+    la.state = c->state;
+    la.scratch = c->layoutScratch;
     MOE_CUDA(launchLayout(la, stream));
     h->numTokens = numTokens;
     h->haveRouting = true;

@@ -39,6 +39,19 @@ struct DeviceState {
   unsigned long long llCombineSends[kMaxBufferSlots];
   unsigned int llDispatchArrived[kMaxBufferSlots];  // CTAs of the running send, per slot, so
   unsigned int llCombineArrived[kMaxBufferSlots];   // that sends of two slots may overlap
+  // Layout kernel (one at a time per context, stream-ordered like the dispatch that uses it).
+  unsigned int layoutTicket;        // tiles claimed by the running layout's CTAs
+  unsigned int layoutArrived;       // its CTAs that finished
+  unsigned long long layoutEpoch;   // layouts completed: the tile flags' value of the next one
+};
+
+// Scratch of the layout kernel, [tiles] = ceil(maxTokensPerRank / kLayoutTileTokens) (device).
+constexpr int kLayoutTileTokens = 256;
+struct LayoutScratch {
+  int* tileRanks;                // [tiles][R]: tokens of the tile going to each rank
+  int* tileExperts;              // [tiles][E]: (token, k) entries of the tile per expert
+  unsigned long long* tileFlags; // [tiles]: epoch of the layout that published the tile
+  static size_t bytes(int maxTokens, int nRanks, int numExperts);
 };
 
 // Routing of one dispatch, on the device (owned by the handle). R = ranks, K = top-k.
@@ -62,7 +75,10 @@ struct LayoutArgs {
   int* tokensPerExpert;    // [E]
   uint8_t* isTokenInRank;  // [T][R] or NULL
   DeviceError* error;
+  DeviceState* state;      // layoutTicket / layoutArrived / layoutEpoch
+  LayoutScratch scratch;
 };
+// ceil(T / kLayoutTileTokens) CTAs (at least one), one token per thread.
 cudaError_t launchLayout(const LayoutArgs& args, cudaStream_t stream);
 
 // Everything the HT kernels need to find the window and synchronise with peers.

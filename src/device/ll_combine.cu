@@ -10,6 +10,7 @@
 // then (token, chunk) items sum the token's partials in rank order (FP32) and write BF16.
 #include "config.h"
 #include "device/kernel_args.h"
+#include "device/ll_source_tokens.cuh"
 #include "device/peer_sync.cuh"
 #include "device/vec_io.cuh"
 
@@ -17,8 +18,8 @@ namespace nccl_moe {
 
 constexpr int kLlCombineThreads = 512;
 constexpr int kLlCombineWarps = kLlCombineThreads / 32;
-constexpr int kLlReduceUnroll = 2;   // vectors per lane per row in flight
-constexpr int kLlRowsInFlight = 8;   // rows of a sum loaded before any is added
+constexpr int kLlReduceUnroll = 4;   // vectors per lane per row in flight
+constexpr int kLlRowsInFlight = 4;   // rows of a sum loaded before any is added
 constexpr int kLlSumVecs = 32 * kLlReduceUnroll;  // vectors of one (token, chunk) item
 
 // Sums vectors [base, base + kLlSumVecs) of the BF16 rows named by the lanes in `m`, in
@@ -97,20 +98,25 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineSendKernel(LlCo
   const LlRouteEntry* route = (const LlRouteEntry*)(slot + a.slot.route);
   const int rowVecs = a.hidden / 8, chunks = (rowVecs + kLlSumVecs - 1) / kLlSumVecs;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int it = blockIdx.x * kLlCombineWarps + warp; it < tokenStart[R] * chunks;
-       it += gridDim.x * kLlCombineWarps) {
-    const int flat = it / chunks, base = (it % chunks) * kLlSumVecs;
-    int s = 0;
-    while (tokenStart[s + 1] <= flat) ++s;
-    const int t = flat - tokenStart[s];
-    int row = -1;
-    float weight = 0.0f;
-    if (lane < K) {
-      // Written by source s during the dispatch: read past L1.
-      const int2 e = loadPeerInt2((const int2*)(route + ((size_t)s * M + t) * K + lane));
-      row = e.x;
-      weight = __int_as_float(e.y);
-    }
+  // Item it = (flat token, chunk); its route entry (this lane's k) is loaded one item ahead so
+  // that the entry's latency overlaps the previous item's row loads.
+  const int items = tokenStart[R] * chunks, stride = gridDim.x * kLlCombineWarps;
+  auto entryOf = [&](int it) {
+    if (it >= items || lane >= K) return make_int2(-1, 0);
+    int s, t;
+    sourceTokenOf(tokenStart, it / chunks, &s, &t);
+    // Written by source s during the dispatch: read past L1.
+    return loadPeerInt2((const int2*)(route + ((size_t)s * M + t) * K + lane));
+  };
+  int it = blockIdx.x * kLlCombineWarps + warp;
+  int2 entry = entryOf(it);
+  for (; it < items; it += stride) {
+    const int2 next = entryOf(it + stride);
+    int s, t;
+    sourceTokenOf(tokenStart, it / chunks, &s, &t);
+    const int base = (it % chunks) * kLlSumVecs, row = entry.x;
+    const float weight = __int_as_float(entry.y);
+    entry = next;
     const unsigned here = __ballot_sync(0xffffffffu, row >= 0);
     if (here == 0) continue;  // token t of s has no expert on this rank
     const uint4* myRow = (const uint4*)(a.expertOut + (size_t)max(row, 0) * a.hidden);

@@ -18,6 +18,7 @@
 #include "config.h"
 #include "device/fp8_cast.cuh"
 #include "device/kernel_args.h"
+#include "device/ll_source_tokens.cuh"
 #include "device/peer_sync.cuh"
 #include "device/vec_io.cuh"
 
@@ -263,23 +264,27 @@ __global__ void __launch_bounds__(kLlThreads, 1) llDispatchCompleteKernel(LlDisp
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   __shared__ int rowOfK[kLlWarps][kMaxTopK];
   const LlRouteEntry* route = (const LlRouteEntry*)(slot + a.slot.route);
-  for (int it = blockIdx.x * kLlWarps + warp; it < tokenStart[R] * chunks; it += gridDim.x * kLlWarps) {
-    const int flat = it / chunks, c = it % chunks;
-    int s = 0;
-    while (tokenStart[s + 1] <= flat) ++s;
-    const int t = flat - tokenStart[s];
-    int row = -1;
-    if (lane < K) {
-      const int2 e = loadPeerInt2((const int2*)(route + ((size_t)s * M + t) * K + lane));
-      row = e.x;
-      rowOfK[warp][lane] = row;
-    }
+  const int items = tokenStart[R] * chunks, stride = gridDim.x * kLlWarps;
+  // This lane's route entry row of item `it` (-1 past the end), loaded one item ahead.
+  auto rowOf = [&](int it) {
+    if (it >= items || lane >= K) return -1;
+    int s, t;
+    sourceTokenOf(tokenStart, it / chunks, &s, &t);
+    return loadPeerInt2((const int2*)(route + ((size_t)s * M + t) * K + lane)).x;
+  };
+  int it = blockIdx.x * kLlWarps + warp;
+  int row = rowOf(it);
+  for (; it < items; it += stride) {
+    const int next = rowOf(it + stride);
+    if (lane < K) rowOfK[warp][lane] = row;
     const unsigned here = __ballot_sync(0xffffffffu, row >= 0);
+    row = next;
     __syncwarp();
-    if (__popc(here) < 2) continue;
-    const int from = rowOfK[warp][__ffs(here) - 1];
-    fanOutChunk(slot + a.slot.recvX, slot + a.slot.recvScales, rowBytes, scaleBytes, from, rowOfK[warp],
-                here & (here - 1), c, lane);
+    if (__popc(here) >= 2) {
+      const int from = rowOfK[warp][__ffs(here) - 1];
+      fanOutChunk(slot + a.slot.recvX, slot + a.slot.recvScales, rowBytes, scaleBytes, from, rowOfK[warp],
+                  here & (here - 1), it % chunks, lane);
+    }
     __syncwarp();  // rowOfK[warp] is rewritten by the next item
   }
 }
