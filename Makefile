@@ -44,7 +44,8 @@ COMMON_OBJS := $(patsubst %.cc,$(OBJ)/%.o,$(wildcard tests/common/*.cc))
 UNIT_OBJS := $(patsubst %.cc,$(OBJ)/%.o,$(wildcard tests/unit/*.cc))
 GPU_OBJS := $(patsubst %.cc,$(OBJ)/%.o,$(wildcard tests/gpu/*.cc)) \
             $(patsubst %.cu,$(OBJ)/%.o,$(wildcard tests/gpu/*.cu))
-PERF_COMMON_OBJS := $(patsubst %.cc,$(OBJ)/%.o,$(filter-out %_perf.cc,$(wildcard perf/*.cc)))
+PERF_COMMON_OBJS := $(patsubst %.cc,$(OBJ)/%.o,$(filter-out %_perf.cc,$(wildcard perf/*.cc))) \
+                    $(patsubst %.cu,$(OBJ)/%.o,$(wildcard perf/*.cu))
 PERF_BINS := $(patsubst perf/%.cc,$(BUILDDIR)/perf/%,$(wildcard perf/*_perf.cc))
 UNIT_BIN := $(BUILDDIR)/test/unit_tests
 GPU_BIN := $(BUILDDIR)/test/gpu_tests

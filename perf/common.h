@@ -72,6 +72,10 @@ void checkMoe(ncclResult_t res, const char* file, int line, const char* call);
 // microseconds. Collective (the barrier).
 double timeUs(cudaStream_t stream, int warmup, int iters, const std::function<void()>& op);
 
+// Enqueues a one-thread kernel that spins for `us` microseconds on `stream` (perf/hold_stream.cu):
+// calls enqueued behind it start back to back on the GPU, without the host's launch gaps.
+void holdStream(cudaStream_t stream, double us);
+
 // --- result rows -----------------------------------------------------------------------------
 struct Row {
   long tokens = 0;

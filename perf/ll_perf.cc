@@ -6,6 +6,10 @@
 //  - one-shot loop: per iteration the ranks meet (host barrier after a stream sync), then
 //    dispatch (given the weights unless -W 0, so that its combine is weighted) and combine
 //    (expert output = out.combineInput) are timed with CUDA events around each call;
+//    with -G 1 (default) a kernel spinning kHoldUs holds the stream first, so that the calls
+//    and events are all enqueued before the GPU reaches them: the events time the GPU's work
+//    (as a profiler's kernel times do), not the host's argument checks and launch latency;
+//    -G 0 times from the host's call (each timed call then includes its launch, ~5-8 us);
 //  - split loop: send-only dispatch | dispatch complete | send-only combine | combine complete,
 //    each timed alone, with a stream sync and a host barrier between them: "complete" is then
 //    the cost of completing once every peer has sent (perfect overlap);
@@ -24,7 +28,7 @@
 //             partial per (token, destination rank) pair.
 // Flags besides perf/common's: -F fp32|pow2|ue8m0 (FP8 scale format, default fp32), -l slots
 // (numBufferSlots, default 2), -W 0|1 (weights given to the dispatch, i.e. a weighted combine,
-// default 1). Defaults here: -b 128 -e 128 -E 288 -d fp8 -n 100 -w 20.
+// default 1), -G 0|1 (hold the stream before each timed call, default 1). Defaults here: -b 128 -e 128 -E 288 -d fp8 -n 100 -w 20.
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -46,7 +50,10 @@ struct LlOpts {
   ncclMoeScaleFormat_t fmt = ncclMoeScaleFp32;
   int slots = 2;
   int weighted = 1;
+  int hold = 1;
 };
+
+constexpr double kHoldUs = 200;  // longer than the host needs to enqueue one timed step
 
 const char* fmtName(ncclMoeScaleFormat_t f) {
   return f == ncclMoeScaleUe8m0 ? "ue8m0" : f == ncclMoeScaleFp32Pow2 ? "pow2" : "fp32";
@@ -57,7 +64,7 @@ bool takeLlFlags(int* argc, char** argv, LlOpts* lo) {
   int out = 1;
   for (int i = 1; i < *argc; i++) {
     const char* f = argv[i];
-    const bool mine = !strcmp(f, "-F") || !strcmp(f, "-l") || !strcmp(f, "-W");
+    const bool mine = !strcmp(f, "-F") || !strcmp(f, "-l") || !strcmp(f, "-W") || !strcmp(f, "-G");
     if (!mine || i + 1 >= *argc) {
       argv[out++] = argv[i];
       continue;
@@ -72,8 +79,9 @@ bool takeLlFlags(int* argc, char** argv, LlOpts* lo) {
       lo->slots = atoi(v);
       if (lo->slots < 1 || lo->slots > 8) return false;
     } else {
-      lo->weighted = atoi(v);
-      if (lo->weighted != 0 && lo->weighted != 1) return false;
+      int* flag = !strcmp(f, "-W") ? &lo->weighted : &lo->hold;
+      *flag = atoi(v);
+      if (*flag != 0 && *flag != 1) return false;
     }
   }
   *argc = out;
@@ -278,7 +286,7 @@ int main(int argc, char** argv) {
   const char* prog = "ll_perf";
   LlOpts lo;
   if (!takeLlFlags(&argc, argv, &lo)) {
-    fprintf(stderr, "%s: bad value for -F (fp32|pow2|ue8m0), -l (1..8) or -W (0|1)\n", prog);
+    fprintf(stderr, "%s: bad value for -F (fp32|pow2|ue8m0), -l (1..8), -W (0|1) or -G (0|1)\n", prog);
     return 1;
   }
   Options opt;
@@ -292,7 +300,8 @@ int main(int argc, char** argv) {
   if (rc >= 0) {
     if (rc == 0)
       printf("ll_perf also takes: -F fp32|pow2|ue8m0 (default fp32)  -l <slots> (default 2)  "
-             "-W 0|1 weights to the dispatch (default 1)\nll_perf defaults: -b 128 -e 128 -E 288 "
+             "-W 0|1 weights to the dispatch (default 1)  -G 0|1 hold the stream (default 1)\n"
+             "ll_perf defaults: -b 128 -e 128 -E 288 "
              "-d fp8 -n 100 -w 20\n");
     return rc;
   }
@@ -311,9 +320,10 @@ int main(int argc, char** argv) {
   ncclComm_t comm = nullptr;
   PERF_NCCL(moe_ranks::initComm(env, &comm));
   moe_perf::printHeader(prog, opt, env);
-  moe_perf::printNote("LL: scales %s  slots %d  combine %s; the tables below: per rank the "
-                      "median over iterations,", fmtName(lo.fmt), lo.slots,
-                      lo.weighted ? "weighted" : "unweighted");
+  moe_perf::printNote("LL: scales %s  slots %d  combine %s  times %s; the tables below: per "
+                      "rank the median over iterations,", fmtName(lo.fmt), lo.slots,
+                      lo.weighted ? "weighted" : "unweighted",
+                      lo.hold ? "GPU-only (stream held, -G 1)" : "from the host call (-G 0)");
   moe_perf::printNote("then median / p99 over ranks (us); GB/s = median over ranks of bytes / "
                       "median time, bytes: rows per (token, expert) pair, "
                       "dispatched / combined (see ll_perf.cc)");
@@ -385,10 +395,15 @@ int main(int argc, char** argv) {
       PERF_MOE(ncclMoeCheckErrors(moe));
       moe_ranks::barrier();
     };
+    // Before a timed step: the ranks meet, then (-G 1) the stream is held while the host enqueues.
+    auto startStep = [&] {
+      sync();
+      if (lo.hold) moe_perf::holdStream(stream, kHoldUs);
+    };
 
     std::vector<double> times[6];
     for (int i = 0; i < opt.warmup + opt.iters; i++) {  // one-shot
-      sync();
+      startStep();
       PERF_CUDA(cudaEventRecord(ev[0], stream));
       PERF_MOE(ncclMoeLowLatencyDispatch(moe, dx, idx, w, (int)T, 0, &out, stream));
       PERF_CUDA(cudaEventRecord(ev[1], stream));
@@ -402,7 +417,7 @@ int main(int argc, char** argv) {
     }
     // Split: each call timed alone, the ranks meeting between calls.
     auto timed = [&](std::vector<double>* t, bool keep, auto&& call) {
-      sync();
+      startStep();
       PERF_CUDA(cudaEventRecord(ev[0], stream));
       call();
       PERF_CUDA(cudaEventRecord(ev[1], stream));

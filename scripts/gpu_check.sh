@@ -37,17 +37,18 @@ if [ "$what" = perf ] || [ "$what" = all ]; then
   done
 fi
 if [ "$what" = perf ] || [ "$what" = all ]; then
-  # LL: FP8 at 24 SMs and all SMs, BF16 at all SMs. BASELINE_DIR (optional): another checkout,
-  # built the same way, whose ll_perf runs the same cases right after ours (A/B on one machine).
+  # LL: FP8 at 24 SMs and all SMs, BF16 at all SMs, GPU-only times (-G 1), then FP8 at all SMs
+  # timed from the host call (-G 0). BASELINE_DIR (optional): another checkout, built the same
+  # way, whose ll_perf runs the same cases right after ours (A/B on one machine).
   NSM=${ALL_SMS:-132}  # every SM of an H100 / H200 SXM
   for dir in . ${BASELINE_DIR:-}; do
     if [ "$dir" != . ]; then
       (cd "$dir" && make -j32 perf NCCL_HOME=$SHIM > "$OUT/build_baseline.log" 2>&1) || { tail -20 "$OUT/build_baseline.log"; continue; }
     fi
-    for case in "fp8 24" "fp8 $NSM" "bf16 $NSM"; do
-      read -r dt sms <<< "$case"
-      echo "=== ${dir/#./this tree} ll_perf EP$NGPU -d $dt -s $sms (128 tokens, H 7168, top-8, 288 experts)"
-      timeout -k 5 90 $dir/build/perf/ll_perf -g $NGPU -b 128 -e 128 -H 7168 -k 8 -E 288 -d $dt -s $sms \
+    for case in "fp8 24 1" "fp8 $NSM 1" "bf16 $NSM 1" "fp8 $NSM 0"; do
+      read -r dt sms hold <<< "$case"
+      echo "=== ${dir/#./this tree} ll_perf EP$NGPU -d $dt -s $sms -G $hold (128 tokens, H 7168, top-8, 288 experts)"
+      timeout -k 5 90 $dir/build/perf/ll_perf -g $NGPU -b 128 -e 128 -H 7168 -k 8 -E 288 -d $dt -s $sms -G $hold \
         -n 100 -w 20 -c 1 > /tmp/perf_one.log 2>&1
       echo "rc=$?"; cat /tmp/perf_one.log >> "$OUT/perf.log"
       grep -vE "^# *(rank|Rank|$)" /tmp/perf_one.log | tail -14

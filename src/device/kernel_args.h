@@ -38,10 +38,9 @@ struct DeviceState {
   unsigned long long llDispatchSends[kMaxBufferSlots];
   unsigned long long llCombineSends[kMaxBufferSlots];
   unsigned int llDispatchArrived[kMaxBufferSlots];  // CTAs of the running send, per slot, so
-  unsigned int llCombineArrived[kMaxBufferSlots];   // that sends of two slots may overlap
+                                                    // that sends of two slots may overlap
   // Layout kernel (one at a time per context, stream-ordered like the dispatch that uses it).
   unsigned int layoutTicket;        // tiles claimed by the running layout's CTAs
-  unsigned int layoutArrived;       // its CTAs that finished
   unsigned long long layoutEpoch;   // layouts completed: the tile flags' value of the next one
 };
 
@@ -75,7 +74,7 @@ struct LayoutArgs {
   int* tokensPerExpert;    // [E]
   uint8_t* isTokenInRank;  // [T][R] or NULL
   DeviceError* error;
-  DeviceState* state;      // layoutTicket / layoutArrived / layoutEpoch
+  DeviceState* state;      // layoutTicket / layoutEpoch
   LayoutScratch scratch;
 };
 // ceil(T / kLayoutTileTokens) CTAs (at least one), one token per thread.

@@ -5,8 +5,9 @@
 // a ticket (so that every lower tile belongs to a CTA that is already running), counts its
 // tokens per rank and its entries per expert, publishes the per-rank counts with a flag holding
 // this launch's epoch, and looks back: one thread per (lower tile, rank) waits for that tile's
-// flag and adds its count, which gives the tile's base row per rank. The last CTA to finish sums
-// the tiles into tokensPerRank / tokensPerExpert and advances the epoch.
+// flag and adds its count, which gives the tile's base row per rank. The highest tile, which has
+// then seen every other tile publish, writes tokensPerRank / tokensPerExpert, re-arms the ticket
+// and advances the epoch (every other CTA read it before publishing).
 #include "config.h"
 #include "device/kernel_args.h"
 #include "device/peer_sync.cuh"
@@ -33,7 +34,8 @@ __global__ void __launch_bounds__(kLayoutTileTokens) layoutKernel(LayoutArgs a) 
   int* sExpert = smem;                      // [E] entries per expert in this tile
   int* sWarpCount = sExpert + E;            // [kLayoutWarps][R] tokens of each warp per rank
   int* sBase = sWarpCount + kLayoutWarps * R;  // [R] tokens of the lower tiles per rank
-  int16_t* sIds = (int16_t*)(sBase + R);    // [kLayoutTileTokens][K] expert ids, -1 = none
+  int* sTotal = sBase + R;                  // [R] tokens of this tile per rank
+  int16_t* sIds = (int16_t*)(sTotal + R);   // [kLayoutTileTokens][K] expert ids, -1 = none
   __shared__ int sTile;
   __shared__ unsigned long long sEpoch;
   if (threadIdx.x == 0) {
@@ -79,6 +81,7 @@ __global__ void __launch_bounds__(kLayoutTileTokens) layoutKernel(LayoutArgs a) 
       sWarpCount[w * R + r] = run;
       run += c;
     }
+    sTotal[r] = run;
     a.scratch.tileRanks[(size_t)tileIdx * R + r] = run;
   }
   for (int e = threadIdx.x; e < E; e += blockDim.x) a.scratch.tileExperts[(size_t)tileIdx * E + e] = sExpert[e];
@@ -107,16 +110,12 @@ __global__ void __launch_bounds__(kLayoutTileTokens) layoutKernel(LayoutArgs a) 
     }
   }
 
-  if (!lastCtaToArrive(&a.state->layoutArrived)) return;
-  const int tiles = gridDim.x;
-  for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    int sum = 0;
-    for (int j = 0; j < tiles; ++j) sum += __ldcg(a.scratch.tileRanks + (size_t)j * R + r);
-    a.tokensPerRank[r] = sum;
-  }
+  if (tileIdx != (int)gridDim.x - 1) return;
+  // The highest tile: every lower tile has published (the look-back waited for all of them).
+  for (int r = threadIdx.x; r < R; r += blockDim.x) a.tokensPerRank[r] = sBase[r] + sTotal[r];
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
-    int sum = 0;
-    for (int j = 0; j < tiles; ++j) sum += __ldcg(a.scratch.tileExperts + (size_t)j * E + e);
+    int sum = sExpert[e];
+    for (int j = 0; j < tileIdx; ++j) sum += __ldcg(a.scratch.tileExperts + (size_t)j * E + e);
     a.tokensPerExpert[e] = sum;
   }
   if (threadIdx.x == 0) {
@@ -126,7 +125,7 @@ __global__ void __launch_bounds__(kLayoutTileTokens) layoutKernel(LayoutArgs a) 
 }
 
 cudaError_t launchLayout(const LayoutArgs& a, cudaStream_t stream) {
-  const size_t smem = sizeof(int) * ((size_t)a.numExperts + (size_t)kLayoutWarps * a.nRanks + a.nRanks) +
+  const size_t smem = sizeof(int) * ((size_t)a.numExperts + (size_t)kLayoutWarps * a.nRanks + 2 * a.nRanks) +
                       sizeof(int16_t) * kLayoutTileTokens * a.topK;
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(layoutKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);

@@ -136,8 +136,8 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineSendKernel(LlCo
     uint64_t* sig = (uint64_t*)(peer[r] + a.slot.combineSignals) + me;
     asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(sig), "l"((uint64_t)1) : "memory");
   }
-  if (lastCtaToArrive(&w.state->llCombineArrived[a.slotIndex]) && threadIdx.x == 0)
-    w.state->llCombineSends[a.slotIndex] += 1;
+  // The completion (later in stream order) waits for numCtas * sends: one CTA counts the send.
+  if (blockIdx.x == 0 && threadIdx.x == 0) w.state->llCombineSends[a.slotIndex] += 1;
 }
 
 __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineCompleteKernel(LlCombineArgs a) {
