@@ -4,7 +4,8 @@
 # moeloop plugin's GPU test (all GPUs as 2 fake nodes), and print a short table. Every step has a
 # time limit; full logs go to $OUT (or /tmp/nccl-moe-out).
 # Usage: scripts/gpu_check.sh [tests|perf|plugin|all] [extra gtest args...]
-# GPUTEST_SIZES="2 4" picks the GPU counts of the tests (default 2 and all), GPUTEST_TIMEOUT (s).
+# GPUTEST_SIZES="2 4" picks the GPU counts of the tests (default 2 and all), GPUTEST_TIMEOUT (s);
+# HT_DTYPES / HT_SMS narrow the HT perf cases (default "fp8 bf16" x "24 16 8").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}; shift || true
@@ -26,8 +27,8 @@ make -j32 lib perf build/test/gpu_tests plugin build/test/plugin_gpu_test NCCL_H
 echo "build: ${SECONDS}s"
 summary=()
 if [ "$what" = perf ] || [ "$what" = all ]; then
-  for d in fp8 bf16; do
-    for s in 24 16 8; do
+  for d in ${HT_DTYPES:-fp8 bf16}; do
+    for s in ${HT_SMS:-24 16 8}; do
       echo "=== ht_perf EP$NGPU -d $d -s $s (4096 tokens, H 7168, top-8, 256 experts)"
       timeout -k 5 90 build/perf/ht_perf -g $NGPU -b 4096 -e 4096 -H 7168 -k 8 -E 256 -s $s -d $d \
         -n 20 -w 5 -c 1 > /tmp/perf_one.log 2>&1
@@ -54,6 +55,11 @@ if [ "$what" = perf ] || [ "$what" = all ]; then
       grep -vE "^# *(rank|Rank|$)" /tmp/perf_one.log | tail -14
     done
   done
+  echo "=== ll_perf EP$NGPU -d fp8 -s $NSM, 1 to 256 tokens"
+  timeout -k 5 90 build/perf/ll_perf -g $NGPU -b 1 -e 256 -f 4 -H 7168 -k 8 -E 288 -d fp8 -s $NSM \
+    -n 50 -w 10 -c 1 > /tmp/perf_one.log 2>&1
+  echo "rc=$?"; cat /tmp/perf_one.log >> "$OUT/perf.log"
+  grep -A7 -E "^# (dispatch|combine) one-shot" /tmp/perf_one.log
 fi
 if [ "$what" = tests ] || [ "$what" = all ]; then
   for n in ${GPUTEST_SIZES:-$(printf '%s\n' 2 "$NGPU" | sort -un)}; do
