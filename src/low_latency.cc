@@ -107,11 +107,11 @@ extern "C" ncclResult_t ncclMoeLowLatencyDispatch(ncclMoeComm_t c, const void* x
                     fn, slot, c->llDispatchPending[slot] ? "dispatch" : "combine", cfg.numBufferSlots);
 
   const LlDispatchArgs a = dispatchArgs(c, slot, x, topkIdx, topkWeights, numTokens);
+  MOE_CUDA(launchLlDispatchSend(a, cfg.numSms, stream));
   if (flags & NCCL_MOE_LL_SEND_ONLY) {
-    MOE_CUDA(launchLlDispatchSend(a, cfg.numSms, stream));
     c->llDispatchPending[slot] = true;
   } else {
-    MOE_CUDA(launchLlDispatch(a, cfg.numSms, stream));
+    MOE_CUDA(launchLlDispatchComplete(a, cfg.numSms, stream));
   }
   c->llDispatches++;
 
@@ -167,12 +167,12 @@ extern "C" ncclResult_t ncclMoeLowLatencyCombine(ncclMoeComm_t c, const ncclMoeL
   if (c->llCombinePending[dispatched->slot])
     return setError(ncclInvalidUsage, "%s: slot %d already has a send-only combine in flight", fn, dispatched->slot);
   const LlCombineArgs a = combineArgs(c, dispatched, expertOut, out);
+  MOE_CUDA(launchLlCombineSend(a, c->cfg.numSms, stream));
   if (flags & NCCL_MOE_LL_SEND_ONLY) {
-    MOE_CUDA(launchLlCombineSend(a, c->cfg.numSms, stream));
     c->llCombinePending[dispatched->slot] = true;
     return ncclSuccess;
   }
-  MOE_CUDA(launchLlCombine(a, c->cfg.numSms, stream));
+  MOE_CUDA(launchLlCombineComplete(a, c->cfg.numSms, stream));
   return ncclSuccess;
 }
 

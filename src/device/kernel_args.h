@@ -157,9 +157,7 @@ struct LlDispatchArgs {
   int* posCounter;         // [E] device: rows of this rank per expert in the running send
 };
 // Send: numCtas CTAs, waits for no peer. Complete: numCtas CTAs, waits for every source, then
-// copies each token from its first expert row to its other expert rows on this rank. One-shot
-// (launchLlDispatch): both in one kernel.
-cudaError_t launchLlDispatch(const LlDispatchArgs& args, int numCtas, cudaStream_t stream);
+// copies each token from its first expert row to its other expert rows on this rank.
 cudaError_t launchLlDispatchSend(const LlDispatchArgs& args, int numCtas, cudaStream_t stream);
 cudaError_t launchLlDispatchComplete(const LlDispatchArgs& args, int numCtas, cudaStream_t stream);
 
@@ -172,8 +170,6 @@ struct LlCombineArgs {
   uint16_t* out;              // [T][H] BF16 (complete)
   int numTokens, hidden, topK, numExperts, maxTokens;
 };
-// Send, complete, or both in one kernel (launchLlCombine), numCtas CTAs each.
-cudaError_t launchLlCombine(const LlCombineArgs& args, int numCtas, cudaStream_t stream);
 cudaError_t launchLlCombineSend(const LlCombineArgs& args, int numCtas, cudaStream_t stream);
 cudaError_t launchLlCombineComplete(const LlCombineArgs& args, int numCtas, cudaStream_t stream);
 

@@ -8,7 +8,6 @@
 // release-adds 1 to combineSignals[me] at every rank; nothing waits for a peer.
 // Complete (numSms CTAs, as the source): wait until every rank's signal reaches numCtas * epoch,
 // then (token, chunk) items sum the token's partials in rank order (FP32) and write BF16.
-// One-shot: the two phases in one kernel (the split form launches them separately).
 #include "config.h"
 #include "device/kernel_args.h"
 #include "device/ll_source_tokens.cuh"
@@ -77,8 +76,7 @@ __device__ void sumRowsChunk(unsigned m, const uint4* myRow, float myWeight, int
   }
 }
 
-// Every CTA of the launch: sends its share of the partials, then signals every rank.
-__device__ void llCombineSendPhase(const LlCombineArgs& a) {
+__global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineSendKernel(LlCombineArgs a) {
   const WindowView& w = a.w;
   const int R = w.nRanks, me = w.rank, M = a.maxTokens, K = a.topK;
   __shared__ char* peer[kMaxRanks];
@@ -138,23 +136,20 @@ __device__ void llCombineSendPhase(const LlCombineArgs& a) {
     uint64_t* sig = (uint64_t*)(peer[r] + a.slot.combineSignals) + me;
     asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(sig), "l"((uint64_t)1) : "memory");
   }
+  // The completion (later in stream order) waits for numCtas * sends: one CTA counts the send.
+  if (blockIdx.x == 0 && threadIdx.x == 0) w.state->llCombineSends[a.slotIndex] += 1;
 }
 
-// Every CTA of the launch: waits for the partials of this slot's combine number `epoch` (every
-// rank's signal at numCtas * epoch), then reduces its share of (token, chunk) items. With
-// countSend, CTA 0 records the send as done once every CTA of this launch has signalled (so
-// after every CTA read the old count).
-__device__ void llCombineCompletePhase(const LlCombineArgs& a, uint64_t epoch, bool countSend) {
+__global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineCompleteKernel(LlCombineArgs a) {
   const WindowView& w = a.w;
   const int R = w.nRanks;
   const char* slot = (const char*)ncclGetLocalPointer(w.win, a.slotOff);
+  const uint64_t epoch = *(volatile unsigned long long*)&w.state->llCombineSends[a.slotIndex];
   const uint64_t* sig = (const uint64_t*)(slot + a.slot.combineSignals);
   bool ok = true;
   for (int r = threadIdx.x; r < R; r += blockDim.x)
     ok &= waitAtLeast(w, sig + r, (uint64_t)gridDim.x * epoch, kWaitLlCombine, r);
-  const bool allOk = __syncthreads_and(ok) != 0;
-  if (countSend && blockIdx.x == 0 && threadIdx.x == 0) w.state->llCombineSends[a.slotIndex] = epoch;
-  if (!allOk) return;
+  if (!__syncthreads_and(ok)) return;
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, rowVecs = a.hidden / 8;
   const int chunks = (rowVecs + kLlSumVecs - 1) / kLlSumVecs;
@@ -174,28 +169,6 @@ __device__ void llCombineCompletePhase(const LlCombineArgs& a, uint64_t epoch, b
       if (idx < rowVecs) dst[idx] = sum[u];
     }
   }
-}
-
-__global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineSendKernel(LlCombineArgs a) {
-  llCombineSendPhase(a);
-  // The completion (later in stream order) waits for numCtas * sends: one CTA counts the send.
-  if (blockIdx.x == 0 && threadIdx.x == 0) a.w.state->llCombineSends[a.slotIndex] += 1;
-}
-
-__global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineCompleteKernel(LlCombineArgs a) {
-  llCombineCompletePhase(a, *(volatile unsigned long long*)&a.w.state->llCombineSends[a.slotIndex], false);
-}
-
-// One-shot: both phases in one launch; all numCtas CTAs are resident at once (one per SM).
-__global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineKernel(LlCombineArgs a) {
-  const uint64_t epoch = *(volatile unsigned long long*)&a.w.state->llCombineSends[a.slotIndex] + 1;
-  llCombineSendPhase(a);
-  llCombineCompletePhase(a, epoch, true);
-}
-
-cudaError_t launchLlCombine(const LlCombineArgs& args, int numCtas, cudaStream_t stream) {
-  llCombineKernel<<<numCtas, kLlCombineThreads, 0, stream>>>(args);
-  return cudaGetLastError();
 }
 
 cudaError_t launchLlCombineSend(const LlCombineArgs& args, int numCtas, cudaStream_t stream) {

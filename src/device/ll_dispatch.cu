@@ -1,5 +1,4 @@
-// Low-latency dispatch over LSA: send phase (no waiting on peers) and completion phase, as two
-// kernels (the split form) or one (one-shot).
+// Low-latency dispatch over LSA: send kernel (no waiting on peers) and completion kernel.
 //
 // A token crosses NVLink once per destination rank (not once per expert):
 // Send (numSms CTAs of 16 warps): each CTA takes rounds of up to 16 tokens. Phase 1, one warp per
@@ -16,7 +15,6 @@
 // Complete (numSms CTAs): every CTA waits (acquire, with the context timeout) for the signal of
 // this slot's epoch from every source; then CTA 0 sums the per-expert counts and all warps copy
 // each received token from its first expert row to its other expert rows on this rank.
-// One-shot (numSms CTAs): the send phase, then the completion phase, in one kernel.
 #include "config.h"
 #include "device/fp8_cast.cuh"
 #include "device/kernel_args.h"
@@ -149,12 +147,13 @@ __device__ void sendChunkLl(const LlDispatchArgs& a, char* const* peer, const Ll
   }
 }
 
-// The send of this slot's operation number `epoch` (every CTA of the launch).
-__device__ void llDispatchSendPhase(const LlDispatchArgs& a, uint64_t epoch) {
+__global__ void __launch_bounds__(kLlThreads, 1) llDispatchSendKernel(LlDispatchArgs a) {
   const WindowView& w = a.w;
   const int R = w.nRanks, me = w.rank, L = a.numExperts / R, M = a.maxTokens, T = a.numTokens;
   __shared__ char* peer[kMaxRanks];
   __shared__ LlTokenRoute route[kLlWarps];
+  unsigned long long* sends = &w.state->llDispatchSends[a.slotIndex];
+  const uint64_t epoch = *(volatile unsigned long long*)sends + 1;
   if (threadIdx.x < R) peer[threadIdx.x] = (char*)ncclGetLsaPointer(w.win, 0, threadIdx.x) + a.slotOff;
   __syncthreads();
   char* mySlot = peer[me];
@@ -187,7 +186,7 @@ __device__ void llDispatchSendPhase(const LlDispatchArgs& a, uint64_t epoch) {
     const uint64_t value = (epoch << 32) | (uint64_t)T;
     asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(sig), "l"(value) : "memory");
   }
-  if (threadIdx.x == 0) *(volatile unsigned long long*)&w.state->llDispatchSends[a.slotIndex] = epoch;
+  if (threadIdx.x == 0) *(volatile unsigned long long*)sends = epoch;
 }
 
 // Copies chunk c of a received row (rowBytes) from row `from` to every row of `rows` but the
@@ -220,11 +219,11 @@ __device__ void fanOutChunk(char* x, char* scales, size_t rowBytes, size_t scale
   }
 }
 
-// The completion of this slot's operation number `epoch` (every CTA of the launch).
-__device__ void llDispatchCompletePhase(const LlDispatchArgs& a, uint64_t epoch) {
+__global__ void __launch_bounds__(kLlThreads, 1) llDispatchCompleteKernel(LlDispatchArgs a) {
   const WindowView& w = a.w;
   const int R = w.nRanks, L = a.numExperts / R, M = a.maxTokens, K = a.topK;
   char* slot = (char*)ncclGetLocalPointer(w.win, a.slotOff);
+  const uint64_t epoch = *(volatile unsigned long long*)&w.state->llDispatchSends[a.slotIndex];
   const uint64_t* sig = (const uint64_t*)(slot + a.slot.dispatchSignals);
   __shared__ int tokenStart[kMaxRanks + 1];  // prefix of the sources' token counts
   __shared__ int tokens[kMaxRanks];
@@ -288,29 +287,6 @@ __device__ void llDispatchCompletePhase(const LlDispatchArgs& a, uint64_t epoch)
     }
     __syncwarp();  // rowOfK[warp] is rewritten by the next item
   }
-}
-
-// The operation's epoch is read before any CTA can arrive at the send's end, where the last CTA
-// publishes it.
-__global__ void __launch_bounds__(kLlThreads, 1) llDispatchSendKernel(LlDispatchArgs a) {
-  llDispatchSendPhase(a, *(volatile unsigned long long*)&a.w.state->llDispatchSends[a.slotIndex] + 1);
-}
-
-__global__ void __launch_bounds__(kLlThreads, 1) llDispatchCompleteKernel(LlDispatchArgs a) {
-  llDispatchCompletePhase(a, *(volatile unsigned long long*)&a.w.state->llDispatchSends[a.slotIndex]);
-}
-
-// One-shot: both phases in one launch (no kernel boundary between them). All numCtas CTAs are
-// resident at once (one per SM, numCtas <= SMs), so waiting for this launch's own last CTA is safe.
-__global__ void __launch_bounds__(kLlThreads, 1) llDispatchKernel(LlDispatchArgs a) {
-  const uint64_t epoch = *(volatile unsigned long long*)&a.w.state->llDispatchSends[a.slotIndex] + 1;
-  llDispatchSendPhase(a, epoch);
-  llDispatchCompletePhase(a, epoch);
-}
-
-cudaError_t launchLlDispatch(const LlDispatchArgs& args, int numCtas, cudaStream_t stream) {
-  llDispatchKernel<<<numCtas, kLlThreads, 0, stream>>>(args);
-  return cudaGetLastError();
 }
 
 cudaError_t launchLlDispatchSend(const LlDispatchArgs& args, int numCtas, cudaStream_t stream) {
