@@ -3,7 +3,7 @@
 # tests at 2 GPUs and at all GPUs, run the HT and LL perf binaries for the issues' benchmarks and the
 # moeloop plugin's GPU test (all GPUs as 2 fake nodes), and print a short table. Every step has a
 # time limit; full logs go to $OUT (or /tmp/nccl-moe-out).
-# Usage: scripts/gpu_check.sh [tests|perf|plugin|all] [extra gtest args...]
+# Usage: scripts/gpu_check.sh [build|tests|perf|plugin|all] [extra gtest args...] (build: only that)
 # GPUTEST_SIZES="2 4" picks the GPU counts of the tests (default 2 and all), GPUTEST_TIMEOUT (s);
 # HT_DTYPES / HT_SMS narrow the HT perf cases (default "fp8 bf16" x "24 16 8").
 set -uo pipefail
