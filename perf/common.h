@@ -17,6 +17,7 @@
 
 #include "nccl_moe.h"
 #include "../tests/common/ranks.h"
+#include "../tests/common/rng.h"
 
 namespace moe_perf {
 
@@ -100,19 +101,7 @@ void printNote(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 
 // --- host helpers for generating and checking data -------------------------------------------
 
-// splitmix64: small, fast and deterministic for a given seed on every host.
-struct Rng {
-  uint64_t state;
-  explicit Rng(uint64_t seed) : state(seed) {}
-  uint64_t next() {
-    uint64_t z = (state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
-  uint32_t below(uint32_t n) { return (uint32_t)(((next() >> 32) * (uint64_t)n) >> 32); }
-  float uniform() { return (float)((next() >> 40) * (1.0 / 16777216.0)); }  // [0, 1)
-};
+using moe_rng::Rng;  // tests/common/rng.h
 
 // A seed from several integers (e.g. base seed, rank, token count, stream id).
 uint64_t mixSeed(uint64_t a, uint64_t b, uint64_t c, uint64_t d);

@@ -130,6 +130,7 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatchHtIntranodeKernel
         total += c;
       }
       sendOffset[d] = before;
+      if (blockIdx.x == 0) a.routing.sendOffset[d] = before;  // kept for the combine
       if (total > a.capacity) {
         atomicExch(&overflow, 1);
         if (blockIdx.x == 0) reportError(w.error, kDevOverflow, d, total, a.capacity);
@@ -140,11 +141,6 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatchHtIntranodeKernel
         int sum = 0;
         for (int s = 0; s < R; ++s) sum += loadPeerInt(counts + s * rowLen + (j == 0 ? me : R + j - 1));
         a.routing.recvCounts[j] = sum;
-      }
-      for (int d = threadIdx.x; d < R; d += blockDim.x) {
-        int before = 0;
-        for (int s = 0; s < me; ++s) before += loadPeerInt(counts + s * rowLen + d);
-        a.routing.sendOffset[d] = before;
       }
     }
   }

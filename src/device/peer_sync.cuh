@@ -114,17 +114,13 @@ __device__ __forceinline__ void finishAndWaitPeers(const WindowView& w, int kind
                                                    unsigned int* arrived,
                                                    unsigned long long* seqSlot) {
   __syncthreads();
-  __shared__ bool isLast;
   if (threadIdx.x == 0) {
     __threadfence_system();
     for (int p = 0; p < w.nRanks; ++p) signalAdd(w, p, kind, 1);
-    isLast = atomicAdd(arrived, 1u) == gridDim.x - 1;
   }
-  __syncthreads();
-  if (!isLast) return;
+  if (!lastCtaToArrive(arrived)) return;
   ctaWaitAllPeers(w, kind, (uint64_t)gridDim.x * seq);
   if (threadIdx.x == 0) {
-    *arrived = 0;
     *(volatile unsigned long long*)seqSlot = seq;
     __threadfence();
   }

@@ -6,6 +6,7 @@
 // fuse multiply-adds) and the CPU reference then round identically as long as both add the
 // per-rank terms in rank order, and combine can be compared bitwise.
 #include "gpu_env.h"
+#include "../common/rng.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -17,19 +18,7 @@ namespace moe_gpu {
 
 namespace {
 
-// splitmix64: small, fast, identical on every rank.
-struct Rng {
-  uint64_t s;
-  explicit Rng(uint64_t seed) : s(seed) {}
-  uint64_t next() {
-    uint64_t z = (s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-  double uniform() { return (next() >> 11) * (1.0 / 9007199254740992.0); }  // [0, 1)
-  int below(int n) { return (int)(next() % (uint64_t)n); }
-};
+using moe_rng::Rng;
 
 uint64_t streamSeed(uint64_t seed, int rank, int what) {
   Rng r(seed * 0x100000001B3ull + (uint64_t)rank * 0x9E3779B1ull + (uint64_t)what);
