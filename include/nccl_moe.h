@@ -114,7 +114,9 @@ ncclResult_t ncclMoeCommDestroy(ncclMoeComm_t moeComm);
  *                        twice counts twice; real routing has no duplicates)
  *   isTokenInRank   [numTokens][R] uint8 (0/1), may be NULL.
  * Expert ids outside [-1, E) are counted nowhere and make the call's next check fail
- * (ncclMoeCheckErrors). */
+ * (ncclMoeCheckErrors). Local (not collective). The layout kernel uses per-context scratch: it
+ * must not run concurrently with another ncclMoeGetLayout or ncclMoeDispatch of the same
+ * context on another stream. */
 ncclResult_t ncclMoeGetLayout(ncclMoeComm_t moeComm, const int64_t* topkIdx, int numTokens,
                               int* tokensPerRank, int* tokensPerExpert, uint8_t* isTokenInRank,
                               cudaStream_t stream);

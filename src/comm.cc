@@ -134,14 +134,10 @@ static ncclResult_t createComm(ncclComm_t nccl, const ncclMoeConfig_t* config, n
   MOE_CUDA(cudaMemset(c->state, 0, sizeof(DeviceState)));
   {
     const int M = c->cfg.maxTokensPerRank, E = c->cfg.numExperts, R = c->nRanks;
-    const size_t tiles = (size_t)(M + kLayoutTileTokens - 1) / kLayoutTileTokens;
     const size_t bytes = LayoutScratch::bytes(M, R, E);
     MOE_CUDA(cudaMalloc(&c->layoutScratchMem, bytes));
-    MOE_CUDA(cudaMemset(c->layoutScratchMem, 0, bytes));
-    char* p = (char*)c->layoutScratchMem;
-    c->layoutScratch.tileFlags = (unsigned long long*)p;  // 8-byte aligned first
-    c->layoutScratch.tileRanks = (int*)(p + tiles * sizeof(unsigned long long));
-    c->layoutScratch.tileExperts = c->layoutScratch.tileRanks + tiles * R;
+    MOE_CUDA(cudaMemset(c->layoutScratchMem, 0, bytes));  // tile flags 0: no epoch yet
+    c->layoutScratch = LayoutScratch::carve(c->layoutScratchMem, M, R, E);
   }
   if (c->cfg.mode == ncclMoeLowLatency) {
     const size_t bytes = sizeof(int) * c->cfg.numBufferSlots * c->cfg.numExperts;

@@ -50,7 +50,9 @@ struct LayoutScratch {
   int* tileRanks;                // [tiles][R]: tokens of the tile going to each rank
   int* tileExperts;              // [tiles][E]: (token, k) entries of the tile per expert
   unsigned long long* tileFlags; // [tiles]: epoch of the layout that published the tile
+  // Device bytes for a context, and the arrays carved out of such an allocation `mem`.
   static size_t bytes(int maxTokens, int nRanks, int numExperts);
+  static LayoutScratch carve(void* mem, int maxTokens, int nRanks, int numExperts);
 };
 
 // Routing of one dispatch, on the device (owned by the handle). R = ranks, K = top-k.

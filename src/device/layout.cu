@@ -16,9 +16,21 @@ namespace nccl_moe {
 
 constexpr int kLayoutWarps = kLayoutTileTokens / 32;
 
+static size_t layoutTiles(int maxTokens) {
+  return (size_t)(maxTokens + kLayoutTileTokens - 1) / kLayoutTileTokens;
+}
+
 size_t LayoutScratch::bytes(int maxTokens, int nRanks, int numExperts) {
-  const size_t tiles = (size_t)(maxTokens + kLayoutTileTokens - 1) / kLayoutTileTokens;
-  return tiles * (sizeof(int) * ((size_t)nRanks + numExperts) + sizeof(unsigned long long));
+  return layoutTiles(maxTokens) * (sizeof(int) * ((size_t)nRanks + numExperts) + sizeof(unsigned long long));
+}
+
+LayoutScratch LayoutScratch::carve(void* mem, int maxTokens, int nRanks, int numExperts) {
+  const size_t tiles = layoutTiles(maxTokens);
+  LayoutScratch s;
+  s.tileFlags = (unsigned long long*)mem;  // the 8-byte words first
+  s.tileRanks = (int*)(s.tileFlags + tiles);
+  s.tileExperts = s.tileRanks + tiles * nRanks;
+  return s;
 }
 
 __device__ __forceinline__ unsigned long long loadAcquireGpu(const unsigned long long* p) {

@@ -390,3 +390,24 @@ TEST(DispatchArgs, UnknownFlags) {
   expectDispatchRejected(validateDispatchArgs(bf, kX, nullptr, kIdx, 5, 0x80, false, 0), "flags",
                          0, false);
 }
+
+// The layout kernel's scratch: the carved arrays lie inside bytes(), do not overlap, and hold
+// ceil(maxTokens / tile) tiles of flags, per-rank and per-expert counts.
+TEST(WindowLayout, LayoutScratchCarving) {
+  const int cases[][3] = {{1, 2, 8}, {256, 4, 256}, {257, 4, 256}, {4096, 8, 288}, {5000, 32, 64}};
+  for (const auto& cs : cases) {
+    const int M = cs[0], R = cs[1], E = cs[2];
+    const size_t tiles = (size_t)(M + kLayoutTileTokens - 1) / kLayoutTileTokens;
+    const size_t bytes = LayoutScratch::bytes(M, R, E);
+    std::vector<unsigned long long> mem(bytes / 8 + 1);
+    char* base = (char*)mem.data();
+    const LayoutScratch s = LayoutScratch::carve(base, M, R, E);
+    const char* flagsEnd = (const char*)(s.tileFlags + tiles);
+    const char* ranksEnd = (const char*)(s.tileRanks + tiles * R);
+    const char* expertsEnd = (const char*)(s.tileExperts + tiles * E);
+    EXPECT_EQ((const char*)s.tileFlags, base);
+    EXPECT_LE(flagsEnd, (const char*)s.tileRanks) << M << " " << R << " " << E;
+    EXPECT_LE(ranksEnd, (const char*)s.tileExperts) << M << " " << R << " " << E;
+    EXPECT_EQ(expertsEnd, base + bytes) << M << " " << R << " " << E;  // bytes() is exact
+  }
+}
