@@ -77,7 +77,7 @@ typedef struct {
                                    FP8 e4m3 means "cast to FP8 in the sending warp". Combine is
                                    always BF16. */
   int numSms;            /* CTAs each dispatch / combine kernel launches (persistent), 1..the
-                            device's SM count; the layout kernel uses one CTA */
+                            device's SM count; the layout kernel uses one CTA per 256 tokens */
   int outputCapacity;    /* rows each rank can receive in one dispatch; 0 = R*maxTokensPerRank
                             (never overflows). A smaller value saves window memory; a dispatch
                             that would exceed it writes nothing and fails (see Dispatch). */
