@@ -221,4 +221,14 @@ std::vector<uint16_t> combine(int src, const std::vector<Routing>& routing,
   return out;
 }
 
+Routing makeRouting(int topK, const std::vector<std::vector<int64_t>>& idx,
+                    const std::vector<std::vector<float>>& weights) {
+  Routing r;
+  r.numTokens = (int)idx.size();
+  r.topK = topK;
+  for (const auto& row : idx) r.topkIdx.insert(r.topkIdx.end(), row.begin(), row.end());
+  for (const auto& row : weights) r.topkWeights.insert(r.topkWeights.end(), row.begin(), row.end());
+  return r;
+}
+
 }  // namespace moe_ref

@@ -24,6 +24,9 @@ struct Routing {            // one rank's routing input
   std::vector<int64_t> topkIdx;   // [numTokens][topK], -1 = none
   std::vector<float> topkWeights; // [numTokens][topK]
 };
+// A routing from per-token rows of expert ids (each of topK entries) and, optionally, weights.
+Routing makeRouting(int topK, const std::vector<std::vector<int64_t>>& idx,
+                    const std::vector<std::vector<float>>& weights = {});
 
 struct Layout {
   std::vector<int> tokensPerRank;     // [R]

@@ -156,6 +156,14 @@ std::string intStr(int64_t v) { return std::to_string((long long)v); }
 
 }  // namespace
 
+GenSpec spec(uint64_t seed, Route route, int numTokens) {
+  GenSpec g;
+  g.seed = seed;
+  g.route = route;
+  g.numTokens = numTokens;
+  return g;
+}
+
 Problem makeProblem(const Shape& s, const GenSpec& g) {
   Problem p;
   p.shape = s;

@@ -111,6 +111,9 @@ struct GenSpec {
                            // amount (different T on every rank, same for every seed)
   int zeroTokenRank = -1;  // this rank (if it exists) sends no tokens
 };
+// The usual spec: a seed, a routing kind and (default -1: per rank, the same for every seed,
+// as a CUDA graph needs) the token count.
+GenSpec spec(uint64_t seed, Route route = Route::Random, int numTokens = -1);
 
 // Every rank's inputs, generated on the host from (seed, rank) so that each rank can compute
 // the reference for all ranks without communication.

@@ -10,12 +10,6 @@ namespace {
 
 class Graph : public GpuTest {};
 
-GenSpec spec(uint64_t seed) {
-  GenSpec g;
-  g.seed = seed;
-  return g;  // numTokens -1: T differs per rank but not per seed, as the graph needs
-}
-
 void graphScenario(const Shape& s, uint64_t seed, bool withCombine, bool weighted) {
   Ep ep(s);
   if (!ep.create()) return;

@@ -22,12 +22,6 @@ Shape shape(int hidden, int experts, ncclMoeDtype_t dtype) {
   return s;
 }
 
-GenSpec spec(uint64_t seed) {
-  GenSpec g;
-  g.seed = seed;
-  return g;
-}
-
 RunOpts from(ExpertSrc src, bool weighted) {
   RunOpts o;
   o.src = src;

@@ -18,13 +18,6 @@ Shape shape(int hidden, int topK, int experts, int maxTokens, ncclMoeDtype_t dty
   return s;
 }
 
-GenSpec spec(uint64_t seed, Route route = Route::Random) {
-  GenSpec g;
-  g.seed = seed;
-  g.route = route;
-  return g;
-}
-
 RunOpts opts(bool weighted) {
   RunOpts o;
   o.combineWeighted = weighted;

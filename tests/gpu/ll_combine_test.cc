@@ -30,12 +30,6 @@ LlShape shape(bool fp8, ncclMoeScaleFormat_t fmt = ncclMoeScaleFp32) {
   return s;
 }
 
-GenSpec spec(uint64_t seed) {
-  GenSpec g;
-  g.seed = seed;
-  return g;  // numTokens -1: T differs per rank, not per seed
-}
-
 // --- split form against the reference ---------------------------------------------------------
 
 TEST_F(LlCombine, SplitBf16) {

@@ -26,15 +26,6 @@ LlShape fp8Shape(ncclMoeScaleFormat_t fmt) {
   return s;
 }
 
-GenSpec spec(uint64_t seed, Route route = Route::Random, int numTokens = -1) {
-  GenSpec g;
-  g.seed = seed;
-  g.route = route;
-  g.dropProb = 0.1;
-  g.numTokens = numTokens;
-  return g;
-}
-
 LlRunOpts oneShot() { return LlRunOpts(); }
 
 // --- routing scenarios, BF16 and the three FP8 formats ------------------------------------------

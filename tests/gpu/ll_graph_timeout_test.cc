@@ -28,12 +28,6 @@ class LlGraph : public GpuTest {};
 class LlTimeout : public GpuTest {};
 class LlValidation : public GpuTest {};
 
-GenSpec spec(uint64_t seed) {
-  GenSpec g;
-  g.seed = seed;
-  return g;  // numTokens -1: T per rank is the same for every seed, as a graph needs
-}
-
 void graphScenario(const LlShape& s, uint64_t seed, int replays, bool split, bool weighted) {
   LlEp ep(s);
   if (!ep.create()) return;

@@ -25,13 +25,6 @@ Shape smallShape(int maxTokens, int capacity) {
   return s;
 }
 
-GenSpec spec(uint64_t seed, int numTokens) {
-  GenSpec g;
-  g.seed = seed;
-  g.numTokens = numTokens;
-  return g;
-}
-
 // The header names ncclInvalidUsage / ncclSystemError for overflow, bad ids and timeouts; for bad
 // expert ids (bad input) any error code is accepted, the value is printed.
 bool isReportedError(ncclResult_t r, bool anyCode) {
@@ -43,7 +36,7 @@ TEST_F(GpuErrors, RejectedArgumentsLeaveContextUsable) {
   Shape s = smallShape(64, 0);
   Ep ep(s);
   if (!ep.create()) return;
-  Problem p = makeProblem(s, spec(501, -1));
+  Problem p = makeProblem(s, spec(501));
   Reference ref = makeReference(p);
   DeviceInputs in;
   MOE_AGREE_OR_RETURN(in.upload(p), "upload inputs");
@@ -85,7 +78,7 @@ void expectDispatchError(const Shape& s, int goodTokens, void (*corrupt)(Problem
   Ep ep(s);
   if (!ep.create()) return;
   const int me = rank();
-  Problem p = makeProblem(s, spec(601, goodTokens));
+  Problem p = makeProblem(s, spec(601, Route::Random, goodTokens));
   DeviceInputs in;
   MOE_AGREE_OR_RETURN(in.upload(p), "upload inputs");
   {
@@ -94,7 +87,7 @@ void expectDispatchError(const Shape& s, int goodTokens, void (*corrupt)(Problem
     if (!runAndCheck(ep, in, p, ref, o, (std::string(what) + " [valid dispatch]").c_str()))
       return;
   }
-  Problem q = makeProblem(s, spec(602, -1));
+  Problem q = makeProblem(s, spec(602));
   if (corrupt) corrupt(q, s.numExperts());
   const ncclMoeDispatchOutput_t prev = ep.lastOut;
   bool ok = in.upload(q) && poisonDispatchOutput(prev, s);
@@ -179,7 +172,7 @@ TEST_F(GpuErrors, BadExpertIdReportedByCheckErrors) {
 // A context created after the errors above works normally.
 TEST_F(GpuErrors, FreshContextAfterErrors) {
   RunOpts o;
-  runScenario(smallShape(64, 0), spec(701, -1), o);
+  runScenario(smallShape(64, 0), spec(701), o);
 }
 
 }  // namespace

@@ -155,6 +155,19 @@ bool ncclShapingMeasurements(const RankInfo& r, ncclComm_t comm, int slot) {
     else PT_NCCL(ncclRecv(buf.p, bytes, ncclChar, a, comm, s));
     if (!waitStream(s, comm, 300, "bandwidth warm-up")) return false;
   }
+  // `n` round trips of 8 bytes (enqueued only): a sends then receives, b receives then sends.
+  auto pingPong = [&](int n) {
+    for (int it = 0; it < n; it++) {
+      if (r.rank == a) {
+        PT_NCCL(ncclSend(buf.p, 8, ncclChar, b, comm, s));
+        PT_NCCL(ncclRecv(buf.p, 8, ncclChar, b, comm, s));
+      } else {
+        PT_NCCL(ncclRecv(buf.p, 8, ncclChar, a, comm, s));
+        PT_NCCL(ncclSend(buf.p, 8, ncclChar, a, comm, s));
+      }
+    }
+    return true;
+  };
   if (!barrier(r)) return false;
   double t0 = nowSec();
   if (active) {
@@ -164,30 +177,13 @@ bool ncclShapingMeasurements(const RankInfo& r, ncclComm_t comm, int slot) {
     }
     if (!waitStream(s, comm, 300, "bandwidth")) return false;
     if (r.rank == b) r.shared->netBwGBps[slot] = (double)bytes * iters / (nowSec() - t0) * 1e-9;
-    // Ping-pong of 8 bytes: a sends then receives, b receives then sends.
-    for (int it = 0; it < 5; it++) {
-      if (r.rank == a) {
-        PT_NCCL(ncclSend(buf.p, 8, ncclChar, b, comm, s));
-        PT_NCCL(ncclRecv(buf.p, 8, ncclChar, b, comm, s));
-      } else {
-        PT_NCCL(ncclRecv(buf.p, 8, ncclChar, a, comm, s));
-        PT_NCCL(ncclSend(buf.p, 8, ncclChar, a, comm, s));
-      }
-    }
+    if (!pingPong(5)) return false;
     if (!waitStream(s, comm, 60, "ping-pong warm-up")) return false;
   }
   if (!barrier(r)) return false;
   if (active) {
     double t1 = nowSec();
-    for (int it = 0; it < rttIters; it++) {
-      if (r.rank == a) {
-        PT_NCCL(ncclSend(buf.p, 8, ncclChar, b, comm, s));
-        PT_NCCL(ncclRecv(buf.p, 8, ncclChar, b, comm, s));
-      } else {
-        PT_NCCL(ncclRecv(buf.p, 8, ncclChar, a, comm, s));
-        PT_NCCL(ncclSend(buf.p, 8, ncclChar, a, comm, s));
-      }
-    }
+    if (!pingPong(rttIters)) return false;
     if (!waitStream(s, comm, 60, "ping-pong")) return false;
     if (r.rank == a) r.shared->rttUs[slot] = (nowSec() - t1) / rttIters * 1e6;
     PT_CUDA(cudaStreamDestroy(s));

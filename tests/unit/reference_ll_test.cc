@@ -33,15 +33,6 @@ float scaleFloat(const std::vector<uint8_t>& sc, int g) {
   return f;
 }
 
-Routing routing(int topK, const std::vector<std::vector<int64_t>>& idx,
-                const std::vector<std::vector<float>>& w = {}) {
-  Routing r;
-  r.numTokens = (int)idx.size();
-  r.topK = topK;
-  for (auto& row : idx) r.topkIdx.insert(r.topkIdx.end(), row.begin(), row.end());
-  for (auto& row : w) r.topkWeights.insert(r.topkWeights.end(), row.begin(), row.end());
-  return r;
-}
 
 // Expert outputs of hidden size 1: y[t][k], each value exact in BF16.
 struct Column {
@@ -199,8 +190,8 @@ TEST(RefLlRows, SendRowsBf16AndFp8) {
 TEST(RefLlDispatch, BlocksPerExpertAndSource) {
   // R = 2, E = 4 (L = 2). Rank 1 owns experts 2 (l 0) and 3 (l 1).
   std::vector<Routing> rt = {
-      routing(2, {{0, 3}, {1, 2}, {2, 3}}),
-      routing(2, {{2, -1}, {3, 2}, {-1, -1}, {3, 0}}),
+      makeRouting(2, {{0, 3}, {1, 2}, {2, 3}}),
+      makeRouting(2, {{2, -1}, {3, 2}, {-1, -1}, {3, 0}}),
   };
   LlReceived r1 = llDispatch(1, rt, 4);
   EXPECT_EQ(r1.countsPerSource, (std::vector<int>{2, 2, 2, 2}));  // [l][s]
@@ -225,8 +216,8 @@ TEST(RefLlCombine, OneRankKOrderWeightsAndSkippedEntries) {
   // Token 0: k order 2^24, 1, 1, -2^24: in order the ones vanish (2^24 + 1 rounds to even).
   // Token 1: weights, -1 entry skipped (its weight would change the result).
   // Token 2: no valid k -> +0.
-  Routing r = routing(4, {{0, 1, 2, 3}, {4, -1, 5, 6}, {-1, -1, -1, -1}},
-                      {{1, 1, 1, 1}, {0.5f, 100.0f, 0.25f, 2.0f}, {1, 1, 1, 1}});
+  Routing r = makeRouting(4, {{0, 1, 2, 3}, {4, -1, 5, 6}, {-1, -1, -1, -1}},
+                          {{1, 1, 1, 1}, {0.5f, 100.0f, 0.25f, 2.0f}, {1, 1, 1, 1}});
   std::vector<std::vector<uint16_t>> y(12, std::vector<uint16_t>(H));
   auto set = [&](int t, int k, float a, float b) { y[t * 4 + k] = {bf(a), bf(b)}; };
   set(0, 0, 16777216.0f, 1.0f);
@@ -255,7 +246,7 @@ TEST(RefLlCombine, ProductRoundedBeforeAdd) {
   // acc = 1 + round(w * -3) with w = float(1/3): the rounded product is exactly -1, so the sum
   // is 0; a fused multiply-add would leave -2^-25 (BF16 0xb300).
   const float third = 1.0f / 3.0f;
-  Routing r = routing(2, {{0, 1}}, {{1.0f, third}});
+  Routing r = makeRouting(2, {{0, 1}}, {{1.0f, third}});
   std::vector<uint16_t> y0 = {bf(1.0f)}, y1 = {bf(-3.0f)};
   auto rows = [&](int, int k) { return k == 0 ? y0.data() : y1.data(); };
   EXPECT_EQ(llCombine(r, rows, 1, true, 2, 1)[0], 0x0000);
@@ -265,7 +256,7 @@ TEST(RefLlCombine, ProductRoundedBeforeAdd) {
 // BF16 ulp of 1 (2^-8), 2u above it.
 TEST(RefLlCombine, PartialRoundedToBf16PerRank) {
   const float u = ldexpf(3.0f, -10);
-  Routing r = routing(3, {{0, 1, 2}, {0, 2, 1}, {0, 2, 1}});
+  Routing r = makeRouting(3, {{0, 1, 2}, {0, 2, 1}, {0, 2, 1}});
   Column y(3, {{1, u, u}, {1, u, u}, {1, u, -u}});
   std::vector<uint16_t> out = llCombine(r, y.rows(), 1, false, 4, 2);
   // Token 0: p(0) = bf16(1 + u) = 1, p(1) = u, out = bf16(1 + u) = 1. One FP32 sum over every k,
@@ -286,7 +277,7 @@ TEST(RefLlCombine, PartialRoundedToBf16PerRank) {
 // (-2^24 + 1 + 2^24) both give 1.
 TEST(RefLlCombine, PartialsAddedInIncreasingRankOrder) {
   const float big = 16777216.0f;
-  Routing r = routing(3, {{1, 2, 0}});
+  Routing r = makeRouting(3, {{1, 2, 0}});
   Column y(3, {{1, -big, big}});
   EXPECT_EQ(llCombine(r, y.rows(), 1, false, 3, 3)[0], 0x0000);
 }
@@ -295,7 +286,7 @@ TEST(RefLlCombine, PartialsAddedInIncreasingRankOrder) {
 // weight and row of a -1 entry are ignored. E = 4 on R = 2 as above; u = 3 * 2^-10.
 TEST(RefLlCombine, WeightsInsideThePartial) {
   const float s = ldexpf(1.0f, -7);
-  Routing r = routing(4, {{0, 1, 2, -1}}, {{0.5f, 0.375f, 0.375f, 100.0f}});
+  Routing r = makeRouting(4, {{0, 1, 2, -1}}, {{0.5f, 0.375f, 0.375f, 100.0f}});
   Column y(4, {{2, s, s, 1000}});
   // Weighted: products 1, u, u; p(0) = bf16(1 + u) = 1, p(1) = u, out = bf16(1 + u) = 1 (one
   // FP32 sum: bf16(1 + 2u) = 1 + 2^-7; unweighted partials times their weight sums: 1.75).
@@ -309,7 +300,7 @@ TEST(RefLlCombine, WeightsInsideThePartial) {
 // partial and the final sum both start from +0), weighted or not. The rows of -1 entries (5)
 // must not be read.
 TEST(RefLlCombine, NothingGivesPositiveZero) {
-  Routing r = routing(2, {{-1, -1}, {-1, 3}}, {{1, 1}, {7, 0.5f}});
+  Routing r = makeRouting(2, {{-1, -1}, {-1, 3}}, {{1, 1}, {7, 0.5f}});
   Column y(2, {{5, 5}, {5, -0.0f}});
   for (bool weighted : {false, true}) {
     std::vector<uint16_t> out = llCombine(r, y.rows(), 1, weighted, 4, 2);

@@ -16,15 +16,6 @@ namespace {
 
 float bitsFloat(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
 
-Routing makeRouting(int topK, const std::vector<std::vector<int64_t>>& idx,
-                    const std::vector<std::vector<float>>& w = {}) {
-  Routing r;
-  r.numTokens = (int)idx.size();
-  r.topK = topK;
-  for (auto& row : idx) r.topkIdx.insert(r.topkIdx.end(), row.begin(), row.end());
-  for (auto& row : w) r.topkWeights.insert(r.topkWeights.end(), row.begin(), row.end());
-  return r;
-}
 
 // Random routing of `numTokens` tokens: ids in [-1, E) with about 1 in 5 being -1.
 Routing randomRouting(std::mt19937& rng, int numTokens, int topK, int numExperts) {
