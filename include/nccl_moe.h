@@ -37,6 +37,14 @@ extern "C" {
 /* Version of the library actually loaded (NCCL_MOE_VERSION_CODE of its build). */
 ncclResult_t ncclMoeGetVersion(int* version);
 
+/* NCCL versions, in NCCL_VERSION_CODE encoding (2.30.7 -> 23007): `buildVersion` the NCCL whose
+ * headers the library was compiled with, `runtimeVersion` the NCCL loaded in this process
+ * (ncclGetVersion). Either pointer may be NULL, not both. The library runs only on the
+ * major.minor it was built against (its kernels embed NCCL's device structs):
+ * ncclMoeCommCreate fails with ncclInvalidUsage, naming both versions, otherwise. Supported
+ * lines: 2.28 (from 2.28.9), 2.29, 2.30. */
+ncclResult_t ncclMoeGetNcclVersion(int* buildVersion, int* runtimeVersion);
+
 typedef enum {
   ncclMoeHighThroughput = 0, /* training / prefill: exact-sized output, count exchange first */
   ncclMoeLowLatency = 1      /* decode: fixed-size buffers, no host sync, send/complete split */
@@ -101,7 +109,8 @@ typedef struct ncclMoeHandle* ncclMoeHandle_t; /* routing of one dispatch, reuse
  * outputCapacity * (2*H*2 + H/32 + 12*K) bytes per rank) and an ncclDevComm with LSA barriers.
  * The current CUDA device must be comm's device. `comm` must outlive the EP context.
  * Errors: ncclInvalidArgument for a bad config (message names the field), ncclInvalidUsage when
- * comm spans more than one NVLink domain (the internode path does not exist yet). */
+ * comm spans more than one NVLink domain (the internode path does not exist yet) or when the
+ * NCCL loaded is not the major.minor the library was built against (ncclMoeGetNcclVersion). */
 ncclResult_t ncclMoeCommCreate(ncclComm_t comm, const ncclMoeConfig_t* config, ncclMoeComm_t* moeComm);
 
 /* Collective. Synchronises the device, frees the window. Handles must be destroyed first. */

@@ -4,6 +4,8 @@
 #include <string.h>
 #include <vector>
 #include "error.h"
+#include "nccl_compat.h"
+#include "version.h"
 
 namespace nccl_moe {
 
@@ -88,6 +90,9 @@ static ncclResult_t checkConfigsEqual(ncclMoeComm* c, cudaStream_t stream) {
 
 static ncclResult_t createComm(ncclComm_t nccl, const ncclMoeConfig_t* config, ncclMoeComm* c) {
   c->nccl = nccl;
+  // Before any NCCL call that touches device structs: a library built for another NCCL line
+  // would misread them (ncclDevComm's layout changes between minor versions).
+  MOE_CHECK(checkNcclRuntimeVersion("ncclMoeCommCreate"));
   MOE_NCCL(ncclCommCount(nccl, &c->nRanks));
   MOE_NCCL(ncclCommUserRank(nccl, &c->rank));
   MOE_NCCL(ncclCommCuDevice(nccl, &c->device));
@@ -121,8 +126,7 @@ static ncclResult_t createComm(ncclComm_t nccl, const ncclMoeConfig_t* config, n
   MOE_CUDA(cudaDeviceSynchronize());
   MOE_NCCL(ncclCommWindowRegister(nccl, c->winBase, c->layout.total, &c->win, NCCL_WIN_COLL_SYMMETRIC));
 
-  ncclDevCommRequirements reqs;
-  memset(&reqs, 0, sizeof(reqs));
+  ncclDevCommRequirements reqs = defaultDevCommRequirements();
   reqs.lsaBarrierCount = 1;
   MOE_NCCL(ncclDevCommCreate(nccl, &reqs, &c->devComm));
   c->devCommCreated = true;

@@ -21,11 +21,3 @@ void clearError() { lastError[0] = '\0'; }
 }  // namespace nccl_moe
 
 extern "C" const char* ncclMoeGetLastError(void) { return nccl_moe::lastError; }
-
-extern "C" ncclResult_t ncclMoeGetVersion(int* version) {
-  nccl_moe::clearError();
-  if (version == nullptr)
-    return nccl_moe::setError(ncclInvalidArgument, "ncclMoeGetVersion: version is NULL");
-  *version = NCCL_MOE_VERSION_CODE;
-  return ncclSuccess;
-}

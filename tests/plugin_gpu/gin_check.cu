@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../../plugin/moeloop_stats.h"
+#include "nccl_compat.h"
 #include "plugin_gpu_test.h"
 
 namespace plugintest {
@@ -310,8 +311,7 @@ bool ginChecks(const RankInfo& r, ncclComm_t comm, bool correctness, int slot) {
   PT_NCCL(ncclMemAlloc(&buf, L.total));
   ncclWindow_t win;
   PT_NCCL(ncclCommWindowRegister(comm, buf, L.total, &win, NCCL_WIN_COLL_SYMMETRIC));
-  ncclDevCommRequirements reqs;
-  memset(&reqs, 0, sizeof(reqs));  // 2.28.9 has no initializer macro
+  ncclDevCommRequirements reqs = nccl_moe::defaultDevCommRequirements();
   reqs.ginForceEnable = true;
   reqs.ginContextCount = 1;
   reqs.ginSignalCount = kSignals;
