@@ -1,11 +1,22 @@
 # nccl-moe build. Variables as nccl-tests has them:
-#   CUDA_HOME (default /usr/local/cuda), NCCL_HOME (default: CUDA_HOME), MPI=1 + MPI_HOME for
+#   CUDA_HOME (default /usr/local/cuda), NCCL_HOME (see below), MPI=1 + MPI_HOME for
 #   mpirun-launched perf and GPU tests, BUILDDIR (default build), NVCC_GENCODE (default sm_90).
 # Targets: all (library, tests, perf, plugin), lib, test (CPU tests), gputest NGPUS=n,
-#          perf, plugin, install PREFIX=..., clean.
+#          perf, plugin, deps, install PREFIX=..., clean (keeps .deps).
+#
+# NCCL: `make deps` installs NCCL_VERSION (default 2.28.9; 2.29.x and 2.30.x work too) from
+# PyPI's nvidia-nccl-cu<CUDA major> wheel into .deps/nccl-<version>. NCCL_HOME defaults to that
+# folder when it exists, else to CUDA_HOME (CUDA 13 toolkits may carry NCCL). Naming
+# NCCL_VERSION on the command line means that version from .deps, nothing else.
 
 CUDA_HOME ?= /usr/local/cuda
-NCCL_HOME ?= $(CUDA_HOME)
+NCCL_VERSION ?= 2.28.9
+DEPS_NCCL := $(CURDIR)/.deps/nccl-$(NCCL_VERSION)
+ifeq ($(origin NCCL_VERSION),command line)
+  NCCL_HOME ?= $(DEPS_NCCL)
+else
+  NCCL_HOME ?= $(if $(wildcard $(DEPS_NCCL)/include/nccl_device.h),$(DEPS_NCCL),$(CUDA_HOME))
+endif
 MPI ?= 0
 MPI_HOME ?= /usr/lib/x86_64-linux-gnu/openmpi
 BUILDDIR ?= build
@@ -19,9 +30,13 @@ NCCL_LIBDIR := $(firstword $(wildcard $(NCCL_HOME)/lib64/libnccl.so) $(wildcard 
 NCCL_LIBDIR := $(if $(NCCL_LIBDIR),$(dir $(NCCL_LIBDIR)),$(NCCL_HOME)/lib)
 CUDA_LIBDIR := $(CUDA_HOME)/lib64
 
-INCLUDES := -Iinclude -Isrc -I$(NCCL_HOME)/include -I$(CUDA_HOME)/include
-CXXFLAGS := -std=c++17 -O2 -g -fPIC -Wall -Wextra -Wno-unused-parameter $(INCLUDES)
+# NCCL's headers first: a CUDA 13 toolkit carries an nccl.h of its own. g++ sees NCCL and CUDA
+# as system headers (their warnings are not ours); nvcc adds CUDA's include folder itself.
+INCLUDES := -Iinclude -Isrc
+CXXFLAGS := -std=c++17 -O2 -g -fPIC -Wall -Wextra -Wno-unused-parameter $(INCLUDES) \
+            -isystem $(NCCL_HOME)/include -isystem $(CUDA_HOME)/include
 NVCCFLAGS := -std=c++17 -O3 -g -lineinfo $(NVCC_GENCODE) -Xcompiler -fPIC,-Wall $(INCLUDES) \
+             -I$(NCCL_HOME)/include \
              -Xptxas -warn-spills
 LDLIBS := -L$(NCCL_LIBDIR) -Wl,-rpath,$(NCCL_LIBDIR) -lnccl -L$(CUDA_LIBDIR) -lcudart -lpthread -ldl -lrt
 
@@ -53,7 +68,15 @@ GPU_BIN := $(BUILDDIR)/test/gpu_tests
 # Extra objects the CPU unit-test binary links (the plugin's host transport adds its own).
 UNIT_EXTRA_OBJS :=
 
-.PHONY: all lib test gputest perf plugin install clean
+# Stop before compiling anything when NCCL_HOME has no device API (every goal but deps/clean).
+ifneq ($(filter-out deps clean,$(if $(MAKECMDGOALS),$(MAKECMDGOALS),all)),)
+  ifeq ($(wildcard $(NCCL_HOME)/include/nccl_device.h),)
+    $(error NCCL with the device API not found: $(NCCL_HOME)/include/nccl_device.h is missing. \
+      Run `make deps` (NCCL $(NCCL_VERSION) from PyPI into .deps/) or pass NCCL_HOME=<NCCL 2.28.9 or later>)
+  endif
+endif
+
+.PHONY: all lib test gputest perf plugin deps install clean
 all: lib $(UNIT_BIN) $(GPU_BIN) perf plugin
 lib: $(LIB_SO) $(LIB_A)
 perf: $(PERF_BINS)
@@ -97,6 +120,10 @@ test: $(UNIT_BIN)
 # Multi-GPU tests, one process per GPU (NGPUS=0: all local GPUs). Skips without GPUs.
 gputest: $(GPU_BIN)
 	NCCL_NVLS_ENABLE=0 $(GPU_BIN) --ngpus=$(NGPUS)
+
+# NCCL headers and libnccl.so.2 from PyPI (no root needed); see scripts/install_nccl.sh.
+deps:
+	scripts/install_nccl.sh $(NCCL_VERSION) $(DEPS_NCCL) $(NVCC)
 
 install: lib
 	install -d $(PREFIX)/lib $(PREFIX)/include

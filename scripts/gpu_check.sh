@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: build against the Python environment's NCCL (2.28.9), run the GPU
-# tests at 2 GPUs and at all GPUs, run the HT and LL perf binaries for the issues' benchmarks and the
-# moeloop plugin's GPU test (all GPUs as 2 fake nodes), and print a short table. Every step has a
-# time limit; full logs go to $OUT (or /tmp/nccl-moe-out).
+# One call on a GPU machine: build, run the GPU tests at 2 GPUs and at all GPUs, run the HT and
+# LL perf binaries for the issues' benchmarks and the moeloop plugin's GPU test (all GPUs as 2
+# fake nodes), and print a short table. Every step has a time limit; full logs go to $OUT (or
+# /tmp/nccl-moe-out).
 # Usage: scripts/gpu_check.sh [build|tests|perf|plugin|all] [extra gtest args...] (build: only that)
+# NCCL: by default the Python environment's (torch's nvidia-nccl wheel, 2.28.9 on our machines);
+# NCCL_HOME=<dir> uses another install instead (include/ with nccl_device.h, lib/libnccl.so.2),
+# e.g. NCCL 2.30.7. The build goes to build-nccl<version>/ so both lines can sit side by side.
 # GPUTEST_SIZES="2 4" picks the GPU counts of the tests (default 2 and all), GPUTEST_TIMEOUT (s);
 # HT_DTYPES / HT_SMS narrow the HT perf cases (default "fp8 bf16" x "24 16 8").
 set -uo pipefail
@@ -11,26 +14,34 @@ cd "$(dirname "$0")/.."
 what=${1:-all}; shift || true
 OUT=${OUT:-/tmp/nccl-moe-out}; mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0
-PYNCCL=$(python3 -c "import nvidia.nccl;print(list(nvidia.nccl.__path__)[0])")
-# The wheel ships libnccl.so.2 only: give the linker a libnccl.so next to its headers.
-SHIM=/tmp/nccl-shim; mkdir -p $SHIM/lib
-ln -sfn "$PYNCCL/include" $SHIM/include
-ln -sf "$PYNCCL/lib/libnccl.so.2" $SHIM/lib/libnccl.so
-ln -sf "$PYNCCL/lib/libnccl.so.2" $SHIM/lib/libnccl.so.2
+if [ -z "${NCCL_HOME:-}" ]; then
+  NCCL_HOME=$(python3 -c "import nvidia.nccl;print(list(nvidia.nccl.__path__)[0])")
+fi
+[ -e "$NCCL_HOME/include/nccl_device.h" ] && [ -e "$NCCL_HOME/lib/libnccl.so.2" ] || {
+  echo "gpu_check: $NCCL_HOME has no include/nccl_device.h or lib/libnccl.so.2" >&2; exit 1; }
+# Wheels ship libnccl.so.2 only: give the linker a libnccl.so next to its headers.
+NCCL_VER=$(sed -n 's/^#define NCCL_VERSION_CODE *\([0-9]*\).*/\1/p' "$NCCL_HOME/include/nccl.h")
+SHIM=/tmp/nccl-shim-$NCCL_VER; mkdir -p $SHIM/lib
+ln -sfn "$NCCL_HOME/include" $SHIM/include
+ln -sf "$NCCL_HOME/lib/libnccl.so.2" $SHIM/lib/libnccl.so
+ln -sf "$NCCL_HOME/lib/libnccl.so.2" $SHIM/lib/libnccl.so.2
 export LD_LIBRARY_PATH=$SHIM/lib:${LD_LIBRARY_PATH:-}
+B=build-nccl$NCCL_VER
+MK=(NCCL_HOME=$SHIM BUILDDIR=$B)
 NGPU=$(nvidia-smi -L | wc -l)
 nvidia-smi -L | tee "$OUT/gpus.txt"
-grep -m1 "define NCCL_VERSION_CODE" $SHIM/include/nccl.h
+echo "NCCL_VERSION_CODE $NCCL_VER ($NCCL_HOME), build folder $B"
+OUT=$OUT/nccl$NCCL_VER; mkdir -p "$OUT"
 
 SECONDS=0
-make -j32 lib perf build/test/gpu_tests plugin build/test/plugin_gpu_test NCCL_HOME=$SHIM > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+make -j32 lib perf $B/test/gpu_tests plugin "${MK[@]}" > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build: ${SECONDS}s"
 summary=()
 if [ "$what" = perf ] || [ "$what" = all ]; then
   for d in ${HT_DTYPES:-fp8 bf16}; do
     for s in ${HT_SMS:-24 16 8}; do
       echo "=== ht_perf EP$NGPU -d $d -s $s (4096 tokens, H 7168, top-8, 256 experts)"
-      timeout -k 5 90 build/perf/ht_perf -g $NGPU -b 4096 -e 4096 -H 7168 -k 8 -E 256 -s $s -d $d \
+      timeout -k 5 90 $B/perf/ht_perf -g $NGPU -b 4096 -e 4096 -H 7168 -k 8 -E 256 -s $s -d $d \
         -n 20 -w 5 -c 1 > /tmp/perf_one.log 2>&1
       echo "rc=$?"; cat /tmp/perf_one.log >> "$OUT/perf.log"
       grep -E "^ *[0-9]|layout|dispatch|combine|rror" /tmp/perf_one.log | grep -v "^# *rank" | head -12
@@ -44,19 +55,19 @@ if [ "$what" = perf ] || [ "$what" = all ]; then
   NSM=${ALL_SMS:-132}  # every SM of an H100 / H200 SXM
   for dir in . ${BASELINE_DIR:-}; do
     if [ "$dir" != . ]; then
-      (cd "$dir" && make -j32 perf NCCL_HOME=$SHIM > "$OUT/build_baseline.log" 2>&1) || { tail -20 "$OUT/build_baseline.log"; continue; }
+      (cd "$dir" && make -j32 perf "${MK[@]}" > "$OUT/build_baseline.log" 2>&1) || { tail -20 "$OUT/build_baseline.log"; continue; }
     fi
     for case in "fp8 24 1" "fp8 $NSM 1" "bf16 $NSM 1" "fp8 $NSM 0"; do
       read -r dt sms hold <<< "$case"
       echo "=== ${dir/#./this tree} ll_perf EP$NGPU -d $dt -s $sms -G $hold (128 tokens, H 7168, top-8, 288 experts)"
-      timeout -k 5 90 $dir/build/perf/ll_perf -g $NGPU -b 128 -e 128 -H 7168 -k 8 -E 288 -d $dt -s $sms -G $hold \
+      timeout -k 5 90 $dir/$B/perf/ll_perf -g $NGPU -b 128 -e 128 -H 7168 -k 8 -E 288 -d $dt -s $sms -G $hold \
         -n 100 -w 20 -c 1 > /tmp/perf_one.log 2>&1
       echo "rc=$?"; cat /tmp/perf_one.log >> "$OUT/perf.log"
       grep -vE "^# *(rank|Rank|$)" /tmp/perf_one.log | tail -14
     done
   done
   echo "=== ll_perf EP$NGPU -d fp8 -s $NSM, 1 to 256 tokens"
-  timeout -k 5 90 build/perf/ll_perf -g $NGPU -b 1 -e 256 -f 4 -H 7168 -k 8 -E 288 -d fp8 -s $NSM \
+  timeout -k 5 90 $B/perf/ll_perf -g $NGPU -b 1 -e 256 -f 4 -H 7168 -k 8 -E 288 -d fp8 -s $NSM \
     -n 50 -w 10 -c 1 > /tmp/perf_one.log 2>&1
   echo "rc=$?"; cat /tmp/perf_one.log >> "$OUT/perf.log"
   grep -A7 -E "^# (dispatch|combine) one-shot" /tmp/perf_one.log
@@ -64,7 +75,7 @@ fi
 if [ "$what" = tests ] || [ "$what" = all ]; then
   for n in ${GPUTEST_SIZES:-$(printf '%s\n' 2 "$NGPU" | sort -un)}; do
     SECONDS=0
-    timeout -k 5 ${GPUTEST_TIMEOUT:-240} build/test/gpu_tests --ngpus=$n "$@" > "$OUT/gputest_$n.log" 2>&1
+    timeout -k 5 ${GPUTEST_TIMEOUT:-240} $B/test/gpu_tests --ngpus=$n "$@" > "$OUT/gputest_$n.log" 2>&1
     rc=$?
     summary+=("gputest NGPUS=$n rc=$rc (${SECONDS}s): $(grep -E '^\[  (PASSED|FAILED) ' "$OUT/gputest_$n.log" | head -2 | tr '\n' ' ')")
     grep -E "Failure|FAILED|rank [0-9]+:|mismatch" "$OUT/gputest_$n.log" | head -30
@@ -72,7 +83,7 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
 fi
 if [ "$what" = plugin ] || [ "$what" = all ]; then
   SECONDS=0
-  timeout -k 5 ${PLUGIN_TIMEOUT:-240} make plugintest PLUGIN_NGPUS=$NGPU NCCL_HOME=$SHIM > "$OUT/plugintest.log" 2>&1
+  timeout -k 5 ${PLUGIN_TIMEOUT:-240} make plugintest PLUGIN_NGPUS=$NGPU "${MK[@]}" > "$OUT/plugintest.log" 2>&1
   rc=$?
   grep -E "^(==|PASSED|FAILED|SKIPPED|NOTE|ALL|SOME|   )" "$OUT/plugintest.log" | tail -14
   summary+=("plugintest PLUGIN_NGPUS=$NGPU rc=$rc (${SECONDS}s)")
