@@ -3,7 +3,9 @@
 # LL perf binaries for the issues' benchmarks and the moeloop plugin's GPU test (all GPUs as 2
 # fake nodes), and print a short table. Every step has a time limit; full logs go to $OUT (or
 # /tmp/nccl-moe-out).
-# Usage: scripts/gpu_check.sh [build|tests|perf|plugin|all] [extra gtest args...] (build: only that)
+# Usage: scripts/gpu_check.sh [build|tests|perf|sanitize|plugin|all] [extra gtest args...]
+# (build: only that; sanitize: compute-sanitizer memcheck over the GPU suite at 2 ranks,
+# SANITIZE_FILTER narrows it)
 # NCCL: by default the Python environment's (torch's nvidia-nccl wheel, 2.28.9 on our machines);
 # NCCL_HOME=<dir> uses another install instead (include/ with nccl_device.h, lib/libnccl.so.2),
 # e.g. NCCL 2.30.7. The build goes to build-nccl<version>/ so both lines can sit side by side.
@@ -80,6 +82,19 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
     summary+=("gputest NGPUS=$n rc=$rc (${SECONDS}s): $(grep -E '^\[  (PASSED|FAILED) ' "$OUT/gputest_$n.log" | head -2 | tr '\n' ' ')")
     grep -E "Failure|FAILED|rank [0-9]+:|mismatch" "$OUT/gputest_$n.log" | head -30
   done
+fi
+if [ "$what" = sanitize ] || [ "$what" = all ]; then
+  # memcheck over the GPU suite at 2 ranks (every forked rank: --target-processes all). NCCL's
+  # init probes kernels that do not exist for sm_90, so API errors are not reported. Tests that
+  # wait for a timeout or soak are left out by default (memcheck slows kernels ~10-100x).
+  SECONDS=0
+  timeout -k 5 ${SANITIZE_TIMEOUT:-420} compute-sanitizer --tool memcheck --report-api-errors no \
+    --target-processes all --error-exitcode 97 \
+    $B/test/gpu_tests --ngpus=2 --gtest_filter="${SANITIZE_FILTER:--*Timeout*:*Soak*:*Fault*}" \
+    > "$OUT/sanitize_2.log" 2>&1
+  rc=$?
+  summary+=("memcheck gputest NGPUS=2 rc=$rc (${SECONDS}s): $(grep -E 'ERROR SUMMARY' "$OUT/sanitize_2.log" | sort | uniq -c | tr '\n' ' ') $(grep -E '^\[  (PASSED|FAILED) ' "$OUT/sanitize_2.log" | head -2 | tr '\n' ' ')")
+  grep -E "Invalid|ERROR SUMMARY: [1-9]|FAILED" "$OUT/sanitize_2.log" | head -20
 fi
 if [ "$what" = plugin ] || [ "$what" = all ]; then
   SECONDS=0
