@@ -122,8 +122,8 @@ ncclResult_t ncclMoeCommDestroy(ncclMoeComm_t moeComm);
  *   tokensPerExpert [E]  int32: (token, k) entries naming each expert (a token naming an expert
  *                        twice counts twice; real routing has no duplicates)
  *   isTokenInRank   [numTokens][R] uint8 (0/1), may be NULL.
- * Expert ids outside [-1, E) are counted nowhere and make the call's next check fail
- * (ncclMoeCheckErrors). Local (not collective). The layout kernel uses per-context scratch: it
+ * Expert ids outside [-1, E) are counted nowhere; the next ncclMoeCheckErrors reports them once
+ * (a local error, see there). Local (not collective). The layout kernel uses per-context scratch: it
  * must not run concurrently with another ncclMoeGetLayout or ncclMoeDispatch of the same
  * context on another stream. */
 ncclResult_t ncclMoeGetLayout(ncclMoeComm_t moeComm, const int64_t* topkIdx, int numTokens,
@@ -174,12 +174,16 @@ typedef struct {
  *                topkIdx unless topkIdx is NULL. The handle is what ncclMoeCombine needs.
  *   out          where the rows are (see ncclMoeDispatchOutput_t)
  * Without NCCL_MOE_DISPATCH_HOST_COUNTS the call never synchronises the host and a handle that
- * exists can be captured in a CUDA graph with it. Kernel-detected failures are sticky and make
- * this call (with host counts) or the next call on the EP context fail:
- *   - a rank would receive more than outputCapacity rows: no rank writes any row
- *     (ncclInvalidUsage);
- *   - an expert id outside [-1, E): the entry is treated as -1 (ncclInvalidArgument);
- *   - a peer does not take part within timeoutMs: the kernel gives up (ncclSystemError).
+ * exists can be captured in a CUDA graph with it. Kernel-detected failures (see "Errors found by
+ * kernels" at ncclMoeCheckErrors):
+ *   - a rank would receive more than outputCapacity rows: no rank writes any row, the counts
+ *     (numRecvTokens, expertCounts, host counts) say 0 rows and a combine or copy enqueued
+ *     behind it reads nothing (its out is all zeros); sticky, ncclInvalidUsage;
+ *   - an expert id outside [-1, E) on this rank: local and not fatal; the entry is treated as -1,
+ *     the dispatch still runs on every rank, and this call (with host counts) or the next
+ *     ncclMoeCheckErrors returns ncclInvalidArgument once;
+ *   - a peer does not take part within timeoutMs (ncclSystemError), or a peer is ahead of this
+ *     rank by whole operations (ncclInvalidUsage, "protocol error"): sticky and fatal.
  * Every rank must call dispatch and combine in the same order. The source buffers may be reused
  * once `stream` passes the call. expertOut of combine must be 16-byte aligned and not NULL. */
 ncclResult_t ncclMoeDispatch(ncclMoeComm_t moeComm, const void* x, const float* xScales,
@@ -194,7 +198,9 @@ ncclResult_t ncclMoeDispatch(ncclMoeComm_t moeComm, const void* x, const float* 
  * given, 1 otherwise. Tokens that went nowhere come out as zeros.
  *   expertOut    [numRecvTokens][H] BF16 device on this rank (rows as the dispatch delivered
  *                them). Zero-copy when it lies inside the EP window (out->combineInput, or out->x
- *                of a BF16 dispatch); other memory is first copied into the window.
+ *                of a BF16 dispatch); other memory is first copied into the window. Each rank
+ *                chooses for itself: the kernel publishes where its rows are with its ready
+ *                signal and every rank reads each peer's rows where that peer put them.
  *   topkWeights  [T][K] FP32 device on this (source) rank, or NULL for unweighted
  *   out          [T][H] BF16 device on this rank, 16-byte aligned; T is the handle's numTokens
  * Must follow the dispatch that filled `handle` and precede the next dispatch on the context. */
@@ -298,9 +304,23 @@ ncclResult_t ncclMoeLowLatencyCombineComplete(ncclMoeComm_t moeComm,
 /* Frees a handle (synchronises the device). */
 ncclResult_t ncclMoeHandleDestroy(ncclMoeHandle_t handle);
 
-/* Reports an error that a kernel found after its call returned (timeout, overflow, bad expert
- * id). Does not synchronise: it sees kernels that have finished. ncclSuccess otherwise. Every
- * API call on the context runs this check first. */
+/* Reports an error that a kernel found after its call returned. Does not synchronise: it sees
+ * kernels that have finished. ncclSuccess otherwise.
+ *
+ * Errors found by kernels, like ncclCommGetAsyncError's, come in two classes:
+ *  - sticky (the context is unusable; like an NCCL communicator after an asynchronous error,
+ *    it must be destroyed with ncclMoeCommDestroy, which works after any of them, and created
+ *    again): a peer that did not take part within timeoutMs (ncclSystemError; every later wait
+ *    gives up at once, so later operations end quickly, and every later call fails at once with
+ *    the same message); a peer ahead of this rank by whole operations, i.e. the ranks did not
+ *    make the same calls in the same order (ncclInvalidUsage, "protocol error", reported on
+ *    every rank that sees it, the others time out); an HT dispatch over outputCapacity
+ *    (ncclInvalidUsage, seen by every rank). Every API call on the context checks these first.
+ *  - local (bad input of this rank only: an expert id outside [-1, E), an LL token naming an
+ *    expert twice): the entry is dropped, the operation completes and communicates on every
+ *    rank, no peer waits or fails; ncclMoeCheckErrors (or an HT dispatch with host counts)
+ *    reports the first such error once (ncclInvalidArgument) and clears it. Other calls do not
+ *    fail because of it, so the ranks stay in step. */
 ncclResult_t ncclMoeCheckErrors(ncclMoeComm_t moeComm);
 
 /* Thread-local description of this thread's last failure ("" if none). */

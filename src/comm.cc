@@ -2,9 +2,11 @@
 // destruction, and kernel-error reporting.
 #include "comm.h"
 #include <string.h>
+#include <atomic>
 #include <vector>
 #include "error.h"
 #include "nccl_compat.h"
+#include "sequence_start.h"
 #include "version.h"
 
 namespace nccl_moe {
@@ -17,7 +19,8 @@ WindowView windowView(const ncclMoeComm* c) {
   w.signalsOff = c->layout.signals;
   w.countsOff = c->layout.counts;
   w.state = c->state;
-  w.error = c->errorDev;
+  w.error = c->errorDev + kErrorSticky;
+  w.localError = c->errorDev + kErrorLocal;
   w.timeoutNs = (long long)c->cfg.timeoutMs * 1000000LL;
   return w;
 }
@@ -37,12 +40,38 @@ ncclResult_t checkDeviceErrors(const ncclMoeComm* c) {
                       "rank %d: a dispatch would deliver %d rows to rank %d, above config.outputCapacity = %d; "
                       "no rows were written",
                       c->rank, e->b, e->a, e->c);
-    case kDevBadExpert:
-      return setError(ncclInvalidArgument,
-                      "rank %d: topkIdx[%d][%d] = %d is outside [-1, numExperts = %d); the entry was ignored",
-                      c->rank, e->a, e->b, e->c, c->cfg.numExperts);
+    case kDevPeerAhead:
+      return setError(ncclInvalidUsage,
+                      "rank %d: protocol error: rank %d is %d operation(s) ahead of this rank (wait kind %d): the "
+                      "ranks did not call dispatch and combine the same number of times in the same order; "
+                      "destroy the EP context and create a new one",
+                      c->rank, e->b, e->c, e->a);
     default:
       return setError(ncclInternalError, "rank %d: unknown kernel error %d", c->rank, e->code);
+  }
+}
+
+ncclResult_t reportLocalErrors(const ncclMoeComm* c) {
+  volatile DeviceError* e = c->errorHost + kErrorLocal;
+  const int code = e->code;
+  std::atomic_thread_fence(std::memory_order_acquire);
+  if (code == kDevOk) return ncclSuccess;
+  const int a = e->a, b = e->b, v = e->c;
+  e->code = kDevOk;  // reported once; the next bad entry is recorded anew
+  switch (code) {
+    case kDevBadExpert:
+      return setError(ncclInvalidArgument,
+                      "rank %d: topkIdx[%d][%d] = %d is outside [-1, numExperts = %d); the entry was ignored "
+                      "(the operation completed on every rank)",
+                      c->rank, a, b, v, c->cfg.numExperts);
+    case kDevRepeatedExpert:
+      return setError(ncclInvalidArgument,
+                      "rank %d: topkIdx[%d][%d] = %d names an expert the token already named (the entries of a "
+                      "token must be distinct in low-latency mode); the entry was ignored (the operation "
+                      "completed on every rank)",
+                      c->rank, a, b, v);
+    default:
+      return setError(ncclInternalError, "rank %d: unknown kernel error %d", c->rank, code);
   }
 }
 
@@ -148,9 +177,10 @@ static ncclResult_t createComm(ncclComm_t nccl, const ncclMoeConfig_t* config, n
     MOE_CUDA(cudaMalloc(&c->llPosCounters, bytes));
     MOE_CUDA(cudaMemset(c->llPosCounters, 0, bytes));
   }
-  MOE_CUDA(cudaHostAlloc(&c->errorHost, sizeof(DeviceError), cudaHostAllocMapped));
-  memset(c->errorHost, 0, sizeof(DeviceError));
+  MOE_CUDA(cudaHostAlloc(&c->errorHost, sizeof(DeviceError) * kErrorRecords, cudaHostAllocMapped));
+  memset(c->errorHost, 0, sizeof(DeviceError) * kErrorRecords);
   MOE_CUDA(cudaHostGetDevicePointer((void**)&c->errorDev, c->errorHost, 0));
+  MOE_CHECK(applySequenceStart(c));  // test hook; before the barrier, so before any peer signal
 
   // One LSA barrier through the device communicator: every peer is mapped and alive.
   MOE_CUDA(launchLsaBarrier(c->devComm, 0));
@@ -193,5 +223,6 @@ extern "C" ncclResult_t ncclMoeCommDestroy(ncclMoeComm_t c) {
 extern "C" ncclResult_t ncclMoeCheckErrors(ncclMoeComm_t c) {
   clearError();
   if (c == nullptr) return setError(ncclInvalidArgument, "ncclMoeCheckErrors: moeComm is NULL");
-  return checkDeviceErrors(c);
+  MOE_CHECK(checkDeviceErrors(c));
+  return reportLocalErrors(c);
 }

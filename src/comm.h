@@ -18,7 +18,8 @@ struct ncclMoeComm {
   nccl_moe::DeviceState* state = nullptr;   // device memory
   void* layoutScratchMem = nullptr;          // device memory carved into layoutScratch
   nccl_moe::LayoutScratch layoutScratch{};
-  nccl_moe::DeviceError* errorHost = nullptr;  // host-mapped pinned memory, written by kernels
+  // [kErrorRecords] (sticky, local; kernel_args.h): host-mapped pinned memory, written by kernels
+  nccl_moe::DeviceError* errorHost = nullptr;
   nccl_moe::DeviceError* errorDev = nullptr;   // the same memory, device address
   int liveHandles = 0;
   // Low-latency mode.
@@ -44,5 +45,10 @@ WindowView windowView(const ncclMoeComm* comm);
 
 // Fails with the kernel-recorded error of the context, if any (sticky; no synchronisation).
 ncclResult_t checkDeviceErrors(const ncclMoeComm* comm);
+
+// Fails with the local error of the context (bad input found on this rank by a kernel: the
+// entry was dropped, the operation completed on every rank), if any, and clears it: each is
+// reported once. No synchronisation.
+ncclResult_t reportLocalErrors(const ncclMoeComm* comm);
 
 }  // namespace nccl_moe

@@ -43,9 +43,10 @@ struct WindowLayout {
 
 // Bytes of one row of FP8 scales in the low-latency cast (0 for BF16).
 size_t llScaleBytesPerRow(const ncclMoeConfig_t& resolved);
-// Signal kinds (rows of the signals region).
+// Signal kinds (rows of the signals region). kSigCombineSource is not a counter: rank s stores
+// there the window offset of its expert outputs, before its kSigCombineReady signal.
 enum SignalKind { kSigDispatchCounts = 0, kSigDispatchDone = 1, kSigCombineReady = 2,
-                  kSigCombineDone = 3, kSignalKinds = 4 };
+                  kSigCombineDone = 3, kSigCombineSource = 4, kSignalKinds = 5 };
 
 WindowLayout computeWindowLayout(const ncclMoeConfig_t& resolved, int nRanks);
 

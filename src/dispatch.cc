@@ -64,7 +64,7 @@ extern "C" ncclResult_t ncclMoeGetLayout(ncclMoeComm_t c, const int64_t* topkIdx
   a.tokensPerRank = tokensPerRank;
   a.tokensPerExpert = tokensPerExpert;
   a.isTokenInRank = isTokenInRank;
-  a.error = c->errorDev;
+  a.error = c->errorDev + kErrorLocal;  // bad ids: local, non-fatal
   a.state = c->state;
   a.scratch = c->layoutScratch;
   MOE_CUDA(launchLayout(a, stream));
@@ -106,7 +106,7 @@ extern "C" ncclResult_t ncclMoeDispatch(ncclMoeComm_t c, const void* x, const fl
     la.topkIdxCopy = h->routing.topkIdx;
     la.tokensPerRank = h->routing.tokensPerRank;
     la.tokensPerExpert = h->routing.tokensPerExpert;
-    la.error = c->errorDev;
+    la.error = c->errorDev + kErrorLocal;  // bad ids: local, non-fatal
     la.state = c->state;
     la.scratch = c->layoutScratch;
     MOE_CUDA(launchLayout(la, stream));
@@ -149,6 +149,7 @@ extern "C" ncclResult_t ncclMoeDispatch(ncclMoeComm_t c, const void* x, const fl
                              cudaMemcpyDeviceToHost, stream));
     MOE_CUDA(cudaStreamSynchronize(stream));
     MOE_CHECK(checkDeviceErrors(c));
+    MOE_CHECK(reportLocalErrors(c));  // a bad id of this call: reported, its rows were delivered
     out->hostNumRecvTokens = h->hostCounts[0];
     out->hostExpertCounts = h->hostCounts + 1;
   }

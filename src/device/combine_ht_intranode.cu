@@ -1,8 +1,12 @@
 // High-throughput intranode combine over LSA: the source rank pulls.
 //
 // One launch of numSms persistent CTAs:
-//  1. ready: CTA 0 release-signals kSigCombineReady to every peer (this rank's expert outputs,
-//     written by earlier work on the stream, may be read); every CTA waits for all peers.
+//  1. ready: CTA 0 writes the window offset of this rank's expert outputs (a.inOff) into every
+//     peer's kSigCombineSource word, then release-signals kSigCombineReady (the outputs, written
+//     by earlier work on the stream, may be read); every CTA waits for all peers and reads each
+//     peer's rows at the offset that peer published, so ranks may pick their regions freely.
+//     After a dispatch that delivered nothing (DeviceState::htDispatchEmpty) no row is read and
+//     every token comes out as zeros.
 //  2. reduce: warps take this rank's tokens round-robin; for token t a warp reads t's expert
 //     output row from every rank that received t (peer window, 16-byte loads, rank order),
 //     scales it by w(t, r) when weighted, accumulates in FP32 registers and writes the BF16 sum
@@ -41,9 +45,9 @@ __device__ __forceinline__ uint4 packBf16(const float (&acc)[8]) {
 }
 
 // Reduces token t. srcMask: ranks holding a row of t; rowIndex/weight (lane r): t's row on rank
-// r and its weight w(t, r). Loads of up to kRanksInFlight ranks are issued before any is summed
+// r and its weight w(t, r); rows[r]: rank r's expert outputs [rows][H] (its window, LSA). Loads of up to kRanksInFlight ranks are issued before any is summed
 // (latency of remote loads is what bounds the pull), then summed in rank order.
-__device__ __forceinline__ void reduceToken(const CombineArgs& a, char* const* peer, int t,
+__device__ __forceinline__ void reduceToken(const CombineArgs& a, const char* const* rows, int t,
                                             unsigned srcMask, int rowIndex, float weight, int lane) {
   const int rowVecs = a.hidden / 8;
   const size_t rowBytes = (size_t)a.hidden * 2;
@@ -65,7 +69,7 @@ __device__ __forceinline__ void reduceToken(const CombineArgs& a, char* const* p
         m &= m - 1;
         const int row = __shfl_sync(0xffffffffu, rowIndex, r);
         scale[q] = __shfl_sync(0xffffffffu, weight, r);
-        const uint4* src = (const uint4*)(peer[r] + a.inOff + (size_t)row * rowBytes);
+        const uint4* src = (const uint4*)(rows[r] + (size_t)row * rowBytes);
 #pragma unroll
         for (int u = 0; u < kCombineUnroll; ++u) {
           const int idx = base + u * 32 + lane;
@@ -91,8 +95,10 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combineHtIntranodeKernel(C
   const WindowView& w = a.w;
   const int R = w.nRanks;
   __shared__ char* peer[kMaxRanks];
+  __shared__ const char* rows[kMaxRanks];  // peer r's expert outputs, at the offset it published
   __shared__ int sendOffset[kMaxRanks];
   const uint64_t seq = *(volatile unsigned long long*)&w.state->combineSeq + 1;
+  const bool empty = *(volatile int*)&w.state->htDispatchEmpty != 0;
   if (threadIdx.x < R) {
     peer[threadIdx.x] = (char*)ncclGetLsaPointer(w.win, 0, threadIdx.x);
     sendOffset[threadIdx.x] = a.routing.sendOffset[threadIdx.x];
@@ -101,16 +107,24 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combineHtIntranodeKernel(C
   if (blockIdx.x == 0) {
     if (threadIdx.x == 0) __threadfence_system();
     __syncthreads();
-    for (int d = threadIdx.x; d < R; d += blockDim.x) signalStore(w, d, kSigCombineReady, seq);
+    for (int d = threadIdx.x; d < R; d += blockDim.x) {
+      *signalPtr(w, d, kSigCombineSource, w.rank) = a.inOff;  // ordered by the release below
+      signalStore(w, d, kSigCombineReady, seq);
+    }
   }
   const bool ready = ctaWaitAllPeers(w, kSigCombineReady, seq);
+  // Thread r acquired rank r's ready signal in the wait, so it sees the offset stored before it.
+  // The peer rewrites it only in its next combine, after this kernel's done signals.
+  if (ready && threadIdx.x < R)
+    rows[threadIdx.x] = peer[threadIdx.x] + loadAcquire(signalPtr(w, w.rank, kSigCombineSource, threadIdx.x));
+  __syncthreads();
 
   if (ready) {
     const int lane = threadIdx.x % 32, warpsPerCta = blockDim.x / 32;
     const int totalWarps = gridDim.x * warpsPerCta;
     const int expertsPerRank = a.numExperts / R;
     for (int t = blockIdx.x * warpsPerCta + threadIdx.x / 32; t < a.numTokens; t += totalWarps) {
-      const int pos = lane < R ? a.routing.sendPos[(size_t)t * R + lane] : -1;
+      const int pos = lane < R && !empty ? a.routing.sendPos[(size_t)t * R + lane] : -1;
       const unsigned srcMask = __ballot_sync(0xffffffffu, pos >= 0);
       float weight = 1.0f;
       if (a.topkWeights) {
@@ -122,7 +136,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combineHtIntranodeKernel(C
         }
       }
       const int rowIndex = pos >= 0 ? sendOffset[lane] + pos : 0;
-      reduceToken(a, peer, t, srcMask, rowIndex, weight, lane);
+      reduceToken(a, rows, t, srcMask, rowIndex, weight, lane);
     }
   }
   finishAndWaitPeers(w, kSigCombineDone, seq, &w.state->combineArrived, &w.state->combineSeq);
@@ -133,7 +147,8 @@ cudaError_t launchCombineHtIntranode(const CombineArgs& args, int numCtas, cudaS
   return cudaGetLastError();
 }
 
-// Copies the caller's expert outputs into the window when they live elsewhere.
+// Copies the caller's expert outputs into the window when they live elsewhere (*numRows is 0
+// after a dispatch that delivered nothing).
 __global__ void copyRowsKernel(uint4* dst, const uint4* src, const int* numRows, int rowVecs) {
   const size_t total = (size_t)(*numRows) * rowVecs;
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x)

@@ -12,7 +12,8 @@
 //  3. done: each CTA release-adds kSigDispatchDone at every peer; the last CTA of the grid waits
 //     for every peer's CTAs, so the outputs are complete when the kernel ends on the stream.
 // If any destination would receive more than `capacity` rows, every rank sees it in phase 1 (all
-// have the full count matrix), writes no data, records kDevOverflow and still completes phase 3.
+// have the full count matrix), writes no data, records kDevOverflow, leaves counts of 0 rows and
+// DeviceState::htDispatchEmpty set, and still completes phase 3.
 #include "config.h"
 #include "device/kernel_args.h"
 #include "device/peer_sync.cuh"
@@ -136,15 +137,21 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatchHtIntranodeKernel
         if (blockIdx.x == 0) reportError(w.error, kDevOverflow, d, total, a.capacity);
       }
     }
-    if (blockIdx.x == 0) {
-      for (int j = threadIdx.x; j < 1 + localExperts; j += blockDim.x) {
-        int sum = 0;
-        for (int s = 0; s < R; ++s) sum += loadPeerInt(counts + s * rowLen + (j == 0 ? me : R + j - 1));
-        a.routing.recvCounts[j] = sum;
-      }
-    }
   }
   __syncthreads();
+  // CTA 0 leaves this dispatch's counts for the host and for the kernels behind it on the
+  // stream: the rows received, or 0 everywhere (and htDispatchEmpty) when it delivers nothing,
+  // so that a combine or row copy enqueued (or replayed) behind it reads no row.
+  if (blockIdx.x == 0) {
+    const bool empty = !arrived || overflow;
+    const int* counts = (const int*)(peer[me] + w.countsOff);
+    for (int j = threadIdx.x; j < 1 + localExperts; j += blockDim.x) {
+      int sum = 0;
+      for (int s = 0; s < R && !empty; ++s) sum += loadPeerInt(counts + s * rowLen + (j == 0 ? me : R + j - 1));
+      a.routing.recvCounts[j] = sum;
+    }
+    if (threadIdx.x == 0) w.state->htDispatchEmpty = empty ? 1 : 0;
+  }
 
   if (arrived && !overflow) {
     const int lane = threadIdx.x % 32, warpsPerCta = blockDim.x / 32;

@@ -10,19 +10,31 @@ namespace nccl_moe {
 
 // Kernel-detected failures, written once (first error wins) into host-mapped memory so that a
 // later API call reports them without synchronising. code: one of DeviceErrorCode.
+// Each context has two records (ncclMoeComm::errorHost[2]):
+//  [kErrorSticky] timeouts, protocol errors and overflows: every rank of the operation sees them
+//                 (or stops in step), and every later call on the context fails with them;
+//  [kErrorLocal]  bad input found on this rank only (expert ids out of range, an LL expert
+//                 repeated within a token): the entry is dropped, the operation still
+//                 communicates; ncclMoeCheckErrors reports the record once and clears it.
 enum DeviceErrorCode : int {
   kDevOk = 0,
   kDevTimeout = 1,      // a = signal kind, b = peer rank, c = value seen
   kDevOverflow = 2,     // a = destination rank, b = rows it would receive, c = capacity
   kDevBadExpert = 3,    // a = token, b = k, c = expert id (truncated to int)
+  kDevPeerAhead = 4,    // a = signal kind, b = peer rank, c = how many operations it is ahead
+  kDevRepeatedExpert = 5,  // LL: a = token, b = k, c = expert id named twice by the token
 };
+constexpr int kErrorSticky = 0, kErrorLocal = 1, kErrorRecords = 2;
 // Wait kinds of the low-latency kernels in timeout reports (HT waits report their SignalKind).
 constexpr int kWaitLlDispatch = 16;
 constexpr int kWaitLlCombine = 17;
 
 struct DeviceError {
-  int code, a, b, c;  // the first error of the context
-  int timedOut;       // set by every timeout, whatever error came first
+  int code, a, b, c;  // the first error of the record
+  int fatal;          // sticky record: set by every timeout and protocol error, whatever error
+                      // came first; every later wait of the context then gives up at once
+  int claimed;        // 1 once a thread owns the record: it writes a, b, c, fences, and only
+                      // then publishes `code`, so a reader that sees code != 0 sees the payload
 };
 
 constexpr int kMaxBufferSlots = 8;  // low-latency operations in flight
@@ -33,6 +45,9 @@ struct DeviceState {
   unsigned long long combineSeq;   // combine kernels completed on this rank
   unsigned int dispatchArrived;    // CTAs of the running dispatch kernel that finished
   unsigned int combineArrived;     // likewise for combine
+  int htDispatchEmpty;             // 1 when the last HT dispatch delivered no row (overflow, or
+                                   // a wait that failed): its counts are 0 and the combine and
+                                   // the row copy behind it read nothing
   // Low-latency mode, per buffer slot: sends issued on this rank (the epoch of the slot's
   // signals; equal on every rank since all ranks run the same operations in the same order).
   unsigned long long llDispatchSends[kMaxBufferSlots];
@@ -75,7 +90,7 @@ struct LayoutArgs {
   int* tokensPerRank;      // [R]
   int* tokensPerExpert;    // [E]
   uint8_t* isTokenInRank;  // [T][R] or NULL
-  DeviceError* error;
+  DeviceError* error;      // the local record: ids outside [-1, E)
   DeviceState* state;      // layoutTicket / layoutEpoch
   LayoutScratch scratch;
 };
@@ -88,7 +103,8 @@ struct WindowView {
   int rank, nRanks;
   size_t signalsOff, countsOff;   // byte offsets in the window (WindowLayout)
   DeviceState* state;
-  DeviceError* error;
+  DeviceError* error;       // the sticky record
+  DeviceError* localError;  // the local record (bad input of this rank)
   long long timeoutNs;
 };
 
@@ -108,7 +124,8 @@ cudaError_t launchDispatchHtIntranode(const DispatchArgs& args, int numCtas, cud
 struct CombineArgs {
   WindowView w;
   RoutingView routing;
-  size_t inOff;                 // byte offset of the expert outputs [rows][H] BF16 in the window
+  size_t inOff;                 // byte offset of this rank's expert outputs [rows][H] BF16 in its
+                                // window, published to the peers (each reads it per rank)
   const float* topkWeights;     // [T][K] or NULL (unweighted)
   uint16_t* out;                // [T][H] BF16
   int numTokens, hidden, topK, numExperts;
@@ -122,7 +139,7 @@ cudaError_t launchCopyRows(void* dst, const void* src, const int* numRows, int r
 // Byte offsets of one low-latency buffer slot, relative to the slot's start in the window.
 // L = local experts, B = R * maxTokensPerRank rows per expert, M = maxTokensPerRank.
 struct LowLatencySlotLayout {
-  size_t dispatchSignals;  // uint64 [R]: (epoch << 32) | tokens sent, written by source rank s
+  size_t dispatchSignals;  // uint64 [R]: ((epoch mod 2^32) << 32) | tokens sent, by source rank s
   size_t combineSignals;   // uint64 [R]: CTAs of rank r's combine send that finished (adds)
   size_t recvCounts;       // int32 [L][R] then [L]: rows per (expert, source) (written by the
                            // sources), rows per expert (written by the completion)

@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(kLayoutTileTokens) layoutKernel(LayoutArgs a) 
   // Look back: thread (j, r) adds lower tile j's count for rank r once j has published.
   for (int i = threadIdx.x; i < tileIdx * R; i += blockDim.x) {
     const int j = i / R, r = i % R;
-    while (loadAcquireGpu(a.scratch.tileFlags + j) < epoch) {
+    while ((long long)(loadAcquireGpu(a.scratch.tileFlags + j) - epoch) < 0) {  // wrap-safe
     }
     atomicAdd(&sBase[r], __ldcg(a.scratch.tileRanks + (size_t)j * R + r));
   }

@@ -6,7 +6,8 @@
 // their weights; the warp sums those rows of the expert output in k order (FP32, weighted),
 // rounds the partial to BF16 and stores it into source s's combineRecv[t][me]. Each CTA then
 // release-adds 1 to combineSignals[me] at every rank; nothing waits for a peer.
-// Complete (numSms CTAs, as the source): wait until every rank's signal reaches numCtas * epoch,
+// Complete (numSms CTAs, as the source): wait until every rank's signal is exactly numCtas * epoch
+// (modulo 2^64; a rank ahead is a protocol error),
 // then (token, chunk) items sum the token's partials in rank order (FP32) and write BF16.
 #include "config.h"
 #include "device/kernel_args.h"
@@ -148,7 +149,7 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineCompleteKernel(
   const uint64_t* sig = (const uint64_t*)(slot + a.slot.combineSignals);
   bool ok = true;
   for (int r = threadIdx.x; r < R; r += blockDim.x)
-    ok &= waitAtLeast(w, sig + r, (uint64_t)gridDim.x * epoch, kWaitLlCombine, r);
+    ok &= waitSeq<0>(w, sig + r, (uint64_t)gridDim.x * epoch, kWaitLlCombine, r);
   if (!__syncthreads_and(ok)) return;
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, rowVecs = a.hidden / 8;

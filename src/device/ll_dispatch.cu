@@ -9,12 +9,15 @@
 // chunk of 2048 channels) items; the warp loads the chunk once, casts it to FP8 when asked (amax
 // and scale per 128 channels inside half-warps) and stores it, with its scales, into the row of
 // the token's first expert on every destination rank. The last CTA to finish writes the row
-// counts recvCounts[l][me] at every rank, then publishes (epoch << 32) | T to each rank's
-// dispatchSignals[me] with release semantics and clears the counters.
+// counts recvCounts[l][me] at every rank, then publishes ((epoch mod 2^32) << 32) | T to each
+// rank's dispatchSignals[me] with release semantics and clears the counters.
 //
-// Complete (numSms CTAs): every CTA waits (acquire, with the context timeout) for the signal of
-// this slot's epoch from every source; then CTA 0 sums the per-expert counts and all warps copy
-// each received token from its first expert row to its other expert rows on this rank.
+// Complete (numSms CTAs): every CTA waits (acquire, with the context timeout) for exactly this
+// slot's epoch (modulo 2^32, so the 64-bit epoch may wrap; a source ahead is a protocol error)
+// from every source; then CTA 0 sums the per-expert counts and all warps copy each received
+// token from its first expert row to its other expert rows on this rank.
+// Bad input of this rank (ids outside [-1, E), an expert repeated within a token) goes to the
+// local error record: the entry is dropped and the operation completes on every rank.
 #include "config.h"
 #include "device/fp8_cast.cuh"
 #include "device/kernel_args.h"
@@ -46,14 +49,14 @@ __device__ void routeTokenLl(const LlDispatchArgs& a, char* const* peer, char* m
   if (lane < K) {
     const int64_t e = a.topkIdx[(size_t)t * K + lane];
     if (e < -1 || e >= a.numExperts) {
-      reportError(w.error, kDevBadExpert, t, lane, (int)e);
+      reportError(w.localError, kDevBadExpert, t, lane, (int)e);
     } else if (e >= 0) {
       const int ei = (int)e, pos = atomicAdd(&a.posCounter[ei], 1);
       if (pos < M) {
         d = ei / L;
         row = (ei % L) * R * M + me * M + pos;
       } else {  // only possible with an expert repeated inside a token
-        reportError(w.error, kDevOverflow, ei / L, pos + 1, M);
+        reportError(w.localError, kDevRepeatedExpert, t, lane, ei);
       }
     }
     if (a.topkWeights) weight = a.topkWeights[(size_t)t * K + lane];
@@ -229,14 +232,10 @@ __global__ void __launch_bounds__(kLlThreads, 1) llDispatchCompleteKernel(LlDisp
   __shared__ int tokens[kMaxRanks];
   bool ok = true;
   for (int s = threadIdx.x; s < R; s += blockDim.x) {
-    int n = 0;
-    if (waitAtLeast(w, sig + s, epoch << 32, kWaitLlDispatch, s)) {
-      const uint64_t v = loadAcquire(sig + s);
-      n = (v >> 32) == epoch ? (int)(v & 0xffffffffu) : 0;
-    } else {
-      ok = false;
-    }
-    tokens[s] = n;
+    uint64_t v = 0;
+    const bool arrived = waitSeq<32>(w, sig + s, epoch, kWaitLlDispatch, s, &v);
+    tokens[s] = arrived ? (int)(v & 0xffffffffu) : 0;
+    ok &= arrived;
   }
   if (!__syncthreads_and(ok)) return;
   if (threadIdx.x == 0) {

@@ -3,7 +3,9 @@
 //
 // Signals are monotonic uint64 counters in the receiver's window: signals[kind][srcRank], written
 // only by rank srcRank. A wait compares against a target derived from the per-context sequence
-// numbers in DeviceState, so nothing is ever reset and CUDA-graph replays stay consistent.
+// numbers in DeviceState, so nothing is ever reset and CUDA-graph replays stay consistent. Waits
+// accept only the exact target (modulo the counter's width): a peer ahead is an error, never a
+// match, and the counters may wrap.
 #pragma once
 #include <stdint.h>
 #include <nccl_device.h>
@@ -44,42 +46,71 @@ __device__ __forceinline__ uint64_t globalTimerNs() {
 
 // Records the first kernel error of the context (later ones are dropped).
 __device__ __forceinline__ void reportError(DeviceError* e, int code, int a, int b, int c) {
-  if (atomicCAS(&e->code, 0, code) == 0) {
+  // Claim, payload, fence, then the code: the host reads code first (checkDeviceErrors), so it
+  // never sees a code with the payload still unwritten.
+  if (atomicCAS(&e->claimed, 0, 1) == 0) {
     e->a = a; e->b = b; e->c = c;
+    __threadfence_system();
+    *(volatile int*)&e->code = code;
     __threadfence_system();
   }
 }
 
-// True once a wait of this context has timed out: every later wait gives up at once instead of
-// timing out again. Other errors (overflow, bad ids) leave the peers in step and do not count.
-__device__ __forceinline__ bool timeoutRaised(const DeviceError* e) {
-  return *(volatile const int*)&e->timedOut != 0;
+// True once a wait of this context has failed (timeout or protocol error): every later wait
+// gives up at once instead of timing out again. Errors that leave the peers in step (overflow)
+// and local ones (bad ids) do not count.
+__device__ __forceinline__ bool fatalRaised(const DeviceError* e) {
+  return *(volatile const int*)&e->fatal != 0;
 }
 
-// Waits until *p >= target (acquire). Returns false after timeoutNs (error recorded with `kind`
-// and `src` for the message) or at once if another wait of the context already timed out.
-__device__ __forceinline__ bool waitAtLeast(const WindowView& w, const uint64_t* p, uint64_t target,
-                                            int kind, int src) {
+// Records a failed wait in the sticky record and stops every later wait of the context.
+__device__ __forceinline__ void raiseFatal(const WindowView& w, int code, int kind, int src, int value) {
+  *(volatile int*)&w.error->fatal = 1;
+  reportError(w.error, code, kind, src, value);
+}
+
+// Position of a peer's sequence value `v` relative to the expected operation number `target`:
+// 0 = this operation, < 0 = an earlier one (keep waiting), > 0 = the peer ran more operations
+// than this rank (a protocol error). The operation number sits in bits [kShift, 64) of v and is
+// compared modulo 2^(64 - kShift), read as signed: peers differ by a few operations at most, so
+// the result is exact across the wrap of the counter.
+template <int kShift>
+__device__ __forceinline__ int64_t seqDistance(uint64_t v, uint64_t target) {
+  return (int64_t)(((v >> kShift) - target) << kShift) >> kShift;
+}
+
+// Waits until the operation number in *p is exactly `target` (acquire); *seen receives the value
+// read. A peer that is ahead is a protocol error (kDevPeerAhead, fatal: recorded on the rank
+// that sees it, whose later waits give up at once); no value ever satisfies a wait but the
+// expected one. Returns false on that, after timeoutNs (kDevTimeout, with `kind` and `src` for
+// the message), or at once if another wait of the context already failed.
+template <int kShift>
+__device__ __forceinline__ bool waitSeq(const WindowView& w, const uint64_t* p, uint64_t target,
+                                        int kind, int src, uint64_t* seen = nullptr) {
   uint64_t v = loadAcquire(p);
-  if (v >= target) return true;
-  const uint64_t start = globalTimerNs();
-  while (true) {
-    for (int i = 0; i < 64; ++i) {
+  int64_t d = seqDistance<kShift>(v, target);
+  const uint64_t start = d < 0 ? globalTimerNs() : 0;
+  while (d < 0) {
+    for (int i = 0; i < 64 && d < 0; ++i) {
       v = loadAcquire(p);
-      if (v >= target) return true;
+      d = seqDistance<kShift>(v, target);
     }
-    if (timeoutRaised(w.error)) return false;
+    if (d >= 0) break;
+    if (fatalRaised(w.error)) return false;
     if (globalTimerNs() - start > (uint64_t)w.timeoutNs) {
-      *(volatile int*)&w.error->timedOut = 1;
-      reportError(w.error, kDevTimeout, kind, src, (int)v);
+      raiseFatal(w, kDevTimeout, kind, src, (int)v);
       return false;
     }
   }
+  if (seen) *seen = v;
+  if (d == 0) return true;
+  raiseFatal(w, kDevPeerAhead, kind, src, d > INT32_MAX ? INT32_MAX : (int)d);
+  return false;
 }
 
-// Waits until this rank's signals[kind][src] >= target.
+// Waits until this rank's signals[kind][src] holds exactly `target` (see waitSeq).
 __device__ __forceinline__ bool waitSignal(const WindowView& w, int kind, int src, uint64_t target) {
-  return waitAtLeast(w, signalPtr(w, w.rank, kind, src), target, kind, src);
+  return waitSeq<0>(w, signalPtr(w, w.rank, kind, src), target, kind, src);
 }
 
 // The calling CTA's threads end their part of a launch; returns true in exactly one CTA, the last
@@ -100,7 +131,7 @@ __device__ __forceinline__ bool lastCtaToArrive(unsigned int* arrived) {
   return isLast;
 }
 
-// Each thread i < nRanks waits for signals[kind][i] >= target; then the CTA agrees on success.
+// Each thread i < nRanks waits for signals[kind][i] == target; then the CTA agrees on success.
 __device__ __forceinline__ bool ctaWaitAllPeers(const WindowView& w, int kind, uint64_t target) {
   bool ok = true;
   for (int src = threadIdx.x; src < w.nRanks; src += blockDim.x) ok &= waitSignal(w, kind, src, target);
