@@ -8,6 +8,37 @@
  *  - creation and destruction are collective over the ncclComm_t (every rank calls them, with
  *    the same configuration), like ncclCommInitRank.
  *
+ * Threads: an EP context, its handles and its low-latency outputs are not thread-safe. Calls
+ * on one context (dispatch, combine, check, destroy, ...) must come from one thread at a time,
+ * as for an ncclComm_t; different contexts may be used from different threads concurrently.
+ *
+ * Objects: every call checks its ncclMoeComm_t and ncclMoeHandle_t against the library's set of
+ * live objects before reading them, so a destroyed (or never created) object, a double destroy,
+ * or a handle passed as a context, gives ncclInvalidArgument instead of undefined behaviour. The
+ * memory of the last 64 destroyed objects of each kind stays reserved, so a stale pointer to any
+ * of them is always recognised; an older one whose address was reused by a new object of the
+ * same kind cannot be told from that object.
+ *
+ * Pointer arguments: device memory of the context's device (or managed memory, or mapped pinned
+ * host memory; pageable host memory only where the device can read it, HMM/ATS), aligned to its
+ * element type (int64 to 8 bytes, float and int32 to 4, token rows to 16). Anything else is
+ * rejected with ncclInvalidArgument before a kernel sees it. A pointer is checked once with
+ * cudaPointerGetAttributes (about 1 us of host time); the context remembers the last 64
+ * accepted addresses, so reused buffers cost nothing after their first call.
+ *
+ * Errors: a failed call returns at once on the calling rank. Three kinds:
+ *  - local argument errors (ncclInvalidArgument / ncclInvalidUsage from a check of the call's
+ *    arguments): nothing was enqueued, the context is unchanged and usable; no peer is told, so
+ *    if the other ranks made the call they now wait for this one, and time out after timeoutMs
+ *    unless this rank makes a valid call of the same kind;
+ *  - errors found by kernels (ncclMoeCheckErrors): sticky ones (timeout, protocol error, HT
+ *    overflow) make every later call on the context fail at once with the same error, until the
+ *    context is destroyed with ncclMoeCommDestroy (which works after them) and created again;
+ *    local ones (bad expert ids) are reported once and do not stop the context;
+ *  - a call that enqueued part of its kernels and failed to launch the rest
+ *    (ncclUnhandledCudaError): sticky as well; destroy the context and create it again.
+ * ncclMoeCommCreate is collective in its failures too (see there).
+ *
  * Vocabulary (units are stated next to every parameter):
  *  R        ranks of the communicator (the EP group), all in one NVLink domain for now;
  *  E        experts in total, E/R per rank: expert e lives on rank e / (E/R);
@@ -74,10 +105,11 @@ typedef enum {
 typedef struct {
   size_t size;           /* sizeof(ncclMoeConfig_t) as the caller compiled it */
   unsigned int magic;    /* NCCL_MOE_CONFIG_MAGIC */
-  unsigned int version;  /* NCCL_MOE_VERSION_CODE the caller compiled against */
+  unsigned int version;  /* NCCL_MOE_VERSION_CODE the caller compiled against: must have the
+                            library's major and not be newer than the library */
   ncclMoeMode_t mode;
   int numExperts;        /* E, > 0 and a multiple of the number of ranks */
-  int hidden;            /* H in elements, > 0, a multiple of 8 (16-byte rows for BF16);
+  int hidden;            /* H in elements, 8..65536, a multiple of 8 (16-byte rows for BF16);
                             a multiple of 128 when dispatchDtype is FP8 */
   int topK;              /* K, 1..min(E, 32) */
   int maxTokensPerRank;  /* upper bound of T on any rank, > 0 */
@@ -86,8 +118,8 @@ typedef struct {
                                    always BF16. */
   int numSms;            /* CTAs each dispatch / combine kernel launches (persistent), 1..the
                             device's SM count; the layout kernel uses one CTA per 256 tokens */
-  int outputCapacity;    /* rows each rank can receive in one dispatch; 0 = R*maxTokensPerRank
-                            (never overflows). A smaller value saves window memory; a dispatch
+  int outputCapacity;    /* rows each rank can receive in one dispatch, at most
+                            R*maxTokensPerRank (<= 2^30); 0 = R*maxTokensPerRank (never overflows). A smaller value saves window memory; a dispatch
                             that would exceed it writes nothing and fails (see Dispatch). */
   int timeoutMs;         /* a kernel waiting on a peer gives up after this (ms); 0 = 30000 */
   int numBufferSlots;    /* low-latency mode: operations that may be in flight at once, each with
@@ -108,12 +140,22 @@ typedef struct ncclMoeHandle* ncclMoeHandle_t; /* routing of one dispatch, reuse
  * Allocates and registers the symmetric window that receives tokens (about
  * outputCapacity * (2*H*2 + H/32 + 12*K) bytes per rank) and an ncclDevComm with LSA barriers.
  * The current CUDA device must be comm's device. `comm` must outlive the EP context.
+ * Failures are collective: every rank runs its own checks (current device, config, NVLink
+ * domain) and then its own allocations, and after each of the two steps all ranks exchange a
+ * status; if any rank failed, every rank fails with the same code and the same message, naming
+ * the lowest failing rank ("ncclMoeCommCreate: rank 1: config.hidden = 12 must be ..."), and
+ * ranks that passed different configs all fail naming the first field that differs. Local
+ * only: NULL arguments, and a loaded NCCL of another major.minor (every rank loads the same NCCL:
+ * it fails on all of them). Failures inside NCCL's own collectives (window registration, device
+ * communicator) are NCCL's and behave as NCCL documents.
  * Errors: ncclInvalidArgument for a bad config (message names the field), ncclInvalidUsage when
  * comm spans more than one NVLink domain (the internode path does not exist yet) or when the
  * NCCL loaded is not the major.minor the library was built against (ncclMoeGetNcclVersion). */
 ncclResult_t ncclMoeCommCreate(ncclComm_t comm, const ncclMoeConfig_t* config, ncclMoeComm_t* moeComm);
 
-/* Collective. Synchronises the device, frees the window. Handles must be destroyed first. */
+/* Collective. Synchronises the device, frees the window. Handles must be destroyed first. Works
+ * after any sticky error (timeout, protocol error). A destroyed context passed again (double
+ * destroy, use after destroy): ncclInvalidArgument, nothing else happens. */
 ncclResult_t ncclMoeCommDestroy(ncclMoeComm_t moeComm);
 
 /* Routing statistics of `topkIdx` ([numTokens][K] int64, device memory, -1 = none), written to
@@ -203,7 +245,10 @@ ncclResult_t ncclMoeDispatch(ncclMoeComm_t moeComm, const void* x, const float* 
  *                signal and every rank reads each peer's rows where that peer put them.
  *   topkWeights  [T][K] FP32 device on this (source) rank, or NULL for unweighted
  *   out          [T][H] BF16 device on this rank, 16-byte aligned; T is the handle's numTokens
- * Must follow the dispatch that filled `handle` and precede the next dispatch on the context. */
+ * Must follow the dispatch that filled `handle` and precede the next dispatch on the context:
+ * a handle whose dispatch is not the context's latest (combine(h1) after dispatch(h2)) is refused
+ * with ncclInvalidUsage. expertOut inside the window must be exactly out->combineInput or (BF16)
+ * out->x; any other in-window address is refused (ncclInvalidArgument). */
 ncclResult_t ncclMoeCombine(ncclMoeComm_t moeComm, ncclMoeHandle_t handle, const void* expertOut,
                             const float* topkWeights, void* out, cudaStream_t stream);
 
@@ -252,6 +297,9 @@ typedef struct {
   void* combineInput;
   int slot;
   int numTokens; /* this rank's T of the dispatch (its combine produces T rows) */
+  unsigned long long sequence; /* the dispatch's number on the context (1, 2, ...): the calls
+                                  that take this struct accept it only while its dispatch is the
+                                  latest on its slot; 0 (a zeroed struct) is never valid */
 } ncclMoeLowLatencyOutput_t;
 
 /* Low-latency dispatch of this rank's T tokens.
@@ -290,7 +338,10 @@ ncclResult_t ncclMoeLowLatencyDispatchComplete(ncclMoeComm_t moeComm,
  * rounded to BF16, p(t, r), back once; the source adds these partials in rank order (FP32) and
  * rounds once more:  out[t] = bf16( sum over r in increasing order of p(t, r) ),
  *   p(t, r) = bf16( sum over k in increasing order with expert(t, k) on r of w(t, k) * y(t, k) ).
- * Bitwise deterministic; tokens that went nowhere come out as zeros. */
+ * Bitwise deterministic; tokens that went nowhere come out as zeros.
+ * `dispatched` must be the struct its dispatch filled, while that dispatch is the latest on its
+ * slot (this and the *Complete calls compare its `sequence` and numTokens with the slot's): a
+ * zeroed struct gives ncclInvalidArgument, an older or altered one ncclInvalidUsage. */
 ncclResult_t ncclMoeLowLatencyCombine(ncclMoeComm_t moeComm, const ncclMoeLowLatencyOutput_t* dispatched,
                                       const void* expertOut, void* out, unsigned int flags,
                                       cudaStream_t stream);
@@ -301,7 +352,7 @@ ncclResult_t ncclMoeLowLatencyCombineComplete(ncclMoeComm_t moeComm,
                                               const ncclMoeLowLatencyOutput_t* dispatched, void* out,
                                               cudaStream_t stream);
 
-/* Frees a handle (synchronises the device). */
+/* Frees a handle (synchronises the device). A destroyed handle passed again: ncclInvalidArgument. */
 ncclResult_t ncclMoeHandleDestroy(ncclMoeHandle_t handle);
 
 /* Reports an error that a kernel found after its call returned. Does not synchronise: it sees

@@ -4,6 +4,7 @@
 #include <string.h>
 #include <atomic>
 #include <vector>
+#include "create_agreement.h"
 #include "error.h"
 #include "nccl_compat.h"
 #include "sequence_start.h"
@@ -25,9 +26,43 @@ WindowView windowView(const ncclMoeComm* c) {
   return w;
 }
 
+ncclResult_t checkComm(const ncclMoeComm* c, const char* fn) {
+  if (c == nullptr) return setError(ncclInvalidArgument, "%s: moeComm is NULL", fn);
+  // The registry first: a destroyed or unknown pointer is never read.
+  if (!isLiveObject(c, ObjectKind::Comm) || c->magic != kCommMagic)
+    return setError(ncclInvalidArgument,
+                    "%s: moeComm = %p is not a live EP context (destroyed, or not made by ncclMoeCommCreate)", fn,
+                    (const void*)c);
+  return ncclSuccess;
+}
+
+ncclResult_t checkHandle(const ncclMoeHandle* h, const char* fn) {
+  if (h == nullptr) return setError(ncclInvalidArgument, "%s: handle is NULL", fn);
+  if (!isLiveObject(h, ObjectKind::Handle) || h->magic != kHandleMagic)
+    return setError(ncclInvalidArgument,
+                    "%s: handle = %p is not a live handle (destroyed, or not made by ncclMoeDispatch)", fn,
+                    (const void*)h);
+  return ncclSuccess;
+}
+
+ncclResult_t failPartialLaunch(ncclMoeComm* c, const char* fn, cudaError_t err) {
+  c->launchFailed = true;
+  return setError(ncclUnhandledCudaError,
+                  "%s: a kernel launch failed (%s) after earlier kernels of the call were enqueued; the EP "
+                  "context is unusable: destroy it and create a new one",
+                  fn, cudaGetErrorString(err));
+}
+
 ncclResult_t checkDeviceErrors(const ncclMoeComm* c) {
+  if (c->launchFailed)
+    return setError(ncclUnhandledCudaError,
+                    "rank %d: an earlier call enqueued only part of its kernels; the EP context is unusable: "
+                    "destroy it and create a new one", c->rank);
   const volatile DeviceError* e = c->errorHost;
-  switch (e->code) {
+  // Kernels write the payload, fence, then the code (reportError): read them in that order.
+  const int code = e->code;
+  std::atomic_thread_fence(std::memory_order_acquire);
+  switch (code) {
     case kDevOk:
       return ncclSuccess;
     case kDevTimeout:
@@ -47,7 +82,7 @@ ncclResult_t checkDeviceErrors(const ncclMoeComm* c) {
                       "destroy the EP context and create a new one",
                       c->rank, e->b, e->c, e->a);
     default:
-      return setError(ncclInternalError, "rank %d: unknown kernel error %d", c->rank, e->code);
+      return setError(ncclInternalError, "rank %d: unknown kernel error %d", c->rank, code);
   }
 }
 
@@ -58,6 +93,8 @@ ncclResult_t reportLocalErrors(const ncclMoeComm* c) {
   if (code == kDevOk) return ncclSuccess;
   const int a = e->a, b = e->b, v = e->c;
   e->code = kDevOk;  // reported once; the next bad entry is recorded anew
+  std::atomic_thread_fence(std::memory_order_release);
+  e->claimed = 0;    // last: a kernel that claims the record now finds the code cleared
   switch (code) {
     case kDevBadExpert:
       return setError(ncclInvalidArgument,
@@ -75,8 +112,8 @@ ncclResult_t reportLocalErrors(const ncclMoeComm* c) {
   }
 }
 
-// Frees whatever part of the context exists (used by destroy and by a failed create).
-static void releaseComm(ncclMoeComm* c) {
+// Frees whatever device and NCCL resources of the context exist (destroy, and a failed create).
+static void releaseResources(ncclMoeComm* c) {
   if (c->devCommCreated) ncclDevCommDestroy(c->nccl, &c->devComm);
   if (c->win) ncclCommWindowDeregister(c->nccl, c->win);
   if (c->winBase) ncclMemFree(c->winBase);
@@ -84,85 +121,73 @@ static void releaseComm(ncclMoeComm* c) {
   if (c->layoutScratchMem) cudaFree(c->layoutScratchMem);
   if (c->llPosCounters) cudaFree(c->llPosCounters);
   if (c->errorHost) cudaFreeHost(c->errorHost);
-  delete c;
 }
 
-// Every rank must pass the same configuration: all-gather the fields (not the struct bytes,
-// whose padding is undefined) and compare.
-static ncclResult_t checkConfigsEqual(ncclMoeComm* c, cudaStream_t stream) {
-  const ncclMoeConfig_t& f = c->cfg;
-  const int64_t mine[] = {(int64_t)f.size, f.magic, f.version, f.mode, f.numExperts, f.hidden,
-                          f.topK, f.maxTokensPerRank, f.dispatchDtype, f.numSms, f.outputCapacity,
-                          f.timeoutMs, f.numBufferSlots, f.fp8Scales};
-  const size_t n = sizeof(mine) / sizeof(mine[0]), bytes = sizeof(mine);
-  int64_t* dev = nullptr;
-  MOE_CUDA(cudaMalloc(&dev, bytes * (c->nRanks + 1)));
-  std::vector<int64_t> all(n * c->nRanks);
-  ncclResult_t res = ncclSuccess;
-  if (cudaMemcpy(dev, mine, bytes, cudaMemcpyHostToDevice) != cudaSuccess ||
-      ncclAllGather(dev, dev + n, n, ncclInt64, c->nccl, stream) != ncclSuccess ||
-      cudaMemcpyAsync(all.data(), dev + n, bytes * c->nRanks, cudaMemcpyDeviceToHost, stream) != cudaSuccess ||
-      cudaStreamSynchronize(stream) != cudaSuccess) {
-    res = setError(ncclSystemError, "ncclMoeCommCreate: exchanging configurations failed");
-  }
-  cudaFree(dev);
-  MOE_CHECK(res);
-  for (int r = 0; r < c->nRanks; ++r)
-    for (size_t i = 0; i < n; ++i)
-      if (all[r * n + i] != mine[i])
-        return setError(ncclInvalidArgument,
-                        "ncclMoeCommCreate: rank %d passed a configuration different from rank %d's "
-                        "(field %zu: %lld vs %lld); every rank must pass the same config",
-                        r, c->rank, i, (long long)all[r * n + i], (long long)mine[i]);
+// All-gathers one vote per rank over comm, on comm's device whatever the current device is (a
+// rank whose current device is wrong must still vote: its peers wait for it). Fails only when
+// CUDA or NCCL cannot run a 1-KiB all-gather on this rank; its peers then wait in vain, the one
+// failure of creation that cannot be made collective.
+static ncclResult_t exchangeVotes(ncclMoeComm* c, const CreateVote& mine, std::vector<CreateVote>* all) {
+  int saved = -1;
+  MOE_CUDA(cudaGetDevice(&saved));
+  MOE_CUDA(cudaSetDevice(c->device));
+  const size_t bytes = sizeof(CreateVote);
+  all->assign(c->nRanks, CreateVote{});
+  char* dev = nullptr;
+  cudaStream_t stream = nullptr;
+  const bool ok = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess &&
+                  cudaMalloc(&dev, bytes * (c->nRanks + 1)) == cudaSuccess &&
+                  cudaMemcpy(dev, &mine, bytes, cudaMemcpyHostToDevice) == cudaSuccess &&
+                  ncclAllGather(dev, dev + bytes, bytes, ncclUint8, c->nccl, stream) == ncclSuccess &&
+                  cudaMemcpyAsync(all->data(), dev + bytes, bytes * c->nRanks, cudaMemcpyDeviceToHost,
+                                  stream) == cudaSuccess &&
+                  cudaStreamSynchronize(stream) == cudaSuccess;
+  if (dev) cudaFree(dev);
+  if (stream) cudaStreamDestroy(stream);
+  cudaSetDevice(saved);
+  if (!ok) return setError(ncclSystemError, "ncclMoeCommCreate: rank %d: exchanging creation status failed", c->rank);
   return ncclSuccess;
 }
 
-static ncclResult_t createComm(ncclComm_t nccl, const ncclMoeConfig_t* config, ncclMoeComm* c) {
-  c->nccl = nccl;
-  // Before any NCCL call that touches device structs: a library built for another NCCL line
-  // would misread them (ncclDevComm's layout changes between minor versions).
-  MOE_CHECK(checkNcclRuntimeVersion("ncclMoeCommCreate"));
-  MOE_NCCL(ncclCommCount(nccl, &c->nRanks));
-  MOE_NCCL(ncclCommUserRank(nccl, &c->rank));
-  MOE_NCCL(ncclCommCuDevice(nccl, &c->device));
-  int current = -1, sms = 0;
+// One collective step of the creation: every rank votes with the result of its local work
+// (`local`, message in the last error) and all ranks return the same result (create_agreement.h).
+static ncclResult_t agree(ncclMoeComm* c, ncclResult_t local, bool withConfig, const char* step) {
+  CreateVote mine;
+  fillVote(&mine, local, ncclMoeGetLastError(), local == ncclSuccess && withConfig ? &c->cfg : nullptr);
+  std::vector<CreateVote> all;
+  MOE_CHECK(exchangeVotes(c, mine, &all));
+  return decideCreate(all.data(), c->nRanks, step);
+}
+
+// This rank's checks before the first vote: device, configuration, NVLink domain.
+static ncclResult_t checkLocally(ncclMoeComm* c, const ncclMoeConfig_t* config) {
+  int current = -1, sms = 0, pageable = 0;
   MOE_CUDA(cudaGetDevice(&current));
   if (current != c->device)
-    return setError(ncclInvalidUsage, "ncclMoeCommCreate: current CUDA device %d is not comm's device %d",
-                    current, c->device);
+    return setError(ncclInvalidUsage, "current CUDA device %d is not comm's device %d", current, c->device);
   MOE_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c->device));
   MOE_CHECK(validateConfig(config, c->nRanks, sms, &c->cfg));
-  const ncclTeam_t lsa = ncclTeamLsa(nccl);
+  const ncclTeam_t lsa = ncclTeamLsa(c->nccl);
   if (lsa.nRanks != c->nRanks)
     return setError(ncclInvalidUsage,
-                    "ncclMoeCommCreate: comm spans %d ranks but only %d share this rank's NVLink domain; "
-                    "the internode path is not available yet",
+                    "comm spans %d ranks but only %d share this rank's NVLink domain; the internode path is "
+                    "not available yet",
                     c->nRanks, lsa.nRanks);
+  MOE_CUDA(cudaDeviceGetAttribute(&pageable, cudaDevAttrPageableMemoryAccess, c->device));
+  c->pointers.init(c->device, pageable != 0);
+  return ncclSuccess;
+}
 
-  cudaStream_t stream;
-  MOE_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  ncclResult_t res = checkConfigsEqual(c, stream);
-  cudaStreamDestroy(stream);
-  MOE_CHECK(res);
-
-  c->layout = computeWindowLayout(c->cfg, c->nRanks);
+// This rank's allocations, none of which involves a peer, before the second vote: a rank out of
+// memory makes every rank fail instead of leaving its peers in the window registration.
+static ncclResult_t allocateLocally(ncclMoeComm* c) {
+  MOE_CHECK(computeWindowLayout(c->cfg, c->nRanks, &c->layout));
   void* base = nullptr;
   MOE_NCCL(ncclMemAlloc(&base, c->layout.total));
   c->winBase = (char*)base;
   // Zero the whole window (signals of both modes start at 0; ~1 ms for a GiB) before any peer
-  // can reach it: registration is collective, so no peer signals before every rank is done.
+  // can reach it: registration is collective and comes after the vote.
   MOE_CUDA(cudaMemset(c->winBase, 0, c->layout.total));
-  MOE_CUDA(cudaDeviceSynchronize());
-  MOE_NCCL(ncclCommWindowRegister(nccl, c->winBase, c->layout.total, &c->win, NCCL_WIN_COLL_SYMMETRIC));
-
-  ncclDevCommRequirements reqs = defaultDevCommRequirements();
-  reqs.lsaBarrierCount = 1;
-  MOE_NCCL(ncclDevCommCreate(nccl, &reqs, &c->devComm));
-  c->devCommCreated = true;
-  if (c->devComm.lsaSize != c->nRanks)
-    return setError(ncclInvalidUsage, "ncclMoeCommCreate: device communicator sees %d LSA ranks of %d",
-                    c->devComm.lsaSize, c->nRanks);
-
   MOE_CUDA(cudaMalloc(&c->state, sizeof(DeviceState)));
   MOE_CUDA(cudaMemset(c->state, 0, sizeof(DeviceState)));
   {
@@ -180,7 +205,35 @@ static ncclResult_t createComm(ncclComm_t nccl, const ncclMoeConfig_t* config, n
   MOE_CUDA(cudaHostAlloc(&c->errorHost, sizeof(DeviceError) * kErrorRecords, cudaHostAllocMapped));
   memset(c->errorHost, 0, sizeof(DeviceError) * kErrorRecords);
   MOE_CUDA(cudaHostGetDevicePointer((void**)&c->errorDev, c->errorHost, 0));
-  MOE_CHECK(applySequenceStart(c));  // test hook; before the barrier, so before any peer signal
+  MOE_CHECK(applySequenceStart(c));  // test hook; before registration, so before any peer signal
+  MOE_CUDA(cudaDeviceSynchronize());
+  return ncclSuccess;
+}
+
+// Every failure up to the collective NCCL calls (window registration, device communicator) is
+// decided together by all ranks (agree): they fail at the same step with the same message.
+// Failures inside those NCCL calls are NCCL's own (its collectives have the same property).
+static ncclResult_t createComm(ncclComm_t nccl, const ncclMoeConfig_t* config, ncclMoeComm* c) {
+  c->nccl = nccl;
+  // Local, before any vote: a library built for another NCCL line would misread NCCL's device
+  // structs, and ncclCommInitRank already made every rank run the same NCCL, so this check
+  // fails on every rank or on none. The three queries fail only for an invalid comm, with which
+  // no vote can be exchanged.
+  MOE_CHECK(checkNcclRuntimeVersion("ncclMoeCommCreate"));
+  MOE_NCCL(ncclCommCount(nccl, &c->nRanks));
+  MOE_NCCL(ncclCommUserRank(nccl, &c->rank));
+  MOE_NCCL(ncclCommCuDevice(nccl, &c->device));
+  MOE_CHECK(agree(c, checkLocally(c, config), true, "checking the configuration"));
+  MOE_CHECK(agree(c, allocateLocally(c), false, "allocating"));
+
+  MOE_NCCL(ncclCommWindowRegister(nccl, c->winBase, c->layout.total, &c->win, NCCL_WIN_COLL_SYMMETRIC));
+  ncclDevCommRequirements reqs = defaultDevCommRequirements();
+  reqs.lsaBarrierCount = 1;
+  MOE_NCCL(ncclDevCommCreate(nccl, &reqs, &c->devComm));
+  c->devCommCreated = true;
+  if (c->devComm.lsaSize != c->nRanks)
+    return setError(ncclInvalidUsage, "ncclMoeCommCreate: device communicator sees %d LSA ranks of %d",
+                    c->devComm.lsaSize, c->nRanks);
 
   // One LSA barrier through the device communicator: every peer is mapped and alive.
   MOE_CUDA(launchLsaBarrier(c->devComm, 0));
@@ -202,27 +255,32 @@ extern "C" ncclResult_t ncclMoeCommCreate(ncclComm_t comm, const ncclMoeConfig_t
   ncclMoeComm* c = new ncclMoeComm();
   ncclResult_t res = createComm(comm, config, c);
   if (res != ncclSuccess) {
-    releaseComm(c);
+    releaseResources(c);
+    delete c;
     return res;
   }
+  c->magic = kCommMagic;
+  registerObject(c, ObjectKind::Comm);
   *moeComm = c;
   return ncclSuccess;
 }
 
 extern "C" ncclResult_t ncclMoeCommDestroy(ncclMoeComm_t c) {
   clearError();
-  if (c == nullptr) return setError(ncclInvalidArgument, "ncclMoeCommDestroy: moeComm is NULL");
+  MOE_CHECK(checkComm(c, "ncclMoeCommDestroy"));
   if (c->liveHandles != 0)
     return setError(ncclInvalidUsage, "ncclMoeCommDestroy: %d handles still exist; destroy them first",
                     c->liveHandles);
   MOE_CUDA(cudaDeviceSynchronize());
-  releaseComm(c);
+  releaseResources(c);
+  c->magic = kDeadMagic;
+  retireObject(c, ObjectKind::Comm, [](void* p) { delete static_cast<ncclMoeComm*>(p); });
   return ncclSuccess;
 }
 
 extern "C" ncclResult_t ncclMoeCheckErrors(ncclMoeComm_t c) {
   clearError();
-  if (c == nullptr) return setError(ncclInvalidArgument, "ncclMoeCheckErrors: moeComm is NULL");
+  MOE_CHECK(checkComm(c, "ncclMoeCheckErrors"));
   MOE_CHECK(checkDeviceErrors(c));
   return reportLocalErrors(c);
 }

@@ -5,8 +5,20 @@
 #include "nccl_moe.h"
 #include "config.h"
 #include "device/kernel_args.h"
+#include "object_registry.h"
+#include "pointer_check.h"
 
+namespace nccl_moe {
+// Magic words of the live objects (object_registry.h says why they are checked after the
+// registry lookup); destroy overwrites them with kDeadMagic.
+constexpr uint64_t kCommMagic = 0x6e63636c6d6f6543ull;    // "nccl moeC"
+constexpr uint64_t kHandleMagic = 0x6e63636c6d6f6548ull;  // "nccl moeH"
+constexpr uint64_t kDeadMagic = 0xdeaddeaddeaddeadull;
+}  // namespace nccl_moe
+
+// Not thread-safe: one thread at a time per context (nccl_moe.h).
 struct ncclMoeComm {
+  uint64_t magic = 0;               // kCommMagic while live
   ncclComm_t nccl = nullptr;
   int rank = 0, nRanks = 0, device = 0;
   ncclMoeConfig_t cfg{};            // resolved: defaults filled in
@@ -22,15 +34,28 @@ struct ncclMoeComm {
   nccl_moe::DeviceError* errorHost = nullptr;
   nccl_moe::DeviceError* errorDev = nullptr;   // the same memory, device address
   int liveHandles = 0;
+  nccl_moe::AccessiblePointers pointers;  // pointer arguments already found device-accessible
+  // Set when a call enqueued part of its kernels and then failed to launch the rest: the peers
+  // and the device sequence numbers no longer match this host state. Sticky, like kernel errors.
+  bool launchFailed = false;
+  // High-throughput mode: dispatches enqueued; a handle may be combined only while its
+  // dispatch is the latest (the window holds that dispatch's rows).
+  unsigned long long htDispatches = 0;
   // Low-latency mode.
   int* llPosCounters = nullptr;       // device [numBufferSlots][E], zero between sends
   unsigned long long llDispatches = 0;  // dispatches enqueued (slot = count % numBufferSlots)
   bool llDispatchPending[nccl_moe::kMaxBufferSlots] = {};  // send-only dispatch not completed
   bool llCombinePending[nccl_moe::kMaxBufferSlots] = {};
+  // Per slot, the sequence number (ncclMoeLowLatencyOutput_t::sequence) and T of the dispatch
+  // that owns it; an output struct that does not match is stale, reused or forged.
+  unsigned long long llSlotSequence[nccl_moe::kMaxBufferSlots] = {};
+  int llSlotTokens[nccl_moe::kMaxBufferSlots] = {};
 };
 
 struct ncclMoeHandle {
+  uint64_t magic = 0;       // kHandleMagic while live
   ncclMoeComm* comm = nullptr;
+  unsigned long long dispatch = 0;  // ncclMoeComm::htDispatches of its last dispatch (0: none)
   int numTokens = 0;       // T of the routing held
   bool haveRouting = false;
   void* deviceBlock = nullptr;      // one allocation carved into the routing arrays
@@ -43,12 +68,22 @@ namespace nccl_moe {
 // The view of the window and sync state that every HT kernel takes.
 WindowView windowView(const ncclMoeComm* comm);
 
-// Fails with the kernel-recorded error of the context, if any (sticky; no synchronisation).
+// Fails with ncclInvalidArgument (message names `fn`) unless `c` is a live EP context / a live
+// handle: NULL, never created and destroyed pointers are rejected without being dereferenced.
+ncclResult_t checkComm(const ncclMoeComm* c, const char* fn);
+ncclResult_t checkHandle(const ncclMoeHandle* h, const char* fn);
+
+// Fails with the sticky error of the context, if any (no synchronisation): a kernel-recorded
+// error, or a partial launch (launchFailed).
 ncclResult_t checkDeviceErrors(const ncclMoeComm* comm);
 
 // Fails with the local error of the context (bad input found on this rank by a kernel: the
 // entry was dropped, the operation completed on every rank), if any, and clears it: each is
 // reported once. No synchronisation.
 ncclResult_t reportLocalErrors(const ncclMoeComm* comm);
+
+// Records that `call` of `fn` failed to launch after earlier kernels of the same call were
+// enqueued (the context is unusable from then on) and returns ncclUnhandledCudaError.
+ncclResult_t failPartialLaunch(ncclMoeComm* c, const char* fn, cudaError_t err);
 
 }  // namespace nccl_moe

@@ -1,10 +1,9 @@
 // Configuration rules and window layout (see config.h).
 #include "config.h"
 #include "error.h"
+#include "pointer_check.h"
 
 namespace nccl_moe {
-
-static size_t alignUp(size_t v, size_t a) { return (v + a - 1) / a * a; }
 
 size_t dtypeBytes(ncclMoeDtype_t dtype) { return dtype == ncclMoeFp8E4m3 ? 1 : 2; }
 
@@ -18,6 +17,12 @@ ncclResult_t validateConfig(const ncclMoeConfig_t* cfg, int nRanks, int deviceSm
   if (cfg->magic != NCCL_MOE_CONFIG_MAGIC)
     return setError(bad, "config.magic = 0x%x, expected 0x%x (initialise with NCCL_MOE_CONFIG_INITIALIZER)",
                     cfg->magic, NCCL_MOE_CONFIG_MAGIC);
+  // Same major, and not newer than this library (it would not know what the caller's fields
+  // mean); older minors of the same major are accepted (sizes already match).
+  if (cfg->version / 10000 != NCCL_MOE_MAJOR || cfg->version > NCCL_MOE_VERSION_CODE)
+    return setError(bad, "config.version = %u is not supported by this library (version %d, major %d); "
+                    "rebuild against this library's nccl_moe.h", cfg->version, NCCL_MOE_VERSION_CODE,
+                    NCCL_MOE_MAJOR);
   if (nRanks < 1 || nRanks > kMaxRanks)
     return setError(bad, "communicator has %d ranks; supported 1..%d", nRanks, kMaxRanks);
   if (cfg->mode != ncclMoeHighThroughput && cfg->mode != ncclMoeLowLatency)
@@ -30,8 +35,9 @@ ncclResult_t validateConfig(const ncclMoeConfig_t* cfg, int nRanks, int deviceSm
     return setError(bad, "config.numExperts = %d is not divisible by the %d ranks", cfg->numExperts, nRanks);
   if (cfg->numExperts > kMaxExperts)
     return setError(bad, "config.numExperts = %d exceeds the supported %d", cfg->numExperts, kMaxExperts);
-  if (cfg->hidden <= 0 || cfg->hidden % 8 != 0)
-    return setError(bad, "config.hidden = %d must be a positive multiple of 8", cfg->hidden);
+  if (cfg->hidden <= 0 || cfg->hidden % 8 != 0 || cfg->hidden > kMaxHidden)
+    return setError(bad, "config.hidden = %d must be a positive multiple of 8, at most %d", cfg->hidden,
+                    kMaxHidden);
   if (cfg->dispatchDtype == ncclMoeFp8E4m3 && cfg->hidden % kFp8GroupSize != 0)
     return setError(bad, "config.hidden = %d must be a multiple of %d with FP8 dispatch",
                     cfg->hidden, kFp8GroupSize);
@@ -61,12 +67,20 @@ ncclResult_t validateConfig(const ncclMoeConfig_t* cfg, int nRanks, int deviceSm
   if (worst > (1 << 30))
     return setError(bad, "config.maxTokensPerRank = %d times %d ranks exceeds 2^30 rows",
                     cfg->maxTokensPerRank, nRanks);
-  *resolved = *cfg;
-  if (resolved->outputCapacity == 0) resolved->outputCapacity = (int)worst;
-  if (resolved->timeoutMs == 0) resolved->timeoutMs = kDefaultTimeoutMs;
-  if (resolved->numBufferSlots == 0) resolved->numBufferSlots = 2;
+  if (cfg->outputCapacity > worst)
+    return setError(bad, "config.outputCapacity = %d exceeds %lld = %d ranks * maxTokensPerRank, the most rows "
+                    "a rank can receive", cfg->outputCapacity, worst, nRanks);
+  ncclMoeConfig_t r = *cfg;
+  if (r.outputCapacity == 0) r.outputCapacity = (int)worst;
+  if (r.timeoutMs == 0) r.timeoutMs = kDefaultTimeoutMs;
+  if (r.numBufferSlots == 0) r.numBufferSlots = 2;
+  WindowLayout layout;
+  MOE_CHECK(computeWindowLayout(r, nRanks, &layout));
+  *resolved = r;
   return ncclSuccess;
 }
+
+int rowBytes(const ncclMoeConfig_t& c, ncclMoeDtype_t dtype) { return c.hidden * (int)dtypeBytes(dtype); }
 
 size_t llScaleBytesPerRow(const ncclMoeConfig_t& c) {
   if (c.dispatchDtype != ncclMoeFp8E4m3) return 0;
@@ -74,48 +88,81 @@ size_t llScaleBytesPerRow(const ncclMoeConfig_t& c) {
   return c.fp8Scales == ncclMoeScaleUe8m0 ? groups : groups * sizeof(float);  // 1 byte or 4 per group
 }
 
-static LowLatencySlotLayout lowLatencySlotLayout(const ncclMoeConfig_t& c, int nRanks) {
-  const size_t L = c.numExperts / nRanks, M = c.maxTokensPerRank, B = (size_t)nRanks * M;
-  const size_t H = c.hidden, K = c.topK;
+// Byte arithmetic of the window with overflow detection: every product and every region end
+// goes through here, and `overflow` stays set once any of them wrapped around size_t.
+namespace {
+struct CheckedBytes {
+  bool overflow = false;
+  size_t off = 0;  // end of the regions taken so far
+  size_t mul(size_t a, size_t b) {
+    size_t r;
+    overflow |= __builtin_mul_overflow(a, b, &r);
+    return r;
+  }
+  size_t alignedEnd(size_t v, size_t a) {
+    size_t r;
+    overflow |= __builtin_add_overflow(v, a - 1, &r);
+    return r / a * a;
+  }
+  // Places a region of `bytes` at the current end, aligned to `a`; returns its offset.
+  size_t take(size_t bytes, size_t a) {
+    const size_t at = off;
+    size_t end;
+    overflow |= __builtin_add_overflow(off, bytes, &end);
+    off = alignedEnd(end, a);
+    return at;
+  }
+};
+}  // namespace
+
+static LowLatencySlotLayout lowLatencySlotLayout(const ncclMoeConfig_t& c, int nRanks, CheckedBytes& m) {
+  const size_t L = c.numExperts / nRanks, M = c.maxTokensPerRank, R = nRanks, B = m.mul(R, M);
+  const size_t H = c.hidden, K = c.topK, LB = m.mul(L, B);
   LowLatencySlotLayout s;
-  size_t off = 0;
-  auto take = [&](size_t bytes) { size_t at = off; off = alignUp(off + bytes, 256); return at; };
-  s.dispatchSignals = take(sizeof(uint64_t) * nRanks);
-  s.combineSignals = take(sizeof(uint64_t) * nRanks);
-  s.recvCounts = take(sizeof(int) * (L * nRanks + L));
-  s.route = take(sizeof(LlRouteEntry) * nRanks * M * K);
-  s.tokenRanks = take(sizeof(uint32_t) * M);
-  s.recvX = take(L * B * H * dtypeBytes(c.dispatchDtype));
-  s.recvScales = take(L * B * llScaleBytesPerRow(c));
-  s.srcToken = take(sizeof(int) * L * B);
-  s.combineRecv = take(M * nRanks * H * 2);
-  s.combineInput = take(L * B * H * 2);
-  s.bytes = alignUp(off, NCCL_WIN_REQUIRED_ALIGNMENT);
+  CheckedBytes slot;
+  s.dispatchSignals = slot.take(sizeof(uint64_t) * R, 256);
+  s.combineSignals = slot.take(sizeof(uint64_t) * R, 256);
+  s.recvCounts = slot.take(sizeof(int) * (L * R + L), 256);
+  s.route = slot.take(m.mul(m.mul(sizeof(LlRouteEntry) * R, M), K), 256);
+  s.tokenRanks = slot.take(m.mul(sizeof(uint32_t), M), 256);
+  s.recvX = slot.take(m.mul(m.mul(LB, H), dtypeBytes(c.dispatchDtype)), 256);
+  s.recvScales = slot.take(m.mul(LB, llScaleBytesPerRow(c)), 256);
+  s.srcToken = slot.take(m.mul(sizeof(int), LB), 256);
+  s.combineRecv = slot.take(m.mul(m.mul(B, H), 2), 256);
+  s.combineInput = slot.take(m.mul(m.mul(LB, H), 2), 256);
+  s.bytes = slot.alignedEnd(slot.off, NCCL_WIN_REQUIRED_ALIGNMENT);
+  m.overflow |= slot.overflow;
   return s;
 }
 
-WindowLayout computeWindowLayout(const ncclMoeConfig_t& c, int nRanks) {
+ncclResult_t computeWindowLayout(const ncclMoeConfig_t& c, int nRanks, WindowLayout* layout) {
   const bool ll = c.mode == ncclMoeLowLatency;
   const size_t a = 256, cap = ll ? 0 : (size_t)c.outputCapacity, H = (size_t)c.hidden, K = (size_t)c.topK;
   WindowLayout w;
-  size_t off = 0;
-  auto take = [&](size_t bytes) { size_t at = off; off = alignUp(off + bytes, a); return at; };
-  w.signals = take(sizeof(uint64_t) * kSignalKinds * kMaxRanks);
-  w.counts = take(sizeof(int) * nRanks * (nRanks + c.numExperts / nRanks));
-  w.recvX = take(cap * H * 2);
-  w.recvScales = take(cap * (H / kFp8GroupSize) * sizeof(float));
-  w.recvTopkIdx = take(cap * K * sizeof(int64_t));
-  w.recvTopkWeights = take(cap * K * sizeof(float));
-  w.combineIn = take(cap * H * 2);
-  w.llSlots = alignUp(off, NCCL_WIN_REQUIRED_ALIGNMENT);
-  w.ll = ll ? lowLatencySlotLayout(c, nRanks) : LowLatencySlotLayout{};
-  w.total = w.llSlots + (ll ? (size_t)c.numBufferSlots * w.ll.bytes : 0);
-  return w;
+  CheckedBytes m;
+  w.signals = m.take(sizeof(uint64_t) * kSignalKinds * kMaxRanks, a);
+  w.counts = m.take(sizeof(int) * nRanks * (nRanks + c.numExperts / nRanks), a);
+  w.recvX = m.take(m.mul(m.mul(cap, H), 2), a);
+  w.recvScales = m.take(m.mul(cap, (H / kFp8GroupSize) * sizeof(float)), a);
+  w.recvTopkIdx = m.take(m.mul(cap, K * sizeof(int64_t)), a);
+  w.recvTopkWeights = m.take(m.mul(cap, K * sizeof(float)), a);
+  w.combineIn = m.take(m.mul(m.mul(cap, H), 2), a);
+  w.llSlots = m.alignedEnd(m.off, NCCL_WIN_REQUIRED_ALIGNMENT);
+  w.ll = ll ? lowLatencySlotLayout(c, nRanks, m) : LowLatencySlotLayout{};
+  size_t slots = ll ? m.mul((size_t)c.numBufferSlots, w.ll.bytes) : 0;
+  m.overflow |= __builtin_add_overflow(w.llSlots, slots, &w.total);
+  if (m.overflow)
+    return setError(ncclInvalidArgument,
+                    "the EP window of config.hidden = %d, maxTokensPerRank = %d, numExperts = %d, "
+                    "outputCapacity = %d, numBufferSlots = %d on %d ranks exceeds the address space",
+                    c.hidden, c.maxTokensPerRank, c.numExperts, c.outputCapacity, c.numBufferSlots, nRanks);
+  *layout = w;
+  return ncclSuccess;
 }
 
 ncclResult_t validateDispatchArgs(const ncclMoeConfig_t& cfg, const void* x, const float* xScales,
-                                  const int64_t* topkIdx, int numTokens, unsigned int flags,
-                                  bool haveRouting, int handleTokens) {
+                                  const int64_t* topkIdx, const float* topkWeights, int numTokens,
+                                  unsigned int flags, bool haveRouting, int handleTokens) {
   const ncclResult_t bad = ncclInvalidArgument;
   if (numTokens < 0 || numTokens > cfg.maxTokensPerRank)
     return setError(bad, "ncclMoeDispatch: numTokens = %d must be in 0..maxTokensPerRank = %d",
@@ -128,6 +175,9 @@ ncclResult_t validateDispatchArgs(const ncclMoeConfig_t& cfg, const void* x, con
   if (cfg.dispatchDtype == ncclMoeBf16 && xScales != nullptr)
     return setError(bad, "ncclMoeDispatch: xScales = %p given but config.dispatchDtype is BF16",
                     (const void*)xScales);
+  MOE_CHECK(checkAlignment("ncclMoeDispatch", "xScales", xScales, alignof(float)));
+  MOE_CHECK(checkAlignment("ncclMoeDispatch", "topkIdx", topkIdx, alignof(int64_t)));
+  MOE_CHECK(checkAlignment("ncclMoeDispatch", "topkWeights", topkWeights, alignof(float)));
   if (flags & ~(unsigned)NCCL_MOE_DISPATCH_HOST_COUNTS)
     return setError(bad, "ncclMoeDispatch: flags = 0x%x has unknown bits", flags);
   // topkIdx == NULL reuses the handle's routing; with zero tokens there is nothing to route.

@@ -1,6 +1,7 @@
 // Configuration validation and the byte layout of the EP window. Pure host code with no CUDA
 // calls, so that the CPU unit tests exercise every rule.
 #pragma once
+#include <limits.h>
 #include <stddef.h>
 #include <stdint.h>
 #include "nccl_moe.h"
@@ -13,15 +14,26 @@ constexpr int kMaxExperts = 8192;  // per-expert counters live in shared memory
 constexpr int kMaxRanks = 32;       // ranks of one NVLink domain (one warp lane per peer)
 constexpr int kFp8GroupSize = 128;  // channels sharing one FP32 scale
 constexpr int kDefaultTimeoutMs = 30000;
+// Largest config.hidden: a row of it (2 bytes per element) stays far inside int, the type the
+// kernels and the per-call arguments use for row bytes (DispatchArgs::rowBytes, launchCopyRows).
+constexpr int kMaxHidden = 65536;
+static_assert((long long)kMaxHidden * 2 <= INT_MAX, "row bytes of the largest hidden fit in int");
 
 // Checks `cfg` for a communicator of `nRanks` ranks on a device with `deviceSms` SMs and
 // returns in `resolved` a copy with defaults filled in (outputCapacity, timeoutMs).
+// Every size that feeds window arithmetic is bounded: hidden <= kMaxHidden, maxTokensPerRank *
+// nRanks <= 2^30 rows, outputCapacity <= nRanks * maxTokensPerRank (the most rows a rank can
+// receive), and the window of the resolved config must be computable without overflow.
 // On error: ncclInvalidArgument and a last-error message naming the field and its value.
 ncclResult_t validateConfig(const ncclMoeConfig_t* cfg, int nRanks, int deviceSms,
                             ncclMoeConfig_t* resolved);
 
 // Bytes of one element of `dtype`.
 size_t dtypeBytes(ncclMoeDtype_t dtype);
+
+// Bytes of one token row of `dtype` for a validated config: hidden * dtypeBytes, at most
+// 2 * kMaxHidden (so it is positive and fits in int).
+int rowBytes(const ncclMoeConfig_t& resolved, ncclMoeDtype_t dtype);
 
 // Byte offsets inside each rank's symmetric window (same on every rank). Each region starts on
 // a 256-byte boundary; `total` is rounded up to NCCL_WIN_REQUIRED_ALIGNMENT.
@@ -48,12 +60,16 @@ size_t llScaleBytesPerRow(const ncclMoeConfig_t& resolved);
 enum SignalKind { kSigDispatchCounts = 0, kSigDispatchDone = 1, kSigCombineReady = 2,
                   kSigCombineDone = 3, kSigCombineSource = 4, kSignalKinds = 5 };
 
-WindowLayout computeWindowLayout(const ncclMoeConfig_t& resolved, int nRanks);
+// Byte layout of the window of a resolved config on nRanks ranks. Every size is computed with
+// overflow-checked arithmetic: on overflow, ncclInvalidArgument naming the config's sizes.
+ncclResult_t computeWindowLayout(const ncclMoeConfig_t& resolved, int nRanks, WindowLayout* layout);
 
 // Validates the arguments of one dispatch against the resolved config. `haveRouting` tells
 // whether the handle already holds a routing (for topkIdx == NULL); `handleTokens` is its T.
+// Alignment: x 16 bytes, xScales and topkWeights 4, topkIdx 8 (device accessibility is checked
+// by the caller: pointer_check.h).
 ncclResult_t validateDispatchArgs(const ncclMoeConfig_t& cfg, const void* x, const float* xScales,
-                                  const int64_t* topkIdx, int numTokens, unsigned int flags,
-                                  bool haveRouting, int handleTokens);
+                                  const int64_t* topkIdx, const float* topkWeights, int numTokens,
+                                  unsigned int flags, bool haveRouting, int handleTokens);
 
 }  // namespace nccl_moe

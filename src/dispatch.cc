@@ -32,6 +32,8 @@ static ncclResult_t createHandle(ncclMoeComm* c, ncclMoeHandle** out) {
   h->routing.sendOffset = (int*)take(sizes[4]);
   h->routing.recvCounts = (int*)take(sizes[5]);
   c->liveHandles++;
+  h->magic = kHandleMagic;
+  registerObject(h, ObjectKind::Handle);
   *out = h;
   return ncclSuccess;
 }
@@ -44,7 +46,8 @@ extern "C" ncclResult_t ncclMoeGetLayout(ncclMoeComm_t c, const int64_t* topkIdx
                                          int* tokensPerRank, int* tokensPerExpert,
                                          uint8_t* isTokenInRank, cudaStream_t stream) {
   clearError();
-  if (c == nullptr) return setError(ncclInvalidArgument, "ncclMoeGetLayout: moeComm is NULL");
+  const char* fn = "ncclMoeGetLayout";
+  MOE_CHECK(checkComm(c, fn));
   MOE_CHECK(checkDeviceErrors(c));
   if (numTokens < 0 || numTokens > c->cfg.maxTokensPerRank)
     return setError(ncclInvalidArgument, "ncclMoeGetLayout: numTokens = %d must be in 0..maxTokensPerRank = %d",
@@ -54,6 +57,10 @@ extern "C" ncclResult_t ncclMoeGetLayout(ncclMoeComm_t c, const int64_t* topkIdx
   if (tokensPerRank == nullptr) return setError(ncclInvalidArgument, "ncclMoeGetLayout: tokensPerRank is NULL");
   if (tokensPerExpert == nullptr)
     return setError(ncclInvalidArgument, "ncclMoeGetLayout: tokensPerExpert is NULL");
+  MOE_CHECK(checkDevicePointer(c->pointers, fn, "topkIdx", topkIdx, alignof(int64_t)));
+  MOE_CHECK(checkDevicePointer(c->pointers, fn, "tokensPerRank", tokensPerRank, alignof(int)));
+  MOE_CHECK(checkDevicePointer(c->pointers, fn, "tokensPerExpert", tokensPerExpert, alignof(int)));
+  MOE_CHECK(checkDevicePointer(c->pointers, fn, "isTokenInRank", isTokenInRank, 1));
   LayoutArgs a;
   memset(&a, 0, sizeof(a));
   a.topkIdx = topkIdx;
@@ -76,7 +83,8 @@ extern "C" ncclResult_t ncclMoeDispatch(ncclMoeComm_t c, const void* x, const fl
                                         unsigned int flags, ncclMoeHandle_t* handle,
                                         ncclMoeDispatchOutput_t* out, cudaStream_t stream) {
   clearError();
-  if (c == nullptr) return setError(ncclInvalidArgument, "ncclMoeDispatch: moeComm is NULL");
+  const char* fn = "ncclMoeDispatch";
+  MOE_CHECK(checkComm(c, fn));
   if (handle == nullptr) return setError(ncclInvalidArgument, "ncclMoeDispatch: handle is NULL");
   if (out == nullptr) return setError(ncclInvalidArgument, "ncclMoeDispatch: out is NULL");
   if (c->cfg.mode != ncclMoeHighThroughput)
@@ -84,17 +92,23 @@ extern "C" ncclResult_t ncclMoeDispatch(ncclMoeComm_t c, const void* x, const fl
                     "ncclMoeDispatch");
   MOE_CHECK(checkDeviceErrors(c));
   ncclMoeHandle* h = *handle;
+  if (h != nullptr) MOE_CHECK(checkHandle(h, "ncclMoeDispatch (*handle)"));
   if (h != nullptr && h->comm != c)
     return setError(ncclInvalidArgument, "ncclMoeDispatch: *handle belongs to another EP context");
   const bool haveRouting = h != nullptr && h->haveRouting;
-  MOE_CHECK(validateDispatchArgs(c->cfg, x, xScales, topkIdx, numTokens, flags, haveRouting,
+  MOE_CHECK(validateDispatchArgs(c->cfg, x, xScales, topkIdx, topkWeights, numTokens, flags, haveRouting,
                                  haveRouting ? h->numTokens : 0));
+  MOE_CHECK(c->pointers.check(fn, "x", x));
+  MOE_CHECK(c->pointers.check(fn, "xScales", xScales));
+  MOE_CHECK(c->pointers.check(fn, "topkIdx", topkIdx));
+  MOE_CHECK(c->pointers.check(fn, "topkWeights", topkWeights));
   if (h == nullptr) {
     MOE_CHECK(createHandle(c, &h));
     *handle = h;
   }
   const ncclMoeConfig_t& cfg = c->cfg;
-  if (topkIdx != nullptr || !h->haveRouting) {
+  const bool newRouting = topkIdx != nullptr || !h->haveRouting;
+  if (newRouting) {
     LayoutArgs la;
     memset(&la, 0, sizeof(la));
     la.topkIdx = topkIdx;
@@ -110,8 +124,7 @@ extern "C" ncclResult_t ncclMoeDispatch(ncclMoeComm_t c, const void* x, const fl
     la.state = c->state;
     la.scratch = c->layoutScratch;
     MOE_CUDA(launchLayout(la, stream));
-    h->numTokens = numTokens;
-    h->haveRouting = true;
+    h->haveRouting = false;  // its arrays are being rewritten: valid once the dispatch is enqueued
   }
 
   DispatchArgs a;
@@ -126,13 +139,19 @@ extern "C" ncclResult_t ncclMoeDispatch(ncclMoeComm_t c, const void* x, const fl
   a.topK = cfg.topK;
   a.numExperts = cfg.numExperts;
   a.capacity = cfg.outputCapacity;
-  a.rowBytes = cfg.hidden * (int)dtypeBytes(cfg.dispatchDtype);
+  a.rowBytes = rowBytes(cfg, cfg.dispatchDtype);
   a.scaleCols = cfg.dispatchDtype == ncclMoeFp8E4m3 ? cfg.hidden / kFp8GroupSize : 0;
   a.recvXOff = c->layout.recvX;
   a.recvScalesOff = c->layout.recvScales;
   a.recvTopkIdxOff = c->layout.recvTopkIdx;
   a.recvTopkWeightsOff = c->layout.recvTopkWeights;
   MOE_CUDA(launchDispatchHtIntranode(a, cfg.numSms, stream));
+  // Host state advances only once every kernel of the call is enqueued.
+  if (newRouting) {
+    h->numTokens = numTokens;
+    h->haveRouting = true;
+  }
+  h->dispatch = ++c->htDispatches;
 
   const int localExperts = cfg.numExperts / c->nRanks;
   out->x = c->winBase + c->layout.recvX;
@@ -158,11 +177,12 @@ extern "C" ncclResult_t ncclMoeDispatch(ncclMoeComm_t c, const void* x, const fl
 
 extern "C" ncclResult_t ncclMoeHandleDestroy(ncclMoeHandle_t h) {
   clearError();
-  if (h == nullptr) return setError(ncclInvalidArgument, "ncclMoeHandleDestroy: handle is NULL");
+  MOE_CHECK(checkHandle(h, "ncclMoeHandleDestroy"));
   MOE_CUDA(cudaDeviceSynchronize());
   cudaFree(h->deviceBlock);
   cudaFreeHost(h->hostCounts);
-  h->comm->liveHandles--;
-  delete h;
+  h->comm->liveHandles--;  // a context outlives its handles (ncclMoeCommDestroy refuses otherwise)
+  h->magic = kDeadMagic;
+  retireObject(h, ObjectKind::Handle, [](void* p) { delete static_cast<ncclMoeHandle*>(p); });
   return ncclSuccess;
 }

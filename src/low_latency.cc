@@ -8,7 +8,7 @@
 namespace nccl_moe {
 
 static ncclResult_t checkLowLatencyComm(const ncclMoeComm* c, const char* fn) {
-  if (c == nullptr) return setError(ncclInvalidArgument, "%s: moeComm is NULL", fn);
+  MOE_CHECK(checkComm(c, fn));
   if (c->cfg.mode != ncclMoeLowLatency)
     return setError(ncclInvalidUsage, "%s: the EP context is in high-throughput mode; use ncclMoeDispatch/Combine",
                     fn);
@@ -23,6 +23,15 @@ static ncclResult_t checkSlot(const ncclMoeComm* c, const ncclMoeLowLatencyOutpu
   if (d->numTokens < 0 || d->numTokens > c->cfg.maxTokensPerRank)
     return setError(ncclInvalidArgument, "%s: dispatched->numTokens = %d is outside 0..%d", fn, d->numTokens,
                     c->cfg.maxTokensPerRank);
+  if (d->sequence == 0)
+    return setError(ncclInvalidArgument, "%s: dispatched->sequence = 0: the struct was not filled by "
+                    "ncclMoeLowLatencyDispatch", fn);
+  // The slot's owner is the latest dispatch on it; an older output's rows were overwritten.
+  if (d->sequence != c->llSlotSequence[d->slot] || d->numTokens != c->llSlotTokens[d->slot])
+    return setError(ncclInvalidUsage,
+                    "%s: dispatched (slot %d, sequence %llu, numTokens %d) is not the output of the latest "
+                    "dispatch on its slot (sequence %llu, numTokens %d): stale or altered",
+                    fn, d->slot, d->sequence, d->numTokens, c->llSlotSequence[d->slot], c->llSlotTokens[d->slot]);
   return ncclSuccess;
 }
 
@@ -79,7 +88,9 @@ extern "C" ncclResult_t ncclMoeGetWindowSize(const ncclMoeConfig_t* config, int 
   ncclMoeConfig_t resolved;
   // numSms is checked against the device at creation; any positive count passes here.
   MOE_CHECK(validateConfig(config, nRanks, INT_MAX, &resolved));
-  *bytes = computeWindowLayout(resolved, nRanks).total;
+  WindowLayout layout;
+  MOE_CHECK(computeWindowLayout(resolved, nRanks, &layout));
+  *bytes = layout.total;
   return ncclSuccess;
 }
 
@@ -96,7 +107,9 @@ extern "C" ncclResult_t ncclMoeLowLatencyDispatch(ncclMoeComm_t c, const void* x
                     cfg.maxTokensPerRank);
   if (numTokens > 0 && x == nullptr) return setError(ncclInvalidArgument, "%s: x is NULL", fn);
   if (numTokens > 0 && topkIdx == nullptr) return setError(ncclInvalidArgument, "%s: topkIdx is NULL", fn);
-  if ((uintptr_t)x % 16 != 0) return setError(ncclInvalidArgument, "%s: x = %p is not 16-byte aligned", fn, x);
+  MOE_CHECK(checkDevicePointer(c->pointers, fn, "x", x, 16));
+  MOE_CHECK(checkDevicePointer(c->pointers, fn, "topkIdx", topkIdx, alignof(int64_t)));
+  MOE_CHECK(checkDevicePointer(c->pointers, fn, "topkWeights", topkWeights, alignof(float)));
   if (flags & ~(unsigned)NCCL_MOE_LL_SEND_ONLY)
     return setError(ncclInvalidArgument, "%s: flags = 0x%x has unknown bits", fn, flags);
   const int slot = (int)(c->llDispatches % cfg.numBufferSlots);
@@ -111,9 +124,13 @@ extern "C" ncclResult_t ncclMoeLowLatencyDispatch(ncclMoeComm_t c, const void* x
   if (flags & NCCL_MOE_LL_SEND_ONLY) {
     c->llDispatchPending[slot] = true;
   } else {
-    MOE_CUDA(launchLlDispatchComplete(a, cfg.numSms, stream));
+    const cudaError_t err = launchLlDispatchComplete(a, cfg.numSms, stream);
+    if (err != cudaSuccess) return failPartialLaunch(c, fn, err);
   }
+  // Host state advances only once every kernel of the call is enqueued.
   c->llDispatches++;
+  c->llSlotSequence[slot] = c->llDispatches;
+  c->llSlotTokens[slot] = numTokens;
 
   char* base = c->winBase + a.slotOff;
   const int L = cfg.numExperts / c->nRanks;
@@ -125,6 +142,7 @@ extern "C" ncclResult_t ncclMoeLowLatencyDispatch(ncclMoeComm_t c, const void* x
   out->combineInput = base + c->layout.ll.combineInput;
   out->slot = slot;
   out->numTokens = numTokens;
+  out->sequence = c->llDispatches;
   return ncclSuccess;
 }
 
@@ -142,13 +160,13 @@ extern "C" ncclResult_t ncclMoeLowLatencyDispatchComplete(ncclMoeComm_t c, const
   return ncclSuccess;
 }
 
-static ncclResult_t checkCombineArgs(const ncclMoeComm* c, const ncclMoeLowLatencyOutput_t* d, void* out,
+static ncclResult_t checkCombineArgs(ncclMoeComm* c, const ncclMoeLowLatencyOutput_t* d, void* out,
                                      const char* fn) {
   MOE_CHECK(checkSlot(c, d, fn));
   if (c->llDispatchPending[d->slot])
     return setError(ncclInvalidUsage, "%s: the dispatch of slot %d was not completed", fn, d->slot);
   if (d->numTokens > 0 && out == nullptr) return setError(ncclInvalidArgument, "%s: out is NULL", fn);
-  if ((uintptr_t)out % 16 != 0) return setError(ncclInvalidArgument, "%s: out = %p is not 16-byte aligned", fn, out);
+  MOE_CHECK(checkDevicePointer(c->pointers, fn, "out", out, 16));
   return ncclSuccess;
 }
 
@@ -160,8 +178,10 @@ extern "C" ncclResult_t ncclMoeLowLatencyCombine(ncclMoeComm_t c, const ncclMoeL
   MOE_CHECK(checkLowLatencyComm(c, fn));
   MOE_CHECK(checkCombineArgs(c, dispatched, out, fn));
   if (expertOut == nullptr) return setError(ncclInvalidArgument, "%s: expertOut is NULL", fn);
-  if ((uintptr_t)expertOut % 16 != 0)
-    return setError(ncclInvalidArgument, "%s: expertOut = %p is not 16-byte aligned", fn, expertOut);
+  const char* in = (const char*)expertOut;
+  if (in < c->winBase || in >= c->winBase + c->layout.total)  // the window is device memory
+    MOE_CHECK(checkDevicePointer(c->pointers, fn, "expertOut", expertOut, 16));
+  MOE_CHECK(checkAlignment(fn, "expertOut", expertOut, 16));
   if (flags & ~(unsigned)NCCL_MOE_LL_SEND_ONLY)
     return setError(ncclInvalidArgument, "%s: flags = 0x%x has unknown bits", fn, flags);
   if (c->llCombinePending[dispatched->slot])
@@ -172,7 +192,8 @@ extern "C" ncclResult_t ncclMoeLowLatencyCombine(ncclMoeComm_t c, const ncclMoeL
     c->llCombinePending[dispatched->slot] = true;
     return ncclSuccess;
   }
-  MOE_CUDA(launchLlCombineComplete(a, c->cfg.numSms, stream));
+  const cudaError_t err = launchLlCombineComplete(a, c->cfg.numSms, stream);
+  if (err != cudaSuccess) return failPartialLaunch(c, fn, err);
   return ncclSuccess;
 }
 

@@ -110,7 +110,9 @@ TEST(Api, WindowSizeQuery) {
   ASSERT_EQ(ncclMoeGetWindowSize(&cfg, 4, &bytes), ncclSuccess) << ncclMoeGetLastError();
   ncclMoeConfig_t resolved;
   ASSERT_EQ(nccl_moe::validateConfig(&cfg, 4, 1 << 20, &resolved), ncclSuccess);
-  EXPECT_EQ(bytes, nccl_moe::computeWindowLayout(resolved, 4).total);
+  nccl_moe::WindowLayout layout;
+  ASSERT_EQ(nccl_moe::computeWindowLayout(resolved, 4, &layout), ncclSuccess);
+  EXPECT_EQ(bytes, layout.total);
   // Low latency: slots scale the size.
   cfg.mode = ncclMoeLowLatency;
   cfg.numBufferSlots = 1;

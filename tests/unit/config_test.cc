@@ -217,7 +217,8 @@ TEST(WindowLayout, LowLatencySlots) {
   c.dispatchDtype = ncclMoeFp8E4m3;
   c.numBufferSlots = 3;
   ASSERT_EQ(validateConfig(&c, kRanks, kSms, &r), ncclSuccess) << ncclMoeGetLastError();
-  const WindowLayout w = computeWindowLayout(r, kRanks);
+  WindowLayout w;
+  ASSERT_EQ(computeWindowLayout(r, kRanks, &w), ncclSuccess);
   const size_t L = r.numExperts / kRanks, B = (size_t)kRanks * r.maxTokensPerRank, H = r.hidden;
   EXPECT_EQ(w.llSlots % 4096, 0u);
   EXPECT_EQ(w.ll.bytes % 4096, 0u);
@@ -247,7 +248,8 @@ namespace {
 void checkLayout(ncclMoeConfig_t c, int nRanks) {
   ncclMoeConfig_t r;
   ASSERT_EQ(validateConfig(&c, nRanks, kSms, &r), ncclSuccess) << ncclMoeGetLastError();
-  const WindowLayout w = computeWindowLayout(r, nRanks);
+  WindowLayout w;
+  ASSERT_EQ(computeWindowLayout(r, nRanks, &w), ncclSuccess);
   const size_t cap = r.outputCapacity, H = r.hidden, K = r.topK;
   // (offset, minimum size, name)
   std::vector<std::pair<size_t, size_t>> regions = {
@@ -294,7 +296,8 @@ TEST(WindowLayout, MatchesHeaderEstimate) {
   // The header promises about outputCapacity * (2*H*2 + H/32 + 12*K) bytes.
   ncclMoeConfig_t c = goodConfig(), r;
   ASSERT_EQ(validateConfig(&c, kRanks, kSms, &r), ncclSuccess);
-  const WindowLayout w = computeWindowLayout(r, kRanks);
+  WindowLayout w;
+  ASSERT_EQ(computeWindowLayout(r, kRanks, &w), ncclSuccess);
   const double estimate = (double)r.outputCapacity * (4.0 * r.hidden + r.hidden / 32.0 + 12.0 * r.topK);
   EXPECT_GE((double)w.total, estimate);
   EXPECT_LE((double)w.total, estimate * 1.01 + 65536);
@@ -330,64 +333,64 @@ void expectDispatchRejected(ncclResult_t res, const char* name, long long v, boo
 
 TEST(DispatchArgs, Valid) {
   ncclMoeConfig_t bf = resolved(ncclMoeBf16), f8 = resolved(ncclMoeFp8E4m3);
-  EXPECT_EQ(validateDispatchArgs(bf, kX, nullptr, kIdx, 4096, 0, false, 0), ncclSuccess)
+  EXPECT_EQ(validateDispatchArgs(bf, kX, nullptr, kIdx, nullptr, 4096, 0, false, 0), ncclSuccess)
       << ncclMoeGetLastError();
-  EXPECT_EQ(validateDispatchArgs(f8, kX, kScales, kIdx, 1, NCCL_MOE_DISPATCH_HOST_COUNTS, false, 0),
+  EXPECT_EQ(validateDispatchArgs(f8, kX, kScales, kIdx, nullptr, 1, NCCL_MOE_DISPATCH_HOST_COUNTS, false, 0),
             ncclSuccess) << ncclMoeGetLastError();
   // Reusing the handle's routing with the same T.
-  EXPECT_EQ(validateDispatchArgs(bf, kX, nullptr, nullptr, 17, 0, true, 17), ncclSuccess)
+  EXPECT_EQ(validateDispatchArgs(bf, kX, nullptr, nullptr, nullptr, 17, 0, true, 17), ncclSuccess)
       << ncclMoeGetLastError();
   // Zero tokens: nothing to read, NULL buffers allowed.
-  EXPECT_EQ(validateDispatchArgs(bf, nullptr, nullptr, kIdx, 0, 0, false, 0), ncclSuccess)
+  EXPECT_EQ(validateDispatchArgs(bf, nullptr, nullptr, kIdx, nullptr, 0, 0, false, 0), ncclSuccess)
       << ncclMoeGetLastError();
-  EXPECT_EQ(validateDispatchArgs(f8, nullptr, nullptr, nullptr, 0, 0, false, 0), ncclSuccess)
+  EXPECT_EQ(validateDispatchArgs(f8, nullptr, nullptr, nullptr, nullptr, 0, 0, false, 0), ncclSuccess)
       << ncclMoeGetLastError();
 }
 
 TEST(DispatchArgs, NullX) {
   ncclMoeConfig_t bf = resolved(ncclMoeBf16);
-  expectDispatchRejected(validateDispatchArgs(bf, nullptr, nullptr, kIdx, 5, 0, false, 0), "x", 0,
+  expectDispatchRejected(validateDispatchArgs(bf, nullptr, nullptr, kIdx, nullptr, 5, 0, false, 0), "x", 0,
                          false);
 }
 
 TEST(DispatchArgs, MisalignedX) {
   ncclMoeConfig_t bf = resolved(ncclMoeBf16);
-  expectDispatchRejected(validateDispatchArgs(bf, kX + 8, nullptr, kIdx, 5, 0, false, 0), "x", 0,
+  expectDispatchRejected(validateDispatchArgs(bf, kX + 8, nullptr, kIdx, nullptr, 5, 0, false, 0), "x", 0,
                          false);
   EXPECT_NE(std::string(ncclMoeGetLastError()).find("aligned"), std::string::npos) << ncclMoeGetLastError();
 }
 
 TEST(DispatchArgs, ScalesMustMatchDtype) {
   ncclMoeConfig_t bf = resolved(ncclMoeBf16), f8 = resolved(ncclMoeFp8E4m3);
-  expectDispatchRejected(validateDispatchArgs(f8, kX, nullptr, kIdx, 5, 0, false, 0), "xScales",
+  expectDispatchRejected(validateDispatchArgs(f8, kX, nullptr, kIdx, nullptr, 5, 0, false, 0), "xScales",
                          0, false);
-  expectDispatchRejected(validateDispatchArgs(bf, kX, kScales, kIdx, 5, 0, false, 0), "xScales",
+  expectDispatchRejected(validateDispatchArgs(bf, kX, kScales, kIdx, nullptr, 5, 0, false, 0), "xScales",
                          0, false);
 }
 
 TEST(DispatchArgs, NumTokensRange) {
   ncclMoeConfig_t bf = resolved(ncclMoeBf16);
-  expectDispatchRejected(validateDispatchArgs(bf, kX, nullptr, kIdx, -1, 0, false, 0),
+  expectDispatchRejected(validateDispatchArgs(bf, kX, nullptr, kIdx, nullptr, -1, 0, false, 0),
                          "numTokens", -1, true);
-  expectDispatchRejected(validateDispatchArgs(bf, kX, nullptr, kIdx, 4097, 0, false, 0),
+  expectDispatchRejected(validateDispatchArgs(bf, kX, nullptr, kIdx, nullptr, 4097, 0, false, 0),
                          "numTokens", 4097, true);
 }
 
 TEST(DispatchArgs, RoutingReuse) {
   ncclMoeConfig_t bf = resolved(ncclMoeBf16);
-  expectDispatchRejected(validateDispatchArgs(bf, kX, nullptr, nullptr, 5, 0, false, 0),
+  expectDispatchRejected(validateDispatchArgs(bf, kX, nullptr, nullptr, nullptr, 5, 0, false, 0),
                          "topkIdx", 0, false);
-  expectDispatchRejected(validateDispatchArgs(bf, kX, nullptr, nullptr, 5, 0, true, 6),
+  expectDispatchRejected(validateDispatchArgs(bf, kX, nullptr, nullptr, nullptr, 5, 0, true, 6),
                          "numTokens", 5, true);
   EXPECT_TRUE(containsNumber(ncclMoeGetLastError(), 6)) << ncclMoeGetLastError();
   // A new routing may change T freely.
-  EXPECT_EQ(validateDispatchArgs(bf, kX, nullptr, kIdx, 5, 0, true, 6), ncclSuccess)
+  EXPECT_EQ(validateDispatchArgs(bf, kX, nullptr, kIdx, nullptr, 5, 0, true, 6), ncclSuccess)
       << ncclMoeGetLastError();
 }
 
 TEST(DispatchArgs, UnknownFlags) {
   ncclMoeConfig_t bf = resolved(ncclMoeBf16);
-  expectDispatchRejected(validateDispatchArgs(bf, kX, nullptr, kIdx, 5, 0x80, false, 0), "flags",
+  expectDispatchRejected(validateDispatchArgs(bf, kX, nullptr, kIdx, nullptr, 5, 0x80, false, 0), "flags",
                          0, false);
 }
 
