@@ -1,8 +1,9 @@
-// NCCL GIN v11 entry points of the moeloop plugin (proxy type). See moeloop_gin.h for how puts
-// and signals travel.
+// The version-neutral GIN core of the moeloop plugin (moeloop_gin_api.h): comms, registrations,
+// context sets, puts and requests. See moeloop_gin.h for how puts and signals travel.
 #include <cuda_runtime.h>
 #include <string.h>
 #include "moeloop_gin.h"
+#include "moeloop_gin_api.h"
 #include "moeloop_log.h"
 #include "moeloop_net_props.h"
 
@@ -18,6 +19,11 @@ constexpr uint32_t kGinContextMagic = 0x47435458;
 GinCollComm* asColl(void* p) {
   GinCollComm* c = (GinCollComm*)p;
   return (c != nullptr && c->magic == kGinCollMagic) ? c : nullptr;
+}
+
+GinContextSet* asContextSet(void* p) {
+  GinContextSet* s = (GinContextSet*)p;
+  return (s != nullptr && s->magic == kGinContextSetMagic) ? s : nullptr;
 }
 
 // Validates a registration handle of `c` covering [off, off + len).
@@ -52,43 +58,57 @@ GinRequest* allocRequest(GinCollComm* c) {
   return r;
 }
 
-ncclResult_t putImpl(void* collComm, uint64_t srcOff, void* srcMhandle, size_t size, uint64_t dstOff,
-                     void* dstMhandle, uint32_t rank, uint32_t op, uint64_t signalOff,
-                     void* signalMhandle, uint64_t signalValue, void** request) {
-  GinCollComm* c = asColl(collComm);
-  if (c == nullptr) return ML_ERROR(ncclInvalidArgument, "put on an invalid GIN comm");
-  if (request == nullptr) return ML_ERROR(ncclInvalidArgument, "put with request == NULL");
-  *request = nullptr;
-  std::lock_guard<std::mutex> lock(c->mu);
+uint32_t wireSignalOp(uint32_t ncclOp) {
+  if (ncclOp == NCCL_NET_SIGNAL_OP_INC) return kGinOpSignalInc;
+  if (ncclOp == NCCL_NET_SIGNAL_OP_ADD) return kGinOpSignalAdd;
+  return 0;
+}
+
+// Applies a put to the own rank at once, payload first.
+ncclResult_t applyLocally(GinCollComm* c, const GinPut& p, GinRegistration* src, GinRegistration* dst,
+                          GinRegistration* sig, uint32_t op) {
+  if (p.size > 0) {
+    char* to = dst->base + p.dstOff;
+    const char* from = src->base + p.srcOff;
+    if (src->type == NCCL_PTR_HOST && dst->type == NCCL_PTR_HOST)
+      memmove(to, from, p.size);
+    else
+      ML_CHECK(ginCopy(&c->cuda, to, from, p.size));
+    counters().ginBytesApplied.fetch_add(p.size, std::memory_order_relaxed);
+  }
+  if (sig) ML_CHECK(ginApplySignal(c, sig, p.signalOff, op, p.signalValue));
+  return ncclSuccess;
+}
+
+// Caller holds c->mu. `context`: the context id within the caller's context set (0 for v11).
+ncclResult_t putLocked(GinCollComm* c, int context, const GinPut& p, void** request) {
   if (c->error != ncclSuccess) return c->error;
-  if (rank >= (uint32_t)c->nranks)
-    return ginFail(c, ML_ERROR(ncclInvalidArgument, "rank %d: put to rank %u of %d", c->rank, rank, c->nranks));
+  if (p.rank >= (uint32_t)c->nranks)
+    return ginFail(c, ML_ERROR(ncclInvalidArgument, "rank %d: put to rank %u of %d", c->rank, p.rank, c->nranks));
+  if (p.size > kMaxMessageBytes)
+    return ginFail(c, ML_ERROR(ncclInvalidArgument, "rank %d: put of %zu bytes exceeds the plugin's "
+                               "maximum of %zu (maxP2pBytes)", c->rank, p.size, kMaxMessageBytes));
+  uint32_t op = wireSignalOp(p.signalOp);
+  if (p.signalOp != 0 && op == 0)
+    return ginFail(c, ML_ERROR(ncclInvalidArgument, "rank %d: put with unknown signal op %u", c->rank, p.signalOp));
   GinRegistration *src = nullptr, *dst = nullptr, *sig = nullptr;
-  if (size > 0) {
-    ncclResult_t res = checkRegion(c, srcMhandle, srcOff, size, "source", &src);
-    if (res == ncclSuccess) res = checkRegion(c, dstMhandle, dstOff, size, "destination", &dst);
+  if (p.size > 0) {
+    ncclResult_t res = checkRegion(c, p.srcMhandle, p.srcOff, p.size, "source", &src);
+    if (res == ncclSuccess) res = checkRegion(c, p.dstMhandle, p.dstOff, p.size, "destination", &dst);
     if (res != ncclSuccess) return ginFail(c, res);
   }
   if (op != 0) {
-    ncclResult_t res = checkRegion(c, signalMhandle, signalOff, sizeof(uint64_t), "signal", &sig);
-    if (res == ncclSuccess && signalOff % sizeof(uint64_t) != 0)
+    ncclResult_t res = checkRegion(c, p.signalMhandle, p.signalOff, sizeof(uint64_t), "signal", &sig);
+    if (res == ncclSuccess && p.signalOff % sizeof(uint64_t) != 0)
       res = ML_ERROR(ncclInvalidArgument, "rank %d: misaligned signal offset %llu", c->rank,
-                     (unsigned long long)signalOff);
+                     (unsigned long long)p.signalOff);
     if (res != ncclSuccess) return ginFail(c, res);
   }
   counters().ginPuts.fetch_add(1, std::memory_order_relaxed);
   GinRequest* r = allocRequest(c);
-  if ((int)rank == c->rank) {
-    // Own rank: apply now, payload first.
-    ncclResult_t res = ncclSuccess;
-    if (size > 0) {
-      if (src->type == NCCL_PTR_HOST && dst->type == NCCL_PTR_HOST)
-        memmove(dst->base + dstOff, src->base + srcOff, size);
-      else
-        res = ginCopy(&c->cuda, dst->base + dstOff, src->base + srcOff, size);
-      counters().ginBytesApplied.fetch_add(size, std::memory_order_relaxed);
-    }
-    if (res == ncclSuccess && sig) res = ginApplySignal(c, sig, signalOff, op, signalValue);
+  r->context = context;
+  if ((int)p.rank == c->rank) {
+    ncclResult_t res = applyLocally(c, p, src, dst, sig, op);
     if (res != ncclSuccess) {
       r->state = GinReqState::kFree;
       c->freeList.push_back(r);
@@ -98,29 +118,48 @@ ncclResult_t putImpl(void* collComm, uint64_t srcOff, void* srcMhandle, size_t s
     *request = r;
     return ncclSuccess;
   }
-  GinPeer& p = c->peers[rank];
-  r->target = rank;
+  GinPeer& peer = c->peers[p.rank];
+  r->target = p.rank;
   r->src = src;
-  r->srcOff = srcOff;
+  r->srcOff = p.srcOff;
   GinWireHeader& h = r->hdr;
   h.magic = kGinWireMagic;
   h.op = op;
-  h.seq = p.sendSeq++;
-  h.size = size;
+  h.seq = peer.sendSeq++;
+  h.size = p.size;
   h.sendNs = nowNs();
   h.dstRegId = dst ? dst->id : kNoRegistration;
   h.dstRegSize = dst ? dst->size : 0;
-  h.dstOff = dstOff;
+  h.dstOff = p.dstOff;
   h.sigRegId = sig ? sig->id : kNoRegistration;
   h.sigRegSize = sig ? sig->size : 0;
-  h.sigOff = signalOff;
-  h.sigValue = signalValue;
-  p.sendQueue.push_back(r);
+  h.sigOff = p.signalOff;
+  h.sigValue = p.signalValue;
+  peer.sendQueue.push_back(r);
   *request = r;
   return ginProgressLocked(c);
 }
 
-// --- entry points ---------------------------------------------------------------------------------
+// Frees everything `c` owns. Caller holds c->mu; the comm object itself is deleted afterwards.
+void teardownLocked(GinCollComm* c) {
+  ginCloseMesh(c);
+  for (GinRequest* r : c->pool) delete r;
+  c->pool.clear();
+  c->freeList.clear();
+  for (GinRegistration* r : c->regs) delete r;
+  c->regs.clear();
+  for (GinContextSet* s : c->contextSets) {
+    s->magic = kGinContextSetOrphanMagic;  // destroyContext after closeColl frees it
+    s->comm = nullptr;
+  }
+  c->contextSets.clear();
+  ginCudaRelease(&c->cuda);
+  c->magic = 0;
+}
+
+}  // namespace
+
+// --- init, devices, listen, connect ----------------------------------------------------------------
 
 ncclResult_t ginInit(void** ctx, uint64_t commId, ncclDebugLogger_t logFunction) {
   if (ctx == nullptr) return ML_ERROR(ncclInvalidArgument, "GIN init with ctx == NULL");
@@ -137,10 +176,6 @@ ncclResult_t ginDevices(int* ndev) {
   if (ndev == nullptr) return ML_ERROR(ncclInvalidArgument, "GIN devices with ndev == NULL");
   *ndev = kMaxDevs;
   return ncclSuccess;
-}
-
-ncclResult_t ginGetProperties(int dev, ncclNetProperties_v11_t* props) {
-  return fillProperties(dev, /*gin=*/true, props);
 }
 
 ncclResult_t ginListen(void* ctx, int dev, void* handle, void** listenComm) {
@@ -172,15 +207,6 @@ ncclResult_t ginCloseListen(void* listenComm) {
   return ncclSuccess;
 }
 
-void destroyColl(GinCollComm* c) {
-  ginCloseMesh(c);
-  for (GinRequest* r : c->pool) delete r;
-  for (GinRegistration* r : c->regs) delete r;
-  ginCudaRelease(&c->cuda);
-  c->magic = 0;
-  delete c;
-}
-
 ncclResult_t ginConnect(void* ctx, void* handles[], int nranks, int rank, void* listenComm,
                         void** collComm) {
   (void)ctx;
@@ -202,7 +228,11 @@ ncclResult_t ginConnect(void* ctx, void* handles[], int nranks, int rank, void* 
   if (cudaGetDevice(&cur) == cudaSuccess) c->cuda.dev = cur;  // refined by CUDA registrations
   ncclResult_t res = ginConnectMesh(c, l, handles);
   if (res != ncclSuccess) {
-    destroyColl(c);
+    {
+      std::lock_guard<std::mutex> lock(c->mu);
+      teardownLocked(c);
+    }
+    delete c;
     return res;
   }
   counters().ginCollComms.fetch_add(1, std::memory_order_relaxed);
@@ -211,44 +241,49 @@ ncclResult_t ginConnect(void* ctx, void* handles[], int nranks, int rank, void* 
   return ncclSuccess;
 }
 
-ncclResult_t ginCreateContext(void* collComm, int nSignals, int nCounters, void** ginCtx,
-                              ncclNetDeviceHandle_v11_t** devHandle) {
-  (void)collComm;
-  (void)nSignals;
-  (void)nCounters;
-  if (ginCtx) *ginCtx = nullptr;
-  if (devHandle) *devHandle = nullptr;
-  return ML_ERROR(ncclInvalidUsage, "createContext: moeloop is a GIN_PROXY plugin; NCCL's proxy owns the contexts");
+// Teardown happens under the comm's mutex, so a thread inside a call on the comm finishes first.
+// NCCL must not call into the comm after closeColl returns (its object is gone).
+ncclResult_t ginCloseColl(void* collComm) {
+  GinCollComm* c = asColl(collComm);
+  if (c == nullptr) return ML_ERROR(ncclInvalidArgument, "closeColl of an invalid GIN comm");
+  {
+    std::lock_guard<std::mutex> lock(c->mu);
+    size_t pending = 0;
+    for (const GinPeer& p : c->peers) pending += p.sendQueue.size();
+    if (pending > 0 && c->error == ncclSuccess)
+      ML_WARN("rank %d: closing a GIN comm with %zu put(s) not yet sent", c->rank, pending);
+    if (!c->contextSets.empty())
+      ML_WARN("rank %d: closing a GIN comm with %zu context set(s) not destroyed", c->rank,
+              c->contextSets.size());
+    teardownLocked(c);
+  }
+  delete c;
+  return ncclSuccess;
 }
 
-ncclResult_t ginDestroyContext(void* ginCtx) {
-  if (ginCtx == nullptr) return ncclSuccess;
-  return ML_ERROR(ncclInvalidArgument, "destroyContext of a context moeloop never created");
-}
+// --- registrations ---------------------------------------------------------------------------------
 
-ncclResult_t ginRegMrSym(void* collComm, void* data, size_t size, int type, uint64_t mrFlags,
-                         void** mhandle, void** ginHandle) {
-  (void)mrFlags;  // every put is applied in order: strong ordering holds for all registrations
+ncclResult_t ginRegMrSym(void* collComm, void* data, size_t size, int type, void** mhandle) {
   GinCollComm* c = asColl(collComm);
   if (c == nullptr) return ML_ERROR(ncclInvalidArgument, "regMrSym on an invalid GIN comm");
-  if (mhandle == nullptr || ginHandle == nullptr)
-    return ML_ERROR(ncclInvalidArgument, "regMrSym with a NULL handle pointer");
-  *mhandle = *ginHandle = nullptr;
+  if (mhandle == nullptr) return ML_ERROR(ncclInvalidArgument, "regMrSym with a NULL handle pointer");
+  *mhandle = nullptr;
   if (data == nullptr || size == 0)
     return ML_ERROR(ncclInvalidArgument, "regMrSym of %zu bytes at %p", size, data);
   if (type != NCCL_PTR_HOST && type != NCCL_PTR_CUDA)
     return ML_ERROR(ncclInvalidArgument, "regMrSym of memory type %d", type);
+  int dev = -1;
   if (type == NCCL_PTR_CUDA) {
-    int dev = -1;
     bool isDevice = false;
     ML_CHECK(ginPointerDevice(data, &dev, &isDevice));
     if (!isDevice) return ML_ERROR(ncclInvalidArgument, "regMrSym: %p is not device memory", data);
-    std::lock_guard<std::mutex> lock(c->mu);
+  }
+  std::lock_guard<std::mutex> lock(c->mu);
+  if (type == NCCL_PTR_CUDA) {
     if (c->cuda.stream != nullptr && c->cuda.dev != dev)
       return ML_ERROR(ncclInvalidArgument, "regMrSym: memory of device %d on a comm of device %d", dev, c->cuda.dev);
     c->cuda.dev = dev;
   }
-  std::lock_guard<std::mutex> lock(c->mu);
   GinRegistration* r = new GinRegistration();
   r->magic = kGinRegMagic;
   r->comm = c;
@@ -258,17 +293,10 @@ ncclResult_t ginRegMrSym(void* collComm, void* data, size_t size, int type, uint
   r->type = type;
   r->live = true;
   c->regs.push_back(r);
-  *mhandle = *ginHandle = r;  // NCCL hands back the ginHandle to iput: one object serves both
+  *mhandle = r;
   ML_INFO(MOELOOP_LOG_NET, "GIN rank %d registration %llu: %zu bytes of %s memory", c->rank,
           (unsigned long long)r->id, size, type == NCCL_PTR_CUDA ? "device" : "host");
   return ncclSuccess;
-}
-
-ncclResult_t ginRegMrSymDmaBuf(void* collComm, void* data, size_t size, int type, uint64_t offset,
-                               int fd, uint64_t mrFlags, void** mhandle, void** ginHandle) {
-  (void)offset;
-  (void)fd;  // the memory is addressable in this process: the dma-buf is not needed
-  return ginRegMrSym(collComm, data, size, type, mrFlags, mhandle, ginHandle);
 }
 
 ncclResult_t ginDeregMrSym(void* collComm, void* mhandle) {
@@ -282,45 +310,67 @@ ncclResult_t ginDeregMrSym(void* collComm, void* mhandle) {
   return ncclSuccess;
 }
 
-ncclResult_t ginCloseColl(void* collComm) {
+// --- context sets ------------------------------------------------------------------------------------
+
+ncclResult_t ginCreateContexts(void* collComm, int nContexts, void** contextSet) {
+  if (contextSet == nullptr) return ML_ERROR(ncclInvalidArgument, "createContext with a NULL context pointer");
+  *contextSet = nullptr;
   GinCollComm* c = asColl(collComm);
-  if (c == nullptr) return ML_ERROR(ncclInvalidArgument, "closeColl of an invalid GIN comm");
-  {
-    std::lock_guard<std::mutex> lock(c->mu);
-    size_t pending = 0;
-    for (const GinPeer& p : c->peers) pending += p.sendQueue.size();
-    if (pending > 0 && c->error == ncclSuccess)
-      ML_WARN("rank %d: closing a GIN comm with %zu put(s) not yet sent", c->rank, pending);
-  }
-  destroyColl(c);
+  if (c == nullptr) return ML_ERROR(ncclInvalidArgument, "createContext on an invalid GIN comm");
+  if (nContexts < 1) return ML_ERROR(ncclInvalidArgument, "createContext of %d contexts", nContexts);
+  std::lock_guard<std::mutex> lock(c->mu);
+  GinContextSet* s = new GinContextSet{kGinContextSetMagic, c, nContexts};
+  c->contextSets.push_back(s);
+  *contextSet = s;
+  ML_INFO(MOELOOP_LOG_INIT | MOELOOP_LOG_NET, "GIN rank %d: %d context(s) created", c->rank, nContexts);
   return ncclSuccess;
 }
 
-ncclResult_t ginIput(void* collComm, uint64_t srcOff, void* srcMhandle, size_t size, uint64_t dstOff,
-                     void* dstMhandle, uint32_t rank, void** request) {
-  return putImpl(collComm, srcOff, srcMhandle, size, dstOff, dstMhandle, rank, 0, 0, nullptr, 0, request);
+ncclResult_t ginDestroyContexts(void* contextSet) {
+  GinContextSet* s = (GinContextSet*)contextSet;
+  if (s == nullptr) return ncclSuccess;
+  if (s->magic == kGinContextSetOrphanMagic) {  // its comm was closed first
+    s->magic = 0;
+    delete s;
+    return ncclSuccess;
+  }
+  if (s->magic != kGinContextSetMagic) return ML_ERROR(ncclInvalidArgument, "destroyContext of an invalid context %p", contextSet);
+  GinCollComm* c = s->comm;
+  {
+    std::lock_guard<std::mutex> lock(c->mu);
+    for (size_t i = 0; i < c->contextSets.size(); i++)
+      if (c->contextSets[i] == s) {
+        c->contextSets.erase(c->contextSets.begin() + (long)i);
+        break;
+      }
+    s->magic = 0;
+  }
+  delete s;
+  return ncclSuccess;
 }
 
-ncclResult_t ginIputSignal(void* collComm, uint64_t srcOff, void* srcMhandle, size_t size,
-                           uint64_t dstOff, void* dstMhandle, uint32_t rank, uint64_t signalOff,
-                           void* signalMhandle, uint64_t signalValue, uint32_t signalOp,
-                           void** request) {
-  uint32_t op;
-  if (signalOp == NCCL_NET_SIGNAL_OP_INC) {
-    op = kGinOpSignalInc;
-  } else if (signalOp == NCCL_NET_SIGNAL_OP_ADD) {
-    op = kGinOpSignalAdd;
-  } else {
-    GinCollComm* c = asColl(collComm);
-    ncclResult_t res = ML_ERROR(ncclInvalidArgument, "iputSignal with unknown signal op %u", signalOp);
-    if (c) {
-      std::lock_guard<std::mutex> lock(c->mu);
-      ginFail(c, res);
-    }
-    return res;
-  }
-  return putImpl(collComm, srcOff, srcMhandle, size, dstOff, dstMhandle, rank, op, signalOff,
-                 signalMhandle, signalValue, request);
+// --- puts, requests, progress, errors -------------------------------------------------------------
+
+ncclResult_t ginPutOnComm(void* collComm, const GinPut& put, void** request) {
+  GinCollComm* c = asColl(collComm);
+  if (c == nullptr) return ML_ERROR(ncclInvalidArgument, "put on an invalid GIN comm");
+  if (request == nullptr) return ML_ERROR(ncclInvalidArgument, "put with request == NULL");
+  *request = nullptr;
+  std::lock_guard<std::mutex> lock(c->mu);
+  return putLocked(c, 0, put, request);
+}
+
+ncclResult_t ginPutOnContext(void* contextSet, int context, const GinPut& put, void** request) {
+  GinContextSet* s = asContextSet(contextSet);
+  if (s == nullptr) return ML_ERROR(ncclInvalidArgument, "put on an invalid GIN context %p", contextSet);
+  if (request == nullptr) return ML_ERROR(ncclInvalidArgument, "put with request == NULL");
+  *request = nullptr;
+  GinCollComm* c = s->comm;
+  std::lock_guard<std::mutex> lock(c->mu);
+  if (context < 0 || context >= s->nContexts)
+    return ginFail(c, ML_ERROR(ncclInvalidArgument, "rank %d: put on context %d of %d", c->rank,
+                               context, s->nContexts));
+  return putLocked(c, context, put, request);
 }
 
 ncclResult_t ginTest(void* collComm, void* request, int* done) {
@@ -342,23 +392,35 @@ ncclResult_t ginTest(void* collComm, void* request, int* done) {
   return c->error;
 }
 
-ncclResult_t ginProgressEntry(void* collComm) {
+ncclResult_t ginProgressComm(void* collComm) {
   GinCollComm* c = asColl(collComm);
   if (c == nullptr) return ML_ERROR(ncclInvalidArgument, "ginProgress on an invalid GIN comm");
   std::lock_guard<std::mutex> lock(c->mu);
   return ginProgressLocked(c);
 }
 
-// NCCL passes the context of createContext; since the proxy owns the contexts, moeloop also
-// accepts its collComm here. Errors are sticky, so "has an error" means "the comm failed".
-ncclResult_t ginQueryLastError(void* ginCtx, bool* hasError) {
+ncclResult_t ginProgressContexts(void* contextSet) {
+  GinContextSet* s = asContextSet(contextSet);
+  if (s == nullptr) return ML_ERROR(ncclInvalidArgument, "progress on an invalid GIN context %p", contextSet);
+  return ginProgressComm(s->comm);
+}
+
+ncclResult_t ginQueryLastErrorComm(void* collComm, bool* hasError) {
   if (hasError == nullptr) return ML_ERROR(ncclInvalidArgument, "queryLastError with hasError == NULL");
   *hasError = false;
-  GinCollComm* c = asColl(ginCtx);
+  GinCollComm* c = asColl(collComm);
   if (c == nullptr) return ncclSuccess;
   std::lock_guard<std::mutex> lock(c->mu);
   *hasError = c->error != ncclSuccess;
   return ncclSuccess;
+}
+
+ncclResult_t ginQueryLastErrorContexts(void* contextSet, bool* hasError) {
+  if (hasError == nullptr) return ML_ERROR(ncclInvalidArgument, "queryLastError with hasError == NULL");
+  *hasError = false;
+  GinContextSet* s = asContextSet(contextSet);
+  if (s == nullptr) return ML_ERROR(ncclInvalidArgument, "queryLastError on an invalid GIN context %p", contextSet);
+  return ginQueryLastErrorComm(s->comm, hasError);
 }
 
 ncclResult_t ginFinalize(void* ctx) {
@@ -370,30 +432,4 @@ ncclResult_t ginFinalize(void* ctx) {
   return ncclSuccess;
 }
 
-}  // namespace
 }  // namespace moeloop
-
-// The symbol NCCL looks up with dlsym.
-extern "C" {
-__attribute__((visibility("default"))) ncclGin_v11_t ncclGinPlugin_v11 = {
-    "moeloop",
-    moeloop::ginInit,
-    moeloop::ginDevices,
-    moeloop::ginGetProperties,
-    moeloop::ginListen,
-    moeloop::ginConnect,
-    moeloop::ginCreateContext,
-    moeloop::ginRegMrSym,
-    moeloop::ginRegMrSymDmaBuf,
-    moeloop::ginDeregMrSym,
-    moeloop::ginDestroyContext,
-    moeloop::ginCloseColl,
-    moeloop::ginCloseListen,
-    moeloop::ginIput,
-    moeloop::ginIputSignal,
-    moeloop::ginTest,
-    moeloop::ginProgressEntry,
-    moeloop::ginQueryLastError,
-    moeloop::ginFinalize,
-};
-}  // extern "C"

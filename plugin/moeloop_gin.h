@@ -1,10 +1,12 @@
-// GIN (proxy type) of the moeloop plugin: internal structures shared by its three files.
+// GIN (proxy type) of the moeloop plugin: internal structures shared by its files.
 //
-//   moeloop_gin.cc       the ncclGin_v11_t entry points, registrations, requests
-//   moeloop_gin_mesh.cc  the collective connect (full mesh of sockets) and the wire protocol
-//   moeloop_gin_cuda.cc  CUDA copies: staging GPU memory through pinned host buffers
+//   moeloop_gin_tables.cc the tables NCCL loads (GIN v11, GIN v13, RMA v14): thin adapters
+//   moeloop_gin.cc        the version-neutral core (moeloop_gin_api.h): comms, registrations,
+//                         context sets, puts, requests
+//   moeloop_gin_mesh.cc   the collective connect (full mesh of sockets) and the wire protocol
+//   moeloop_gin_cuda.cc   CUDA copies: staging GPU memory through pinned host buffers
 //
-// How a put travels (rank s -> rank t, one collComm = one GIN context):
+// How a put travels (rank s -> rank t; all contexts of a collComm share its connections):
 //  - s: NCCL's proxy thread calls iput / iputSignal. The request joins s's FIFO for t. Progress
 //    copies the source (GPU: through a pinned bounce buffer; host: directly) into the socket to t,
 //    behind an 88-byte header naming the destination registration and offset. The request
@@ -15,7 +17,7 @@
 //    (pinned bounce -> GPU, synchronously) and only then applies the signal (read-modify-write of
 //    the 64-bit word through the copy engine: no SM is needed, so it never waits for a busy GPU).
 //    Messages from one sender are applied strictly in order, so a signal is visible only after
-//    the payload of its put and of every earlier put of that collComm to that rank.
+//    the payload of its put and of every earlier put of that collComm (any context) to that rank.
 //  - puts to the own rank are applied at once, inside iput.
 // Errors are sticky per collComm: logged, returned by every later call, seen by queryLastError.
 #pragma once
@@ -37,14 +39,25 @@ struct GinCuda {
 };
 // Device of a CUDA pointer; *isDevice = false for host memory.
 ncclResult_t ginPointerDevice(const void* p, int* dev, bool* isDevice);
-ncclResult_t ginCudaEnsure(GinCuda* g);  // selects g->dev and creates the stream and scratch
 void ginCudaRelease(GinCuda* g);
 ncclResult_t ginPinnedAlloc(GinCuda* g, size_t bytes, char** p);
 void ginPinnedFree(char* p);
 // Copies n bytes between any host / device pointers of this process and waits for the copy.
 ncclResult_t ginCopy(GinCuda* g, void* dst, const void* src, size_t n);
-// *word += add for a 64-bit word in device memory, through the copy engine.
+// *word += add for a 64-bit word in device memory, through the copy engine (read, add, write).
+// Atomic with respect to every other signal update of this process (one process-wide lock):
+// signal words are shared between contexts, comms and NCCL's threads (VA signals target window
+// memory). A GPU must not write a signal word while puts to it are in flight (GIN's contract).
 ncclResult_t ginDeviceAdd(GinCuda* g, uint64_t* word, uint64_t add);
+
+// The read-modify-write behind ginDeviceAdd, over caller-supplied word accessors, so that the
+// CPU tests can check its atomicity with host memory.
+struct SignalWordAccess {
+  ncclResult_t (*read)(void* env, const uint64_t* word, uint64_t* value);
+  ncclResult_t (*write)(void* env, uint64_t* word, uint64_t value);
+  void* env;
+};
+ncclResult_t signalAddLocked(const SignalWordAccess& access, uint64_t* word, uint64_t add);
 
 // --- registrations and requests -----------------------------------------------------------------
 struct GinCollComm;
@@ -87,6 +100,7 @@ struct GinRequest {
   GinReqState state;
   ncclResult_t error;
   GinCollComm* comm;
+  int context;           // context id within its context set (0 for GIN v11)
   uint32_t target;
   GinRegistration* src;  // NULL when size == 0
   uint64_t srcOff;
@@ -121,13 +135,22 @@ struct GinPeer {
 };
 constexpr size_t kGinBounceBytes = 1u << 20;
 
+// Contexts 0 .. nContexts-1 of one collComm (createContext of GIN v13 / RMA v14).
+struct GinContextSet {
+  uint32_t magic;
+  GinCollComm* comm;  // NULL once orphaned (its comm was closed before it was destroyed)
+  int nContexts;
+};
+constexpr uint32_t kGinContextSetMagic = 0x47435354, kGinContextSetOrphanMagic = 0x4743534f;
+
 struct GinCollComm {
   uint32_t magic;
-  std::mutex mu;
+  std::mutex mu;      // every call on the comm holds it, teardown included
   int rank = 0, nranks = 0, dev = 0;
   std::vector<GinPeer> peers;              // indexed by rank; our own entry is unused
   std::vector<GinRegistration*> regs;      // indexed by id; kept until closeColl
   std::vector<GinRequest*> pool, freeList;
+  std::vector<GinContextSet*> contextSets; // live ones, invalidated by closeColl
   ncclResult_t error = ncclSuccess;        // sticky
   GinCuda cuda;
   std::vector<struct pollfd> pollSet;      // scratch for progress
@@ -157,8 +180,11 @@ constexpr uint32_t kGinListenMagic = 0x474c534e;
 // --- mesh and wire (moeloop_gin_mesh.cc) --------------------------------------------------------
 // Connects `c` to every other rank (blocking, collective, with NCCL_MOELOOP_CONNECT_TIMEOUT_S).
 ncclResult_t ginConnectMesh(GinCollComm* c, GinListenComm* l, void* handles[]);
-// Moves bytes on every connection; applies received puts. Caller holds c->mu.
+// Moves bytes on every connection; applies received puts. Caller holds c->mu. A received put
+// that names a registration this rank has not made fails the comm after registrationWaitSec().
 ncclResult_t ginProgressLocked(GinCollComm* c);
+double registrationWaitSec();  // NCCL_MOELOOP_CONNECT_TIMEOUT_S (regMrSym does not synchronise)
+void setRegistrationWaitForTesting(double sec);  // 0: back to the default
 // Records a sticky error on `c` (first one wins) and returns it.
 ncclResult_t ginFail(GinCollComm* c, ncclResult_t res);
 // Applies a signal operation to a local registration (after the payload it follows is in place).

@@ -5,6 +5,7 @@
 #include <unistd.h>
 #include "moeloop_gin.h"
 #include "moeloop_log.h"
+#include "moeloop_net_props.h"
 
 namespace moeloop {
 namespace {
@@ -21,13 +22,21 @@ TokenBucket* ingressOf(const GinCollComm* c) {
 enum class Lookup { kFound, kNotYet, kBad };
 
 constexpr double kStallWarnSec = 10;
+double gRegistrationWaitOverrideSec = 0;
 
 // A message names a registration this rank has not made yet: normal for a moment (regMrSym does
-// not synchronise ranks), suspicious after kStallWarnSec.
+// not synchronise ranks), suspicious after kStallWarnSec, an error after registrationWaitSec().
 ncclResult_t waitForRegistration(GinCollComm* c, GinPeer& p, int peer) {
   uint64_t now = nowNs();
   if (p.stallSinceNs == 0) p.stallSinceNs = now;
-  if (!p.stallWarned && (double)(now - p.stallSinceNs) * 1e-9 > kStallWarnSec) {
+  double waited = (double)(now - p.stallSinceNs) * 1e-9;
+  if (waited > registrationWaitSec())
+    return ML_ERROR(ncclRemoteError,
+                    "rank %d: a put from rank %d names registration %llu/%llu, which this rank has "
+                    "not made in %.0f s (%zu so far): regMrSym calls differ between the ranks",
+                    c->rank, peer, (unsigned long long)p.rhdr.dstRegId,
+                    (unsigned long long)p.rhdr.sigRegId, waited, c->regs.size());
+  if (!p.stallWarned && waited > kStallWarnSec) {
     p.stallWarned = true;
     ML_WARN("rank %d: a put from rank %d has waited %.0f s for registration %llu/%llu, which this "
             "rank has not made (%zu so far): are regMrSym calls made in the same order everywhere?",
@@ -136,6 +145,9 @@ ncclResult_t progressRecv(GinCollComm* c, int peer) {
                         "rank %d: corrupt header from rank %d (magic %x, seq %llu, expected %llu)",
                         c->rank, peer, p.rhdr.magic, (unsigned long long)p.rhdr.seq,
                         (unsigned long long)p.recvSeq);
+      if (p.rhdr.size > kMaxMessageBytes)
+        return ML_ERROR(ncclRemoteError, "rank %d: rank %d announced a %llu-byte put (maximum %zu)",
+                        c->rank, peer, (unsigned long long)p.rhdr.size, kMaxMessageBytes);
     }
     const GinWireHeader& h = p.rhdr;
     if (!p.inMessage) {
@@ -192,6 +204,12 @@ ncclResult_t progressRecv(GinCollComm* c, int peer) {
 }
 
 }  // namespace
+
+double registrationWaitSec() {
+  return gRegistrationWaitOverrideSec > 0 ? gRegistrationWaitOverrideSec : connectTimeoutSec();
+}
+
+void setRegistrationWaitForTesting(double sec) { gRegistrationWaitOverrideSec = sec; }
 
 ncclResult_t ginFail(GinCollComm* c, ncclResult_t res) {
   if (res == ncclSuccess) return res;

@@ -1,6 +1,7 @@
 // NCCL NET v11 entry points of the moeloop plugin: a thin layer over moeloop_transport that
 // speaks NCCL's ABI. One fake NIC per process ("moeloop0"); host memory only (NCCL stages GPU
 // data through its host buffers); connect / accept / isend / irecv / test never block.
+#include <limits.h>
 #include <stdio.h>
 #include <string.h>
 #include "moeloop_log.h"
@@ -146,6 +147,9 @@ ncclResult_t netTestEntry(void* request, int* done, int* sizes) {
   if (done == nullptr) return ML_ERROR(ncclInvalidArgument, "test with done == NULL");
   size_t size = 0;
   ncclResult_t res = netTest((NetRequest*)request, done, &size);
+  // NCCL's v11 test reports int sizes: every message is at most kMaxMessageBytes (enforced on
+  // isend and on every received header), which fits.
+  static_assert(kMaxMessageBytes <= (size_t)INT_MAX, "message sizes must fit NCCL's int sizes");
   if (res == ncclSuccess && *done && sizes) sizes[0] = (int)size;
   return res;
 }

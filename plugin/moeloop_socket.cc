@@ -3,6 +3,7 @@
 
 #include <atomic>
 #include <errno.h>
+#include <limits.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -28,7 +29,7 @@ int socketBufferBytes() {
   static const int bytes = [] {
     const char* v = getenv("NCCL_MOELOOP_SOCKBUF");
     long b = v ? strtol(v, nullptr, 0) : 0;
-    return b > 0 ? (int)b : 4 << 20;
+    return b > 0 && b <= INT_MAX ? (int)b : 4 << 20;
   }();
   return bytes;
 }
@@ -241,6 +242,16 @@ ncclResult_t connectProgress(Connector* c, const SocketAddress& addr, bool* done
   return ncclSuccess;
 }
 
+namespace {
+double gHelloDeadlineOverrideSec = 0;
+}  // namespace
+
+double helloDeadlineSec() {
+  return gHelloDeadlineOverrideSec > 0 ? gHelloDeadlineOverrideSec : connectTimeoutSec();
+}
+
+void setHelloDeadlineForTesting(double sec) { gHelloDeadlineOverrideSec = sec; }
+
 ncclResult_t Acceptor::poll(int listenFd, uint64_t nonce, int* fdOut, Hello* hello) {
   *fdOut = -1;
   for (;;) {
@@ -257,11 +268,25 @@ ncclResult_t Acceptor::poll(int listenFd, uint64_t nonce, int* fdOut, Hello* hel
       family = kFamilyTcp;
       (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     }
+    if (pending_.size() >= kMaxPendingHellos) {
+      ML_WARN("dropping an incoming connection: %zu connections already wait for their hello",
+              pending_.size());
+      close(fd);
+      continue;
+    }
     tuneSocket(fd, family);
-    pending_.push_back(Pending{fd, 0, Hello{}});
+    pending_.push_back(Pending{fd, 0, Hello{}, nowNs()});
   }
+  const uint64_t now = nowNs();
   for (size_t i = 0; i < pending_.size();) {
     Pending& p = pending_[i];
+    if ((double)(now - p.acceptedNs) * 1e-9 > helloDeadlineSec()) {
+      ML_WARN("dropping an incoming connection that sent %zu of %zu hello bytes in %.0f s", p.got,
+              sizeof(Hello), helloDeadlineSec());
+      close(p.fd);
+      pending_.erase(pending_.begin() + i);
+      continue;
+    }
     size_t got = 0;
     bool eof = false;
     ncclResult_t res = ioRead(p.fd, (char*)&p.hello + p.got, sizeof(Hello) - p.got, nullptr, &got, &eof);

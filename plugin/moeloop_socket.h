@@ -65,13 +65,20 @@ struct Connector {
 // to the caller). Gives up with an error after connectTimeoutSec().
 ncclResult_t connectProgress(Connector* c, const SocketAddress& addr, bool* done);
 
+// Accepted connections waiting for their hello: at most this many per listener (more are
+// closed at once), each for at most helloDeadlineSec() (then it is closed).
+constexpr size_t kMaxPendingHellos = 64;
+double helloDeadlineSec();  // NCCL_MOELOOP_CONNECT_TIMEOUT_S
+void setHelloDeadlineForTesting(double sec);  // 0: back to the default
+
 // Accepts connections on a listening socket and collects their hellos.
 class Acceptor {
  public:
   // Returns in *fd (else -1) one accepted connection whose hello is complete and carries
-  // `nonce`; connections with a wrong hello are closed with a warning.
+  // `nonce`; connections with a wrong, late or missing hello are closed with a warning.
   ncclResult_t poll(int listenFd, uint64_t nonce, int* fd, Hello* hello);
   void closeAll();
+  size_t pendingCount() const { return pending_.size(); }
   ~Acceptor() { closeAll(); }
 
  private:
@@ -79,6 +86,7 @@ class Acceptor {
     int fd;
     size_t got;
     Hello hello;
+    uint64_t acceptedNs;  // nowNs() at accept
   };
   std::vector<Pending> pending_;
 };

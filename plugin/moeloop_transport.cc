@@ -1,9 +1,12 @@
 // NET transport of the moeloop plugin (see moeloop_transport.h).
 #include "moeloop_transport.h"
 
+#include <mutex>
 #include <string.h>
 #include <unistd.h>
+#include <unordered_map>
 #include "moeloop_log.h"
+#include "moeloop_net_props.h"
 
 namespace moeloop {
 namespace {
@@ -106,6 +109,10 @@ ncclResult_t progressRecv(NetComm* c) {
                                     "corrupt message header (magic %x, seq %llu, expected %llu)",
                                     r->hdr.magic, (unsigned long long)r->hdr.seq,
                                     (unsigned long long)c->seq));
+      if (r->hdr.size > kMaxMessageBytes)
+        return failComm(c, ML_ERROR(ncclRemoteError, "message %llu announces %llu bytes (maximum %zu)",
+                                    (unsigned long long)c->seq, (unsigned long long)r->hdr.size,
+                                    kMaxMessageBytes));
       if (r->hdr.size > r->capacity)
         return failComm(c, ML_ERROR(ncclInvalidUsage,
                                     "message %llu of %llu bytes does not fit the posted receive "
@@ -148,6 +155,59 @@ bool validComm(const NetComm* c, bool isSend) {
   return c != nullptr && c->magic == (isSend ? kSendCommMagic : kRecvCommMagic);
 }
 
+// Connections in progress of this process, by the id stored in NCCL's handle.
+struct PendingConnect {
+  Connector* connector;
+  uint64_t nonce;        // of the handle that started it
+  SocketAddress addr;
+};
+struct PendingTable {
+  std::mutex mu;
+  std::unordered_map<uint64_t, PendingConnect> byId;
+  uint64_t nextId = 1;
+};
+PendingTable& pendingTable() {
+  static PendingTable t;
+  return t;
+}
+
+// The connector of handle `h`: a new one when h->pendingId is 0, else the table's entry, which
+// must have been started by a handle with the same nonce and address.
+ncclResult_t pendingConnector(NetHandle* h, Connector** out) {
+  *out = nullptr;
+  PendingTable& t = pendingTable();
+  std::lock_guard<std::mutex> lock(t.mu);
+  if (h->pendingId == 0) {
+    Connector* c = new Connector();
+    c->hello.magic = kHelloMagic;
+    c->hello.nonce = h->nonce;
+    c->hello.kind = kHelloNet;
+    uint64_t id = t.nextId++;
+    t.byId[id] = PendingConnect{c, h->nonce, h->addr};
+    h->pendingId = id;
+    *out = c;
+    return ncclSuccess;
+  }
+  auto it = t.byId.find(h->pendingId);
+  if (it == t.byId.end() || it->second.nonce != h->nonce ||
+      memcmp(&it->second.addr, &h->addr, sizeof(SocketAddress)) != 0)
+    return ML_ERROR(ncclInvalidArgument, "connect with a handle naming connection %llu, which this "
+                    "process did not start from that handle", (unsigned long long)h->pendingId);
+  *out = it->second.connector;
+  return ncclSuccess;
+}
+
+void releaseConnector(NetHandle* h) {
+  PendingTable& t = pendingTable();
+  std::lock_guard<std::mutex> lock(t.mu);
+  auto it = t.byId.find(h->pendingId);
+  if (it != t.byId.end()) {
+    delete it->second.connector;
+    t.byId.erase(it);
+  }
+  h->pendingId = 0;
+}
+
 }  // namespace
 
 ncclResult_t netListen(int dev, void* handle, NetListenComm** out) {
@@ -171,19 +231,18 @@ ncclResult_t netConnect(int dev, void* handle, NetComm** out) {
   if (h == nullptr || h->magic != kNetHandleMagic)
     return ML_ERROR(ncclInvalidArgument, "connect with a handle that moeloop did not create");
   if (fakeNic(dev) == nullptr) return ML_ERROR(ncclInvalidArgument, "connect on unknown device %d", dev);
-  if (h->pending == nullptr) {
-    h->pending = new Connector();
-    h->pending->hello.magic = kHelloMagic;
-    h->pending->hello.nonce = h->nonce;
-    h->pending->hello.kind = kHelloNet;
-  }
+  Connector* pending = nullptr;
+  ML_CHECK(pendingConnector(h, &pending));
   bool done = false;
-  ncclResult_t res = connectProgress(h->pending, h->addr, &done);
+  ncclResult_t res = connectProgress(pending, h->addr, &done);
   if (res != ncclSuccess || done) {
-    int fd = h->pending->fd;
-    delete h->pending;
-    h->pending = nullptr;
-    if (res != ncclSuccess) return res;
+    int fd = pending->fd;
+    pending->fd = -1;
+    releaseConnector(h);
+    if (res != ncclSuccess) {
+      closeFd(&fd);
+      return res;
+    }
     *out = newComm(true, fd, dev);
   }
   return ncclSuccess;
@@ -210,6 +269,9 @@ ncclResult_t netIsend(NetComm* c, const void* data, size_t size, NetRequest** re
   if (!validComm(c, true)) return ML_ERROR(ncclInvalidArgument, "isend on an invalid send comm");
   if (c->error != ncclSuccess) return c->error;
   if (size > 0 && data == nullptr) return ML_ERROR(ncclInvalidArgument, "isend of %zu bytes from NULL", size);
+  if (size > kMaxMessageBytes)
+    return ML_ERROR(ncclInvalidArgument, "isend of %zu bytes exceeds the plugin's maximum of %zu "
+                    "(maxP2pBytes)", size, kMaxMessageBytes);
   NetRequest* r = allocRequest(c);
   if (r == nullptr) return ncclSuccess;
   r->data = (char*)data;

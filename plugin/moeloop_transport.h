@@ -14,13 +14,15 @@
 
 namespace moeloop {
 
-// What listen() writes into NCCL's handle. The connecting side keeps its progress in `pending`
-// (NCCL passes the same handle to every connect call of one connection).
+// What listen() writes into NCCL's handle. The connecting side records the id of its
+// connection in progress in `pendingId` (NCCL passes the same handle to every connect call of one
+// connection); the id is looked up in this process's table and checked against the handle's
+// nonce and address, so a handle that arrives from a peer with any value there is harmless.
 struct NetHandle {
   uint64_t magic;
   uint64_t nonce;
   SocketAddress addr;
-  Connector* pending;
+  uint64_t pendingId;  // 0: no connection in progress (listen writes 0)
 };
 static_assert(sizeof(NetHandle) <= NCCL_NET_HANDLE_MAXSIZE, "NetHandle must fit NCCL's handle");
 static_assert(offsetof(NetHandle, addr) == offsetof(ListenHandlePrefix, addr),
@@ -88,6 +90,7 @@ ncclResult_t netListen(int dev, void* handle, NetListenComm** out);
 ncclResult_t netConnect(int dev, void* handle, NetComm** out);
 ncclResult_t netAccept(NetListenComm* listen, NetComm** out);
 // *req is NULL when the comm has too many requests in flight (try again).
+// size: at most kMaxMessageBytes (larger sends fail with ncclInvalidArgument).
 ncclResult_t netIsend(NetComm* comm, const void* data, size_t size, NetRequest** req);
 ncclResult_t netIrecv(NetComm* comm, void* data, size_t size, NetRequest** req);
 // *done = 1 once the request completed (then it is released); *size = bytes moved.

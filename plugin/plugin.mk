@@ -1,12 +1,13 @@
-# moeloop: loopback NET + GIN plugin for NCCL 2.28.9 (included by the top-level Makefile).
+# moeloop: loopback NET + GIN plugin for NCCL 2.28.9 - 2.30 (included by the top-level Makefile).
 #   make plugin       builds $(BUILDDIR)/lib/libnccl-net-moeloop.so and the GPU test binary
 #   make plugintest   runs the GPU test: PLUGIN_NGPUS processes (default 4) as 2 fake nodes
-# The host-side transport (no CUDA) also links into the CPU unit tests (UNIT_EXTRA_OBJS).
+# The plugin objects also link into the CPU unit tests (UNIT_EXTRA_OBJS).
 
 PLUGIN_SO := $(BUILDDIR)/lib/libnccl-net-moeloop.so
 PLUGIN_CORE_SRCS := plugin/moeloop_log.cc plugin/moeloop_shaping.cc plugin/moeloop_socket.cc \
                     plugin/moeloop_transport.cc plugin/moeloop_net.cc
-PLUGIN_GIN_SRCS := plugin/moeloop_gin.cc plugin/moeloop_gin_mesh.cc plugin/moeloop_gin_cuda.cc
+PLUGIN_GIN_SRCS := plugin/moeloop_gin.cc plugin/moeloop_gin_mesh.cc plugin/moeloop_gin_cuda.cc \
+                   plugin/moeloop_gin_tables.cc
 PLUGIN_CORE_OBJS := $(PLUGIN_CORE_SRCS:%.cc=$(OBJ)/%.o)
 PLUGIN_GIN_OBJS := $(PLUGIN_GIN_SRCS:%.cc=$(OBJ)/%.o)
 PLUGIN_GPU_OBJS := $(patsubst %.cc,$(OBJ)/%.o,$(wildcard tests/plugin_gpu/*.cc)) \
@@ -14,8 +15,8 @@ PLUGIN_GPU_OBJS := $(patsubst %.cc,$(OBJ)/%.o,$(wildcard tests/plugin_gpu/*.cc))
 PLUGIN_GPU_BIN := $(BUILDDIR)/test/plugin_gpu_test
 PLUGIN_NGPUS ?= 4
 
-# The CPU unit tests exercise the NET transport through the exported ncclNet_v11_t table.
-UNIT_EXTRA_OBJS += $(PLUGIN_CORE_OBJS)
+# The CPU unit tests exercise the NET transport and the GIN tables on host memory.
+UNIT_EXTRA_OBJS += $(PLUGIN_CORE_OBJS) $(PLUGIN_GIN_OBJS)
 
 # Plugin objects: only the plugin entry symbols and moeloopGetStats are exported from the .so.
 $(OBJ)/plugin/%.o: plugin/%.cc
