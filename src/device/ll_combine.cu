@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineCompleteKernel(
   const uint64_t* sig = (const uint64_t*)(slot + a.slot.combineSignals);
   bool ok = true;
   for (int r = threadIdx.x; r < R; r += blockDim.x)
-    ok &= waitSeq<0>(w, sig + r, (uint64_t)gridDim.x * epoch, kWaitLlCombine, r);
+    ok &= waitSeq<0>(w, sig + r, (uint64_t)gridDim.x * epoch, kWaitLlCombine, r, nullptr, gridDim.x);
   if (!__syncthreads_and(ok)) return;
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, rowVecs = a.hidden / 8;

@@ -81,12 +81,14 @@ __device__ __forceinline__ int64_t seqDistance(uint64_t v, uint64_t target) {
 
 // Waits until the operation number in *p is exactly `target` (acquire); *seen receives the value
 // read. A peer that is ahead is a protocol error (kDevPeerAhead, fatal: recorded on the rank
-// that sees it, whose later waits give up at once); no value ever satisfies a wait but the
-// expected one. Returns false on that, after timeoutNs (kDevTimeout, with `kind` and `src` for
-// the message), or at once if another wait of the context already failed.
+// that sees it, whose later waits give up at once, with the operations it is ahead: the excess
+// divided by perOp, the signal's steps per operation, rounded up); no value ever satisfies a
+// wait but the expected one. Returns false on that, after timeoutNs (kDevTimeout, with `kind`
+// and `src` for the message), or at once if another wait of the context already failed.
 template <int kShift>
 __device__ __forceinline__ bool waitSeq(const WindowView& w, const uint64_t* p, uint64_t target,
-                                        int kind, int src, uint64_t* seen = nullptr) {
+                                        int kind, int src, uint64_t* seen = nullptr,
+                                        uint64_t perOp = 1) {
   uint64_t v = loadAcquire(p);
   int64_t d = seqDistance<kShift>(v, target);
   const uint64_t start = d < 0 ? globalTimerNs() : 0;
@@ -104,13 +106,15 @@ __device__ __forceinline__ bool waitSeq(const WindowView& w, const uint64_t* p, 
   }
   if (seen) *seen = v;
   if (d == 0) return true;
-  raiseFatal(w, kDevPeerAhead, kind, src, d > INT32_MAX ? INT32_MAX : (int)d);
+  const uint64_t ops = ((uint64_t)d + perOp - 1) / perOp;
+  raiseFatal(w, kDevPeerAhead, kind, src, ops > INT32_MAX ? INT32_MAX : (int)ops);
   return false;
 }
 
 // Waits until this rank's signals[kind][src] holds exactly `target` (see waitSeq).
-__device__ __forceinline__ bool waitSignal(const WindowView& w, int kind, int src, uint64_t target) {
-  return waitSeq<0>(w, signalPtr(w, w.rank, kind, src), target, kind, src);
+__device__ __forceinline__ bool waitSignal(const WindowView& w, int kind, int src, uint64_t target,
+                                           uint64_t perOp) {
+  return waitSeq<0>(w, signalPtr(w, w.rank, kind, src), target, kind, src, nullptr, perOp);
 }
 
 // The calling CTA's threads end their part of a launch; returns true in exactly one CTA, the last
@@ -131,10 +135,12 @@ __device__ __forceinline__ bool lastCtaToArrive(unsigned int* arrived) {
   return isLast;
 }
 
-// Each thread i < nRanks waits for signals[kind][i] == target; then the CTA agrees on success.
-__device__ __forceinline__ bool ctaWaitAllPeers(const WindowView& w, int kind, uint64_t target) {
+// Each thread i < nRanks waits for signals[kind][i] == target (perOp: see waitSeq); then the CTA
+// agrees on success.
+__device__ __forceinline__ bool ctaWaitAllPeers(const WindowView& w, int kind, uint64_t target,
+                                                uint64_t perOp = 1) {
   bool ok = true;
-  for (int src = threadIdx.x; src < w.nRanks; src += blockDim.x) ok &= waitSignal(w, kind, src, target);
+  for (int src = threadIdx.x; src < w.nRanks; src += blockDim.x) ok &= waitSignal(w, kind, src, target, perOp);
   return __syncthreads_and(ok) != 0;
 }
 
@@ -150,7 +156,7 @@ __device__ __forceinline__ void finishAndWaitPeers(const WindowView& w, int kind
     for (int p = 0; p < w.nRanks; ++p) signalAdd(w, p, kind, 1);
   }
   if (!lastCtaToArrive(arrived)) return;
-  ctaWaitAllPeers(w, kind, (uint64_t)gridDim.x * seq);
+  ctaWaitAllPeers(w, kind, (uint64_t)gridDim.x * seq, gridDim.x);
   if (threadIdx.x == 0) {
     *(volatile unsigned long long*)seqSlot = seq;
     __threadfence();
