@@ -1,6 +1,6 @@
-// Soak (issue 10): MOE_SOAK_ITERS high-throughput and as many low-latency operations (default
-// 20 each, the smoke version of the normal suite; the soak proper is MOE_SOAK_ITERS=10000 at 2
-// ranks) on one context per mode, every result compared with the CPU reference:
+// Soak (issue 10): MOE_SOAK_ITERS operations per mode, one test per mode (default 20, the smoke
+// version of the normal suite; the soak proper is MOE_SOAK_ITERS=10000 at 2 ranks), on one
+// context per mode, every result compared with the CPU reference:
 //  - HT: dispatch + combine with the routing cycling through random / one expert / rank 0 only,
 //    the token count changing every operation (the same on every rank, or different per rank),
 //    the expert output from out.x, out.combineInput or external memory, weighted or not, every
@@ -8,8 +8,8 @@
 //  - LL: groups of numBufferSlots operations, all slots in flight (every dispatch of the group
 //    enqueued before any combine), one-shot and split alternating, FP8 cast, block-constant
 //    expert outputs, weighted or not;
-//  - device memory in use after both contexts are destroyed equals what it was before (after a
-//    warm-up create / destroy of each mode, which makes NCCL's own lazy allocations).
+//  - device memory in use after the context is destroyed equals what it was before (after a
+//    warm-up create / destroy, which makes NCCL's own lazy allocations).
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -138,32 +138,39 @@ long soakLl(int iters) {
     }
     done += n;
   }
-  if (!allRanksOk(MOE_OK(ncclMoeCheckErrors(ep.comm)), "soak LL ncclMoeCheckErrors")) return done;
+  allRanksOk(MOE_OK(ncclMoeCheckErrors(ep.comm)), "soak LL ncclMoeCheckErrors");
   return done;
 }
 
-TEST_F(Soak, HighThroughputAndLowLatencyAgainstReference) {
+// Runs `soak` (returns the operations checked) between two readings of the device memory in
+// use, after a warm-up create / destroy of `Context` (NCCL's lazy allocations of a window
+// registration and a device communicator happen there).
+template <class Context, class ShapeT>
+void soakWithMemoryCheck(const char* mode, const ShapeT& shape, long (*soak)(int)) {
   const int iters = soakIterations();
-  {  // warm-up: NCCL's lazy allocations of a window registration and a device communicator
-    Ep ht(htShape());
-    LlEp ll(llShape());
-    if (!ht.create() || !ll.create()) return;
+  {
+    Context warmUp(shape);
+    if (!warmUp.create()) return;
   }
   sideStream();  // the split runners' stream and scratch, made once per process
   const size_t before = deviceBytesInUse();
-  const long ht = soakHt(iters);
-  const long ll = soakLl(iters);
+  const long done = soak(iters);
   const size_t after = deviceBytesInUse();
-  EXPECT_EQ(ht, iters) << "rank " << rank() << ": HT soak stopped early";
-  EXPECT_GE(ll, iters) << "rank " << rank() << ": LL soak stopped early";
+  EXPECT_GE(done, iters) << "rank " << rank() << ": " << mode << " soak stopped early";
   EXPECT_EQ(after, before) << "rank " << rank() << ": device memory in use grew by "
                            << (long long)(after - before) << " bytes";
   if (rank() == 0) {
-    printf("[   INFO   ] soak: %ld HT and %ld LL operations checked against the reference, "
-           "%s; device memory in use before %zu, after %zu bytes\n",
-           ht, ll, ::testing::Test::HasFailure() ? "WITH FAILURES" : "0 mismatches", before, after);
+    printf("[   INFO   ] soak: %ld %s operations checked against the reference, %s; device memory "
+           "in use before %zu, after %zu bytes\n",
+           done, mode, ::testing::Test::HasFailure() ? "WITH FAILURES" : "0 mismatches", before, after);
     fflush(stdout);
   }
+}
+
+TEST_F(Soak, HighThroughputAgainstReference) { soakWithMemoryCheck<Ep>("HT", htShape(), soakHt); }
+
+TEST_F(Soak, LowLatencyAllSlotsInFlightAgainstReference) {
+  soakWithMemoryCheck<LlEp>("LL", llShape(), soakLl);
 }
 
 }  // namespace
