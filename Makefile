@@ -65,8 +65,9 @@ PERF_BINS := $(patsubst perf/%.cc,$(BUILDDIR)/perf/%,$(wildcard perf/*_perf.cc))
 UNIT_BIN := $(BUILDDIR)/test/unit_tests
 GPU_BIN := $(BUILDDIR)/test/gpu_tests
 
-# Extra objects the CPU unit-test binary links (the plugin's host transport adds its own).
-UNIT_EXTRA_OBJS :=
+# Extra objects the CPU unit-test binary links (the plugin's host transport adds its own): the
+# perf binaries' option parser and result writer, which need no CUDA.
+UNIT_EXTRA_OBJS := $(OBJ)/perf/options.o $(OBJ)/perf/report.o
 
 # Stop before compiling anything when NCCL_HOME has no device API (every goal but deps/clean).
 ifneq ($(filter-out deps clean,$(if $(MAKECMDGOALS),$(MAKECMDGOALS),all)),)

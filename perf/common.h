@@ -1,6 +1,10 @@
-// Shared harness of the nccl-moe perf binaries (perf/*_perf.cc), in the style of nccl-tests:
-// flag parsing, the header, timing with CUDA events, reductions of per-rank results and the
-// result tables. Ranks are started by tests/common/ranks.h (fork mode or mpirun).
+// Shared harness of the nccl-moe perf binaries (perf/*_perf.cc), in the style of nccl-tests: a
+// binary declares a PerfTest (its EP mode, how its calls are timed, its own options) whose setup
+// returns its operations (PerfOp: run, bytes, check), and perfMain does the rest: options
+// (options.h), ranks (tests/common/ranks.h: fork mode or mpirun), the EP context, the header,
+// the sweep over token counts, timing with CUDA events, reductions over ranks, one table line
+// per (size, operation) as soon as it is measured, the --output file (report.h), nccl-tests'
+// summary lines and the exit code (non-zero when any checked value was wrong).
 //
 // Conventions: token counts are tokens per rank (T); sizes in bytes unless a name says
 // elements; times in microseconds; bandwidths in GB/s with 1 GB = 1e9 bytes.
@@ -16,43 +20,81 @@
 #include <nccl.h>
 
 #include "nccl_moe.h"
+#include "options.h"
+#include "report.h"
 #include "../tests/common/ranks.h"
 #include "../tests/common/rng.h"
 
 namespace moe_perf {
 
-enum class Routing { kRandom, kSkew };
+// How the harness times each operation of a binary.
+enum class Timing {
+  // `iters` calls back to back between two events (nccl-tests): time = average per call; the
+  // host's launches overlap the GPU's work. PerfOp::pre / post must be empty.
+  kBackToBack,
+  // Each call alone between two events, after PerfOp::pre and a meeting of the ranks on the host:
+  // time = median per call, p99 reported; the time includes the host's launch of the call.
+  kEachCall,
+  // As kEachCall, but a kernel spinning kHoldUs holds the stream while the call and its events
+  // are enqueued, so the events time the GPU's work only (as a profiler's kernel times).
+  kEachCallHeld,
+};
+constexpr double kHoldUs = 200;  // longer than the host needs to enqueue one timed call
 
-struct Options {
-  long minTokens = 128;     // -b: first token count of the sweep (tokens per rank)
-  long maxTokens = 4096;    // -e: last token count of the sweep
-  double stepFactor = 2;    // -f: multiply by this between sizes (when stepTokens == 0)
-  long stepTokens = 0;      // -i: add this between sizes instead (0 = use -f)
-  int hidden = 7168;        // -H: H in elements
-  int topK = 8;             // -k
-  int numExperts = 256;     // -E: experts in total
-  int numSms = 24;          // -s: CTAs per dispatch / combine kernel
-  ncclMoeDtype_t dtype = ncclMoeBf16;  // -d bf16|fp8: dispatch dtype (combine is always BF16)
-  int iters = 20;           // -n: timed iterations per size
-  int warmup = 5;           // -w: untimed iterations before them
-  int check = 1;            // -c: verify results (1) or not (0)
-  int nRanks = 0;           // -g / -N: ranks (one GPU each); 0 = all local GPUs
-  Routing routing = Routing::kRandom;  // -r random|skew
-  long maxTokensPerRank = 0;  // -m: config.maxTokensPerRank; 0 = maxTokens (-e)
-  uint64_t seed = 0x5eed;   // -S: seed of the generated routing and data
+// One operation of a perf binary (nccl-tests' testColl). Every function is called on every rank
+// and may be collective; those marked optional may be left empty.
+struct PerfOp {
+  std::string name;                  // table / file column "op"; no spaces
+  std::function<void(long T)> init;  // optional: untimed, once per size before the timing
+  std::function<void()> pre;         // optional (kEachCall*): enqueued before each timed call;
+                                     // the ranks meet after it, before the timed call
+  std::function<void()> run;         // enqueues one call on the stream: the timed part
+  std::function<void()> post;        // optional (kEachCall*): enqueued after each timed call
+  // Optional: bytes this rank counts at size T for algbw (received, its own share included) and
+  // busbw (bytes that crossed NVLink). Empty: the row has a time only.
+  std::function<void(long T, double* algBytes, double* busBytes)> bytes;
+  // Optional: runs the operation once more on poisoned outputs, compares with what the host
+  // expects and returns this rank's wrong elements. Empty: #wrong is N/A.
+  std::function<long long(long T)> check;
 };
 
-// Parses argv. Returns -1 to go on, else the exit code for main (help printed: 0; bad flag: 1).
-// Touches no CUDA (it runs in the fork-mode parent).
-int parseOptions(int argc, char** argv, const char* progName, Options* opt);
+// What perfMain hands a binary once the EP context exists.
+struct Context {
+  moe_ranks::RankEnv env;
+  const Options* opt = nullptr;
+  ncclComm_t comm = nullptr;
+  ncclMoeComm_t moe = nullptr;
+  cudaStream_t stream = nullptr;  // non-blocking; every operation runs on it
+};
 
-// Token counts of the sweep, minTokens..maxTokens.
-std::vector<long> tokenSweep(const Options& opt);
+// One perf binary (nccl-tests' testEngine).
+struct PerfTest {
+  const char* name = nullptr;  // program name (ht_perf, ll_perf)
+  ncclMoeMode_t mode = ncclMoeHighThroughput;
+  Timing timing = Timing::kBackToBack;  // an extra option may change it before setup
+  std::vector<ExtraOption> extraOptions;
+  // Optional, CPU only, before any rank starts: "" or why these options cannot run.
+  std::function<std::string(const Options&)> validate;
+  // Optional: config fields beyond the common options (mode, E, H, K, maxTokensPerRank, dtype,
+  // numSms are set from Options).
+  std::function<void(ncclMoeConfig_t*)> configure;
+  // Optional: the binary's own run parameters for the header and the --output file (called
+  // after setup).
+  std::function<Params()> params;
+  // Once: allocates, returns the operations in the order they run at each size.
+  std::function<std::vector<PerfOp>(const Context&)> setup;
+  // Each size, before its operations: generates and uploads the inputs.
+  std::function<void(long T)> prepare;
+  // Optional: frees what setup allocated (the EP context and stream are perfMain's).
+  std::function<void()> teardown;
+};
 
-// Collective. Prints (rank 0 only, rank lines in rank order) the program name, NCCL and
-// nccl-moe versions, the options and one line per rank with its host, pid, device and card name.
-// The device must already be set (after moe_ranks::initComm).
-void printHeader(const char* progName, const Options& opt, const moe_ranks::RankEnv& env);
+// Runs a perf binary; main() returns its result. `opt` holds the binary's defaults.
+int perfMain(int argc, char** argv, Options opt, PerfTest* test);
+
+// Waits for the stream, reports errors the kernels detected (ncclMoeCheckErrors), then waits
+// for all ranks (host barrier). Collective.
+void quiesce(const Context& ctx);
 
 // --- error handling: print where and why, then end this rank with exit code 1 (fork mode: the
 // parent stops the other ranks; MPI: MPI_Abort) ----------------------------------------------
@@ -67,40 +109,11 @@ void checkMoe(ncclResult_t res, const char* file, int line, const char* call);
 // cudaGetLastError() so that a failed kernel launch inside the call is caught here.
 #define PERF_MOE(call) ::moe_perf::checkMoe((call), __FILE__, __LINE__, #call)
 
-// --- timing ------------------------------------------------------------------------------------
-// Runs `op` warmup times, synchronises `stream`, waits for all ranks (host barrier), then times
-// `iters` runs of `op` on `stream` with CUDA events. Returns this rank's average time per run in
-// microseconds. Collective (the barrier).
-double timeUs(cudaStream_t stream, int warmup, int iters, const std::function<void()>& op);
-
 // Enqueues a one-thread kernel that spins for `us` microseconds on `stream` (perf/hold_stream.cu):
 // calls enqueued behind it start back to back on the GPU, without the host's launch gaps.
 void holdStream(cudaStream_t stream, double us);
 
-// --- result rows -----------------------------------------------------------------------------
-struct Row {
-  long tokens = 0;
-  double timeUs = 0;   // max over ranks of the per-rank average time
-  double algbw = 0;    // GB/s, min over ranks of (bytes incl. local / time)
-  double busbw = 0;    // GB/s, min over ranks of (bytes from other ranks / time)
-  bool hasBw = false;  // false: layout (time only)
-  bool checked = false;
-  long long wrong = 0; // wrong elements summed over ranks (when checked)
-};
-
-// Collective: reduces this rank's numbers into one row. localBytes / remoteBytes: bytes this rank
-// counts for algbw / busbw (ignored when !hasBw); localWrong: this rank's wrong elements.
-Row reduceRow(long tokens, double localTimeUs, bool hasBw, double localBytes, double remoteBytes,
-              bool checked, long long localWrong);
-
-// Rank 0 prints one table: a title line, the column names and one line per row.
-void printTable(const char* opName, const std::vector<Row>& rows);
-
-// Rank 0 prints a line of free text prefixed with "# ".
-void printNote(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
-
-// --- host helpers for generating and checking data -------------------------------------------
-
+// --- host helpers for generating data ---------------------------------------------------------
 using moe_rng::Rng;  // tests/common/rng.h
 
 // A seed from several integers (e.g. base seed, rank, token count, stream id).

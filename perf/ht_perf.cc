@@ -1,7 +1,8 @@
 // ht_perf: high-throughput (HT) dispatch / combine performance, nccl-tests style.
 //
 // For each token count T of the sweep, every rank generates its routing and tokens on the host
-// from (seed, rank, T) and times three operations on one stream:
+// from (seed, rank, T) and the harness (common.h) times three operations on one stream, each
+// with -n calls back to back between two events:
 //   layout    ncclMoeGetLayout on the routing;
 //   dispatch  ncclMoeDispatch with the routing and weights (layout recomputed every call, as in
 //             a forward pass; no host counts, so no host synchronisation);
@@ -11,11 +12,11 @@
 // the host expects. Every rank can regenerate every other rank's routing and tokens from the
 // same seeds, so the expected receive set needs no communication.
 //
-// Bandwidth (also printed as a legend by printHeader):
+// Bandwidth (README: Bandwidth definitions):
 //   algbw = bytes this rank receives, its own rows included / this rank's time; rows * row bytes,
 //           row bytes = H*2 (BF16) or H + H/128*4 (FP8 data + FP32 scales), top-k ids and
 //           weights not counted; combine counts the same rows, H*2 bytes each (BF16);
-//           the table shows the minimum over ranks (the slowest rank);
+//           the row shows the minimum over ranks (the slowest rank);
 //   busbw = the same with only the rows that come from (dispatch) / go back to (combine) other
 //           ranks, i.e. the bytes that cross NVLink;
 //   time  = max over ranks of each rank's average time per call.
@@ -28,8 +29,6 @@
 #include "common.h"
 #include "../tests/common/reference.h"
 
-using moe_perf::Options;
-using moe_perf::Row;
 
 namespace {
 
@@ -303,185 +302,154 @@ long long checkCombine(const Problem& p, const HostRouting& own, long T,
   return wrong;
 }
 
-// Waits for this rank's stream, reports kernel-detected errors, then for all ranks.
-void quiesce(ncclMoeComm_t moe, cudaStream_t stream) {
-  PERF_CUDA(cudaStreamSynchronize(stream));
-  PERF_MOE(ncclMoeCheckErrors(moe));
-  moe_ranks::barrier();
-}
+// Everything one run holds: sizes, device buffers (sized for the largest T) and the inputs of
+// the current T.
+struct Bench {
+  moe_perf::Context ctx;
+  Problem p;
+  DeviceBuffers d;
+  long maxT = 0, capacityRows = 0;  // capacity: R * maxTokensPerRank rows (outputCapacity 0)
+  long T = 0;
+  HostRouting own;                  // this rank's routing at T
+  std::vector<uint8_t> ownX;
+  std::vector<float> ownScales;
+  ReceivePlan plan;
+  std::vector<uint16_t> combineIn;  // FP8: the identity expert's BF16 rows (makeCombineInput)
+  ncclMoeHandle_t handle = nullptr;
+  ncclMoeDispatchOutput_t out;
 
-}  // namespace
-
-int main(int argc, char** argv) {
-  const char* prog = "ht_perf";
-  Options opt;
-  int rc = moe_perf::parseOptions(argc, argv, prog, &opt);
-  if (rc >= 0) return rc;
-  moe_ranks::RankEnv env;
-  if (!moe_ranks::start(opt.nRanks, &env)) return 1;
-  if (env.nRanks == 0) return moe_ranks::finish(0);  // start() printed "skipping: no GPU"
-  if (opt.numExperts % env.nRanks != 0) {
-    if (env.rank == 0)
-      fprintf(stderr, "%s: -E %d experts is not a multiple of %d ranks\n", prog, opt.numExperts,
-              env.nRanks);
-    return moe_ranks::finish(1);
+  void layout() {
+    PERF_MOE(ncclMoeGetLayout(ctx.moe, d.idx, (int)T, d.tokensPerRank, d.tokensPerExpert,
+                              d.isTokenInRank, ctx.stream));
+  }
+  // Layout recomputed every call, as in a forward pass; no host counts, no host sync.
+  void dispatch() {
+    PERF_MOE(ncclMoeDispatch(ctx.moe, d.x, d.scales, d.idx, d.weights, (int)T, 0, &handle, &out,
+                             ctx.stream));
+  }
+  void combine() {
+    const void* expertOut = p.dtype == ncclMoeBf16 ? out.x : out.combineInput;
+    PERF_MOE(ncclMoeCombine(ctx.moe, handle, expertOut, nullptr, d.combineOut, ctx.stream));
+  }
+  // FP8: the identity expert's outputs go into the window's combine input after a dispatch.
+  void fillCombineInput() {
+    if (p.dtype == ncclMoeBf16 || plan.rows == 0) return;
+    PERF_CUDA(cudaMemcpyAsync(out.combineInput, combineIn.data(), combineIn.size() * 2,
+                              cudaMemcpyHostToDevice, ctx.stream));
+  }
+  void poison() {
+    poisonOutputs(p, d, out, capacityRows, maxT, ctx.stream);
+    moe_perf::quiesce(ctx);
   }
 
-  ncclComm_t comm = nullptr;
-  PERF_NCCL(moe_ranks::initComm(env, &comm));
-  moe_perf::printHeader(prog, opt, env);
-  cudaStream_t stream;
-  PERF_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  void setup(const moe_perf::Context& c) {
+    ctx = c;
+    const moe_perf::Options& opt = *c.opt;
+    p.nRanks = c.env.nRanks;
+    p.rank = c.env.rank;
+    p.numExperts = opt.numExperts;
+    p.expertsPerRank = opt.numExperts / p.nRanks;
+    p.hidden = opt.hidden;
+    p.topK = opt.topK;
+    p.dtype = opt.fp8 ? ncclMoeFp8E4m3 : ncclMoeBf16;
+    p.routing = opt.routing;
+    p.seed = opt.seed;
+    p.rowDataBytes = (size_t)opt.hidden * (opt.fp8 ? 1 : 2);
+    p.scalesPerRow = opt.fp8 ? opt.hidden / 128 : 0;
+    capacityRows = (long)p.nRanks * opt.maxTokensPerRank;
+    maxT = opt.maxTokens;
+    PERF_CUDA(cudaMalloc(&d.x, maxT * p.rowDataBytes));
+    if (p.scalesPerRow) PERF_CUDA(cudaMalloc(&d.scales, maxT * p.scalesPerRow * sizeof(float)));
+    PERF_CUDA(cudaMalloc(&d.idx, maxT * p.topK * sizeof(int64_t)));
+    PERF_CUDA(cudaMalloc(&d.weights, maxT * p.topK * sizeof(float)));
+    PERF_CUDA(cudaMalloc(&d.tokensPerRank, p.nRanks * sizeof(int)));
+    PERF_CUDA(cudaMalloc(&d.tokensPerExpert, p.numExperts * sizeof(int)));
+    PERF_CUDA(cudaMalloc(&d.isTokenInRank, maxT * p.nRanks));
+    PERF_CUDA(cudaMalloc(&d.combineOut, maxT * p.hidden * 2));
+  }
 
-  Problem p;
-  p.nRanks = env.nRanks;
-  p.rank = env.rank;
-  p.numExperts = opt.numExperts;
-  p.expertsPerRank = opt.numExperts / env.nRanks;
-  p.hidden = opt.hidden;
-  p.topK = opt.topK;
-  p.dtype = opt.dtype;
-  p.routing = opt.routing;
-  p.seed = opt.seed;
-  p.rowDataBytes = (size_t)opt.hidden * (opt.dtype == ncclMoeFp8E4m3 ? 1 : 2);
-  p.scalesPerRow = opt.dtype == ncclMoeFp8E4m3 ? opt.hidden / 128 : 0;
-
-  ncclMoeConfig_t cfg = NCCL_MOE_CONFIG_INITIALIZER;
-  cfg.mode = ncclMoeHighThroughput;
-  cfg.numExperts = opt.numExperts;
-  cfg.hidden = opt.hidden;
-  cfg.topK = opt.topK;
-  cfg.maxTokensPerRank = (int)opt.maxTokensPerRank;
-  cfg.dispatchDtype = opt.dtype;
-  cfg.numSms = opt.numSms;
-  cfg.outputCapacity = 0;  // R * maxTokensPerRank rows: never overflows
-  ncclMoeComm_t moe = nullptr;
-  PERF_MOE(ncclMoeCommCreate(comm, &cfg, &moe));
-  const long capacityRows = (long)env.nRanks * opt.maxTokensPerRank;
-
-  const long maxT = opt.maxTokens;
-  DeviceBuffers d;
-  PERF_CUDA(cudaMalloc(&d.x, maxT * p.rowDataBytes));
-  if (p.scalesPerRow) PERF_CUDA(cudaMalloc(&d.scales, maxT * p.scalesPerRow * sizeof(float)));
-  PERF_CUDA(cudaMalloc(&d.idx, maxT * p.topK * sizeof(int64_t)));
-  PERF_CUDA(cudaMalloc(&d.weights, maxT * p.topK * sizeof(float)));
-  PERF_CUDA(cudaMalloc(&d.tokensPerRank, p.nRanks * sizeof(int)));
-  PERF_CUDA(cudaMalloc(&d.tokensPerExpert, p.numExperts * sizeof(int)));
-  PERF_CUDA(cudaMalloc(&d.isTokenInRank, maxT * p.nRanks));
-  PERF_CUDA(cudaMalloc(&d.combineOut, maxT * p.hidden * 2));
-
-  std::vector<Row> layoutRows, dispatchRows, combineRows;
-  const bool check = opt.check != 0;
-  for (long T : moe_perf::tokenSweep(opt)) {
-    // Inputs of this rank, then what it will receive.
-    HostRouting own = makeRouting(p, p.rank, T);
-    std::vector<uint8_t> ownX;
-    std::vector<float> ownScales;
+  void prepare(long tokens) {
+    T = tokens;
+    if (handle) PERF_MOE(ncclMoeHandleDestroy(handle));
+    handle = nullptr;
+    own = makeRouting(p, p.rank, T);
     makeTokens(p, p.rank, T, &ownX, &ownScales);
     PERF_CUDA(cudaMemcpy(d.x, ownX.data(), ownX.size(), cudaMemcpyHostToDevice));
     if (p.scalesPerRow)
       PERF_CUDA(cudaMemcpy(d.scales, ownScales.data(), ownScales.size() * 4, cudaMemcpyHostToDevice));
     PERF_CUDA(cudaMemcpy(d.idx, own.idx.data(), own.idx.size() * 8, cudaMemcpyHostToDevice));
     PERF_CUDA(cudaMemcpy(d.weights, own.weights.data(), own.weights.size() * 4, cudaMemcpyHostToDevice));
-    ReceivePlan plan = planReceive(p, T);
-    std::vector<uint16_t> combineIn;
+    plan = planReceive(p, T);
+    combineIn.clear();
     if (p.dtype == ncclMoeFp8E4m3) combineIn = makeCombineInput(p, plan);
-
-    ncclMoeHandle_t handle = nullptr;
-    ncclMoeDispatchOutput_t out;
     memset(&out, 0, sizeof(out));
-    auto layoutOp = [&] {
-      PERF_MOE(ncclMoeGetLayout(moe, d.idx, (int)T, d.tokensPerRank, d.tokensPerExpert,
-                                d.isTokenInRank, stream));
-    };
-    auto dispatchOp = [&] {
-      PERF_MOE(ncclMoeDispatch(moe, d.x, d.scales, d.idx, d.weights, (int)T, 0, &handle, &out,
-                               stream));
-    };
-    auto combineOp = [&] {
-      const void* expertOut = p.dtype == ncclMoeBf16 ? out.x : out.combineInput;
-      PERF_MOE(ncclMoeCombine(moe, handle, expertOut, nullptr, d.combineOut, stream));
-    };
-    // FP8: the identity expert's outputs go into the window's combine input after a dispatch.
-    auto fillCombineInput = [&] {
-      if (p.dtype == ncclMoeBf16 || plan.rows == 0) return;
-      PERF_CUDA(cudaMemcpyAsync(out.combineInput, combineIn.data(), combineIn.size() * 2,
-                                cudaMemcpyHostToDevice, stream));
-    };
+    dispatch();  // creates the handle and tells where the outputs are
+    moe_perf::quiesce(ctx);
+    poison();
+  }
 
-    dispatchOp();  // creates the handle and tells where the outputs are
-    quiesce(moe, stream);
-    poisonOutputs(p, d, out, capacityRows, maxT, stream);
-    quiesce(moe, stream);
-
-    double layoutUs = moe_perf::timeUs(stream, opt.warmup, opt.iters, layoutOp);
-    quiesce(moe, stream);
-    double dispatchUs = moe_perf::timeUs(stream, opt.warmup, opt.iters, dispatchOp);
-    quiesce(moe, stream);
-    fillCombineInput();
-    quiesce(moe, stream);
-    double combineUs = moe_perf::timeUs(stream, opt.warmup, opt.iters, combineOp);
-    quiesce(moe, stream);
-
-    long long layoutWrong = 0, dispatchWrong = 0, combineWrong = 0;
-    if (check) {  // one more run of each on poisoned outputs
-      poisonOutputs(p, d, out, capacityRows, maxT, stream);
-      quiesce(moe, stream);
-      layoutOp();
-      dispatchOp();
-      quiesce(moe, stream);
-      layoutWrong = checkLayout(p, own, T, d);
-      dispatchWrong = checkDispatch(p, plan, T, ownX, ownScales, out);
+  // Operations in run order. Checks: one more call on poisoned outputs, compared on the host.
+  std::vector<moe_perf::PerfOp> ops() {
+    moe_perf::PerfOp lay, disp, comb;
+    lay.name = "layout";
+    lay.run = [this] { layout(); };
+    lay.check = [this](long) {
+      poison();
+      layout();
+      moe_perf::quiesce(ctx);
+      return checkLayout(p, own, T, d);
+    };
+    disp.name = "dispatch";
+    disp.run = [this] { dispatch(); };
+    disp.bytes = [this](long, double* alg, double* bus) {
+      *alg = plan.rows * p.bwRowBytes();
+      *bus = (plan.rows - plan.selfRows) * p.bwRowBytes();
+    };
+    disp.check = [this](long) {
+      poison();
+      dispatch();
+      moe_perf::quiesce(ctx);
+      return checkDispatch(p, plan, T, ownX, ownScales, out);
+    };
+    comb.name = "combine";
+    comb.init = [this](long) { fillCombineInput(); };
+    comb.run = [this] { combine(); };
+    comb.bytes = [this](long, double* alg, double* bus) {
+      *alg = plan.rows * 2.0 * p.hidden;
+      *bus = (plan.rows - plan.selfRows) * 2.0 * p.hidden;
+    };
+    comb.check = [this](long) {
+      poison();
+      dispatch();
       fillCombineInput();
-      quiesce(moe, stream);
-      combineOp();
-      quiesce(moe, stream);
-      combineWrong = checkCombine(p, own, T, ownX, d);
-    }
-
-    const double dispatchBytes = plan.rows * p.bwRowBytes();
-    const double dispatchRemote = (plan.rows - plan.selfRows) * p.bwRowBytes();
-    const double combineBytes = plan.rows * 2.0 * p.hidden;
-    const double combineRemote = (plan.rows - plan.selfRows) * 2.0 * p.hidden;
-    layoutRows.push_back(moe_perf::reduceRow(T, layoutUs, false, 0, 0, check, layoutWrong));
-    dispatchRows.push_back(moe_perf::reduceRow(T, dispatchUs, true, dispatchBytes, dispatchRemote,
-                                               check, dispatchWrong));
-    combineRows.push_back(moe_perf::reduceRow(T, combineUs, true, combineBytes, combineRemote,
-                                              check, combineWrong));
-    PERF_MOE(ncclMoeHandleDestroy(handle));
+      combine();
+      moe_perf::quiesce(ctx);
+      return checkCombine(p, own, T, ownX, d);
+    };
+    return {lay, disp, comb};
   }
 
-  moe_perf::printTable("layout", layoutRows);
-  moe_perf::printTable(opt.dtype == ncclMoeFp8E4m3 ? "dispatch (fp8)" : "dispatch (bf16)",
-                       dispatchRows);
-  moe_perf::printTable("combine (bf16)", combineRows);
-  long long totalWrong = 0;
-  for (const std::vector<Row>* rows : {&layoutRows, &dispatchRows, &combineRows})
-    for (const Row& r : *rows) totalWrong += r.wrong;
-  if (!layoutRows.empty()) {
-    cudaDeviceProp prop;
-    PERF_CUDA(cudaGetDeviceProperties(&prop, env.localRank));
-    const Row &l = layoutRows.back(), &dr = dispatchRows.back(), &c = combineRows.back();
-    moe_perf::printNote("%s", "");
-    moe_perf::printNote(
-        "summary %s ranks=%d T=%ld H=%d K=%d E=%d sms=%d %s: layout %.1f us | dispatch %.1f us "
-        "algbw %.1f busbw %.1f GB/s | combine %.1f us algbw %.1f busbw %.1f GB/s | #wrong %s",
-        prop.name, env.nRanks, l.tokens, opt.hidden, opt.topK, opt.numExperts, opt.numSms,
-        opt.dtype == ncclMoeFp8E4m3 ? "fp8" : "bf16", l.timeUs, dr.timeUs, dr.algbw, dr.busbw,
-        c.timeUs, c.algbw, c.busbw, check ? std::to_string(totalWrong).c_str() : "N/A");
+  void teardown() {
+    if (handle) PERF_MOE(ncclMoeHandleDestroy(handle));
+    for (void* ptr : {d.x, (void*)d.scales, (void*)d.idx, (void*)d.weights, (void*)d.tokensPerRank,
+                      (void*)d.tokensPerExpert, (void*)d.isTokenInRank, d.combineOut})
+      if (ptr) PERF_CUDA(cudaFree(ptr));
   }
+};
 
-  PERF_MOE(ncclMoeCommDestroy(moe));
-  PERF_CUDA(cudaFree(d.x));
-  if (d.scales) PERF_CUDA(cudaFree(d.scales));
-  PERF_CUDA(cudaFree(d.idx));
-  PERF_CUDA(cudaFree(d.weights));
-  PERF_CUDA(cudaFree(d.tokensPerRank));
-  PERF_CUDA(cudaFree(d.tokensPerExpert));
-  PERF_CUDA(cudaFree(d.isTokenInRank));
-  PERF_CUDA(cudaFree(d.combineOut));
-  PERF_CUDA(cudaStreamDestroy(stream));
-  PERF_NCCL(ncclCommDestroy(comm));
-  if (totalWrong > 0) moe_perf::printNote("FAILED: %lld wrong elements", totalWrong);
-  return moe_ranks::finish(totalWrong > 0 ? 1 : 0);
+}  // namespace
+
+int main(int argc, char** argv) {
+  static Bench bench;
+  moe_perf::PerfTest test;
+  test.name = "ht_perf";
+  test.mode = ncclMoeHighThroughput;
+  test.timing = moe_perf::Timing::kBackToBack;
+  test.setup = [](const moe_perf::Context& ctx) {
+    bench.setup(ctx);
+    return bench.ops();
+  };
+  test.prepare = [](long T) { bench.prepare(T); };
+  test.teardown = [] { bench.teardown(); };
+  return moe_perf::perfMain(argc, argv, moe_perf::Options(), &test);
 }

@@ -1,39 +1,33 @@
 // ll_perf: low-latency (LL) dispatch / combine performance, nccl-tests style.
 //
 // For each token count T of the sweep (tokens per rank), every rank generates its routing (K
-// distinct experts per token, uniform over E; -r skew: the first one among rank 0's experts)
-// and its BF16 tokens on the host from (seed, rank, T), then:
-//  - one-shot loop: per iteration the ranks meet (host barrier after a stream sync), then
-//    dispatch (given the weights unless -W 0, so that its combine is weighted) and combine
-//    (expert output = out.combineInput) are timed with CUDA events around each call;
-//    with -G 1 (default) a kernel spinning kHoldUs holds the stream first, so that the calls
-//    and events are all enqueued before the GPU reaches them: the events time the GPU's work
-//    (as a profiler's kernel times do), not the host's argument checks and launch latency;
-//    -G 0 times from the host's call (each timed call then includes its launch, ~5-8 us);
-//  - split loop: send-only dispatch | dispatch complete | send-only combine | combine complete,
-//    each timed alone, with a stream sync and a host barrier between them: "complete" is then
-//    the cost of completing once every peer has sent (perfect overlap);
-//  - with -c 1: one more one-shot dispatch (on a poisoned slot) + combine, checked against
-//    moe_ref (tests/common/reference_ll.h): counts, every (expert, source) block as a set keyed
-//    by srcToken (row and scale bytes), and the combine of the identity expert (written into
-//    out.combineInput).
-// Per rank the median over the -n iterations (after -w warm-up ones) is taken; the tables show
-// the median and the p99 over ranks (nearest rank: the maximum with up to 100 ranks) of these
-// medians, and the median over ranks of each rank's bandwidth = bytes / its median time:
-//   dispatch: bytes delivered into this rank's expert rows: one row per (token, expert) pair it
-//             receives (a token with two experts here counts twice, although it crosses NVLink
-//             once) * (H*2 BF16, or H + scale bytes for FP8); weights and routing not counted;
-//   combine:  likewise logical bytes: one BF16 row of H*2 bytes per valid (token, k) pair of
-//             this rank's own tokens (DeepEP's definition), although the library moves one
-//             partial per (token, destination rank) pair.
-// Flags besides perf/common's: -F fp32|pow2|ue8m0 (FP8 scale format, default fp32), -l slots
-// (numBufferSlots, default 2), -W 0|1 (weights given to the dispatch, i.e. a weighted combine,
-// default 1), -G 0|1 (hold the stream before each timed call, default 1). Defaults here: -b 128 -e 128 -E 288 -d fp8 -n 100 -w 20.
+// distinct experts per token, uniform over E; --routing skew: the first one among rank 0's
+// experts) and its BF16 tokens on the host from (seed, rank, T). The harness (common.h) times
+// each call alone, the ranks meeting on the host before it; with --hold-stream 1 (default) a
+// kernel holds the stream while the call and its events are enqueued, so the time is the GPU's
+// (as a profiler's kernel times), with 0 it includes the host's call and launch. Operations:
+//   dispatch            one-shot ncclMoeLowLatencyDispatch (given the weights unless -W 0, so
+//                       that its combine is weighted); a combine follows, untimed;
+//   combine             one-shot ncclMoeLowLatencyCombine of the identity expert
+//                       (out.combineInput) after an untimed dispatch;
+//   dispatch_send       send-only dispatch; dispatch_complete its completion once every peer
+//                       has sent (the ranks meet in between): the cost left with perfect overlap;
+//   combine_send, combine_complete   the same for the combine.
+// Check (-c 1): one more one-shot dispatch on a poisoned slot and a combine, compared with
+// moe_ref (tests/common/reference_ll.h): counts, every (expert, source) block as a set keyed by
+// srcToken (row and scale bytes), the combine of the identity expert.
+// Bytes (README: Bandwidth definitions):
+//   dispatch algbw: one row per (token, expert) pair this rank receives (a token with two
+//             experts here counts twice) * (H*2 BF16, or H + scale bytes FP8); busbw: one row
+//             per (token, rank) pair from another rank, what crosses NVLink;
+//   combine algbw: one BF16 row of H*2 bytes per valid (token, k) pair of this rank's own
+//             tokens (DeepEP's definition); busbw: one per (token, other rank) pair.
+// Own options: -F/--scales, -l/--slots, -W/--weighted, --hold-stream (see -h). Defaults here:
+// -b 128 -e 128 -E 288 -d fp8 -n 100 -w 20.
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <string>
@@ -42,51 +36,10 @@
 #include "common.h"
 #include "../tests/common/reference_ll.h"
 
-using moe_perf::Options;
-
 namespace {
-
-struct LlOpts {
-  ncclMoeScaleFormat_t fmt = ncclMoeScaleFp32;
-  int slots = 2;
-  int weighted = 1;
-  int hold = 1;
-};
-
-constexpr double kHoldUs = 200;  // longer than the host needs to enqueue one timed step
 
 const char* fmtName(ncclMoeScaleFormat_t f) {
   return f == ncclMoeScaleUe8m0 ? "ue8m0" : f == ncclMoeScaleFp32Pow2 ? "pow2" : "fp32";
-}
-
-// Removes -F/-l/-W (and their values) from argv into *lo. Returns false on a bad value.
-bool takeLlFlags(int* argc, char** argv, LlOpts* lo) {
-  int out = 1;
-  for (int i = 1; i < *argc; i++) {
-    const char* f = argv[i];
-    const bool mine = !strcmp(f, "-F") || !strcmp(f, "-l") || !strcmp(f, "-W") || !strcmp(f, "-G");
-    if (!mine || i + 1 >= *argc) {
-      argv[out++] = argv[i];
-      continue;
-    }
-    const char* v = argv[++i];
-    if (!strcmp(f, "-F")) {
-      if (!strcmp(v, "fp32")) lo->fmt = ncclMoeScaleFp32;
-      else if (!strcmp(v, "pow2")) lo->fmt = ncclMoeScaleFp32Pow2;
-      else if (!strcmp(v, "ue8m0")) lo->fmt = ncclMoeScaleUe8m0;
-      else return false;
-    } else if (!strcmp(f, "-l")) {
-      lo->slots = atoi(v);
-      if (lo->slots < 1 || lo->slots > 8) return false;
-    } else {
-      int* flag = !strcmp(f, "-W") ? &lo->weighted : &lo->hold;
-      *flag = atoi(v);
-      if (*flag != 0 && *flag != 1) return false;
-    }
-  }
-  *argc = out;
-  argv[out] = nullptr;
-  return true;
 }
 
 struct Ctx {
@@ -218,280 +171,226 @@ long long checkCombine(const Ctx& c, long T, const moe_ref::Routing& own, bool w
   return wrong;
 }
 
-// Collective: every rank's value, in rank order.
-std::vector<double> gather(double v, int R, int me) {
-  std::vector<double> all(R);
-  for (int r = 0; r < R; r++) all[r] = moe_ranks::sumOverRanks(r == me ? v : 0.0);
-  return all;
-}
-
-double median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-double p99(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  size_t i = (size_t)ceil(0.99 * v.size());
-  return v[i > 0 ? i - 1 : 0];
-}
-
-struct OpRow {
-  long tokens = 0;
-  double medUs = 0, p99Us = 0, gbps = 0;
-  bool hasBw = false;
-  long long wrong = -1;  // -1: not checked
-};
-
-// Collective: one table row from this rank's per-iteration times.
-OpRow reduceOp(long T, const std::vector<double>& timesUs, double bytes, long long wrong,
-               int R, int me) {
-  OpRow row;
-  row.tokens = T;
-  const double mine = median(timesUs);
-  std::vector<double> all = gather(mine, R, me);
-  row.medUs = median(all);
-  row.p99Us = p99(all);
-  row.hasBw = bytes >= 0;
-  if (row.hasBw) row.gbps = median(gather(mine > 0 ? bytes / (mine * 1e3) : 0.0, R, me));
-  row.wrong = wrong < 0 ? -1 : (long long)moe_ranks::sumOverRanks((double)wrong);
-  return row;
-}
-
-void printOps(int me, const char* name, const std::vector<OpRow>& rows) {
-  if (me != 0) return;
-  printf("#\n# %s\n# %10s %12s %12s %12s %8s\n", name, "tokens", "median(us)", "p99(us)",
-         "GB/s", "#wrong");
-  for (const OpRow& r : rows) {
-    char bw[32] = "-", wr[32] = "N/A";
-    if (r.hasBw) snprintf(bw, sizeof(bw), "%.2f", r.gbps);
-    if (r.wrong >= 0) snprintf(wr, sizeof(wr), "%lld", r.wrong);
-    printf("  %10ld %12.2f %12.2f %12s %8s\n", r.tokens, r.medUs, r.p99Us, bw, wr);
-  }
-  fflush(stdout);
-}
-
-float elapsedUs(cudaEvent_t a, cudaEvent_t b) {
-  float ms = 0;
-  PERF_CUDA(cudaEventElapsedTime(&ms, a, b));
-  return ms * 1000.0f;
-}
-
-}  // namespace
-
-int main(int argc, char** argv) {
-  const char* prog = "ll_perf";
-  LlOpts lo;
-  if (!takeLlFlags(&argc, argv, &lo)) {
-    fprintf(stderr, "%s: bad value for -F (fp32|pow2|ue8m0), -l (1..8), -W (0|1) or -G (0|1)\n", prog);
-    return 1;
-  }
-  Options opt;
-  opt.minTokens = 128;
-  opt.maxTokens = 128;
-  opt.numExperts = 288;
-  opt.dtype = ncclMoeFp8E4m3;
-  opt.iters = 100;
-  opt.warmup = 20;
-  int rc = moe_perf::parseOptions(argc, argv, prog, &opt);
-  if (rc >= 0) {
-    if (rc == 0)
-      printf("ll_perf also takes: -F fp32|pow2|ue8m0 (default fp32)  -l <slots> (default 2)  "
-             "-W 0|1 weights to the dispatch (default 1)  -G 0|1 hold the stream (default 1)\n"
-             "ll_perf defaults: -b 128 -e 128 -E 288 "
-             "-d fp8 -n 100 -w 20\n");
-    return rc;
-  }
-  moe_ranks::RankEnv env;
-  if (!moe_ranks::start(opt.nRanks, &env)) return 1;
-  if (env.nRanks == 0) return moe_ranks::finish(0);
-  if (opt.numExperts % env.nRanks != 0) {
-    if (env.rank == 0)
-      fprintf(stderr, "%s: -E %d is not a multiple of %d ranks\n", prog, opt.numExperts, env.nRanks);
-    return moe_ranks::finish(1);
-  }
-  if (opt.dtype == ncclMoeFp8E4m3 && lo.fmt == ncclMoeScaleUe8m0 && opt.hidden % 512 != 0) {
-    if (env.rank == 0) fprintf(stderr, "%s: -F ue8m0 needs -H a multiple of 512\n", prog);
-    return moe_ranks::finish(1);
-  }
-  ncclComm_t comm = nullptr;
-  PERF_NCCL(moe_ranks::initComm(env, &comm));
-  moe_perf::printHeader(prog, opt, env);
-  moe_perf::printNote("LL: scales %s  slots %d  combine %s  times %s; the tables below: per "
-                      "rank the median over iterations,", fmtName(lo.fmt), lo.slots,
-                      lo.weighted ? "weighted" : "unweighted",
-                      lo.hold ? "GPU-only (stream held, -G 1)" : "from the host call (-G 0)");
-  moe_perf::printNote("then median / p99 over ranks (us); GB/s = median over ranks of bytes / "
-                      "median time, bytes: rows per (token, expert) pair, "
-                      "dispatched / combined (see ll_perf.cc)");
-
+// Everything one run holds: options, buffers and the inputs of the current T.
+struct Bench {
+  ncclMoeScaleFormat_t fmt = ncclMoeScaleFp32;  // -F
+  int slots = 2;                                // -l
+  bool weighted = true;                         // -W
+  moe_perf::Context ctx;
   Ctx c;
-  c.R = env.nRanks;
-  c.me = env.rank;
-  c.E = opt.numExperts;
-  c.L = c.E / c.R;
-  c.H = opt.hidden;
-  c.K = opt.topK;
-  c.M = (int)opt.maxTokensPerRank;
-  c.fp8 = opt.dtype == ncclMoeFp8E4m3;
-  c.skew = opt.routing == moe_perf::Routing::kSkew;
-  c.fmt = c.fp8 ? lo.fmt : ncclMoeScaleFp32;
-  c.seed = opt.seed;
-
-  ncclMoeConfig_t cfg = NCCL_MOE_CONFIG_INITIALIZER;
-  cfg.mode = ncclMoeLowLatency;
-  cfg.numExperts = c.E;
-  cfg.hidden = c.H;
-  cfg.topK = c.K;
-  cfg.maxTokensPerRank = c.M;
-  cfg.dispatchDtype = opt.dtype;
-  cfg.numSms = opt.numSms;
-  cfg.numBufferSlots = lo.slots;
-  cfg.fp8Scales = c.fmt;
-  size_t winBytes = 0;
-  PERF_MOE(ncclMoeGetWindowSize(&cfg, c.R, &winBytes));
-  moe_perf::printNote("EP window: %.1f MiB per rank", winBytes / 1048576.0);
-  ncclMoeComm_t moe = nullptr;
-  PERF_MOE(ncclMoeCommCreate(comm, &cfg, &moe));
-  cudaStream_t stream;
-  PERF_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  gStream = stream;
+  size_t windowBytes = 0;
   void *dx = nullptr, *didx = nullptr, *dw = nullptr, *dout = nullptr;
-  PERF_CUDA(cudaMalloc(&dx, (size_t)c.M * c.H * 2));
-  PERF_CUDA(cudaMalloc(&didx, (size_t)c.M * c.K * 8));
-  PERF_CUDA(cudaMalloc(&dw, (size_t)c.M * c.K * 4));
-  PERF_CUDA(cudaMalloc(&dout, (size_t)c.M * c.H * 2));
-  cudaEvent_t ev[3];
-  for (cudaEvent_t& e : ev) PERF_CUDA(cudaEventCreate(&e));
-  const bool check = opt.check != 0;
-  const char* names[6] = {"dispatch one-shot", "combine one-shot", "dispatch send-only",
-                          "dispatch complete", "combine send-only", "combine complete"};
-  std::vector<OpRow> table[6];
-  long long totalWrong = 0;
+  long T = 0;
+  std::vector<moe_ref::Routing> rt;  // every rank's routing at T
+  double dispatchBytes = 0, dispatchRemote = 0, combineBytes = 0, combineRemote = 0;
+  ncclMoeLowLatencyOutput_t out;
+  std::vector<ncclMoeLowLatencyOutput_t> seen;  // each slot's outputs, once known
 
-  for (long T : moe_perf::tokenSweep(opt)) {
-    std::vector<moe_ref::Routing> rt(c.R);
+  void dispatch(unsigned flags) {
+    PERF_MOE(ncclMoeLowLatencyDispatch(ctx.moe, dx, (const int64_t*)didx,
+                                       weighted ? (const float*)dw : nullptr, (int)T, flags, &out,
+                                       ctx.stream));
+    seen[out.slot] = out;
+  }
+  void dispatchComplete() { PERF_MOE(ncclMoeLowLatencyDispatchComplete(ctx.moe, &out, ctx.stream)); }
+  void combine(unsigned flags) {
+    PERF_MOE(ncclMoeLowLatencyCombine(ctx.moe, &out, out.combineInput, dout, flags, ctx.stream));
+  }
+  void combineComplete() { PERF_MOE(ncclMoeLowLatencyCombineComplete(ctx.moe, &out, dout, ctx.stream)); }
+
+  void configure(ncclMoeConfig_t* cfg) {
+    cfg->numBufferSlots = slots;
+    cfg->fp8Scales = cfg->dispatchDtype == ncclMoeFp8E4m3 ? fmt : ncclMoeScaleFp32;
+  }
+
+  void setup(const moe_perf::Context& context, const ncclMoeConfig_t& cfg) {
+    ctx = context;
+    const moe_perf::Options& opt = *ctx.opt;
+    c.R = ctx.env.nRanks;
+    c.me = ctx.env.rank;
+    c.E = opt.numExperts;
+    c.L = c.E / c.R;
+    c.H = opt.hidden;
+    c.K = opt.topK;
+    c.M = (int)opt.maxTokensPerRank;
+    c.fp8 = opt.fp8;
+    c.skew = opt.routing == moe_perf::Routing::kSkew;
+    c.fmt = cfg.fp8Scales;
+    c.seed = opt.seed;
+    gStream = ctx.stream;
+    PERF_MOE(ncclMoeGetWindowSize(&cfg, c.R, &windowBytes));
+    PERF_CUDA(cudaMalloc(&dx, (size_t)c.M * c.H * 2));
+    PERF_CUDA(cudaMalloc(&didx, (size_t)c.M * c.K * 8));
+    PERF_CUDA(cudaMalloc(&dw, (size_t)c.M * c.K * 4));
+    PERF_CUDA(cudaMalloc(&dout, (size_t)c.M * c.H * 2));
+    seen.resize(slots);
+    for (ncclMoeLowLatencyOutput_t& o : seen) memset(&o, 0, sizeof(o));
+    memset(&out, 0, sizeof(out));
+  }
+
+  void prepare(long tokens) {
+    T = tokens;
+    rt.assign(c.R, moe_ref::Routing());
     for (int s = 0; s < c.R; s++) rt[s] = makeRouting(c, s, T);
     const moe_ref::Routing& own = rt[c.me];
     const std::vector<uint16_t> x = makeTokens(c, c.me, T);
     copy(dx, x.data(), x.size() * 2, cudaMemcpyHostToDevice);
     copy(didx, own.topkIdx.data(), own.topkIdx.size() * 8, cudaMemcpyHostToDevice);
     copy(dw, own.topkWeights.data(), own.topkWeights.size() * 4, cudaMemcpyHostToDevice);
-    const int64_t* idx = (const int64_t*)didx;
-    const float* w = lo.weighted ? (const float*)dw : nullptr;
-    const long recvRows = moe_ref::llDispatch(c.me, rt, c.E).totalRows();
-    long pairs = 0;
-    for (int64_t e : own.topkIdx) pairs += e >= 0;
-    const double dBytes = (double)recvRows * (rowBytes(c) + scaleBytes(c));
-    const double cBytes = (double)pairs * c.H * 2;
-    ncclMoeLowLatencyOutput_t out;
-    std::vector<ncclMoeLowLatencyOutput_t> seen(lo.slots);  // each slot's outputs, once known
-    for (ncclMoeLowLatencyOutput_t& o : seen) memset(&o, 0, sizeof(o));
-    auto sync = [&] {
-      PERF_CUDA(cudaStreamSynchronize(stream));
-      PERF_MOE(ncclMoeCheckErrors(moe));
-      moe_ranks::barrier();
-    };
-    // Before a timed step: the ranks meet, then (-G 1) the stream is held while the host enqueues.
-    auto startStep = [&] {
-      sync();
-      if (lo.hold) moe_perf::holdStream(stream, kHoldUs);
-    };
-
-    std::vector<double> times[6];
-    for (int i = 0; i < opt.warmup + opt.iters; i++) {  // one-shot
-      startStep();
-      PERF_CUDA(cudaEventRecord(ev[0], stream));
-      PERF_MOE(ncclMoeLowLatencyDispatch(moe, dx, idx, w, (int)T, 0, &out, stream));
-      PERF_CUDA(cudaEventRecord(ev[1], stream));
-      PERF_MOE(ncclMoeLowLatencyCombine(moe, &out, out.combineInput, dout, 0, stream));
-      PERF_CUDA(cudaEventRecord(ev[2], stream));
-      PERF_CUDA(cudaEventSynchronize(ev[2]));
-      seen[out.slot] = out;
-      if (i < opt.warmup) continue;
-      times[0].push_back(elapsedUs(ev[0], ev[1]));
-      times[1].push_back(elapsedUs(ev[1], ev[2]));
-    }
-    // Split: each call timed alone, the ranks meeting between calls.
-    auto timed = [&](std::vector<double>* t, bool keep, auto&& call) {
-      startStep();
-      PERF_CUDA(cudaEventRecord(ev[0], stream));
-      call();
-      PERF_CUDA(cudaEventRecord(ev[1], stream));
-      PERF_CUDA(cudaEventSynchronize(ev[1]));
-      if (keep) t->push_back(elapsedUs(ev[0], ev[1]));
-    };
-    for (int i = 0; i < opt.warmup + opt.iters; i++) {
-      const bool keep = i >= opt.warmup;
-      timed(&times[2], keep, [&] {
-        PERF_MOE(ncclMoeLowLatencyDispatch(moe, dx, idx, w, (int)T, NCCL_MOE_LL_SEND_ONLY, &out, stream));
-      });
-      timed(&times[3], keep, [&] { PERF_MOE(ncclMoeLowLatencyDispatchComplete(moe, &out, stream)); });
-      timed(&times[4], keep, [&] {
-        PERF_MOE(ncclMoeLowLatencyCombine(moe, &out, out.combineInput, dout, NCCL_MOE_LL_SEND_ONLY,
-                                          stream));
-      });
-      timed(&times[5], keep, [&] {
-        PERF_MOE(ncclMoeLowLatencyCombineComplete(moe, &out, dout, stream));
-      });
-    }
-    long long dWrong = -1, cWrong = -1;
-    if (check) {  // one more one-shot run on a poisoned slot, checked
-      const ncclMoeLowLatencyOutput_t& nx = seen[(out.slot + 1) % lo.slots];
-      if (nx.x) {
-        fill(nx.x, slotRows(c) * rowBytes(c));
-        fill(nx.xScales, slotRows(c) * scaleBytes(c));
-        fill(nx.srcToken, slotRows(c) * sizeof(int));
-        fill(nx.recvCountsPerSource, (size_t)c.L * c.R * sizeof(int));
-        fill(nx.expertCounts, (size_t)c.L * sizeof(int));
+    // Rows per (token, expert) pair received / sent, and per (token, other rank) pair.
+    const double rowIn = rowBytes(c) + scaleBytes(c), rowOut = 2.0 * c.H;
+    long remoteIn = 0, remoteOut = 0, pairsOut = 0;
+    for (int s = 0; s < c.R; s++)
+      for (long t = 0; t < T; t++) {
+        std::vector<bool> ranks(c.R, false);
+        for (int k = 0; k < c.K; k++) {
+          const int64_t e = rt[s].topkIdx[(size_t)t * c.K + k];
+          if (e >= 0) ranks[e / c.L] = true;
+          if (s == c.me) pairsOut += e >= 0;
+        }
+        if (s != c.me) remoteIn += ranks[c.me];
+        if (s == c.me)
+          for (int r = 0; r < c.R; r++) remoteOut += r != c.me && ranks[r];
       }
-      sync();
-      PERF_MOE(ncclMoeLowLatencyDispatch(moe, dx, idx, w, (int)T, 0, &out, stream));
-      sync();
-      dWrong = checkDispatchAndFillExpert(c, T, out, rt);
-      fill(dout, (size_t)c.M * c.H * 2);
-      sync();
-      PERF_MOE(ncclMoeLowLatencyCombine(moe, &out, out.combineInput, dout, 0, stream));
-      sync();
-      cWrong = checkCombine(c, T, own, lo.weighted, dout);
-    }
-    sync();
-    const double bytes[6] = {dBytes, cBytes, -1, dBytes, -1, cBytes};
-    const long long wrong[6] = {dWrong, cWrong, -1, -1, -1, -1};
-    for (int op = 0; op < 6; op++) {
-      table[op].push_back(reduceOp(T, times[op], bytes[op], wrong[op], c.R, c.me));
-      if (table[op].back().wrong > 0) totalWrong += table[op].back().wrong;
-    }
+    dispatchBytes = (double)moe_ref::llDispatch(c.me, rt, c.E).totalRows() * rowIn;
+    dispatchRemote = (double)remoteIn * rowIn;
+    combineBytes = (double)pairsOut * rowOut;
+    combineRemote = (double)remoteOut * rowOut;
   }
 
-  for (int op = 0; op < 6; op++) printOps(c.me, names[op], table[op]);
-  if (!table[0].empty()) {
-    cudaDeviceProp prop;
-    PERF_CUDA(cudaGetDeviceProperties(&prop, env.localRank));
-    const OpRow &d = table[0].back(), &cb = table[1].back();
-    char wr[32] = "N/A";
-    if (check) snprintf(wr, sizeof(wr), "%lld", totalWrong);
-    moe_perf::printNote("%s", "");
-    moe_perf::printNote(
-        "summary %s ranks=%d T=%ld H=%d K=%d E=%d sms=%d %s%s%s: dispatch %.1f us (p99 %.1f) "
-        "%.1f GB/s | combine %.1f us (p99 %.1f) %.1f GB/s | send-only %.1f + complete %.1f us "
-        "| combine send-only %.1f + complete %.1f us | #wrong %s",
-        prop.name, c.R, d.tokens, c.H, c.K, c.E, opt.numSms, c.fp8 ? "fp8-" : "bf16",
-        c.fp8 ? fmtName(c.fmt) : "", lo.weighted ? "" : " unweighted", d.medUs, d.p99Us, d.gbps,
-        cb.medUs, cb.p99Us, cb.gbps, table[2].back().medUs, table[3].back().medUs,
-        table[4].back().medUs, table[5].back().medUs, wr);
+  // One checked one-shot dispatch into a poisoned slot; the received rows' identity expert
+  // output is left in out.combineInput. Returns the dispatch's wrong elements.
+  long long checkedDispatch() {
+    const ncclMoeLowLatencyOutput_t& nx = seen[(out.slot + 1) % slots];  // the next slot
+    if (nx.x) {
+      fill(nx.x, slotRows(c) * rowBytes(c));
+      fill(nx.xScales, slotRows(c) * scaleBytes(c));
+      fill(nx.srcToken, slotRows(c) * sizeof(int));
+      fill(nx.recvCountsPerSource, (size_t)c.L * c.R * sizeof(int));
+      fill(nx.expertCounts, (size_t)c.L * sizeof(int));
+    }
+    moe_perf::quiesce(ctx);
+    dispatch(0);
+    moe_perf::quiesce(ctx);
+    return checkDispatchAndFillExpert(c, T, out, rt);
   }
-  PERF_MOE(ncclMoeCommDestroy(moe));
-  for (cudaEvent_t& e : ev) PERF_CUDA(cudaEventDestroy(e));
-  PERF_CUDA(cudaFree(dx));
-  PERF_CUDA(cudaFree(didx));
-  PERF_CUDA(cudaFree(dw));
-  PERF_CUDA(cudaFree(dout));
-  PERF_CUDA(cudaStreamDestroy(stream));
-  PERF_NCCL(ncclCommDestroy(comm));
-  if (totalWrong > 0) moe_perf::printNote("FAILED: %lld wrong elements", totalWrong);
-  return moe_ranks::finish(totalWrong > 0 ? 1 : 0);
+
+  std::vector<moe_perf::PerfOp> ops() {
+    const unsigned kSend = NCCL_MOE_LL_SEND_ONLY;
+    std::vector<moe_perf::PerfOp> v(6);
+    v[0].name = "dispatch";
+    v[0].run = [this] { dispatch(0); };
+    v[0].post = [this] { combine(0); };
+    v[0].bytes = [this](long, double* alg, double* bus) { *alg = dispatchBytes; *bus = dispatchRemote; };
+    v[0].check = [this](long) {
+      const long long wrong = checkedDispatch();
+      combine(0);
+      return wrong;
+    };
+    v[1].name = "combine";
+    v[1].pre = [this] { dispatch(0); };
+    v[1].run = [this] { combine(0); };
+    v[1].bytes = [this](long, double* alg, double* bus) { *alg = combineBytes; *bus = combineRemote; };
+    v[1].check = [this](long) {
+      checkedDispatch();  // its wrong elements are the dispatch row's
+      fill(dout, (size_t)c.M * c.H * 2);
+      combine(0);
+      moe_perf::quiesce(ctx);
+      return checkCombine(c, T, rt[c.me], weighted, dout);
+    };
+    v[2].name = "dispatch_send";
+    v[2].run = [this, kSend] { dispatch(kSend); };
+    v[2].post = [this] { dispatchComplete(); combine(0); };
+    v[3].name = "dispatch_complete";
+    v[3].pre = [this, kSend] { dispatch(kSend); };
+    v[3].run = [this] { dispatchComplete(); };
+    v[3].post = [this] { combine(0); };
+    v[4].name = "combine_send";
+    v[4].pre = [this] { dispatch(0); };
+    v[4].run = [this, kSend] { combine(kSend); };
+    v[4].post = [this] { combineComplete(); };
+    v[5].name = "combine_complete";
+    v[5].pre = [this, kSend] { dispatch(0); combine(kSend); };
+    v[5].run = [this] { combineComplete(); };
+    return v;
+  }
+
+  void teardown() {
+    for (void* p : {dx, didx, dw, dout}) PERF_CUDA(cudaFree(p));
+  }
+};
+
+bool parse01(const char* v, bool* out) {
+  if (strcmp(v, "0") != 0 && strcmp(v, "1") != 0) return false;
+  *out = v[0] == '1';
+  return true;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  static Bench bench;
+  static ncclMoeConfig_t config;
+  moe_perf::PerfTest test;
+  test.name = "ll_perf";
+  test.mode = ncclMoeLowLatency;
+  test.timing = moe_perf::Timing::kEachCallHeld;
+  test.extraOptions = {
+      {"scales", 'F', "fp32|pow2|ue8m0", "FP8 scale format (default fp32)",
+       [](const char* v) {
+         const ncclMoeScaleFormat_t all[] = {ncclMoeScaleFp32, ncclMoeScaleFp32Pow2, ncclMoeScaleUe8m0};
+         for (ncclMoeScaleFormat_t f : all)
+           if (!strcmp(v, fmtName(f))) return bench.fmt = f, true;
+         return false;
+       }},
+      {"slots", 'l', "1..8", "numBufferSlots of the EP context (default 2)",
+       [](const char* v) {
+         char* end = nullptr;
+         const long n = strtol(v, &end, 10);
+         if (end == v || *end != '\0' || n < 1 || n > 8) return false;
+         bench.slots = (int)n;
+         return true;
+       }},
+      {"weighted", 'W', "0|1", "weights given to the dispatch: weighted combine (default 1)",
+       [](const char* v) { return parse01(v, &bench.weighted); }},
+      {"hold-stream", 0, "0|1",
+       "1: GPU time, the stream held while a call is enqueued (default); 0: from the host call",
+       [&test](const char* v) {
+         bool hold = true;
+         if (!parse01(v, &hold)) return false;
+         test.timing = hold ? moe_perf::Timing::kEachCallHeld : moe_perf::Timing::kEachCall;
+         return true;
+       }},
+  };
+  test.validate = [](const moe_perf::Options& opt) -> std::string {
+    if (opt.fp8 && bench.fmt == ncclMoeScaleUe8m0 && opt.hidden % 512 != 0)
+      return "--scales ue8m0 needs -H a multiple of 512";
+    return "";
+  };
+  test.configure = [](ncclMoeConfig_t* cfg) {
+    bench.configure(cfg);
+    config = *cfg;
+  };
+  test.params = [] {
+    char window[32];
+    snprintf(window, sizeof(window), "%.1f", bench.windowBytes / 1048576.0);
+    return moe_perf::Params{{"scales", bench.c.fp8 ? fmtName(bench.c.fmt) : "-"},
+                            {"slots", std::to_string(bench.slots)},
+                            {"weighted", bench.weighted ? "1" : "0"},
+                            {"window_mib", window}};
+  };
+  test.setup = [](const moe_perf::Context& ctx) {
+    bench.setup(ctx, config);
+    return bench.ops();
+  };
+  test.prepare = [](long T) { bench.prepare(T); };
+  test.teardown = [] { bench.teardown(); };
+  moe_perf::Options opt;
+  opt.minTokens = 128;
+  opt.maxTokens = 128;
+  opt.numExperts = 288;
+  opt.fp8 = true;
+  opt.iters = 100;
+  opt.warmup = 20;
+  return moe_perf::perfMain(argc, argv, opt, &test);
 }
