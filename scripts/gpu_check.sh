@@ -3,9 +3,12 @@
 # LL perf binaries for the issues' benchmarks and the moeloop plugin's GPU test (all GPUs as 2
 # fake nodes), and print a short table. Every step has a time limit; full logs go to $OUT (or
 # /tmp/nccl-moe-out).
-# Usage: scripts/gpu_check.sh [build|tests|perf|sanitize|plugin|all] [extra gtest args...]
+# Usage: scripts/gpu_check.sh [build|tests|perf|shapes|sanitize|plugin|all] [extra gtest args...]
 # (build: only that; sanitize: compute-sanitizer memcheck over the GPU suite at 2 ranks,
-# SANITIZE_FILTER narrows it)
+# SANITIZE_FILTER narrows it; shapes: HT and LL sweeps over token counts for the model shapes
+# of DeepSeek-V3, Qwen3-235B-A22B and Mixtral-8x7B, not part of all). The perf binaries write
+# their rows to $OUT/nccl<version>/*.csv (--output); with matplotlib, perf/plot_results.py
+# draws them, next to the peers' rows in perf/results/, into $OUT/nccl<version>/plots/.
 # NCCL: by default the Python environment's (torch's nvidia-nccl wheel, 2.28.9 on our machines);
 # NCCL_HOME=<dir> uses another install instead (include/ with nccl_device.h, lib/libnccl.so.2),
 # e.g. NCCL 2.30.7. The build goes to build-nccl<version>/ so both lines can sit side by side.
@@ -43,36 +46,78 @@ if [ "$what" = perf ] || [ "$what" = all ]; then
   for d in ${HT_DTYPES:-fp8 bf16}; do
     for s in ${HT_SMS:-24 16 8}; do
       echo "=== ht_perf EP$NGPU -d $d -s $s (4096 tokens, H 7168, top-8, 256 experts)"
-      timeout -k 5 90 $B/perf/ht_perf -g $NGPU -b 4096 -e 4096 -H 7168 -k 8 -E 256 -s $s -d $d \
-        -n 20 -w 5 -c 1 > /tmp/perf_one.log 2>&1
+      timeout -k 5 90 $B/perf/ht_perf --ranks $NGPU -b 4096 -e 4096 -H 7168 -k 8 -E 256 -s $s \
+        -d $d -n 20 -w 5 -c 1 --output "$OUT/ht_${d}_s$s.csv" > /tmp/perf_one.log 2>&1
       echo "rc=$?"; cat /tmp/perf_one.log >> "$OUT/perf.log"
-      grep -E "^ *[0-9]|layout|dispatch|combine|rror" /tmp/perf_one.log | grep -v "^# *rank" | head -12
+      grep -E "^ +[0-9]|Out of bounds|Avg bus|rror" /tmp/perf_one.log | head -12
     done
   done
 fi
 if [ "$what" = perf ] || [ "$what" = all ]; then
-  # LL: FP8 at 24 SMs and all SMs, BF16 at all SMs, GPU-only times (-G 1), then FP8 at all SMs
-  # timed from the host call (-G 0). BASELINE_DIR (optional): another checkout, built the same
-  # way, whose ll_perf runs the same cases right after ours (A/B on one machine).
+  # LL: FP8 at 24 SMs and all SMs, BF16 at all SMs, GPU-only times (--hold-stream 1), then FP8
+  # at all SMs timed from the host call (--hold-stream 0). BASELINE_DIR (optional): another
+  # checkout, built the same way, whose ll_perf runs the same cases right after ours (A/B on one
+  # machine); one from before the nccl-tests flags (no --hold-stream) gets its old flags.
   NSM=${ALL_SMS:-132}  # every SM of an H100 / H200 SXM
   for dir in . ${BASELINE_DIR:-}; do
     if [ "$dir" != . ]; then
       (cd "$dir" && make -j32 perf "${MK[@]}" > "$OUT/build_baseline.log" 2>&1) || { tail -20 "$OUT/build_baseline.log"; continue; }
     fi
+    LL=$dir/$B/perf/ll_perf
     for case in "fp8 24 1" "fp8 $NSM 1" "bf16 $NSM 1" "fp8 $NSM 0"; do
       read -r dt sms hold <<< "$case"
-      echo "=== ${dir/#./this tree} ll_perf EP$NGPU -d $dt -s $sms -G $hold (128 tokens, H 7168, top-8, 288 experts)"
-      timeout -k 5 90 $dir/$B/perf/ll_perf -g $NGPU -b 128 -e 128 -H 7168 -k 8 -E 288 -d $dt -s $sms -G $hold \
+      if "$LL" -h | grep -q -- --hold-stream; then
+        flags=(--ranks $NGPU --hold-stream $hold)
+        [ "$dir" = . ] && flags+=(--output "$OUT/ll_${dt}_s${sms}_hold$hold.csv")
+      else
+        flags=(-g $NGPU -G $hold)
+      fi
+      echo "=== ${dir/#./this tree} ll_perf EP$NGPU -d $dt -s $sms --hold-stream $hold (128 tokens, H 7168, top-8, 288 experts)"
+      timeout -k 5 90 "$LL" "${flags[@]}" -b 128 -e 128 -H 7168 -k 8 -E 288 -d $dt -s $sms \
         -n 100 -w 20 -c 1 > /tmp/perf_one.log 2>&1
       echo "rc=$?"; cat /tmp/perf_one.log >> "$OUT/perf.log"
       grep -vE "^# *(rank|Rank|$)" /tmp/perf_one.log | tail -14
     done
   done
   echo "=== ll_perf EP$NGPU -d fp8 -s $NSM, 1 to 256 tokens"
-  timeout -k 5 90 $B/perf/ll_perf -g $NGPU -b 1 -e 256 -f 4 -H 7168 -k 8 -E 288 -d fp8 -s $NSM \
-    -n 50 -w 10 -c 1 > /tmp/perf_one.log 2>&1
+  timeout -k 5 90 $B/perf/ll_perf --ranks $NGPU -b 1 -e 256 -f 4 -H 7168 -k 8 -E 288 -d fp8 -s $NSM \
+    -n 50 -w 10 -c 1 --output "$OUT/ll_fp8_s${NSM}_sweep.csv" > /tmp/perf_one.log 2>&1
   echo "rc=$?"; cat /tmp/perf_one.log >> "$OUT/perf.log"
-  grep -A7 -E "^# (dispatch|combine) one-shot" /tmp/perf_one.log
+  grep -E "^ +[0-9]+ +(dispatch|combine) |Out of bounds|Avg bus" /tmp/perf_one.log
+fi
+if [ "$what" = shapes ]; then
+  # Model shapes (name H E K): HT FP8 and BF16 at 24 SMs over 128..4096 tokens per rank, LL FP8
+  # at all SMs over 1..256; one CSV per (shape, binary, dtype). A shape whose experts do not
+  # split over the GPUs is skipped.
+  NSM=${ALL_SMS:-132}
+  for shape in "deepseek-v3 7168 256 8" "qwen3-235b-a22b 4096 128 8" "mixtral-8x7b 4096 8 2"; do
+    read -r name H E K <<< "$shape"
+    if [ $((E % NGPU)) -ne 0 ]; then echo "=== shapes $name: $E experts over $NGPU GPUs: skipped"; continue; fi
+    for d in fp8 bf16; do
+      echo "=== shapes $name ht_perf EP$NGPU -H $H -E $E -k $K -d $d -s 24"
+      timeout -k 5 180 $B/perf/ht_perf --ranks $NGPU -b 128 -e 4096 -H $H -k $K -E $E -s 24 -d $d \
+        -n 20 -w 5 -c 1 --output "$OUT/shapes_${name}_ht_$d.csv" > /tmp/perf_one.log 2>&1
+      echo "rc=$?"; cat /tmp/perf_one.log >> "$OUT/shapes.log"
+      grep -E "Out of bounds|Avg bus|rror" /tmp/perf_one.log
+    done
+    echo "=== shapes $name ll_perf EP$NGPU -H $H -E $E -k $K -d fp8 -s $NSM"
+    timeout -k 5 180 $B/perf/ll_perf --ranks $NGPU -b 1 -e 256 -f 4 -H $H -k $K -E $E -s $NSM \
+      -d fp8 -n 50 -w 10 -c 1 --output "$OUT/shapes_${name}_ll_fp8.csv" > /tmp/perf_one.log 2>&1
+    echo "rc=$?"; cat /tmp/perf_one.log >> "$OUT/shapes.log"
+    grep -E "Out of bounds|Avg bus|rror" /tmp/perf_one.log
+  done
+fi
+if [ "$what" = perf ] || [ "$what" = shapes ] || [ "$what" = all ]; then
+  if python3 -c "import matplotlib" 2> /dev/null; then
+    (shopt -s nullglob
+     ht=("$OUT"/ht_*.csv "$OUT"/shapes_*_ht_*.csv); ll=("$OUT"/ll_*.csv "$OUT"/shapes_*_ll_*.csv)
+     [ ${#ht[@]} -gt 0 ] && python3 perf/plot_results.py --outdir "$OUT/plots/ht" "${ht[@]}" perf/results/*_ht_*.csv
+     [ ${#ll[@]} -gt 0 ] && python3 perf/plot_results.py --outdir "$OUT/plots/ll" --metric time "${ll[@]}") \
+      > "$OUT/plots.log" 2>&1
+    echo "plots: $OUT/plots ($(grep -c png "$OUT/plots.log") PNG files)"
+  else
+    echo "plots: skipped (no matplotlib; python3 -m pip install matplotlib)"
+  fi
 fi
 if [ "$what" = tests ] || [ "$what" = all ]; then
   for n in ${GPUTEST_SIZES:-$(printf '%s\n' 2 "$NGPU" | sort -un)}; do
