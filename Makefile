@@ -55,7 +55,7 @@ LIB_SO := $(BUILDDIR)/lib/libnccl_moe.so
 LIB_A := $(BUILDDIR)/lib/libnccl_moe.a
 
 # --- tests and perf ------------------------------------------------------------------------
-COMMON_OBJS := $(patsubst %.cc,$(OBJ)/%.o,$(wildcard tests/common/*.cc))
+COMMON_OBJS := $(patsubst %.cc,$(OBJ)/%.o,$(wildcard testing/*.cc))
 UNIT_OBJS := $(patsubst %.cc,$(OBJ)/%.o,$(wildcard tests/unit/*.cc))
 GPU_OBJS := $(patsubst %.cc,$(OBJ)/%.o,$(wildcard tests/gpu/*.cc)) \
             $(patsubst %.cu,$(OBJ)/%.o,$(wildcard tests/gpu/*.cu))

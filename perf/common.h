@@ -1,7 +1,7 @@
 // Shared harness of the nccl-moe perf binaries (perf/*_perf.cc), in the style of nccl-tests: a
 // binary declares a PerfTest (its EP mode, how its calls are timed, its own options) whose setup
 // returns its operations (PerfOp: run, bytes, check), and perfMain does the rest: options
-// (options.h), ranks (tests/common/ranks.h: fork mode or mpirun), the EP context, the header,
+// (options.h), ranks (testing/ranks.h: fork mode or mpirun), the EP context, the header,
 // the sweep over token counts, timing with CUDA events, reductions over ranks, one table line
 // per (size, operation) as soon as it is measured, the --output file (report.h), nccl-tests'
 // summary lines and the exit code (non-zero when any checked value was wrong).
@@ -22,8 +22,8 @@
 #include "nccl_moe.h"
 #include "options.h"
 #include "report.h"
-#include "../tests/common/ranks.h"
-#include "../tests/common/rng.h"
+#include "../testing/ranks.h"
+#include "../testing/rng.h"
 
 namespace moe_perf {
 
@@ -114,7 +114,7 @@ void checkMoe(ncclResult_t res, const char* file, int line, const char* call);
 void holdStream(cudaStream_t stream, double us);
 
 // --- host helpers for generating data ---------------------------------------------------------
-using moe_rng::Rng;  // tests/common/rng.h
+using moe_rng::Rng;  // testing/rng.h
 
 // A seed from several integers (e.g. base seed, rank, token count, stream id).
 uint64_t mixSeed(uint64_t a, uint64_t b, uint64_t c, uint64_t d);

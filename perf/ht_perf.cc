@@ -27,7 +27,7 @@
 #include <vector>
 
 #include "common.h"
-#include "../tests/common/reference.h"
+#include "../testing/reference.h"
 
 
 namespace {

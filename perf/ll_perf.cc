@@ -14,7 +14,7 @@
 //                       has sent (the ranks meet in between): the cost left with perfect overlap;
 //   combine_send, combine_complete   the same for the combine.
 // Check (-c 1): one more one-shot dispatch on a poisoned slot and a combine, compared with
-// moe_ref (tests/common/reference_ll.h): counts, every (expert, source) block as a set keyed by
+// moe_ref (testing/reference_ll.h): counts, every (expert, source) block as a set keyed by
 // srcToken (row and scale bytes), the combine of the identity expert.
 // Bytes (README: Bandwidth definitions):
 //   dispatch algbw: one row per (token, expert) pair this rank receives (a token with two
@@ -34,7 +34,7 @@
 #include <vector>
 
 #include "common.h"
-#include "../tests/common/reference_ll.h"
+#include "../testing/reference_ll.h"
 
 namespace {
 

@@ -4,7 +4,7 @@
 # fake nodes), and print a short table. Every step has a time limit; full logs go to $OUT (or
 # /tmp/nccl-moe-out).
 # Usage: scripts/gpu_check.sh [build|tests|perf|shapes|sanitize|plugin|all] [extra gtest args...]
-# (build: only that; sanitize: compute-sanitizer memcheck over the GPU suite at 2 ranks,
+# (build: only that; sanitize: compute-sanitizer memcheck over the GPU suite at 2 ranks (mpirun),
 # SANITIZE_FILTER narrows it; shapes: HT and LL sweeps over token counts for the model shapes
 # of DeepSeek-V3, Qwen3-235B-A22B and Mixtral-8x7B, not part of all). The perf binaries write
 # their rows to $OUT/nccl<version>/*.csv (--output); with matplotlib, perf/plot_results.py
@@ -129,13 +129,17 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   done
 fi
 if [ "$what" = sanitize ] || [ "$what" = all ]; then
-  # memcheck over the GPU suite at 2 ranks (every forked rank: --target-processes all). NCCL's
-  # init probes kernels that do not exist for sm_90, so API errors are not reported. Tests that
-  # wait for a timeout or soak are left out by default (memcheck slows kernels ~10-100x).
+  # memcheck over the GPU suite at 2 ranks: the mpirun build, one compute-sanitizer per rank, so
+  # each rank's kernels are checked and each prints its own ERROR SUMMARY (a forked rank would
+  # leave without one). NCCL's init probes kernels that do not exist for sm_90, so API errors are
+  # not reported. Tests that wait for a timeout, soak or kill a rank are left out by default
+  # (memcheck slows kernels ~10-100x).
   SECONDS=0
-  timeout -k 5 ${SANITIZE_TIMEOUT:-420} compute-sanitizer --tool memcheck --report-api-errors no \
-    --target-processes all --error-exitcode 97 \
-    $B/test/gpu_tests --ngpus=2 --gtest_filter="${SANITIZE_FILTER:--*Timeout*:*Soak*:*Fault*}" \
+  make -j32 MPI=1 BUILDDIR=$B-mpi $B-mpi/test/gpu_tests NCCL_HOME=$SHIM > "$OUT/build_mpi.log" 2>&1 ||
+    { tail -20 "$OUT/build_mpi.log"; exit 1; }
+  timeout -k 5 ${SANITIZE_TIMEOUT:-420} mpirun --allow-run-as-root -np 2 -x LD_LIBRARY_PATH \
+    -x NCCL_NVLS_ENABLE compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 97 \
+    $B-mpi/test/gpu_tests --gtest_filter="${SANITIZE_FILTER:--*Timeout*:*Soak*:*Fault*}" \
     > "$OUT/sanitize_2.log" 2>&1
   rc=$?
   summary+=("memcheck gputest NGPUS=2 rc=$rc (${SECONDS}s): $(grep -E 'ERROR SUMMARY' "$OUT/sanitize_2.log" | sort | uniq -c | tr '\n' ' ') $(grep -E '^\[  (PASSED|FAILED) ' "$OUT/sanitize_2.log" | head -2 | tr '\n' ' ')")

@@ -1,6 +1,6 @@
 // FP8 e4m3 cast of BF16 rows in the sending warp, one scale per 128 channels.
 // A warp handles 32 consecutive 16-byte vectors (8 BF16 each): lanes 0-15 hold one group of 128
-// channels, lanes 16-31 the next. Scale rules (the CPU reference in tests/common/reference_ll.cc
+// channels, lanes 16-31 the next. Scale rules (the CPU reference in testing/reference_ll.cc
 // computes exactly the same): amax = max(max |x|, 1e-4); FP32 format: scale = amax / 448,
 // q = e4m3(x * (448 / amax)); power-of-two formats: scale = the smallest 2^e >= amax / 448,
 // q = e4m3(x * 2^-e). Conversions round to nearest even and saturate to +-448.

@@ -6,7 +6,7 @@
 // fuse multiply-adds) and the CPU reference then round identically as long as both add the
 // per-rank terms in rank order, and combine can be compared bitwise.
 #include "gpu_env.h"
-#include "../common/rng.h"
+#include "../../testing/rng.h"
 
 #include <stdio.h>
 #include <string.h>

@@ -14,8 +14,8 @@
 #include <string>
 #include <vector>
 #include "nccl_moe.h"
-#include "../common/ranks.h"
-#include "../common/reference.h"
+#include "../../testing/ranks.h"
+#include "../../testing/reference.h"
 
 namespace moe_gpu {
 

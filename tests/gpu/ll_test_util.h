@@ -1,6 +1,6 @@
 // Harness of the low-latency (LL) multi-GPU tests: shapes, deterministic problems, an EP context
 // wrapper that poisons each buffer slot before the dispatch that reuses it, the checks of the
-// expert-major dispatch output against moe_ref (tests/common/reference_ll.h) and the combine
+// expert-major dispatch output against moe_ref (testing/reference_ll.h) and the combine
 // runners. Rules of tests/gpu/gpu_env.h apply: every rank runs the same collective sequence,
 // API failures are agreed on with allRanksOk.
 //
@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "gpu_env.h"
-#include "../common/reference_ll.h"
+#include "../../testing/reference_ll.h"
 
 namespace moe_gpu {
 

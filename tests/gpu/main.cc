@@ -1,4 +1,4 @@
-// main() of the multi-GPU tests: one process per GPU (tests/common/ranks.h starts them), each
+// main() of the multi-GPU tests: one process per GPU (testing/ranks.h starts them), each
 // running the whole suite on its own device with one NCCL communicator over all ranks.
 //   gpu_tests [--ngpus=N] [gtest flags]      N = 0 (default): all local GPUs
 // Only rank 0 prints gtest's output; other ranks print their own failures, prefixed with their

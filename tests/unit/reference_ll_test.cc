@@ -1,4 +1,4 @@
-// Tests of the low-latency CPU reference model (tests/common/reference_ll.h): the FP8 cast and
+// Tests of the low-latency CPU reference model (testing/reference_ll.h): the FP8 cast and
 // its three scale formats on known values, UE8M0 packing, the expert-major dispatch blocks and
 // the per-(token, rank) combine: k order and weights inside a rank's partial, the BF16 rounding
 // of each partial, which rank owns an expert, the rank order of the partials, and +0 for tokens
@@ -10,7 +10,7 @@
 
 #include <vector>
 
-#include "../common/reference_ll.h"
+#include "../../testing/reference_ll.h"
 
 using namespace moe_ref;
 

@@ -1,4 +1,4 @@
-// Tests of the CPU reference model (tests/common/reference.h): number formats against known
+// Tests of the CPU reference model (testing/reference.h): number formats against known
 // encodings, FP8 quantisation error, and layout / dispatch / combine on hand-computed examples
 // and on random routings checked through invariants.
 #include <gtest/gtest.h>
@@ -8,7 +8,7 @@
 #include <random>
 #include <vector>
 
-#include "../common/reference.h"
+#include "../../testing/reference.h"
 
 using namespace moe_ref;
 
