@@ -13,16 +13,6 @@ namespace {
 
 class GpuCreateFailure : public GpuTest {};
 
-Shape smallShape() {
-  Shape s;
-  s.hidden = 1024;
-  s.topK = 4;
-  s.experts = 16;
-  s.maxTokens = 64;
-  s.timeoutMs = 5000;
-  return s;
-}
-
 // 32-bit FNV-1a of the message, exact in a double: equal min and max over ranks = same text.
 double messageHash(const std::string& m) {
   uint32_t h = 2166136261u;

@@ -96,6 +96,17 @@ struct Shape {
   std::string str() const;
 };
 ncclMoeConfig_t makeConfig(const Shape& s);
+// A small BF16 shape (H 1024, top-4 of 16 experts, 64 tokens, 5 s timeout) for tests of
+// lifetimes and failures, where the data size does not matter.
+inline Shape smallShape() {
+  Shape s;
+  s.hidden = 1024;
+  s.topK = 4;
+  s.experts = 16;
+  s.maxTokens = 64;
+  s.timeoutMs = 5000;
+  return s;
+}
 
 enum class Route {
   Random,       // K distinct experts per token, each entry -1 with probability dropProb

@@ -17,16 +17,6 @@ namespace {
 
 class GpuLifetime : public GpuTest {};
 
-Shape lifetimeShape() {
-  Shape s;
-  s.hidden = 1024;
-  s.topK = 4;
-  s.experts = 16;
-  s.maxTokens = 64;
-  s.timeoutMs = 5000;
-  return s;
-}
-
 // Expects `res` == `code` and a message containing `word`; returns whether it held.
 bool expectRejected(ncclResult_t res, ncclResult_t code, const char* word, const char* what) {
   const std::string msg = ncclMoeGetLastError();
@@ -37,7 +27,7 @@ bool expectRejected(ncclResult_t res, ncclResult_t code, const char* word, const
 
 // combine(h1) after dispatch(h2) on the same context is refused; h2 still combines correctly.
 TEST_F(GpuLifetime, CombineOfOlderHandleRejected) {
-  const Shape s = lifetimeShape();
+  const Shape s = smallShape();
   Ep ep(s);
   if (!ep.create()) return;
   Problem p = makeProblem(s, spec(801));
@@ -65,7 +55,7 @@ TEST_F(GpuLifetime, CombineOfOlderHandleRejected) {
 
 // Double destroy and use after destroy, of a handle and of a context: ncclInvalidArgument.
 TEST_F(GpuLifetime, DestroyedHandleAndContextRejected) {
-  const Shape s = lifetimeShape();
+  const Shape s = smallShape();
   ncclMoeConfig_t cfg = makeConfig(s);
   ncclMoeComm_t c = nullptr;
   MOE_AGREE_OR_RETURN(MOE_OK(ncclMoeCommCreate(comm(), &cfg, &c)), "create");
@@ -132,7 +122,7 @@ TEST_F(GpuLifetime, LowLatencyZeroedOrReusedOutputRejected) {
 // Host (pageable) memory as topkIdx, a misaligned topkIdx, and an in-window expertOut that is
 // neither combineInput nor x: rejected before any kernel runs; the context still works.
 TEST_F(GpuLifetime, BadPointerArgumentsRejectedContextStillWorks) {
-  const Shape s = lifetimeShape();
+  const Shape s = smallShape();
   Ep ep(s);
   if (!ep.create()) return;
   Problem p = makeProblem(s, spec(804));
@@ -181,7 +171,7 @@ size_t residentBytes() {
 // 200 collective creations and destructions (with one dispatch each, so the handle path is
 // exercised too) leave device and host memory where they were after a warm-up.
 TEST_F(GpuLifetime, CreateDestroy200TimesNoMemoryGrowth) {
-  const Shape s = lifetimeShape();
+  const Shape s = smallShape();
   ncclMoeConfig_t cfg = makeConfig(s);
   auto cycle = [&](int n) {
     bool ok = true;

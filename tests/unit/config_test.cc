@@ -13,24 +13,16 @@
 #include "error_message_match.h"
 
 #include "config.h"
+#include "config_fixture.h"
 #include "nccl_moe.h"
 
 using namespace nccl_moe;
 
 namespace {
 
-constexpr int kRanks = 4;
-constexpr int kSms = 132;
-
-ncclMoeConfig_t goodConfig() {
-  ncclMoeConfig_t c = NCCL_MOE_CONFIG_INITIALIZER;
-  c.numExperts = 64;
-  c.hidden = 7168;
-  c.topK = 8;
-  c.maxTokensPerRank = 4096;
-  c.numSms = 24;
-  return c;
-}
+using config_fixture::goodConfig;
+using config_fixture::kRanks;
+using config_fixture::kSms;
 
 // Validates `c` and expects a rejection whose message names `field` and the value `v`.
 void expectRejected(const ncclMoeConfig_t& c, const char* field, long long v, int nRanks = kRanks,
