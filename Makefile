@@ -2,7 +2,8 @@
 #   CUDA_HOME (default /usr/local/cuda), NCCL_HOME (see below), MPI=1 + MPI_HOME for
 #   mpirun-launched perf and GPU tests, BUILDDIR (default build), NVCC_GENCODE (default sm_90).
 # Targets: all (library, tests, perf, plugin), lib, test (CPU tests), gputest NGPUS=n,
-#          perf, plugin, deps, install PREFIX=..., clean (keeps .deps).
+#          perf, plugin, deps, python (library into python/nccl_moe/lib), install PREFIX=...,
+#          clean (keeps .deps).
 #
 # NCCL: `make deps` installs NCCL_VERSION (default 2.28.9; 2.29.x and 2.30.x work too) from
 # PyPI's nvidia-nccl-cu<CUDA major> wheel into .deps/nccl-<version>. NCCL_HOME defaults to that
@@ -77,7 +78,7 @@ ifneq ($(filter-out deps clean,$(if $(MAKECMDGOALS),$(MAKECMDGOALS),all)),)
   endif
 endif
 
-.PHONY: all lib test gputest perf plugin deps install clean
+.PHONY: all lib test gputest perf plugin deps python install clean
 all: lib $(UNIT_BIN) $(GPU_BIN) perf plugin
 lib: $(LIB_SO) $(LIB_A)
 perf: $(PERF_BINS)
@@ -125,6 +126,11 @@ gputest: $(GPU_BIN)
 # NCCL headers and libnccl.so.2 from PyPI (no root needed); see scripts/install_nccl.sh.
 deps:
 	scripts/install_nccl.sh $(NCCL_VERSION) $(DEPS_NCCL) $(NVCC)
+
+# The Python package's copy of the library (then `pip install ./python`; python/README.md).
+python: $(LIB_SO)
+	@mkdir -p python/nccl_moe/lib
+	cp $(LIB_SO) python/nccl_moe/lib/
 
 install: lib
 	install -d $(PREFIX)/lib $(PREFIX)/include
