@@ -1,8 +1,11 @@
-"""Shared helpers of the CPU tests: where the repository and its headers are."""
+"""Shared helpers of the tests: the checkout's package first on sys.path (the tests test this
+tree, installed or not, from any working directory), where the repository and its headers are."""
 import os
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "python"))
 
 
 def header_include_dirs():

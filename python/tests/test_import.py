@@ -1,13 +1,17 @@
 """The package imports with neither torch nor a GPU, and does not load torch by itself."""
+import os
 import subprocess
 import sys
+
+from conftest import REPO
 
 
 def test_import_does_not_pull_torch():
     code = ("import sys, nccl_moe; "
             "assert 'torch' not in sys.modules, 'nccl_moe imported torch'; "
             "assert nccl_moe.HEADER_VERSION == 100; print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    env = dict(os.environ, PYTHONPATH=str(REPO / "python"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 
