@@ -1,5 +1,6 @@
 // Configuration validation and the byte layout of the EP window. Pure host code with no CUDA
-// calls, so that the CPU unit tests exercise every rule.
+// calls, so that the CPU unit tests exercise every rule. The limits the kernels size arrays by
+// (kMaxRanks, kMaxTopK, kFp8GroupSize) live in device/kernel_args.h, the layer below.
 #pragma once
 #include <limits.h>
 #include <stddef.h>
@@ -9,10 +10,7 @@
 
 namespace nccl_moe {
 
-constexpr int kMaxTopK = 32;
 constexpr int kMaxExperts = 8192;  // per-expert counters live in shared memory
-constexpr int kMaxRanks = 32;       // ranks of one NVLink domain (one warp lane per peer)
-constexpr int kFp8GroupSize = 128;  // channels sharing one FP32 scale
 constexpr int kDefaultTimeoutMs = 30000;
 // Largest config.hidden: a row of it (2 bytes per element) stays far inside int, the type the
 // kernels and the per-call arguments use for row bytes (DispatchArgs::rowBytes, launchCopyRows).
@@ -55,10 +53,6 @@ struct WindowLayout {
 
 // Bytes of one row of FP8 scales in the low-latency cast (0 for BF16).
 size_t llScaleBytesPerRow(const ncclMoeConfig_t& resolved);
-// Signal kinds (rows of the signals region). kSigCombineSource is not a counter: rank s stores
-// there the window offset of its expert outputs, before its kSigCombineReady signal.
-enum SignalKind { kSigDispatchCounts = 0, kSigDispatchDone = 1, kSigCombineReady = 2,
-                  kSigCombineDone = 3, kSigCombineSource = 4, kSignalKinds = 5 };
 
 // Byte layout of the window of a resolved config on nRanks ranks. Every size is computed with
 // overflow-checked arithmetic: on overflow, ncclInvalidArgument naming the config's sizes.

@@ -14,7 +14,6 @@
 //  3. done: each CTA release-adds kSigCombineDone at every peer; the last CTA waits for all
 //     peers, so no rank reuses its expert-output rows while another still reads them.
 // The row of token t on rank r is routing.sendOffset[r] + routing.sendPos[t][r] (from dispatch).
-#include "config.h"
 #include "device/kernel_args.h"
 #include "device/peer_sync.cuh"
 #include "device/vec_io.cuh"

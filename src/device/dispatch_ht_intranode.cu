@@ -14,7 +14,6 @@
 // If any destination would receive more than `capacity` rows, every rank sees it in phase 1 (all
 // have the full count matrix), writes no data, records kDevOverflow, leaves counts of 0 rows and
 // DeviceState::htDispatchEmpty set, and still completes phase 3.
-#include "config.h"
 #include "device/kernel_args.h"
 #include "device/peer_sync.cuh"
 #include "device/vec_io.cuh"

@@ -1,5 +1,7 @@
-// Arguments of the device kernels and their host launchers (one launcher per kernel file).
-// Shared by host code (src/*.cc) and kernels (src/device/*.cu); no device code here.
+// The contract between the host runtime and the kernels: limits, the arguments of every kernel
+// and its host launcher (one launcher per kernel file), the device state and error records.
+// The bottom layer: host code (src/*.cc, net/) and kernels (src/device/**) include it, and it
+// includes nothing of either (only CUDA's runtime and NCCL's device-API types).
 #pragma once
 #include <stdint.h>
 #include <cuda_runtime.h>
@@ -7,6 +9,17 @@
 #include <nccl_device/core.h>
 
 namespace nccl_moe {
+
+// Limits that kernels size their arrays by; the host validates configs against them (config.h).
+constexpr int kMaxTopK = 32;        // one warp lane per top-k entry
+constexpr int kMaxRanks = 32;       // ranks of one NVLink domain (one warp lane per peer)
+constexpr int kFp8GroupSize = 128;  // channels sharing one FP32 scale
+
+// Signal kinds of the high-throughput kernels (rows of the window's signals region, each
+// [kMaxRanks] uint64 indexed by the writing rank). kSigCombineSource is not a counter: rank s
+// stores there the window offset of its expert outputs, before its kSigCombineReady signal.
+enum SignalKind { kSigDispatchCounts = 0, kSigDispatchDone = 1, kSigCombineReady = 2,
+                  kSigCombineDone = 3, kSigCombineSource = 4, kSignalKinds = 5 };
 
 // Kernel-detected failures, written once (first error wins) into host-mapped memory so that a
 // later API call reports them without synchronising. code: one of DeviceErrorCode.

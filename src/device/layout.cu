@@ -8,7 +8,6 @@
 // flag and adds its count, which gives the tile's base row per rank. The highest tile, which has
 // then seen every other tile publish, writes tokensPerRank / tokensPerExpert, re-arms the ticket
 // and advances the epoch (every other CTA read it before publishing).
-#include "config.h"
 #include "device/kernel_args.h"
 #include "device/peer_sync.cuh"
 

@@ -9,7 +9,6 @@
 // Complete (numSms CTAs, as the source): wait until every rank's signal is exactly numCtas * epoch
 // (modulo 2^64; a rank ahead is a protocol error),
 // then (token, chunk) items sum the token's partials in rank order (FP32) and write BF16.
-#include "config.h"
 #include "device/kernel_args.h"
 #include "device/ll_source_tokens.cuh"
 #include "device/peer_sync.cuh"

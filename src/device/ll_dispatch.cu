@@ -18,7 +18,7 @@
 // token from its first expert row to its other expert rows on this rank.
 // Bad input of this rank (ids outside [-1, E), an expert repeated within a token) goes to the
 // local error record: the entry is dropped and the operation completes on every rank.
-#include "config.h"
+#include "nccl_moe.h"
 #include "device/fp8_cast.cuh"
 #include "device/kernel_args.h"
 #include "device/ll_source_tokens.cuh"

@@ -9,7 +9,6 @@
 #pragma once
 #include <stdint.h>
 #include <nccl_device.h>
-#include "config.h"
 #include "device/kernel_args.h"
 
 namespace nccl_moe {
