@@ -49,8 +49,9 @@ endif
 OBJ := $(BUILDDIR)/obj
 
 # --- library -------------------------------------------------------------------------------
+# Kernels sit in src/device/ and its folders by mode (common/, ht/, ll/; one level).
 LIB_CC := $(wildcard src/*.cc)
-LIB_CU := $(wildcard src/device/*.cu)
+LIB_CU := $(wildcard src/device/*.cu src/device/*/*.cu)
 LIB_OBJS := $(LIB_CC:%.cc=$(OBJ)/%.o) $(LIB_CU:%.cu=$(OBJ)/%.o)
 LIB_SO := $(BUILDDIR)/lib/libnccl_moe.so
 LIB_A := $(BUILDDIR)/lib/libnccl_moe.a

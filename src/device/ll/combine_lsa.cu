@@ -10,9 +10,9 @@
 // (modulo 2^64; a rank ahead is a protocol error),
 // then (token, chunk) items sum the token's partials in rank order (FP32) and write BF16.
 #include "device/kernel_args.h"
-#include "device/ll_source_tokens.cuh"
-#include "device/peer_sync.cuh"
-#include "device/vec_io.cuh"
+#include "device/common/peer_sync.cuh"
+#include "device/common/vec_io.cuh"
+#include "device/ll/source_tokens.cuh"
 
 namespace nccl_moe {
 

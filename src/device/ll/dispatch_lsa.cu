@@ -19,11 +19,11 @@
 // Bad input of this rank (ids outside [-1, E), an expert repeated within a token) goes to the
 // local error record: the entry is dropped and the operation completes on every rank.
 #include "nccl_moe.h"
-#include "device/fp8_cast.cuh"
 #include "device/kernel_args.h"
-#include "device/ll_source_tokens.cuh"
-#include "device/peer_sync.cuh"
-#include "device/vec_io.cuh"
+#include "device/common/fp8_cast.cuh"
+#include "device/common/peer_sync.cuh"
+#include "device/common/vec_io.cuh"
+#include "device/ll/source_tokens.cuh"
 
 namespace nccl_moe {
 

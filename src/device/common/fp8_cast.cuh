@@ -7,7 +7,7 @@
 #pragma once
 #include <cuda_fp8.h>
 #include <stdint.h>
-#include "device/vec_io.cuh"
+#include "device/common/vec_io.cuh"
 
 namespace nccl_moe {
 

@@ -15,8 +15,8 @@
 //     peers, so no rank reuses its expert-output rows while another still reads them.
 // The row of token t on rank r is routing.sendOffset[r] + routing.sendPos[t][r] (from dispatch).
 #include "device/kernel_args.h"
-#include "device/peer_sync.cuh"
-#include "device/vec_io.cuh"
+#include "device/common/peer_sync.cuh"
+#include "device/common/vec_io.cuh"
 
 namespace nccl_moe {
 

@@ -15,8 +15,8 @@
 // have the full count matrix), writes no data, records kDevOverflow, leaves counts of 0 rows and
 // DeviceState::htDispatchEmpty set, and still completes phase 3.
 #include "device/kernel_args.h"
-#include "device/peer_sync.cuh"
-#include "device/vec_io.cuh"
+#include "device/common/peer_sync.cuh"
+#include "device/common/vec_io.cuh"
 
 namespace nccl_moe {
 

@@ -9,7 +9,7 @@
 // then seen every other tile publish, writes tokensPerRank / tokensPerExpert, re-arms the ticket
 // and advances the epoch (every other CTA read it before publishing).
 #include "device/kernel_args.h"
-#include "device/peer_sync.cuh"
+#include "device/common/peer_sync.cuh"
 
 namespace nccl_moe {
 
