@@ -15,8 +15,9 @@ namespace nccl_moe {
 WindowView windowView(const ncclMoeComm* c) {
   WindowView w;
   w.win = c->win;
-  w.rank = c->rank;
-  w.nRanks = c->nRanks;
+  // Nodes are runs of lsaSize consecutive ranks (PeerMap); this rank's node starts lsaRank
+  // ranks below it. Single-node contexts (all today) get lsaBase 0, lsaSize nRanks.
+  w.peers = PeerMap{c->rank, c->nRanks, c->rank - c->devComm.lsaRank, c->devComm.lsaSize};
   w.signalsOff = c->layout.signals;
   w.countsOff = c->layout.counts;
   w.state = c->state;

@@ -110,10 +110,33 @@ struct LayoutArgs {
 // ceil(T / kLayoutTileTokens) CTAs (at least one), one token per thread.
 cudaError_t launchLayout(const LayoutArgs& args, cudaStream_t stream);
 
+// Where the ranks of the EP communicator are, as the kernels see them (the peer abstraction;
+// device helpers in device/common/peers.cuh). A node is a run of lsaSize consecutive world
+// ranks sharing one NVLink domain: NCCL forms LSA teams that way, and net/node_map.h checks it
+// (equal GPUs per node, node-contiguous ranks), so the map is arithmetic, with nothing to load:
+//   world rank r is on node r / lsaSize, at local index r % lsaSize;
+//   r is an LSA peer of this rank (NVLink load/store, LSA index r - lsaBase) iff it is on this
+//   rank's node; every other rank is remote (GIN, net/).
+// A single-node context has lsaBase 0 and lsaSize nRanks: every peer is LSA, LSA index = rank.
+constexpr int kPeerRemote = -1;
+struct PeerMap {
+  int rank;     // this rank in the EP communicator (world rank)
+  int nRanks;   // ranks of the EP communicator
+  int lsaBase;  // world rank of this node's first rank (node(rank) * lsaSize)
+  int lsaSize;  // ranks per node; divides nRanks
+  __host__ __device__ int node(int r) const { return r / lsaSize; }
+  __host__ __device__ int localIndex(int r) const { return r % lsaSize; }
+  __host__ __device__ int nodes() const { return nRanks / lsaSize; }
+  // LSA index of world rank r (for ncclGetLsaPointer), or kPeerRemote when r is on another node.
+  __host__ __device__ int lsaIndex(int r) const {
+    return (unsigned)(r - lsaBase) < (unsigned)lsaSize ? r - lsaBase : kPeerRemote;
+  }
+};
+
 // Everything the HT kernels need to find the window and synchronise with peers.
 struct WindowView {
   ncclWindow_t win;
-  int rank, nRanks;
+  PeerMap peers;
   size_t signalsOff, countsOff;   // byte offsets in the window (WindowLayout)
   DeviceState* state;
   DeviceError* error;       // the sticky record

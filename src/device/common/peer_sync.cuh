@@ -10,24 +10,24 @@
 #include <stdint.h>
 #include <nccl_device.h>
 #include "device/kernel_args.h"
+#include "device/common/peers.cuh"
 
 namespace nccl_moe {
 
 __device__ __forceinline__ uint64_t* signalPtr(const WindowView& w, int owner, int kind, int src) {
-  char* base = (char*)ncclGetLsaPointer(w.win, w.signalsOff, owner);
-  return (uint64_t*)base + kind * kMaxRanks + src;
+  return (uint64_t*)lsaPointer(w, owner, w.signalsOff) + kind * kMaxRanks + src;
 }
 
-// Release-store `value` into peer `peer`'s signals[kind][w.rank]. Orders every store this thread
+// Release-store `value` into peer `peer`'s signals[kind][w.peers.rank]. Orders every store this thread
 // (and, through a preceding barrier, its CTA) made before it, for observers on any GPU.
 __device__ __forceinline__ void signalStore(const WindowView& w, int peer, int kind, uint64_t value) {
-  uint64_t* p = signalPtr(w, peer, kind, w.rank);
+  uint64_t* p = signalPtr(w, peer, kind, w.peers.rank);
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(value) : "memory");
 }
 
-// Release-add `value` to peer `peer`'s signals[kind][w.rank].
+// Release-add `value` to peer `peer`'s signals[kind][w.peers.rank].
 __device__ __forceinline__ void signalAdd(const WindowView& w, int peer, int kind, uint64_t value) {
-  uint64_t* p = signalPtr(w, peer, kind, w.rank);
+  uint64_t* p = signalPtr(w, peer, kind, w.peers.rank);
   asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(value) : "memory");
 }
 
@@ -113,7 +113,7 @@ __device__ __forceinline__ bool waitSeq(const WindowView& w, const uint64_t* p, 
 // Waits until this rank's signals[kind][src] holds exactly `target` (see waitSeq).
 __device__ __forceinline__ bool waitSignal(const WindowView& w, int kind, int src, uint64_t target,
                                            uint64_t perOp) {
-  return waitSeq<0>(w, signalPtr(w, w.rank, kind, src), target, kind, src, nullptr, perOp);
+  return waitSeq<0>(w, signalPtr(w, w.peers.rank, kind, src), target, kind, src, nullptr, perOp);
 }
 
 // The calling CTA's threads end their part of a launch; returns true in exactly one CTA, the last
@@ -139,7 +139,7 @@ __device__ __forceinline__ bool lastCtaToArrive(unsigned int* arrived) {
 __device__ __forceinline__ bool ctaWaitAllPeers(const WindowView& w, int kind, uint64_t target,
                                                 uint64_t perOp = 1) {
   bool ok = true;
-  for (int src = threadIdx.x; src < w.nRanks; src += blockDim.x) ok &= waitSignal(w, kind, src, target, perOp);
+  for (int src = threadIdx.x; src < w.peers.nRanks; src += blockDim.x) ok &= waitSignal(w, kind, src, target, perOp);
   return __syncthreads_and(ok) != 0;
 }
 
@@ -152,7 +152,7 @@ __device__ __forceinline__ void finishAndWaitPeers(const WindowView& w, int kind
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence_system();
-    for (int p = 0; p < w.nRanks; ++p) signalAdd(w, p, kind, 1);
+    for (int p = 0; p < w.peers.nRanks; ++p) signalAdd(w, p, kind, 1);
   }
   if (!lastCtaToArrive(arrived)) return;
   ctaWaitAllPeers(w, kind, (uint64_t)gridDim.x * seq, gridDim.x);

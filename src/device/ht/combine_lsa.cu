@@ -92,14 +92,14 @@ __device__ __forceinline__ void reduceToken(const CombineArgs& a, const char* co
 
 __global__ void __launch_bounds__(kCombineThreads, 1) combineHtIntranodeKernel(CombineArgs a) {
   const WindowView& w = a.w;
-  const int R = w.nRanks;
+  const int R = w.peers.nRanks;
   __shared__ char* peer[kMaxRanks];
   __shared__ const char* rows[kMaxRanks];  // peer r's expert outputs, at the offset it published
   __shared__ int sendOffset[kMaxRanks];
   const uint64_t seq = *(volatile unsigned long long*)&w.state->combineSeq + 1;
   const bool empty = *(volatile int*)&w.state->htDispatchEmpty != 0;
   if (threadIdx.x < R) {
-    peer[threadIdx.x] = (char*)ncclGetLsaPointer(w.win, 0, threadIdx.x);
+    peer[threadIdx.x] = peerWindow(w, threadIdx.x, 0);
     sendOffset[threadIdx.x] = a.routing.sendOffset[threadIdx.x];
   }
   __syncthreads();
@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combineHtIntranodeKernel(C
     if (threadIdx.x == 0) __threadfence_system();
     __syncthreads();
     for (int d = threadIdx.x; d < R; d += blockDim.x) {
-      *signalPtr(w, d, kSigCombineSource, w.rank) = a.inOff;  // ordered by the release below
+      *signalPtr(w, d, kSigCombineSource, w.peers.rank) = a.inOff;  // ordered by the release below
       signalStore(w, d, kSigCombineReady, seq);
     }
   }
@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combineHtIntranodeKernel(C
   // Thread r acquired rank r's ready signal in the wait, so it sees the offset stored before it.
   // The peer rewrites it only in its next combine, after this kernel's done signals.
   if (ready && threadIdx.x < R)
-    rows[threadIdx.x] = peer[threadIdx.x] + loadAcquire(signalPtr(w, w.rank, kSigCombineSource, threadIdx.x));
+    rows[threadIdx.x] = peer[threadIdx.x] + loadAcquire(signalPtr(w, w.peers.rank, kSigCombineSource, threadIdx.x));
   __syncthreads();
 
   if (ready) {

@@ -26,11 +26,11 @@ constexpr int kDispatchUnroll = 8;  // 16-byte vectors in flight per lane
 // Phase 1 helper: CTA 0 publishes this rank's counts row to every peer.
 __device__ void publishCounts(const DispatchArgs& a, char* const* peer, uint64_t seq) {
   const WindowView& w = a.w;
-  const int R = w.nRanks, localExperts = a.numExperts / R, rowLen = R + localExperts;
+  const int R = w.peers.nRanks, localExperts = a.numExperts / R, rowLen = R + localExperts;
   for (int i = threadIdx.x; i < R * rowLen; i += blockDim.x) {
     const int d = i / rowLen, j = i % rowLen;
     const int v = j < R ? a.routing.tokensPerRank[j] : a.routing.tokensPerExpert[d * localExperts + j - R];
-    int* row = (int*)(peer[d] + w.countsOff) + w.rank * rowLen;
+    int* row = (int*)(peer[d] + w.countsOff) + w.peers.rank * rowLen;
     row[j] = v;
   }
   __syncthreads();
@@ -66,7 +66,7 @@ __device__ __forceinline__ void sendToken(const DispatchArgs& a, char* const* pe
   // Scales (FP8), expert ids and weights: small rows. NVLink carries every store as its own
   // transaction, so they go as 16-byte vectors wherever the row sizes allow (the window regions
   // are 256-byte aligned): four scales, two ids or four weights per store.
-  const int expertsPerRank = a.numExperts / a.w.nRanks, K = a.topK;
+  const int expertsPerRank = a.numExperts / a.w.peers.nRanks, K = a.topK;
   const float* scalesIn = a.xScales + (size_t)t * a.scaleCols;
   const bool vecScales = a.scaleCols % 4 == 0 && (uintptr_t)scalesIn % 16 == 0;
   const int64_t e = lane < K ? a.routing.topkIdx[(size_t)t * K + lane] : -1;
@@ -107,13 +107,13 @@ __device__ __forceinline__ void sendToken(const DispatchArgs& a, char* const* pe
 
 __global__ void __launch_bounds__(kDispatchThreads, 1) dispatchHtIntranodeKernel(DispatchArgs a) {
   const WindowView& w = a.w;
-  const int R = w.nRanks, me = w.rank;
+  const int R = w.peers.nRanks, me = w.peers.rank;
   const int localExperts = a.numExperts / R, rowLen = R + localExperts;
   __shared__ char* peer[kMaxRanks];
   __shared__ int sendOffset[kMaxRanks];
   __shared__ int overflow;
   const uint64_t seq = *(volatile unsigned long long*)&w.state->dispatchSeq + 1;
-  if (threadIdx.x < R) peer[threadIdx.x] = (char*)ncclGetLsaPointer(w.win, 0, threadIdx.x);
+  if (threadIdx.x < R) peer[threadIdx.x] = peerWindow(w, threadIdx.x, 0);
   if (threadIdx.x == 0) overflow = 0;
   __syncthreads();
 

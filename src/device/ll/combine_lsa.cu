@@ -78,10 +78,10 @@ __device__ void sumRowsChunk(unsigned m, const uint4* myRow, float myWeight, int
 
 __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineSendKernel(LlCombineArgs a) {
   const WindowView& w = a.w;
-  const int R = w.nRanks, me = w.rank, M = a.maxTokens, K = a.topK;
+  const int R = w.peers.nRanks, me = w.peers.rank, M = a.maxTokens, K = a.topK;
   __shared__ char* peer[kMaxRanks];
   __shared__ int tokenStart[kMaxRanks + 1];  // prefix of the sources' token counts
-  if (threadIdx.x < R) peer[threadIdx.x] = (char*)ncclGetLsaPointer(w.win, 0, threadIdx.x) + a.slotOff;
+  if (threadIdx.x < R) peer[threadIdx.x] = peerWindow(w, threadIdx.x, a.slotOff);
   __syncthreads();
   const char* slot = peer[me];
   if (threadIdx.x == 0) {
@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineSendKernel(LlCo
 
 __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineCompleteKernel(LlCombineArgs a) {
   const WindowView& w = a.w;
-  const int R = w.nRanks;
+  const int R = w.peers.nRanks;
   const char* slot = (const char*)ncclGetLocalPointer(w.win, a.slotOff);
   const uint64_t epoch = *(volatile unsigned long long*)&w.state->llCombineSends[a.slotIndex];
   const uint64_t* sig = (const uint64_t*)(slot + a.slot.combineSignals);

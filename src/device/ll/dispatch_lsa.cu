@@ -43,7 +43,7 @@ struct LlTokenRoute {
 __device__ void routeTokenLl(const LlDispatchArgs& a, char* const* peer, char* mySlot, int t,
                              LlTokenRoute* r, int lane) {
   const WindowView& w = a.w;
-  const int R = w.nRanks, me = w.rank, K = a.topK, L = a.numExperts / R, M = a.maxTokens;
+  const int R = w.peers.nRanks, me = w.peers.rank, K = a.topK, L = a.numExperts / R, M = a.maxTokens;
   int d = -1, row = -1;
   float weight = 1.0f;
   if (lane < K) {
@@ -152,12 +152,12 @@ __device__ void sendChunkLl(const LlDispatchArgs& a, char* const* peer, const Ll
 
 __global__ void __launch_bounds__(kLlThreads, 1) llDispatchSendKernel(LlDispatchArgs a) {
   const WindowView& w = a.w;
-  const int R = w.nRanks, me = w.rank, L = a.numExperts / R, M = a.maxTokens, T = a.numTokens;
+  const int R = w.peers.nRanks, me = w.peers.rank, L = a.numExperts / R, M = a.maxTokens, T = a.numTokens;
   __shared__ char* peer[kMaxRanks];
   __shared__ LlTokenRoute route[kLlWarps];
   unsigned long long* sends = &w.state->llDispatchSends[a.slotIndex];
   const uint64_t epoch = *(volatile unsigned long long*)sends + 1;
-  if (threadIdx.x < R) peer[threadIdx.x] = (char*)ncclGetLsaPointer(w.win, 0, threadIdx.x) + a.slotOff;
+  if (threadIdx.x < R) peer[threadIdx.x] = peerWindow(w, threadIdx.x, a.slotOff);
   __syncthreads();
   char* mySlot = peer[me];
 
@@ -224,7 +224,7 @@ __device__ void fanOutChunk(char* x, char* scales, size_t rowBytes, size_t scale
 
 __global__ void __launch_bounds__(kLlThreads, 1) llDispatchCompleteKernel(LlDispatchArgs a) {
   const WindowView& w = a.w;
-  const int R = w.nRanks, L = a.numExperts / R, M = a.maxTokens, K = a.topK;
+  const int R = w.peers.nRanks, L = a.numExperts / R, M = a.maxTokens, K = a.topK;
   char* slot = (char*)ncclGetLocalPointer(w.win, a.slotOff);
   const uint64_t epoch = *(volatile unsigned long long*)&w.state->llDispatchSends[a.slotIndex];
   const uint64_t* sig = (const uint64_t*)(slot + a.slot.dispatchSignals);
