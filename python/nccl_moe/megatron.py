@@ -1,0 +1,79 @@
+"""Megatron-LM adapter: `patch()` makes megatron-core's flex dispatcher with
+`--moe-flex-dispatcher-backend deepep` run on nccl-moe, in an unmodified megatron-core 0.19.x.
+
+Megatron's _DeepepManager calls three names that megatron/core/transformer/moe/token_dispatcher.py
+imports from fused_a2a.py: fused_dispatch, fused_combine and set_deepep_num_sms (it refuses to
+start when fused_dispatch is None, i.e. DeepEP is absent). patch() rebinds those names in both
+modules to the functions below, which keep Megatron's signatures and return shapes.
+
+One Buffer per (group, hidden, experts, top-k), created at the first dispatch; its
+max_tokens_per_rank is the largest token count over the group at that moment (an all_reduce),
+unless patch(max_tokens_per_rank=...) fixes it. A later dispatch with more tokens fails with
+ValueError. The SM count is --moe-flex-dispatcher-num-sms (Megatron's default 20).
+async_finish / allocate_on_comm_stream are accepted; the calls are ordered with the calling
+stream (Megatron makes its stream wait at once anyway).
+"""
+from typing import Dict, Optional
+
+_BUFFERS: Dict[tuple, object] = {}     # (group, hidden, experts, top-k) -> Buffer
+_BY_GROUP: Dict[tuple, object] = {}    # (group, hidden) -> that Buffer, for fused_combine
+_max_tokens_per_rank: Optional[int] = None
+
+
+def _buffer(group, hidden: int, num_experts: int, num_topk: int, num_tokens: int):
+    import torch
+    import torch.distributed as dist
+    from .torch import Buffer
+
+    key = (group, hidden, num_experts, num_topk)
+    if key not in _BUFFERS:
+        max_tokens = _max_tokens_per_rank
+        if max_tokens is None:
+            t = torch.tensor([num_tokens], dtype=torch.int64, device="cuda")
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+            max_tokens = int(t.item())
+        _BUFFERS[key] = Buffer(group, hidden, num_experts, num_topk, max_tokens)
+        if (group, hidden) in _BY_GROUP:
+            raise NotImplementedError("nccl_moe.megatron: one expert configuration per (group, "
+                                      "hidden) (fused_combine finds the Buffer by them)")
+        _BY_GROUP[(group, hidden)] = _BUFFERS[key]
+    return _BUFFERS[key]
+
+
+def fused_dispatch(x, token_indices, token_probs, num_experts, group, async_finish=False,
+                   allocate_on_comm_stream=False):
+    """Megatron's fused_dispatch: x [T][H] BF16, token_indices [T][K] int64 (-1 = dropped),
+    token_probs [T][K] FP32. Returns (recv_x, recv_indices, recv_probs, tokens_per_expert (CPU
+    int64), handle)."""
+    from .torch import dispatch
+
+    buf = _buffer(group, x.shape[1], num_experts, token_indices.shape[1], x.shape[0])
+    return dispatch(x.contiguous(), token_indices, token_probs, buf)
+
+
+def fused_combine(x, group, handle, async_finish=False, allocate_on_comm_stream=False):
+    """Megatron's fused_combine: x [rows][H] BF16. Returns (combined [T][H], None)."""
+    from .torch import combine
+
+    return combine(x.contiguous(), handle, _BY_GROUP[(group, x.shape[1])]), None
+
+
+def set_deepep_num_sms(num_sms: int) -> None:
+    """Megatron's set_deepep_num_sms: CTAs per HT kernel for Buffers created afterwards."""
+    from .torch import Buffer
+
+    Buffer.set_num_sms(num_sms)
+
+
+def patch(max_tokens_per_rank: Optional[int] = None) -> None:
+    """Rebinds megatron-core's DeepEP entry points to nccl-moe (idempotent). Call it before the
+    model is built. max_tokens_per_rank: fixes the Buffers' token bound (default: measured)."""
+    global _max_tokens_per_rank
+    from megatron.core.transformer.moe import fused_a2a, token_dispatcher
+
+    _max_tokens_per_rank = max_tokens_per_rank
+    for module in (fused_a2a, token_dispatcher):
+        module.fused_dispatch = fused_dispatch
+        module.fused_combine = fused_combine
+        module.set_deepep_num_sms = set_deepep_num_sms
+    fused_a2a.HAVE_DEEP_EP = True

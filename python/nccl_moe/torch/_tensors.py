@@ -1,0 +1,54 @@
+"""Torch tensors over raw device memory (the EP window) and the addresses the C API takes.
+
+A window view is built through __cuda_array_interface__, so no torch C++ ABI is involved; the
+view keeps a reference to its `owner` (the EP context), which therefore outlives it. BF16 and
+FP8 have no array-interface type code: they are read as int16 / uint8 and reinterpreted.
+"""
+from typing import Optional, Sequence
+
+import torch
+
+_CARRIERS = {
+    torch.bfloat16: ("<i2", torch.int16),
+    torch.float8_e4m3fn: ("|u1", torch.uint8),
+    torch.float32: ("<f4", torch.float32),
+    torch.int32: ("<i4", torch.int32),
+    torch.int64: ("<i8", torch.int64),
+}
+
+
+class _DeviceMemory:
+    """A __cuda_array_interface__ (v2, no stream: the caller orders its streams) over `ptr`."""
+
+    def __init__(self, ptr: int, shape: Sequence[int], typestr: str, owner: object):
+        self.__cuda_array_interface__ = {"data": (ptr, False), "shape": tuple(shape),
+                                         "typestr": typestr, "version": 2}
+        self.owner = owner
+
+
+def window_view(ptr: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device,
+                owner: object) -> torch.Tensor:
+    """A contiguous `dtype` tensor of `shape` at device address `ptr` (no copy). Valid as long as
+    the memory is (the window's lifetime rules); holds `owner` alive."""
+    if any(s == 0 for s in shape):
+        return torch.empty(tuple(shape), dtype=dtype, device=device)
+    typestr, carrier = _CARRIERS[dtype]
+    t = torch.as_tensor(_DeviceMemory(ptr, shape, typestr, owner), device=device)
+    return t if carrier == dtype else t.view(dtype)
+
+
+def address(t: Optional[torch.Tensor]) -> Optional[int]:
+    """Device address of `t`'s first element, None for None."""
+    return None if t is None else t.data_ptr()
+
+
+def require(t: torch.Tensor, name: str, dtype: torch.dtype, shape: Sequence[Optional[int]]) -> None:
+    """ValueError unless `t` is a contiguous CUDA tensor of `dtype` whose shape matches `shape`
+    (None matches any extent)."""
+    ok = (t.is_cuda and t.dtype == dtype and t.is_contiguous() and t.dim() == len(shape)
+          and all(s is None or s == d for s, d in zip(shape, t.shape)))
+    if not ok:
+        want = "x".join("*" if s is None else str(s) for s in shape)
+        raise ValueError(f"{name}: expected a contiguous CUDA {dtype} tensor [{want}], got "
+                         f"{t.dtype} {list(t.shape)} on {t.device}"
+                         f"{'' if t.is_contiguous() else ' (not contiguous)'}")
