@@ -27,6 +27,10 @@ ncclResult_t validateConfig(const ncclMoeConfig_t* cfg, int nRanks, int deviceSm
     return setError(bad, "communicator has %d ranks; supported 1..%d", nRanks, kMaxRanks);
   if (cfg->mode != ncclMoeHighThroughput && cfg->mode != ncclMoeLowLatency)
     return setError(bad, "config.mode = %d is not an ncclMoeMode_t", (int)cfg->mode);
+  if (cfg->mode == ncclMoeHighThroughput && nRanks > kMaxHtRanks)
+    return setError(bad, "config.mode = ncclMoeHighThroughput supports 1..%d ranks (one warp lane per peer); "
+                    "the communicator has %d: use ncclMoeLowLatency (up to %d ranks)", kMaxHtRanks, nRanks,
+                    kMaxRanks);
   if (cfg->dispatchDtype != ncclMoeBf16 && cfg->dispatchDtype != ncclMoeFp8E4m3)
     return setError(bad, "config.dispatchDtype = %d is not an ncclMoeDtype_t", (int)cfg->dispatchDtype);
   if (cfg->numExperts <= 0)
@@ -124,7 +128,7 @@ static LowLatencySlotLayout lowLatencySlotLayout(const ncclMoeConfig_t& c, int n
   s.combineSignals = slot.take(sizeof(uint64_t) * R, 256);
   s.recvCounts = slot.take(sizeof(int) * (L * R + L), 256);
   s.route = slot.take(m.mul(m.mul(sizeof(LlRouteEntry) * R, M), K), 256);
-  s.tokenRanks = slot.take(m.mul(sizeof(uint32_t), M), 256);
+  s.tokenRanks = slot.take(m.mul(sizeof(uint32_t) * rankMaskWords(nRanks), M), 256);
   s.recvX = slot.take(m.mul(m.mul(LB, H), dtypeBytes(c.dispatchDtype)), 256);
   s.recvScales = slot.take(m.mul(LB, llScaleBytesPerRow(c)), 256);
   s.srcToken = slot.take(m.mul(sizeof(int), LB), 256);

@@ -61,6 +61,9 @@ extern "C" ncclResult_t ncclMoeGetLayout(ncclMoeComm_t c, const int64_t* topkIdx
   MOE_CHECK(checkDevicePointer(c->pointers, fn, "tokensPerRank", tokensPerRank, alignof(int)));
   MOE_CHECK(checkDevicePointer(c->pointers, fn, "tokensPerExpert", tokensPerExpert, alignof(int)));
   MOE_CHECK(checkDevicePointer(c->pointers, fn, "isTokenInRank", isTokenInRank, 1));
+  if (c->nRanks > kMaxHtRanks)  // the layout kernel keeps a token's ranks in a 32-bit mask
+    return setError(ncclInvalidUsage, "ncclMoeGetLayout: supported on 1..%d ranks; the EP context has %d",
+                    kMaxHtRanks, c->nRanks);
   LayoutArgs a;
   memset(&a, 0, sizeof(a));
   a.topkIdx = topkIdx;

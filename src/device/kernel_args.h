@@ -12,8 +12,15 @@ namespace nccl_moe {
 
 // Limits that kernels size their arrays by; the host validates configs against them (config.h).
 constexpr int kMaxTopK = 32;        // one warp lane per top-k entry
-constexpr int kMaxRanks = 32;       // ranks of one NVLink domain (one warp lane per peer)
+constexpr int kMaxRanks = 256;      // ranks of an EP communicator (world ranks, all nodes)
+constexpr int kMaxHtRanks = 32;     // high-throughput mode and the layout kernel: one warp lane
+                                    // per peer, 32-bit rank masks
 constexpr int kFp8GroupSize = 128;  // channels sharing one FP32 scale
+
+// Per-token rank masks of the low-latency kernels: bit r % 32 of word r / 32 stands for rank r.
+// Up to 32 ranks they are one word, as the kernels' fast paths assume.
+constexpr int kRankMaskWords = kMaxRanks / 32;
+__host__ __device__ constexpr int rankMaskWords(int nRanks) { return (nRanks + 31) / 32; }
 
 // Signal kinds of the high-throughput kernels (rows of the window's signals region, each
 // [kMaxRanks] uint64 indexed by the writing rank). kSigCombineSource is not a counter: rank s
@@ -180,7 +187,8 @@ struct LowLatencySlotLayout {
   size_t recvCounts;       // int32 [L][R] then [L]: rows per (expert, source) (written by the
                            // sources), rows per expert (written by the completion)
   size_t route;            // LlRouteEntry [R][M][K]: where source s's token t went on this rank
-  size_t tokenRanks;       // uint32 [M]: bit r set when this rank's token t went to rank r
+  size_t tokenRanks;       // uint32 [M][rankMaskWords(R)]: rank mask of the ranks this rank's
+                           // token t went to
   size_t recvX;            // [L][B][rowBytes]
   size_t recvScales;       // [L][B][scaleBytesPerRow]
   size_t srcToken;         // int32 [L][B]: token index on the source rank

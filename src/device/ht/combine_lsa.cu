@@ -93,9 +93,9 @@ __device__ __forceinline__ void reduceToken(const CombineArgs& a, const char* co
 __global__ void __launch_bounds__(kCombineThreads, 1) combineHtIntranodeKernel(CombineArgs a) {
   const WindowView& w = a.w;
   const int R = w.peers.nRanks;
-  __shared__ char* peer[kMaxRanks];
-  __shared__ const char* rows[kMaxRanks];  // peer r's expert outputs, at the offset it published
-  __shared__ int sendOffset[kMaxRanks];
+  __shared__ char* peer[kMaxHtRanks];
+  __shared__ const char* rows[kMaxHtRanks];  // peer r's expert outputs, at the offset it published
+  __shared__ int sendOffset[kMaxHtRanks];
   const uint64_t seq = *(volatile unsigned long long*)&w.state->combineSeq + 1;
   const bool empty = *(volatile int*)&w.state->htDispatchEmpty != 0;
   if (threadIdx.x < R) {

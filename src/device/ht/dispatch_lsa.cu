@@ -109,8 +109,8 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatchHtIntranodeKernel
   const WindowView& w = a.w;
   const int R = w.peers.nRanks, me = w.peers.rank;
   const int localExperts = a.numExperts / R, rowLen = R + localExperts;
-  __shared__ char* peer[kMaxRanks];
-  __shared__ int sendOffset[kMaxRanks];
+  __shared__ char* peer[kMaxHtRanks];
+  __shared__ int sendOffset[kMaxHtRanks];
   __shared__ int overflow;
   const uint64_t seq = *(volatile unsigned long long*)&w.state->dispatchSeq + 1;
   if (threadIdx.x < R) peer[threadIdx.x] = peerWindow(w, threadIdx.x, 0);

@@ -22,18 +22,15 @@ constexpr int kLlReduceUnroll = 4;   // vectors per lane per row in flight
 constexpr int kLlRowsInFlight = 4;   // rows of a sum loaded before any is added
 constexpr int kLlSumVecs = 32 * kLlReduceUnroll;  // vectors of one (token, chunk) item
 
-// Sums vectors [base, base + kLlSumVecs) of the BF16 rows named by the lanes in `m`, in
+static_assert(kLlCombineThreads >= kMaxRanks, "one thread per rank fills the peer table");
+
+// Adds vectors [base, base + kLlSumVecs) of the BF16 rows named by the lanes in `m` to `acc`, in
 // increasing lane order: each lane j in m passes its row's start and weight. FP32 accumulation
-// acc = acc + (w * y rounded to float) from +0.0f, then one BF16 rounding; m == 0 gives zeros.
-// kPeerWritten: the rows were written by another GPU (read past L1).
+// acc = acc + (w * y rounded to float). kPeerWritten: the rows were written by another GPU (read
+// past L1).
 template <bool kPeerWritten>
-__device__ void sumRowsChunk(unsigned m, const uint4* myRow, float myWeight, int base, int rowVecs,
-                             int lane, uint4 (&result)[kLlReduceUnroll]) {
-  float acc[kLlReduceUnroll][8];
-#pragma unroll
-  for (int u = 0; u < kLlReduceUnroll; ++u)
-#pragma unroll
-    for (int j = 0; j < 8; ++j) acc[u][j] = 0.0f;
+__device__ __forceinline__ void addRowsChunk(unsigned m, const uint4* myRow, float myWeight, int base,
+                                             int rowVecs, int lane, float (&acc)[kLlReduceUnroll][8]) {
   while (m != 0) {
     uint4 v[kLlRowsInFlight][kLlReduceUnroll];
     float wq[kLlRowsInFlight];
@@ -67,6 +64,17 @@ __device__ void sumRowsChunk(unsigned m, const uint4* myRow, float myWeight, int
       }
     }
   }
+}
+
+__device__ __forceinline__ void zeroChunk(float (&acc)[kLlReduceUnroll][8]) {
+#pragma unroll
+  for (int u = 0; u < kLlReduceUnroll; ++u)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[u][j] = 0.0f;
+}
+
+// One BF16 rounding of each accumulated value.
+__device__ __forceinline__ void packChunk(const float (&acc)[kLlReduceUnroll][8], uint4 (&result)[kLlReduceUnroll]) {
 #pragma unroll
   for (int u = 0; u < kLlReduceUnroll; ++u) {
     result[u].x = floatToBf16Bits(acc[u][0]) | (floatToBf16Bits(acc[u][1]) << 16);
@@ -74,6 +82,32 @@ __device__ void sumRowsChunk(unsigned m, const uint4* myRow, float myWeight, int
     result[u].z = floatToBf16Bits(acc[u][4]) | (floatToBf16Bits(acc[u][5]) << 16);
     result[u].w = floatToBf16Bits(acc[u][6]) | (floatToBf16Bits(acc[u][7]) << 16);
   }
+}
+
+// Sums the rows named by the lanes in `m` (addRowsChunk) from +0.0f, then rounds once to BF16;
+// m == 0 gives zeros.
+template <bool kPeerWritten>
+__device__ void sumRowsChunk(unsigned m, const uint4* myRow, float myWeight, int base, int rowVecs,
+                             int lane, uint4 (&result)[kLlReduceUnroll]) {
+  float acc[kLlReduceUnroll][8];
+  zeroChunk(acc);
+  addRowsChunk<kPeerWritten>(m, myRow, myWeight, base, rowVecs, lane, acc);
+  packChunk(acc, result);
+}
+
+// The completion's sum of token t's partials over more than 32 ranks: the same sum as
+// sumRowsChunk with one lane per rank, taken 32 ranks at a time (lane j of step g names rank
+// 32g + j), so the ranks are still added in increasing order. mask: t's rank mask;
+// partials: t's [R][H] BF16 partials.
+__device__ void sumPartialsWide(const uint32_t* mask, const uint16_t* partials, int R, int H, int base,
+                                int rowVecs, int lane, uint4 (&result)[kLlReduceUnroll]) {
+  float acc[kLlReduceUnroll][8];
+  zeroChunk(acc);
+  for (int g = 0; g < rankMaskWords(R); ++g) {
+    const uint4* myRow = (const uint4*)(partials + (size_t)min(32 * g + lane, R - 1) * H);
+    addRowsChunk<true>(mask[g], myRow, 1.0f, base, rowVecs, lane, acc);
+  }
+  packChunk(acc, result);
 }
 
 __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineSendKernel(LlCombineArgs a) {
@@ -140,6 +174,8 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineSendKernel(LlCo
   if (blockIdx.x == 0 && threadIdx.x == 0) w.state->llCombineSends[a.slotIndex] += 1;
 }
 
+// kWide: more than 32 ranks (sumPartialsWide); otherwise one lane per rank.
+template <bool kWide>
 __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineCompleteKernel(LlCombineArgs a) {
   const WindowView& w = a.w;
   const int R = w.peers.nRanks;
@@ -153,15 +189,20 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineCompleteKernel(
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, rowVecs = a.hidden / 8;
   const int chunks = (rowVecs + kLlSumVecs - 1) / kLlSumVecs;
-  const uint32_t* tokenRanks = (const uint32_t*)(slot + a.slot.tokenRanks);
+  const uint32_t* tokenRanks = (const uint32_t*)(slot + a.slot.tokenRanks);  // [M][rankMaskWords(R)]
   const uint16_t* recv = (const uint16_t*)(slot + a.slot.combineRecv);  // [M][R][H]
   for (int it = blockIdx.x * kLlCombineWarps + warp; it < a.numTokens * chunks;
        it += gridDim.x * kLlCombineWarps) {
     const int t = it / chunks, base = (it % chunks) * kLlSumVecs;
-    const unsigned ranks = tokenRanks[t];  // written by this rank's dispatch send
-    const uint4* myRow = (const uint4*)(recv + ((size_t)t * R + min(lane, R - 1)) * a.hidden);
     uint4 sum[kLlReduceUnroll];
-    sumRowsChunk<true>(ranks, myRow, 1.0f, base, rowVecs, lane, sum);
+    if (kWide) {
+      sumPartialsWide(tokenRanks + (size_t)t * rankMaskWords(R), recv + (size_t)t * R * a.hidden, R, a.hidden,
+                      base, rowVecs, lane, sum);
+    } else {
+      const unsigned ranks = tokenRanks[t];  // written by this rank's dispatch send
+      const uint4* myRow = (const uint4*)(recv + ((size_t)t * R + min(lane, R - 1)) * a.hidden);
+      sumRowsChunk<true>(ranks, myRow, 1.0f, base, rowVecs, lane, sum);
+    }
     uint4* dst = (uint4*)(a.out + (size_t)t * a.hidden);
 #pragma unroll
     for (int u = 0; u < kLlReduceUnroll; ++u) {
@@ -177,7 +218,10 @@ cudaError_t launchLlCombineSend(const LlCombineArgs& args, int numCtas, cudaStre
 }
 
 cudaError_t launchLlCombineComplete(const LlCombineArgs& args, int numCtas, cudaStream_t stream) {
-  llCombineCompleteKernel<<<numCtas, kLlCombineThreads, 0, stream>>>(args);
+  if (args.w.peers.nRanks > 32)
+    llCombineCompleteKernel<true><<<numCtas, kLlCombineThreads, 0, stream>>>(args);
+  else
+    llCombineCompleteKernel<false><<<numCtas, kLlCombineThreads, 0, stream>>>(args);
   return cudaGetLastError();
 }
 

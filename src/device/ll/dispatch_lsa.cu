@@ -4,8 +4,8 @@
 // Send (numSms CTAs of 16 warps): each CTA takes rounds of up to 16 tokens. Phase 1, one warp per
 // token: every valid (t, k) reserves row pos of its expert with an atomic on this rank's
 // per-expert counter; the warp writes the token's route entries (row and weight of each k, -1
-// for k on other ranks) to every rank, srcToken of each row to its owner, and the set of ranks
-// the token goes to into this rank's tokenRanks[t]. Phase 2, all warps of the CTA: (token,
+// for k on other ranks) to every rank, srcToken of each row to its owner, and the mask of the
+// ranks the token goes to into this rank's tokenRanks[t]. Phase 2, all warps of the CTA: (token,
 // chunk of 2048 channels) items; the warp loads the chunk once, casts it to FP8 when asked (amax
 // and scale per 128 channels inside half-warps) and stores it, with its scales, into the row of
 // the token's first expert on every destination rank. The last CTA to finish writes the row
@@ -31,6 +31,7 @@ constexpr int kLlThreads = 512;
 constexpr int kLlWarps = kLlThreads / 32;
 constexpr int kLlUnroll = 8;  // vectors per lane in one chunk: 8 * 32 * 8 = 2048 channels = 16 groups
 constexpr int kLlChunkVecs = 32 * kLlUnroll;
+static_assert(kLlThreads >= kMaxRanks, "one thread per rank fills the peer table and signals");
 
 // Where a token of the running round goes: for each k, its destination rank (-1: none) and row.
 struct LlTokenRoute {
@@ -64,11 +65,14 @@ __device__ void routeTokenLl(const LlDispatchArgs& a, char* const* peer, char* m
   // The first k of each destination rank receives the data; the completion copies it onward.
   const unsigned same = __match_any_sync(0xffffffffu, d);
   const unsigned lead = __ballot_sync(0xffffffffu, d >= 0 && lane == __ffs(same) - 1);
-  const unsigned ranks = __reduce_or_sync(0xffffffffu, d >= 0 ? 1u << d : 0u);
-  if (lane == 0) {
-    ((uint32_t*)(mySlot + a.slot.tokenRanks))[t] = ranks;
-    r->lead = lead;
+  // The token's rank mask: word j holds ranks 32j..32j+31 (one word up to 32 ranks).
+  const int words = rankMaskWords(R);
+  uint32_t* tokenRanks = (uint32_t*)(mySlot + a.slot.tokenRanks) + (size_t)t * words;
+  for (int j = 0; j < words; ++j) {
+    const unsigned ranks = __reduce_or_sync(0xffffffffu, d >= 0 && d / 32 == j ? 1u << (d % 32) : 0u);
+    if (lane == 0) tokenRanks[j] = ranks;
   }
+  if (lane == 0) r->lead = lead;
   if (lane < K) {
     r->dest[lane] = d;
     r->row[lane] = row;
