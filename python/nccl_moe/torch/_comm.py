@@ -26,10 +26,11 @@ def check_nccl_version() -> None:
             f"NCCL {'.'.join(map(str, torch_nccl))}: the library runs only on its build's "
             f"major.minor. Rebuild it with `make deps NCCL_VERSION=<torch's> && make python "
             f"NCCL_VERSION=<torch's>` ({TORCH_NCCL_PAIRS}).")
-    if loaded // 100 != built // 100:
+    if (loaded // 10000, loaded // 100 % 100) != tuple(torch_nccl[:2]):
         raise RuntimeError(
-            f"libnccl_moe.so bound to NCCL {decode(loaded)}, not torch's; import torch before the "
-            f"first nccl_moe call so that both use one libnccl.so.2")
+            f"libnccl_moe.so runs on NCCL {decode(loaded)}, torch on "
+            f"{'.'.join(map(str, torch_nccl))}: import torch before the first nccl_moe call so "
+            f"that both bind to one libnccl.so.2")
 
 
 def nccl_comm_of(group) -> int:
