@@ -6,6 +6,7 @@
 #include "moeloop_gin_api.h"
 #include "moeloop_log.h"
 #include "moeloop_net_props.h"
+#include "moeloop_peer_stats.h"
 
 namespace moeloop {
 namespace {
@@ -42,22 +43,6 @@ ncclResult_t checkRegion(GinCollComm* c, void* handle, uint64_t off, uint64_t le
   return ncclSuccess;
 }
 
-GinRequest* allocRequest(GinCollComm* c) {
-  GinRequest* r;
-  if (!c->freeList.empty()) {
-    r = c->freeList.back();
-    c->freeList.pop_back();
-  } else {
-    r = new GinRequest();
-    c->pool.push_back(r);
-  }
-  memset(r, 0, sizeof(*r));
-  r->magic = kGinReqMagic;
-  r->comm = c;
-  r->state = GinReqState::kQueued;
-  return r;
-}
-
 uint32_t wireSignalOp(uint32_t ncclOp) {
   if (ncclOp == NCCL_NET_SIGNAL_OP_INC) return kGinOpSignalInc;
   if (ncclOp == NCCL_NET_SIGNAL_OP_ADD) return kGinOpSignalAdd;
@@ -65,8 +50,8 @@ uint32_t wireSignalOp(uint32_t ncclOp) {
 }
 
 // Applies a put to the own rank at once, payload first.
-ncclResult_t applyLocally(GinCollComm* c, const GinPut& p, GinRegistration* src, GinRegistration* dst,
-                          GinRegistration* sig, uint32_t op) {
+ncclResult_t applyLocally(GinCollComm* c, int context, const GinPut& p, GinRegistration* src,
+                          GinRegistration* dst, GinRegistration* sig, uint32_t op) {
   if (p.size > 0) {
     char* to = dst->base + p.dstOff;
     const char* from = src->base + p.srcOff;
@@ -77,6 +62,8 @@ ncclResult_t applyLocally(GinCollComm* c, const GinPut& p, GinRegistration* src,
     counters().ginBytesApplied.fetch_add(p.size, std::memory_order_relaxed);
   }
   if (sig) ML_CHECK(ginApplySignal(c, sig, p.signalOff, op, p.signalValue));
+  peerStatsOnSend(c->rank, context, p.size, /*copied=*/false, sig != nullptr);
+  peerStatsOnApply(c->rank, context, p.size, sig != nullptr);
   return ncclSuccess;
 }
 
@@ -105,13 +92,12 @@ ncclResult_t putLocked(GinCollComm* c, int context, const GinPut& p, void** requ
     if (res != ncclSuccess) return ginFail(c, res);
   }
   counters().ginPuts.fetch_add(1, std::memory_order_relaxed);
-  GinRequest* r = allocRequest(c);
+  GinRequest* r = ginAllocRequest(c);
   r->context = context;
   if ((int)p.rank == c->rank) {
-    ncclResult_t res = applyLocally(c, p, src, dst, sig, op);
+    ncclResult_t res = applyLocally(c, context, p, src, dst, sig, op);
     if (res != ncclSuccess) {
-      r->state = GinReqState::kFree;
-      c->freeList.push_back(r);
+      ginFreeRequest(c, r);
       return ginFail(c, res);
     }
     r->state = GinReqState::kDone;
@@ -119,6 +105,8 @@ ncclResult_t putLocked(GinCollComm* c, int context, const GinPut& p, void** requ
     return ncclSuccess;
   }
   GinPeer& peer = c->peers[p.rank];
+  r->kind = GinReqKind::kPut;
+  r->path = peer.copy ? GinPath::kUndecided : GinPath::kSocket;
   r->target = p.rank;
   r->src = src;
   r->srcOff = p.srcOff;
@@ -135,6 +123,7 @@ ncclResult_t putLocked(GinCollComm* c, int context, const GinPut& p, void** requ
   h.sigRegSize = sig ? sig->size : 0;
   h.sigOff = p.signalOff;
   h.sigValue = p.signalValue;
+  h.context = (uint32_t)context;
   peer.sendQueue.push_back(r);
   *request = r;
   return ginProgressLocked(c);
@@ -142,6 +131,7 @@ ncclResult_t putLocked(GinCollComm* c, int context, const GinPut& p, void** requ
 
 // Frees everything `c` owns. Caller holds c->mu; the comm object itself is deleted afterwards.
 void teardownLocked(GinCollComm* c) {
+  ginCopyTeardown(c);
   ginCloseMesh(c);
   for (GinRequest* r : c->pool) delete r;
   c->pool.clear();
@@ -158,6 +148,29 @@ void teardownLocked(GinCollComm* c) {
 }
 
 }  // namespace
+
+GinRequest* ginAllocRequest(GinCollComm* c) {
+  GinRequest* r;
+  if (!c->freeList.empty()) {
+    r = c->freeList.back();
+    c->freeList.pop_back();
+  } else {
+    r = new GinRequest();
+    c->pool.push_back(r);
+  }
+  void* event = r->event;  // CUDA events are kept for the next use of the request
+  memset(r, 0, sizeof(*r));
+  r->event = event;
+  r->magic = kGinReqMagic;
+  r->comm = c;
+  r->state = GinReqState::kQueued;
+  return r;
+}
+
+void ginFreeRequest(GinCollComm* c, GinRequest* r) {
+  r->state = GinReqState::kFree;
+  c->freeList.push_back(r);
+}
 
 // --- init, devices, listen, connect ----------------------------------------------------------------
 
@@ -226,6 +239,7 @@ ncclResult_t ginConnect(void* ctx, void* handles[], int nranks, int rank, void* 
   c->peers.resize(nranks);
   int cur = -1;
   if (cudaGetDevice(&cur) == cudaSuccess) c->cuda.dev = cur;  // refined by CUDA registrations
+  c->copyWanted = ginCopyWanted();
   ncclResult_t res = ginConnectMesh(c, l, handles);
   if (res != ncclSuccess) {
     {
@@ -236,7 +250,10 @@ ncclResult_t ginConnect(void* ctx, void* handles[], int nranks, int rank, void* 
     return res;
   }
   counters().ginCollComms.fetch_add(1, std::memory_order_relaxed);
-  ML_INFO(MOELOOP_LOG_INIT | MOELOOP_LOG_NET, "GIN rank %d of %d connected to every peer", rank, nranks);
+  int copyPeers = 0;
+  for (int q = 0; q < nranks; q++) copyPeers += c->peers[q].copy;
+  ML_INFO(MOELOOP_LOG_INIT | MOELOOP_LOG_NET, "GIN rank %d of %d connected to every peer, %d of them "
+          "through the copy transport", rank, nranks, copyPeers);
   *collComm = c;
   return ncclSuccess;
 }
@@ -249,7 +266,8 @@ ncclResult_t ginCloseColl(void* collComm) {
   {
     std::lock_guard<std::mutex> lock(c->mu);
     size_t pending = 0;
-    for (const GinPeer& p : c->peers) pending += p.sendQueue.size();
+    for (const GinPeer& p : c->peers)
+      for (const GinRequest* r : p.sendQueue) pending += r->kind == GinReqKind::kPut;
     if (pending > 0 && c->error == ncclSuccess)
       ML_WARN("rank %d: closing a GIN comm with %zu put(s) not yet sent", c->rank, pending);
     if (!c->contextSets.empty())
@@ -280,7 +298,12 @@ ncclResult_t ginRegMrSym(void* collComm, void* data, size_t size, int type, void
   }
   std::lock_guard<std::mutex> lock(c->mu);
   if (type == NCCL_PTR_CUDA) {
-    if (c->cuda.stream != nullptr && c->cuda.dev != dev)
+    bool deviceUsed = c->cuda.stream != nullptr;
+    for (const GinPeer& p : c->peers) {
+      deviceUsed |= p.stream != nullptr;
+      for (const GinRemoteRegistration& rr : p.remote) deviceUsed |= rr.map.base != nullptr;
+    }
+    if (deviceUsed && c->cuda.dev != dev)
       return ML_ERROR(ncclInvalidArgument, "regMrSym: memory of device %d on a comm of device %d", dev, c->cuda.dev);
     c->cuda.dev = dev;
   }
@@ -293,6 +316,8 @@ ncclResult_t ginRegMrSym(void* collComm, void* data, size_t size, int type, void
   r->type = type;
   r->live = true;
   c->regs.push_back(r);
+  ncclResult_t res = ginCopyAnnounce(c, r);
+  if (res != ncclSuccess) return ginFail(c, res);
   *mhandle = r;
   ML_INFO(MOELOOP_LOG_NET, "GIN rank %d registration %llu: %zu bytes of %s memory", c->rank,
           (unsigned long long)r->id, size, type == NCCL_PTR_CUDA ? "device" : "host");
@@ -307,7 +332,7 @@ ncclResult_t ginDeregMrSym(void* collComm, void* mhandle) {
   if (r == nullptr || r->magic != kGinRegMagic || r->comm != c || !r->live)
     return ML_ERROR(ncclInvalidArgument, "deregMrSym of an unknown registration %p", mhandle);
   r->live = false;  // the object stays until closeColl: late messages are then reported, not crashes
-  return ncclSuccess;
+  return ginCopyRetire(c, r);
 }
 
 // --- context sets ------------------------------------------------------------------------------------
@@ -385,8 +410,7 @@ ncclResult_t ginTest(void* collComm, void* request, int* done) {
   if (r->state == GinReqState::kError) return r->error;
   if (r->state == GinReqState::kDone) {
     *done = 1;
-    r->state = GinReqState::kFree;
-    c->freeList.push_back(r);
+    ginFreeRequest(c, r);
     return ncclSuccess;
   }
   return c->error;

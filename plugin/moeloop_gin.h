@@ -4,16 +4,21 @@
 //   moeloop_gin.cc        the version-neutral core (moeloop_gin_api.h): comms, registrations,
 //                         context sets, puts, requests
 //   moeloop_gin_mesh.cc   the collective connect (full mesh of sockets) and the wire protocol
-//   moeloop_gin_cuda.cc   CUDA copies: staging GPU memory through pinned host buffers
+//   moeloop_gin_copy.cc   the copy transport: GPU -> GPU puts by the copy engine
+//   moeloop_gin_cuda.cc   CUDA copies, streams and events; signal updates
 //
 // How a put travels (rank s -> rank t; all contexts of a collComm share its connections):
-//  - s: NCCL's proxy thread calls iput / iputSignal. The request joins s's FIFO for t. Progress
-//    copies the source (GPU: through a pinned bounce buffer; host: directly) into the socket to t,
-//    behind an 88-byte header naming the destination registration and offset. The request
-//    completes (test -> done) once every byte is in the socket: the source may then be reused.
+//  - s: NCCL's proxy thread calls iput / iputSignal. The request joins s's FIFO for t.
+//    Socket path: progress copies the source (GPU: through a pinned bounce buffer; host:
+//    directly) into the socket to t, behind a 96-byte header naming the destination registration
+//    and offset. Copy path (both ranks offer the copy transport, the source is GPU memory and t
+//    exported the destination's cuMem allocation to s): progress copies the source straight into
+//    s's mapping of t's memory on a stream of s for t, then, once the copies completed (event)
+//    and the shaped latency passed, sends the header alone (kGinOpCopied). Either way the request
+//    completes (test -> done) once its header is in the socket: the source may then be reused.
 //  - t: progress (test / ginProgress / iput on t, driven by NCCL's GIN progress thread) reads
 //    the header, resolves the destination in t's own registration with the same sequence number
-//    (regMrSym is collective and in the same order everywhere), copies the payload into place
+//    (regMrSym is collective and in the same order everywhere), copies a socket payload into place
 //    (pinned bounce -> GPU, synchronously) and only then applies the signal (read-modify-write of
 //    the 64-bit word through the copy engine: no SM is needed, so it never waits for a busy GPU).
 //    Messages from one sender are applied strictly in order, so a signal is visible only after
@@ -27,6 +32,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <vector>
+#include "moeloop_cumem.h"
 #include "moeloop_socket.h"
 
 namespace moeloop {
@@ -35,7 +41,6 @@ namespace moeloop {
 struct GinCuda {
   int dev = -1;                 // CUDA device of the comm (from its registrations)
   void* stream = nullptr;       // cudaStream_t, non-blocking, created on first use
-  uint64_t* scratch = nullptr;  // pinned word for signal read-modify-write
 };
 // Device of a CUDA pointer; *isDevice = false for host memory.
 ncclResult_t ginPointerDevice(const void* p, int* dev, bool* isDevice);
@@ -44,11 +49,25 @@ ncclResult_t ginPinnedAlloc(GinCuda* g, size_t bytes, char** p);
 void ginPinnedFree(char* p);
 // Copies n bytes between any host / device pointers of this process and waits for the copy.
 ncclResult_t ginCopy(GinCuda* g, void* dst, const void* src, size_t n);
-// *word += add for a 64-bit word in device memory, through the copy engine (read, add, write).
+// *word += add for a 64-bit word in device memory, through the copy engine (read and wait, add,
+// write without waiting, on one stream per device: the next update's read is ordered after it).
 // Atomic with respect to every other signal update of this process (one process-wide lock):
 // signal words are shared between contexts, comms and NCCL's threads (VA signals target window
-// memory). A GPU must not write a signal word while puts to it are in flight (GIN's contract).
+// memory). Only the process owning a signal word updates it (puts from peers are applied by the
+// target). A GPU must not write a signal word while puts to it are in flight (GIN's contract).
 ncclResult_t ginDeviceAdd(GinCuda* g, uint64_t* word, uint64_t add);
+
+// Copy transport: a non-blocking stream of g->dev, asynchronous copies on it, events after them.
+ncclResult_t ginStreamCreate(GinCuda* g, void** stream);
+// Waits for the stream's work, then destroys it (NULL: nothing to do).
+void ginStreamDestroy(GinCuda* g, void* stream);
+ncclResult_t ginStreamSync(GinCuda* g, void* stream);
+ncclResult_t ginCopyAsync(GinCuda* g, void* stream, void* dst, const void* src, size_t n);
+// Records *event (created on first use, kept for reuse) on `stream`.
+ncclResult_t ginEventRecord(GinCuda* g, void** event, void* stream);
+// *done once the work before the event's last record has completed.
+ncclResult_t ginEventDone(void* event, bool* done);
+void ginEventDestroy(GinCuda* g, void* event);
 
 // The read-modify-write behind ginDeviceAdd, over caller-supplied word accessors, so that the
 // CPU tests can check its atomicity with host memory.
@@ -70,18 +89,38 @@ struct GinRegistration {
   size_t size;
   int type;       // NCCL_PTR_HOST or NCCL_PTR_CUDA
   bool live;      // false after deregMrSym
+  // Copy transport: the exported cuMem allocation holding the registration. exportFd stays open
+  // until every copy peer's announcement carrying it is sent (announcesLeft), -1 otherwise.
+  int exportFd = -1;
+  int announcesLeft = 0;
+  uint64_t exportOffset = 0;   // of `base` inside the allocation
+  uint64_t exportMapSize = 0;  // bytes of the allocation
 };
 constexpr uint32_t kGinRegMagic = 0x47524547;
 constexpr uint64_t kNoRegistration = ~0ull;
 
-enum GinOpBits : uint32_t { kGinOpSignalInc = 1, kGinOpSignalAdd = 2 };
+// What a message is. A put: optional signal bits, kGinOpCopied when the copy engine has already
+// put its payload in place (no payload follows on the socket). Copy transport only: an
+// announcement of a registration of the sender (kGinMsgRegistration, with kGinMsgHasFd when its
+// allocation's fd is passed with the message's first byte) and a retirement (deregMrSym).
+enum GinOpBits : uint32_t {
+  kGinOpSignalInc = 1,
+  kGinOpSignalAdd = 2,
+  kGinOpCopied = 4,
+  kGinMsgRegistration = 8,
+  kGinMsgHasFd = 16,
+  kGinMsgDeregistration = 32,
+};
 
+// A put, or (copy transport) an announcement: dstRegId / dstRegSize name the sender's
+// registration, dstOff is its offset in the exported allocation and sigValue the allocation's size;
+// or a retirement: dstRegId.
 struct GinWireHeader {
   uint32_t magic;
   uint32_t op;          // GinOpBits
   uint64_t seq;         // message number on this connection
   uint64_t size;        // payload bytes
-  uint64_t sendNs;      // when iput was called (latency shaping)
+  uint64_t sendNs;      // when iput was called (latency shaping of the socket transport)
   uint64_t dstRegId;    // kNoRegistration when size == 0
   uint64_t dstRegSize;  // sender's size of that registration (symmetry check)
   uint64_t dstOff;
@@ -89,11 +128,17 @@ struct GinWireHeader {
   uint64_t sigRegSize;
   uint64_t sigOff;
   uint64_t sigValue;
+  uint32_t context;     // GIN context of the put (counters)
+  uint32_t reserved;
 };
-static_assert(sizeof(GinWireHeader) == 88, "GIN header is 88 bytes on the wire");
-constexpr uint32_t kGinWireMagic = 0x474d4c31;  // "GML1"
+static_assert(sizeof(GinWireHeader) == 96, "GIN header is 96 bytes on the wire");
+constexpr uint32_t kGinWireMagic = 0x474d4c32;  // "GML2"
 
 enum class GinReqState : uint8_t { kFree, kQueued, kDone, kError };
+// A put of NCCL's, or an internal message of the copy transport (freed by the plugin once sent).
+enum class GinReqKind : uint8_t { kPut, kAnnounce, kRetire };
+// How a put's payload travels: decided when the put reaches the copy transport's issue cursor.
+enum class GinPath : uint8_t { kUndecided, kSocket, kCopy };
 
 struct GinRequest {
   uint32_t magic;
@@ -107,13 +152,37 @@ struct GinRequest {
   GinWireHeader hdr;
   size_t hdrSent;
   size_t payloadSent;
+  GinReqKind kind;
+  GinPath path;
+  GinRegistration* reg;  // kAnnounce / kRetire: the registration announced or retired
+  // copy path
+  uint64_t remoteId;     // the peer's registration written into
+  char* copyDst;         // its bytes in this process's mapping
+  size_t issued;         // payload bytes handed to the copy engine
+  bool recorded;         // event recorded after the last copy
+  uint64_t readyNs;      // when the copies were seen complete (0: not yet)
+  uint64_t waitSinceNs;  // waiting for the peer's announcement of the destination since
+  void* event;           // cudaEvent_t, kept when the request is reused
 };
 constexpr uint32_t kGinReqMagic = 0x47524551;
+
+// A registration of a peer as the copy transport sees it (from the peer's announcement).
+struct GinRemoteRegistration {
+  uint64_t size = 0;       // bytes
+  CuMemMapping map;        // empty when the peer could not export it or we could not import it
+  uint64_t offset = 0;     // of the registration inside `map`
+  bool live = true;        // false once the peer retired it
+};
 
 // One remote rank: an outgoing connection for our puts, an incoming one for theirs.
 struct GinPeer {
   int sendFd = -1;
   int recvFd = -1;
+  bool copy = false;                 // both ranks use the copy transport (see moeloop_gin_copy.cc)
+  void* stream = nullptr;            // copy: cudaStream_t of our copies to this peer
+  size_t issuedCount = 0;            // copy: leading sendQueue entries whose copies are all issued
+  std::vector<GinRemoteRegistration> remote;  // copy: the peer's registrations by id
+  std::vector<int> fds;              // descriptors received from the peer, not yet consumed
   // send side
   std::deque<GinRequest*> sendQueue;
   uint64_t sendSeq = 0;
@@ -154,6 +223,8 @@ struct GinCollComm {
   ncclResult_t error = ncclSuccess;        // sticky
   GinCuda cuda;
   std::vector<struct pollfd> pollSet;      // scratch for progress
+  bool copyWanted = false;                 // this rank offers the copy transport (hello flag)
+  bool importWarned = false;               // one warning per comm for a failed import
 };
 constexpr uint32_t kGinCollMagic = 0x47434f4c;
 
@@ -177,6 +248,10 @@ struct GinListenComm {
 };
 constexpr uint32_t kGinListenMagic = 0x474c534e;
 
+// A cleared request of `c` in state kQueued (its CUDA event kept); back with ginFreeRequest.
+GinRequest* ginAllocRequest(GinCollComm* c);
+void ginFreeRequest(GinCollComm* c, GinRequest* r);
+
 // --- mesh and wire (moeloop_gin_mesh.cc) --------------------------------------------------------
 // Connects `c` to every other rank (blocking, collective, with NCCL_MOELOOP_CONNECT_TIMEOUT_S).
 ncclResult_t ginConnectMesh(GinCollComm* c, GinListenComm* l, void* handles[]);
@@ -191,5 +266,31 @@ ncclResult_t ginFail(GinCollComm* c, ncclResult_t res);
 ncclResult_t ginApplySignal(GinCollComm* c, GinRegistration* sig, uint64_t sigOff, uint32_t op,
                             uint64_t value);
 void ginCloseMesh(GinCollComm* c);
+
+// --- copy transport (moeloop_gin_copy.cc) -------------------------------------------------------
+// Whether this process offers the copy transport: NCCL_MOELOOP_TRANSPORT=copy (default) or
+// socket, the CUDA driver's VMM entry points and unix sockets (descriptors travel over them).
+// A fallback to sockets is logged once per process.
+bool ginCopyWanted();
+// Unit tests: 1 offers the copy transport whatever the environment and the driver (host-memory
+// registrations are never exported, so their puts still use the socket path), 0 never, -1 back to
+// the environment.
+void setCopyTransportForTesting(int mode);
+// regMrSym: exports a CUDA registration and queues its announcement to every copy peer.
+ncclResult_t ginCopyAnnounce(GinCollComm* c, GinRegistration* r);
+// deregMrSym: queues the registration's retirement to every copy peer.
+ncclResult_t ginCopyRetire(GinCollComm* c, GinRegistration* r);
+// Decides the path of queued puts to `peer` and hands their payloads to the copy engine, as far
+// as the token bucket allows, in queue order. Stops at the first put taking the socket path.
+ncclResult_t ginCopyIssue(GinCollComm* c, int peer);
+// Whether the header of `r` (front of peer's queue, not a socket-path put) may be sent now: its
+// copies completed and the shaped latency has passed since.
+ncclResult_t ginCopyFrontReady(GinCollComm* c, GinRequest* r, bool* ready);
+// Called once `r`'s header is sent: releases what the message held (an exported fd).
+void ginCopySent(GinCollComm* c, GinRequest* r);
+// An announcement or retirement from `peer` (its header is `h`).
+ncclResult_t ginCopyOnMessage(GinCollComm* c, int peer, const GinWireHeader& h);
+// Waits for copies in flight, unmaps every peer mapping, frees streams, events and descriptors.
+void ginCopyTeardown(GinCollComm* c);
 
 }  // namespace moeloop

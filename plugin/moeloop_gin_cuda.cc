@@ -1,87 +1,70 @@
 // CUDA side of the moeloop GIN: copies between host and device memory of this process on a
 // private non-blocking stream (never the legacy default stream, which would wait for the user's
-// kernels that are themselves waiting for our signals), pinned bounce buffers, and the signal
-// read-modify-write through the copy engine. Every entry point restores the calling thread's
-// CUDA device before it returns.
+// kernels that are themselves waiting for our signals), pinned bounce buffers, the copy
+// transport's streams and events, and the signal read-modify-write through the copy engine.
+// Every entry point restores the calling thread's CUDA device before it returns.
 #include <cuda_runtime.h>
 #include <mutex>
+#include "moeloop_cuda_util.h"
 #include "moeloop_gin.h"
-#include "moeloop_log.h"
 
 namespace moeloop {
 namespace {
 
-#define ML_CUDA(call)                                                                      \
-  do {                                                                                     \
-    cudaError_t ml_err_ = (call);                                                          \
-    if (ml_err_ != cudaSuccess)                                                            \
-      return ML_ERROR(ncclUnhandledCudaError, "%s failed: %s", #call,                      \
-                      cudaGetErrorString(ml_err_));                                        \
-  } while (0)
-
-// Makes g->dev the calling thread's device for its lifetime and then restores the device the
-// thread had (NCCL's threads and the user's threads that call into the plugin keep theirs).
-class DeviceScope {
- public:
-  explicit DeviceScope(const GinCuda* g) {
-    if (g->dev < 0) {
-      status_ = ML_ERROR(ncclInternalError, "GIN copy before any CUDA registration");
-      return;
-    }
-    if (cudaGetDevice(&saved_) != cudaSuccess) saved_ = -1;
-    if (saved_ == g->dev) return;
-    cudaError_t e = cudaSetDevice(g->dev);
-    if (e != cudaSuccess)
-      status_ = ML_ERROR(ncclUnhandledCudaError, "cudaSetDevice(%d) failed: %s", g->dev, cudaGetErrorString(e));
-    else
-      switched_ = true;
-  }
-  ~DeviceScope() {
-    if (!switched_ || saved_ < 0) return;
-    cudaError_t e = cudaSetDevice(saved_);
-    if (e != cudaSuccess) ML_WARN("restoring CUDA device %d failed: %s", saved_, cudaGetErrorString(e));
-  }
-  ncclResult_t status() const { return status_; }
-
- private:
-  int saved_ = -1;
-  bool switched_ = false;
-  ncclResult_t status_ = ncclSuccess;
-};
-
-// Creates the stream and the scratch word; the caller holds a DeviceScope for g->dev.
-ncclResult_t ensureResources(GinCuda* g) {
+// Creates the comm's stream; the caller holds a DeviceScope for g->dev.
+ncclResult_t ensureStream(GinCuda* g) {
   if (g->stream == nullptr) {
     cudaStream_t s;
     ML_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
     g->stream = s;
   }
-  if (g->scratch == nullptr) {
-    void* p = nullptr;
-    ML_CUDA(cudaHostAlloc(&p, sizeof(uint64_t), cudaHostAllocPortable));
-    g->scratch = (uint64_t*)p;
-  }
   return ncclSuccess;
 }
 
-struct CopyEnv {
-  cudaStream_t stream;
-  uint64_t* scratch;  // pinned
+// Signal updates of one device: one stream and two pinned words (read, write), process-wide,
+// created on first use and kept for the life of the process.
+struct SignalLane {
+  cudaStream_t stream = nullptr;
+  uint64_t* words = nullptr;  // [0] the value read, [1] the value written
 };
+constexpr int kMaxLanes = 64;
+SignalLane gLanes[kMaxLanes];
+std::mutex gLaneMutex;
+
+ncclResult_t laneOf(int dev, SignalLane** out) {
+  if (dev < 0 || dev >= kMaxLanes) return ML_ERROR(ncclInternalError, "signal update on CUDA device %d", dev);
+  std::lock_guard<std::mutex> lock(gLaneMutex);
+  SignalLane& l = gLanes[dev];
+  if (l.stream == nullptr) {
+    cudaStream_t s;
+    ML_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    void* p = nullptr;
+    cudaError_t e = cudaHostAlloc(&p, 2 * sizeof(uint64_t), cudaHostAllocPortable);
+    if (e != cudaSuccess) {
+      cudaStreamDestroy(s);
+      return ML_ERROR(ncclUnhandledCudaError, "cudaHostAlloc of the signal words failed: %s", cudaGetErrorString(e));
+    }
+    l.words = (uint64_t*)p;
+    l.stream = s;
+  }
+  *out = &l;
+  return ncclSuccess;
+}
 
 ncclResult_t readWordByCopy(void* env, const uint64_t* word, uint64_t* value) {
-  CopyEnv* e = (CopyEnv*)env;
-  ML_CUDA(cudaMemcpyAsync(e->scratch, word, sizeof(uint64_t), cudaMemcpyDeviceToHost, e->stream));
-  ML_CUDA(cudaStreamSynchronize(e->stream));
-  *value = *e->scratch;
+  SignalLane* l = (SignalLane*)env;
+  ML_CUDA(cudaMemcpyAsync(&l->words[0], word, sizeof(uint64_t), cudaMemcpyDeviceToHost, l->stream));
+  ML_CUDA(cudaStreamSynchronize(l->stream));
+  *value = l->words[0];
   return ncclSuccess;
 }
 
+// Not waited for: the lane's next read is ordered after it on the lane's stream, and words[1] is
+// rewritten only after that read has been waited for.
 ncclResult_t writeWordByCopy(void* env, uint64_t* word, uint64_t value) {
-  CopyEnv* e = (CopyEnv*)env;
-  *e->scratch = value;
-  ML_CUDA(cudaMemcpyAsync(word, e->scratch, sizeof(uint64_t), cudaMemcpyHostToDevice, e->stream));
-  ML_CUDA(cudaStreamSynchronize(e->stream));
+  SignalLane* l = (SignalLane*)env;
+  l->words[1] = value;
+  ML_CUDA(cudaMemcpyAsync(word, &l->words[1], sizeof(uint64_t), cudaMemcpyHostToDevice, l->stream));
   return ncclSuccess;
 }
 
@@ -101,25 +84,17 @@ ncclResult_t ginPointerDevice(const void* p, int* dev, bool* isDevice) {
 }
 
 void ginCudaRelease(GinCuda* g) {
-  if (g->stream == nullptr && g->scratch == nullptr) return;  // CUDA never used: touch nothing
-  DeviceScope scope(g);
-  if (g->stream) {
-    cudaError_t e = cudaStreamDestroy((cudaStream_t)g->stream);
-    if (e != cudaSuccess) ML_WARN("cudaStreamDestroy failed: %s", cudaGetErrorString(e));
-    g->stream = nullptr;
-  }
-  if (g->scratch) {
-    cudaError_t e = cudaFreeHost(g->scratch);
-    if (e != cudaSuccess) ML_WARN("cudaFreeHost failed: %s", cudaGetErrorString(e));
-    g->scratch = nullptr;
-  }
+  if (g->stream == nullptr) return;  // CUDA never used: touch nothing
+  DeviceScope scope(g->dev);
+  cudaError_t e = cudaStreamDestroy((cudaStream_t)g->stream);
+  if (e != cudaSuccess) ML_WARN("cudaStreamDestroy failed: %s", cudaGetErrorString(e));
+  g->stream = nullptr;
 }
 
 ncclResult_t ginPinnedAlloc(GinCuda* g, size_t bytes, char** p) {
   *p = nullptr;
-  DeviceScope scope(g);
+  DeviceScope scope(g->dev);
   ML_CHECK(scope.status());
-  ML_CHECK(ensureResources(g));
   void* q = nullptr;
   ML_CUDA(cudaHostAlloc(&q, bytes, cudaHostAllocPortable));
   *p = (char*)q;
@@ -134,9 +109,9 @@ void ginPinnedFree(char* p) {
 
 ncclResult_t ginCopy(GinCuda* g, void* dst, const void* src, size_t n) {
   if (n == 0) return ncclSuccess;
-  DeviceScope scope(g);
+  DeviceScope scope(g->dev);
   ML_CHECK(scope.status());
-  ML_CHECK(ensureResources(g));
+  ML_CHECK(ensureStream(g));
   cudaStream_t s = (cudaStream_t)g->stream;
   ML_CUDA(cudaMemcpyAsync(dst, src, n, cudaMemcpyDefault, s));
   ML_CUDA(cudaStreamSynchronize(s));
@@ -151,11 +126,71 @@ ncclResult_t signalAddLocked(const SignalWordAccess& access, uint64_t* word, uin
 }
 
 ncclResult_t ginDeviceAdd(GinCuda* g, uint64_t* word, uint64_t add) {
-  DeviceScope scope(g);
+  DeviceScope scope(g->dev);
   ML_CHECK(scope.status());
-  ML_CHECK(ensureResources(g));
-  CopyEnv env{(cudaStream_t)g->stream, g->scratch};
-  return signalAddLocked(SignalWordAccess{readWordByCopy, writeWordByCopy, &env}, word, add);
+  SignalLane* lane = nullptr;
+  ML_CHECK(laneOf(g->dev, &lane));
+  return signalAddLocked(SignalWordAccess{readWordByCopy, writeWordByCopy, lane}, word, add);
+}
+
+// --- copy transport ----------------------------------------------------------------------------
+
+ncclResult_t ginStreamCreate(GinCuda* g, void** stream) {
+  DeviceScope scope(g->dev);
+  ML_CHECK(scope.status());
+  cudaStream_t s;
+  ML_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  *stream = s;
+  return ncclSuccess;
+}
+
+void ginStreamDestroy(GinCuda* g, void* stream) {
+  if (stream == nullptr) return;
+  DeviceScope scope(g->dev);
+  cudaError_t e = cudaStreamSynchronize((cudaStream_t)stream);
+  if (e != cudaSuccess) ML_WARN("copy transport: waiting for the copies failed: %s", cudaGetErrorString(e));
+  e = cudaStreamDestroy((cudaStream_t)stream);
+  if (e != cudaSuccess) ML_WARN("cudaStreamDestroy failed: %s", cudaGetErrorString(e));
+}
+
+ncclResult_t ginStreamSync(GinCuda* g, void* stream) {
+  DeviceScope scope(g->dev);
+  ML_CHECK(scope.status());
+  ML_CUDA(cudaStreamSynchronize((cudaStream_t)stream));
+  return ncclSuccess;
+}
+
+ncclResult_t ginCopyAsync(GinCuda* g, void* stream, void* dst, const void* src, size_t n) {
+  DeviceScope scope(g->dev);
+  ML_CHECK(scope.status());
+  ML_CUDA(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, (cudaStream_t)stream));
+  return ncclSuccess;
+}
+
+ncclResult_t ginEventRecord(GinCuda* g, void** event, void* stream) {
+  DeviceScope scope(g->dev);
+  ML_CHECK(scope.status());
+  if (*event == nullptr) {
+    cudaEvent_t e;
+    ML_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    *event = e;
+  }
+  ML_CUDA(cudaEventRecord((cudaEvent_t)*event, (cudaStream_t)stream));
+  return ncclSuccess;
+}
+
+ncclResult_t ginEventDone(void* event, bool* done) {
+  cudaError_t e = cudaEventQuery((cudaEvent_t)event);
+  *done = e == cudaSuccess;
+  if (e == cudaSuccess || e == cudaErrorNotReady) return ncclSuccess;
+  return ML_ERROR(ncclUnhandledCudaError, "copy transport: a copy failed: %s", cudaGetErrorString(e));
+}
+
+void ginEventDestroy(GinCuda* g, void* event) {
+  if (event == nullptr) return;
+  DeviceScope scope(g->dev);
+  cudaError_t e = cudaEventDestroy((cudaEvent_t)event);
+  if (e != cudaSuccess) ML_WARN("cudaEventDestroy failed: %s", cudaGetErrorString(e));
 }
 
 }  // namespace moeloop

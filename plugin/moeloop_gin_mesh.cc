@@ -6,6 +6,7 @@
 #include "moeloop_gin.h"
 #include "moeloop_log.h"
 #include "moeloop_net_props.h"
+#include "moeloop_peer_stats.h"
 
 namespace moeloop {
 namespace {
@@ -77,47 +78,104 @@ Lookup lookupRegistration(GinCollComm* c, int from, uint64_t id, uint64_t sender
   return Lookup::kFound;
 }
 
+// The front request is complete on the wire: counters, then done (a put) or freed (internal).
+void finishFront(GinCollComm* c, GinPeer& p, int peer) {
+  GinRequest* r = p.sendQueue.front();
+  p.sendQueue.pop_front();
+  if (p.issuedCount > 0) p.issuedCount--;
+  if (r->kind != GinReqKind::kPut) {
+    ginCopySent(c, r);
+    ginFreeRequest(c, r);
+    return;
+  }
+  const uint64_t size = r->hdr.size;
+  const bool copied = r->path == GinPath::kCopy;
+  counters().ginBytesSent.fetch_add(size, std::memory_order_relaxed);
+  if (copied) counters().ginBytesCopied.fetch_add(size, std::memory_order_relaxed);
+  peerStatsOnSend(peer, r->context, size, copied && size > 0,
+                  (r->hdr.op & (kGinOpSignalInc | kGinOpSignalAdd)) != 0);
+  r->state = GinReqState::kDone;
+}
+
+// Copy path and internal messages: the header alone (an announcement's fd with its first byte).
+ncclResult_t sendHeaderOnly(GinCollComm* c, GinPeer& p, GinRequest* r, bool* finished) {
+  *finished = false;
+  if (r->hdrSent == 0) {
+    bool ready = false;
+    ML_CHECK(ginCopyFrontReady(c, r, &ready));
+    if (!ready) return ncclSuccess;
+    if (r->kind == GinReqKind::kPut) r->hdr.op |= kGinOpCopied;
+  }
+  struct iovec iov;
+  iov.iov_base = (char*)&r->hdr + r->hdrSent;
+  iov.iov_len = sizeof(GinWireHeader) - r->hdrSent;
+  int passFd = (r->hdrSent == 0 && (r->hdr.op & kGinMsgHasFd)) ? r->reg->exportFd : -1;
+  size_t sent = 0;
+  ML_CHECK(ioWritev(p.sendFd, &iov, 1, nullptr, &sent, passFd));
+  r->hdrSent += sent;
+  *finished = r->hdrSent == sizeof(GinWireHeader);
+  return ncclSuccess;
+}
+
+// Socket path: header and payload through the socket, GPU payloads staged through sendBounce.
+ncclResult_t sendThroughSocket(GinCollComm* c, GinPeer& p, GinRequest* r, bool* finished, bool* stalled) {
+  *finished = *stalled = false;
+  TokenBucket* bucket = egressOf(c);
+  size_t size = r->hdr.size;
+  struct iovec iov[2];
+  iov[0].iov_base = (char*)&r->hdr + r->hdrSent;
+  iov[0].iov_len = sizeof(GinWireHeader) - r->hdrSent;
+  iov[1].iov_base = nullptr;
+  iov[1].iov_len = 0;
+  if (r->payloadSent < size) {
+    char* src = r->src->base + r->srcOff;
+    if (r->src->type == NCCL_PTR_HOST) {
+      iov[1].iov_base = src + r->payloadSent;
+      iov[1].iov_len = size - r->payloadSent;
+    } else {
+      if (r->payloadSent >= p.stagedEnd) {  // stage the next chunk of GPU memory
+        if (p.sendBounce == nullptr) ML_CHECK(ginPinnedAlloc(&c->cuda, kGinBounceBytes, &p.sendBounce));
+        size_t n = size - r->payloadSent < kGinBounceBytes ? size - r->payloadSent : kGinBounceBytes;
+        ML_CHECK(ginCopy(&c->cuda, p.sendBounce, src + r->payloadSent, n));
+        p.stagedBegin = r->payloadSent;
+        p.stagedEnd = r->payloadSent + n;
+      }
+      iov[1].iov_base = p.sendBounce + (r->payloadSent - p.stagedBegin);
+      iov[1].iov_len = p.stagedEnd - r->payloadSent;
+    }
+  }
+  size_t sent = 0;
+  ML_CHECK(ioWritev(p.sendFd, iov, 2, bucket, &sent));
+  size_t h = sent < iov[0].iov_len ? sent : iov[0].iov_len;
+  r->hdrSent += h;
+  r->payloadSent += sent - h;
+  if (r->hdrSent == sizeof(GinWireHeader) && r->payloadSent == size) {
+    p.stagedBegin = p.stagedEnd = 0;
+    *finished = true;
+  }
+  *stalled = sent == 0;  // socket full or throttled
+  return ncclSuccess;
+}
+
 ncclResult_t progressSend(GinCollComm* c, int peer) {
   GinPeer& p = c->peers[peer];
-  TokenBucket* bucket = egressOf(c);
+  if (p.copy) ML_CHECK(ginCopyIssue(c, peer));
   while (!p.sendQueue.empty()) {
     GinRequest* r = p.sendQueue.front();
-    size_t size = r->hdr.size;
-    struct iovec iov[2];
-    iov[0].iov_base = (char*)&r->hdr + r->hdrSent;
-    iov[0].iov_len = sizeof(GinWireHeader) - r->hdrSent;
-    iov[1].iov_base = nullptr;
-    iov[1].iov_len = 0;
-    if (r->payloadSent < size) {
-      char* src = r->src->base + r->srcOff;
-      if (r->src->type == NCCL_PTR_HOST) {
-        iov[1].iov_base = src + r->payloadSent;
-        iov[1].iov_len = size - r->payloadSent;
-      } else {
-        if (r->payloadSent >= p.stagedEnd) {  // stage the next chunk of GPU memory
-          if (p.sendBounce == nullptr) ML_CHECK(ginPinnedAlloc(&c->cuda, kGinBounceBytes, &p.sendBounce));
-          size_t n = size - r->payloadSent < kGinBounceBytes ? size - r->payloadSent : kGinBounceBytes;
-          ML_CHECK(ginCopy(&c->cuda, p.sendBounce, src + r->payloadSent, n));
-          p.stagedBegin = r->payloadSent;
-          p.stagedEnd = r->payloadSent + n;
-        }
-        iov[1].iov_base = p.sendBounce + (r->payloadSent - p.stagedBegin);
-        iov[1].iov_len = p.stagedEnd - r->payloadSent;
-      }
+    bool finished = false, stalled = false;
+    if (r->path == GinPath::kSocket) {
+      ML_CHECK(sendThroughSocket(c, p, r, &finished, &stalled));
+    } else if (r->path == GinPath::kCopy && p.issuedCount > 0) {
+      ML_CHECK(sendHeaderOnly(c, p, r, &finished));
+      stalled = !finished;
+    } else {
+      stalled = true;  // its path is not decided yet (waiting for the peer's announcement)
     }
-    size_t sent = 0;
-    ML_CHECK(ioWritev(p.sendFd, iov, 2, bucket, &sent));
-    size_t h = sent < iov[0].iov_len ? sent : iov[0].iov_len;
-    r->hdrSent += h;
-    r->payloadSent += sent - h;
-    if (r->hdrSent == sizeof(GinWireHeader) && r->payloadSent == size) {
-      r->state = GinReqState::kDone;
-      p.sendQueue.pop_front();
-      p.stagedBegin = p.stagedEnd = 0;
-      counters().ginBytesSent.fetch_add(size, std::memory_order_relaxed);
+    if (finished) {
+      finishFront(c, p, peer);
       continue;
     }
-    if (sent == 0) break;  // socket full or throttled
+    if (stalled) break;
   }
   return ncclSuccess;
 }
@@ -130,7 +188,7 @@ ncclResult_t progressRecv(GinCollComm* c, int peer) {
       size_t got = 0;
       bool eof = false;
       ML_CHECK(ioRead(p.recvFd, (char*)&p.rhdr + p.rhdrGot, sizeof(GinWireHeader) - p.rhdrGot,
-                      nullptr, &got, &eof));
+                      nullptr, &got, &eof, &p.fds));
       p.rhdrGot += got;
       if (eof && p.rhdrGot == 0) {
         p.recvClosed = true;  // the peer closed between messages: its comm is going away
@@ -148,8 +206,15 @@ ncclResult_t progressRecv(GinCollComm* c, int peer) {
       if (p.rhdr.size > kMaxMessageBytes)
         return ML_ERROR(ncclRemoteError, "rank %d: rank %d announced a %llu-byte put (maximum %zu)",
                         c->rank, peer, (unsigned long long)p.rhdr.size, kMaxMessageBytes);
+      if (p.rhdr.op & (kGinMsgRegistration | kGinMsgDeregistration)) {
+        ML_CHECK(ginCopyOnMessage(c, peer, p.rhdr));
+        p.rhdrGot = 0;
+        p.recvSeq++;
+        continue;
+      }
     }
     const GinWireHeader& h = p.rhdr;
+    const bool copied = (h.op & kGinOpCopied) != 0;
     if (!p.inMessage) {
       p.rdst = p.rsig = nullptr;
       if (h.size > 0) {
@@ -168,7 +233,7 @@ ncclResult_t progressRecv(GinCollComm* c, int peer) {
       }
       p.stallSinceNs = 0;
       p.inMessage = true;
-      p.rgot = p.rflushed = 0;
+      p.rgot = p.rflushed = copied ? h.size : 0;  // a copied payload is in place already
     }
     while (p.rgot < h.size) {
       char* dst = p.rdst->base + h.dstOff;
@@ -193,10 +258,13 @@ ncclResult_t progressRecv(GinCollComm* c, int peer) {
                         c->rank, peer, (unsigned long long)h.size);
       if (got == 0) return ncclSuccess;
     }
-    if (deliveryDeadline(h.sendNs) > nowNs()) return ncclSuccess;  // latency shaping
-    // The payload is in place (copies are synchronous): now the signal may become visible.
+    // Latency shaping (the sender has applied it to copied puts).
+    if (!copied && deliveryDeadline(h.sendNs) > nowNs()) return ncclSuccess;
+    // The payload is in place (copies are synchronous, or the sender saw its copies complete):
+    // now the signal may become visible.
     if (p.rsig) ML_CHECK(ginApplySignal(c, p.rsig, h.sigOff, h.op, h.sigValue));
     counters().ginBytesApplied.fetch_add(h.size, std::memory_order_relaxed);
+    peerStatsOnApply(peer, (int)h.context, h.size, p.rsig != nullptr);
     p.inMessage = false;
     p.rhdrGot = 0;
     p.recvSeq++;
@@ -223,6 +291,7 @@ ncclResult_t ginFail(GinCollComm* c, ncclResult_t res) {
       r->error = res;
     }
     p.sendQueue.clear();
+    p.issuedCount = 0;
   }
   return res;
 }
@@ -286,6 +355,7 @@ ncclResult_t ginConnectMesh(GinCollComm* c, GinListenComm* l, void* handles[]) {
     out[r].hello.kind = kHelloGin;
     out[r].hello.rank = (uint32_t)c->rank;
     out[r].hello.nranks = (uint32_t)n;
+    out[r].hello.flags = c->copyWanted ? (uint32_t)kHelloFlagCopy : 0u;
   }
   uint64_t t0 = nowNs();
   ncclResult_t res = ncclSuccess;
@@ -315,6 +385,7 @@ ncclResult_t ginConnectMesh(GinCollComm* c, GinListenComm* l, void* handles[]) {
         break;
       }
       c->peers[from].recvFd = fd;
+      c->peers[from].copy = c->copyWanted && (hello.flags & kHelloFlagCopy) != 0;
       missingIn--;
       progressed = true;
     }

@@ -70,6 +70,7 @@ extern "C" __attribute__((visibility("default"))) size_t moeloopGetStats(moeloop
   s.ginBytesSent = c.ginBytesSent.load();
   s.ginBytesApplied = c.ginBytesApplied.load();
   s.errors = c.errors.load();
+  s.ginBytesCopied = c.ginBytesCopied.load();
   size_t n = outSize < sizeof(s) ? outSize : sizeof(s);
   memcpy(out, &s, n);
   return n;

@@ -43,14 +43,12 @@ ConfigState& configState() {
 
 FakeNic gNics[kMaxDevs];
 
-// Smallest grant while more is wanted, and the bucket depth.
-constexpr double kMinGrant = 16 * 1024;
+}  // namespace
+
 double burstBytes(double rate) {
-  double b = rate * 200e-6;  // 200 us of traffic
+  double b = rate * 50e-6;  // 50 us of traffic
   return b < 64 * 1024 ? 64 * 1024 : b;
 }
-
-}  // namespace
 
 uint64_t nowNs() {
   struct timespec ts;
@@ -76,23 +74,24 @@ void setShapingConfig(const ShapingConfig& cfg) {
   }
 }
 
-size_t TokenBucket::take(size_t want) {
+size_t TokenBucket::take(size_t want) { return take(want, kMinGrant, nowNs()); }
+
+size_t TokenBucket::take(size_t want, size_t minGrant, uint64_t now) {
   double rate = configState().bytesPerSec.load(std::memory_order_relaxed);
   if (rate <= 0 || want == 0) return want;
   double burst = burstBytes(rate);
   std::lock_guard<std::mutex> lock(mu_);
-  uint64_t now = nowNs();
   if (tokens_ < 0) {
     tokens_ = burst;
   } else {
-    tokens_ += (double)(now - lastNs_) * rate * 1e-9;
+    if (now > lastNs_) tokens_ += (double)(now - lastNs_) * rate * 1e-9;
     if (tokens_ > burst) tokens_ = burst;
   }
-  lastNs_ = now;
+  if (now > lastNs_) lastNs_ = now;
   double avail = floor(tokens_);
   if (avail < 1) return 0;
   size_t grant = avail < (double)want ? (size_t)avail : want;
-  if (grant < want && (double)grant < kMinGrant && avail < burst) return 0;
+  if (grant < want && (double)grant < (double)minGrant && avail < burst) return 0;
   tokens_ -= (double)grant;
   return grant;
 }

@@ -25,12 +25,16 @@ ShapingConfig shapingConfig();
 // Overrides the configuration (unit tests) and refills every bucket.
 void setShapingConfig(const ShapingConfig& cfg);
 
-// Token bucket of one direction of one fake NIC.
+// Token bucket of one direction of one fake NIC: refills at bytesPerSec, holds at most
+// burstBytes(bytesPerSec) (50 us of traffic, at least 64 KiB), starts full.
 class TokenBucket {
  public:
   // Bytes that may move now, between 0 and `want` (all of `want` when unlimited). Grants smaller
-  // than a few KiB are refused while `want` is larger, so that throttled sockets move in chunks.
+  // than kMinGrant are refused while `want` is larger, so that throttled sockets move in chunks.
   size_t take(size_t want);
+  // The same at time `now` (nowNs() clock), refusing grants below min(minGrant, want) unless the
+  // bucket is full. The copy transport asks for large grants: each one costs a copy launch.
+  size_t take(size_t want, size_t minGrant, uint64_t now);
   // Returns tokens taken but not used.
   void giveBack(size_t n);
   void reset();
@@ -48,7 +52,14 @@ struct FakeNic {
 constexpr int kMaxDevs = 1;  // fake NICs per process (one per process = one per GPU)
 FakeNic* fakeNic(int dev);
 
-// Earliest completion time of a message its sender started at `sendNs`.
+constexpr size_t kMinGrant = 16 * 1024;
+double burstBytes(double bytesPerSec);
+
+// Earliest completion time of a message its sender started at `sendNs` (socket transport).
 inline uint64_t deliveryDeadline(uint64_t sendNs) { return sendNs + shapingConfig().latencyNs; }
+// Copy transport: a message whose data was in place at `readyNs` is delivered (its signal raised)
+// no earlier than one latency later. Per message, not per byte: a stream of puts overlaps its
+// latencies, so shaping adds the latency once to a round trip and nothing to a stream's rate.
+inline uint64_t messageReleaseNs(uint64_t readyNs) { return readyNs + shapingConfig().latencyNs; }
 
 }  // namespace moeloop

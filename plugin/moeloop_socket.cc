@@ -323,7 +323,7 @@ void Acceptor::closeAll() {
 }
 
 ncclResult_t ioWritev(int fd, const struct iovec* iov, int iovcnt, TokenBucket* bucket,
-                      size_t* sent) {
+                      size_t* sent, int passFd) {
   *sent = 0;
   size_t want = 0;
   for (int i = 0; i < iovcnt; i++) want += iov[i].iov_len;
@@ -347,6 +347,17 @@ ncclResult_t ioWritev(int fd, const struct iovec* iov, int iovcnt, TokenBucket* 
   memset(&msg, 0, sizeof(msg));
   msg.msg_iov = local;
   msg.msg_iovlen = n;
+  alignas(struct cmsghdr) char control[CMSG_SPACE(sizeof(int))];
+  if (passFd >= 0) {  // the descriptor travels with the first byte this call sends
+    memset(control, 0, sizeof(control));
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof(control);
+    struct cmsghdr* cm = CMSG_FIRSTHDR(&msg);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(cm), &passFd, sizeof(int));
+  }
   ssize_t w;
   do {
     w = sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -364,7 +375,8 @@ ncclResult_t ioWritev(int fd, const struct iovec* iov, int iovcnt, TokenBucket* 
   return ncclSuccess;
 }
 
-ncclResult_t ioRead(int fd, void* buf, size_t len, TokenBucket* bucket, size_t* got, bool* eof) {
+ncclResult_t ioRead(int fd, void* buf, size_t len, TokenBucket* bucket, size_t* got, bool* eof,
+                    std::vector<int>* fds) {
   *got = 0;
   *eof = false;
   if (len == 0) return ncclSuccess;
@@ -372,10 +384,34 @@ ncclResult_t ioRead(int fd, void* buf, size_t len, TokenBucket* bucket, size_t* 
   if (limit != 0 && len > limit) len = limit;
   size_t grant = bucket ? bucket->take(len) : len;
   if (grant == 0) return ncclSuccess;
+  struct iovec iov = {buf, grant};
+  struct msghdr msg;
+  memset(&msg, 0, sizeof(msg));
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  alignas(struct cmsghdr) char control[CMSG_SPACE(kMaxFdsPerRead * sizeof(int))];
+  if (fds != nullptr) {
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof(control);
+  }
   ssize_t r;
   do {
-    r = recv(fd, buf, grant, MSG_DONTWAIT);
+    r = recvmsg(fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
   } while (r < 0 && errno == EINTR);
+  if (r >= 0 && fds != nullptr) {
+    for (struct cmsghdr* cm = CMSG_FIRSTHDR(&msg); cm != nullptr; cm = CMSG_NXTHDR(&msg, cm)) {
+      if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS) continue;
+      size_t n = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+      for (size_t i = 0; i < n; i++) {
+        int received;
+        memcpy(&received, CMSG_DATA(cm) + i * sizeof(int), sizeof(int));
+        fds->push_back(received);
+      }
+    }
+    if (msg.msg_flags & MSG_CTRUNC)
+      return ML_ERROR(ncclSystemError, "recvmsg: more than %d descriptors arrived at once; some were lost",
+                      kMaxFdsPerRead);
+  }
   if (r < 0) {
     int e = errno;
     if (bucket) bucket->giveBack(grant);

@@ -27,10 +27,11 @@ struct Hello {
   uint32_t kind;   // kHelloNet or kHelloGin
   uint32_t rank;   // GIN: the connecting rank
   uint32_t nranks; // GIN: ranks of the collective comm
-  uint32_t reserved;
+  uint32_t flags;  // GIN: kHelloFlag* of the connecting rank
 };
 constexpr uint64_t kHelloMagic = 0x6d6f656c6f6f7031ull;  // "moeloop1"
 enum : uint32_t { kHelloNet = 1, kHelloGin = 2 };
+enum : uint32_t { kHelloFlagCopy = 1 };  // GIN: the connecting rank uses the copy transport
 
 uint32_t defaultFamily();      // from NCCL_MOELOOP_SOCKET (unix | tcp)
 // Unit tests: use `family` for new listeners (0: back to the environment's choice).
@@ -93,10 +94,17 @@ class Acceptor {
 
 // Non-blocking writev of as much of iov[0..iovcnt) as the socket and `bucket` (may be NULL)
 // accept now; *sent = bytes written. A closed peer gives ncclRemoteError.
+// passFd >= 0 (unix sockets only): the descriptor is passed (SCM_RIGHTS) with the first byte this
+// call sends; pass it on every attempt until *sent > 0, then never again for that message.
 ncclResult_t ioWritev(int fd, const struct iovec* iov, int iovcnt, TokenBucket* bucket,
-                      size_t* sent);
+                      size_t* sent, int passFd = -1);
 // Non-blocking read of up to len bytes; *got = bytes read, *eof = peer closed (or reset).
-ncclResult_t ioRead(int fd, void* buf, size_t len, TokenBucket* bucket, size_t* got, bool* eof);
+// fds != NULL: descriptors passed with the bytes read are appended to *fds (the caller owns them).
+// The kernel hands a passed descriptor to the read that takes the first byte of the send it came
+// with, so a reader that reads each message's first bytes with fds != NULL never loses one.
+ncclResult_t ioRead(int fd, void* buf, size_t len, TokenBucket* bucket, size_t* got, bool* eof,
+                    std::vector<int>* fds = nullptr);
+constexpr int kMaxFdsPerRead = 16;
 
 // Unit tests: limit every read/write to at most `bytes` (0: no limit), to force partial I/O.
 void setIoLimitForTesting(size_t bytes);

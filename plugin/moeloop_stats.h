@@ -23,12 +23,35 @@ typedef struct {
   uint64_t ginBytesSent;      // GIN payload bytes sent to other ranks
   uint64_t ginBytesApplied;   // GIN payload bytes written into this rank's memory
   uint64_t errors;            // errors reported by the plugin
+  uint64_t ginBytesCopied;    // of ginBytesSent, bytes the copy engine moved (copy transport)
 } moeloopStats_t;
 
 // Copies min(outSize, sizeof(moeloopStats_t)) bytes of the process-wide counters to `out`.
 // Returns the number of bytes copied.
 size_t moeloopGetStats(moeloopStats_t* out, size_t outSize);
 typedef size_t (*moeloopGetStats_t)(moeloopStats_t* out, size_t outSize);
+
+// GIN traffic of this process with one peer, by GIN context: what crossed this fake NIC. `peer` is
+// the rank in the GIN comm (summed over this process's GIN comms); puts to the own rank count
+// under the own rank. Peers >= MOELOOP_STATS_MAX_PEERS and contexts >= MOELOOP_STATS_MAX_CONTEXTS
+// are not counted. Every put counts once, signal-only puts (no payload) included.
+#define MOELOOP_STATS_MAX_PEERS 64
+#define MOELOOP_STATS_MAX_CONTEXTS 32
+typedef struct {
+  uint64_t putsSent;     // puts this process issued to the peer (counted when handed to the plugin)
+  uint64_t bytesSent;    // their payload bytes
+  uint64_t bytesCopied;  // of bytesSent, moved GPU to GPU by the copy engine (the rest: sockets)
+  uint64_t signalsSent;  // of putsSent, puts carrying a signal
+  uint64_t putsRecv;     // puts from the peer applied at this process (payload in place)
+  uint64_t bytesRecv;    // their payload bytes
+  uint64_t signalsRecv;  // signals from the peer applied at this process
+} moeloopPeerStats_t;
+
+// Copies min(outSize, sizeof(moeloopPeerStats_t)) bytes of the counters of (peer, context) to
+// `out`; context -1 sums every context. Returns the bytes copied, 0 for a peer or context out of
+// range. Obtain it like moeloopGetStats (dlsym "moeloopGetPeerStats").
+size_t moeloopGetPeerStats(int peer, int context, moeloopPeerStats_t* out, size_t outSize);
+typedef size_t (*moeloopGetPeerStats_t)(int peer, int context, moeloopPeerStats_t* out, size_t outSize);
 
 #ifdef __cplusplus
 }

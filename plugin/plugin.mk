@@ -4,10 +4,10 @@
 # The plugin objects also link into the CPU unit tests (UNIT_EXTRA_OBJS).
 
 PLUGIN_SO := $(BUILDDIR)/lib/libnccl-net-moeloop.so
-PLUGIN_CORE_SRCS := plugin/moeloop_log.cc plugin/moeloop_shaping.cc plugin/moeloop_socket.cc \
-                    plugin/moeloop_transport.cc plugin/moeloop_net.cc
-PLUGIN_GIN_SRCS := plugin/moeloop_gin.cc plugin/moeloop_gin_mesh.cc plugin/moeloop_gin_cuda.cc \
-                   plugin/moeloop_gin_tables.cc
+PLUGIN_CORE_SRCS := plugin/moeloop_log.cc plugin/moeloop_peer_stats.cc plugin/moeloop_shaping.cc \
+                    plugin/moeloop_socket.cc plugin/moeloop_transport.cc plugin/moeloop_net.cc
+PLUGIN_GIN_SRCS := plugin/moeloop_gin.cc plugin/moeloop_gin_mesh.cc plugin/moeloop_gin_copy.cc \
+                   plugin/moeloop_gin_cuda.cc plugin/moeloop_cumem.cc plugin/moeloop_gin_tables.cc
 PLUGIN_CORE_OBJS := $(PLUGIN_CORE_SRCS:%.cc=$(OBJ)/%.o)
 PLUGIN_GIN_OBJS := $(PLUGIN_GIN_SRCS:%.cc=$(OBJ)/%.o)
 PLUGIN_GPU_OBJS := $(patsubst %.cc,$(OBJ)/%.o,$(wildcard tests/plugin_gpu/*.cc)) \

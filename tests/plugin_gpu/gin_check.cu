@@ -3,6 +3,7 @@
 // an 8-byte put before: see roundKernel) and a signal-only SignalInc to every other rank, and waits
 // for its signals; every byte is checked on the GPU and again on the host. Also a bulk put for the
 // bandwidth measurement and a signal-only ping-pong for the GIN signal round-trip time.
+#include <dlfcn.h>
 #include <nccl.h>
 #include <nccl_device.h>
 #include <string.h>
@@ -19,6 +20,7 @@ constexpr size_t kChunk = (1u << 20) + 4096 + 24;  // bytes from each rank to ea
 constexpr size_t kPiece0 = 8, kPiece1 = 4088, kPiece2 = 65536;
 constexpr size_t kBulk = 64u << 20;                // bulk put for the bandwidth measurement
 constexpr int kBulkPieces = 16;
+constexpr int kBulkIters = 8;                      // timed bulk puts (after one warm-up)
 constexpr unsigned long long kTimeoutNs = 60ull * 1000 * 1000 * 1000;
 constexpr int kRounds = 3;
 constexpr int kPingIters = 200;                    // signal round trips timed per scenario
@@ -253,11 +255,39 @@ bool correctnessRounds(const RankInfo& r, ncclComm_t comm, const ncclDevComm& dc
   return true;
 }
 
-// Rank 0 puts kBulk bytes to the first rank of node B; that rank times the arrival.
+// The plugin's counters of this process for GIN peer `peer`, summed over contexts.
+bool peerStats(int peer, moeloopPeerStats_t* out) {
+  void* h = dlopen("libnccl-net-moeloop.so", RTLD_NOW | RTLD_NOLOAD);
+  if (h == nullptr) return false;
+  moeloopGetPeerStats_t fn = (moeloopGetPeerStats_t)dlsym(h, "moeloopGetPeerStats");
+  bool ok = fn != nullptr && fn(peer, -1, out, sizeof(*out)) == sizeof(*out);
+  dlclose(h);
+  return ok;
+}
+
+// What the counters of this process moved with `peer` between two snapshots.
+moeloopPeerStats_t delta(const moeloopPeerStats_t& after, const moeloopPeerStats_t& before) {
+  moeloopPeerStats_t d;
+  d.putsSent = after.putsSent - before.putsSent;
+  d.bytesSent = after.bytesSent - before.bytesSent;
+  d.bytesCopied = after.bytesCopied - before.bytesCopied;
+  d.signalsSent = after.signalsSent - before.signalsSent;
+  d.putsRecv = after.putsRecv - before.putsRecv;
+  d.bytesRecv = after.bytesRecv - before.bytesRecv;
+  d.signalsRecv = after.signalsRecv - before.signalsRecv;
+  return d;
+}
+
+// Rank 0 puts kBulk bytes (kBulkPieces puts, the last with a signal) kBulkIters + 1 times to the
+// first rank of node B; that rank times the arrival of the last kBulkIters. The plugin's
+// counters must show exactly those bytes leaving rank 0 for it and arriving there from rank 0.
 bool bulkBandwidth(const RankInfo& r, ncclComm_t comm, const ncclDevComm& dc, ncclWindow_t win,
                    const Layout& L, cudaStream_t s, unsigned long long* dStats, int slot) {
   const int a = 0, b = r.gpusPerNode;
-  const int iters = 2;
+  const int iters = kBulkIters;
+  moeloopPeerStats_t before{}, after{};
+  const int other = r.rank == a ? b : a;
+  if ((r.rank == a || r.rank == b) && !peerStats(other, &before)) PT_FAIL("moeloopGetPeerStats is missing");
   for (int phase = 0; phase < 2; phase++) {  // 0: warm-up, 1: measured
     if (!barrier(r)) return false;
     double t0 = nowSec();
@@ -276,6 +306,24 @@ bool bulkBandwidth(const RankInfo& r, ncclComm_t comm, const ncclDevComm& dc, nc
     }
     if (phase == 1 && r.rank == b) r.shared->ginBwGBps[slot] = (double)kBulk * iters / (nowSec() - t0) * 1e-9;
   }
+  if ((r.rank == a || r.rank == b) && peerStats(other, &after)) {
+    moeloopPeerStats_t d = delta(after, before);
+    const uint64_t bytes = (uint64_t)kBulk * (iters + 1), puts = (uint64_t)kBulkPieces * (iters + 1);
+    if (r.rank == a) {
+      PT_CHECK(d.bytesSent == bytes && d.putsSent == puts && d.signalsSent == (uint64_t)iters + 1,
+               "counters to rank %d: %llu bytes in %llu puts with %llu signals sent, expected %llu in "
+               "%llu with %llu", b, (unsigned long long)d.bytesSent, (unsigned long long)d.putsSent,
+               (unsigned long long)d.signalsSent, (unsigned long long)bytes, (unsigned long long)puts,
+               (unsigned long long)iters + 1);
+      r.shared->ginCopiedShare[slot] = d.bytesSent ? (double)d.bytesCopied / (double)d.bytesSent : 0;
+    } else {
+      PT_CHECK(d.bytesRecv == bytes && d.putsRecv == puts && d.signalsRecv == (uint64_t)iters + 1,
+               "counters from rank %d: %llu bytes in %llu puts with %llu signals applied, expected "
+               "%llu in %llu with %llu", a, (unsigned long long)d.bytesRecv, (unsigned long long)d.putsRecv,
+               (unsigned long long)d.signalsRecv, (unsigned long long)bytes, (unsigned long long)puts,
+               (unsigned long long)iters + 1);
+    }
+  }
   return barrier(r);
 }
 
@@ -285,6 +333,9 @@ bool signalRoundTrip(const RankInfo& r, ncclComm_t comm, const ncclDevComm& dc, 
                      unsigned long long* dStats, int slot) {
   const int a = 0, b = r.gpusPerNode;
   unsigned long long* dElapsed = (unsigned long long*)(dStats + kStats);
+  moeloopPeerStats_t before{}, after{};
+  const int other = r.rank == a ? b : a;
+  if (r.rank == a || r.rank == b) (void)peerStats(other, &before);
   for (int phase = 0; phase < 2; phase++) {  // 0: warm-up, 1: measured
     if (!barrier(r)) return false;
     if (r.rank == a || r.rank == b) {
@@ -299,6 +350,15 @@ bool signalRoundTrip(const RankInfo& r, ncclComm_t comm, const ncclDevComm& dc, 
         r.shared->ginSignalRttUs[slot] = (double)ns / kPingIters * 1e-3;
       }
     }
+  }
+  if ((r.rank == a || r.rank == b) && peerStats(other, &after)) {
+    moeloopPeerStats_t d = delta(after, before);
+    const uint64_t n = 2 * kPingIters;  // warm-up and measured, each way
+    PT_CHECK(d.signalsSent == n && d.signalsRecv == n && d.bytesSent == 0 && d.bytesRecv == 0,
+             "ping-pong counters with rank %d: %llu signals sent, %llu applied, %llu / %llu bytes; "
+             "expected %llu signals and no bytes", other, (unsigned long long)d.signalsSent,
+             (unsigned long long)d.signalsRecv, (unsigned long long)d.bytesSent,
+             (unsigned long long)d.bytesRecv, (unsigned long long)n);
   }
   return barrier(r);
 }

@@ -4,10 +4,15 @@
 //
 // 1. host GIN check: 3 processes drive the plugin's GIN on host memory (no GPU needed);
 // 2. without 2 GPUs: prints SKIPPED and exits 0;
-// 3. scenario "main": NCCL all-reduce and all-to-all across the fake nodes, ncclDevCommCreate
-//    with GIN, kernels putting to every other rank with signals; bandwidth and latency measured;
-// 4. scenario "shaped": the same measurements with NCCL_MOELOOP_GBPS / NCCL_MOELOOP_LATENCY_US
-//    set, compared with the settings.
+// 3. scenario "main" (copy transport): NCCL all-reduce and all-to-all across the fake nodes,
+//    ncclDevCommCreate with GIN, kernels putting to every other rank with signals; NCCL and GIN
+//    bandwidth and latency measured;
+// 4. scenario "shaped": the same measurements with NCCL_MOELOOP_GBPS=0.5 LATENCY_US=500, compared
+//    with the settings (PASS / FAIL);
+// 5. GIN per transport: the copy transport shaped as a ConnectX-7 (GBPS=50 LATENCY_US=3), the
+//    socket transport (correctness rounds too) unshaped and shaped; each GIN measurement checks the
+//    plugin's per-peer counters against what it sent. The performance targets are printed
+//    as MET / MISSED lines, not failures (machines vary).
 // Every child gets NCCL_HOSTID=nodeA|nodeB, NCCL_NET_PLUGIN=moeloop, NCCL_NVLS_ENABLE=0.
 #include <cuda_runtime.h>
 #include <dlfcn.h>
@@ -75,8 +80,17 @@ namespace {
 
 constexpr double kShapedGBps = 0.5;
 constexpr double kShapedLatencyUs = 500;
+constexpr double kNicGBps = 50, kNicLatencyUs = 3;  // the ConnectX-7 preset
 
-enum class Scenario { kHostGin, kMain, kShaped };
+enum class Kind { kHostGin, kMain, kMeasure };
+struct Scenario {
+  Kind kind;
+  int slot;
+  const char* transport;      // NCCL_MOELOOP_TRANSPORT
+  double gbps, latencyUs;     // 0: unshaped
+  bool ncclMeasure;           // NCCL send/recv bandwidth and round trip too
+  bool ginCorrectness;        // the GIN correctness rounds before the measurements
+};
 
 // Makes libnccl-net-moeloop.so loadable by name: if it is not on the library path, re-executes
 // this program once with <dir of this binary>/../lib prepended to LD_LIBRARY_PATH.
@@ -137,7 +151,7 @@ void crashHandler(int sig, siginfo_t* info, void*) {
   _exit(128 + sig);
 }
 
-int rankMain(Shared* sh, Scenario sc, int rank, int nRanks, int gpusPerNode) {
+int rankMain(Shared* sh, const Scenario& sc, int rank, int nRanks, int gpusPerNode) {
   gRank = rank;
   struct sigaction sa;
   memset(&sa, 0, sizeof(sa));
@@ -146,19 +160,20 @@ int rankMain(Shared* sh, Scenario sc, int rank, int nRanks, int gpusPerNode) {
   sigaction(SIGSEGV, &sa, nullptr);
   sigaction(SIGBUS, &sa, nullptr);
   sigaction(SIGABRT, &sa, nullptr);
-  RankInfo r{sh, rank, nRanks, gpusPerNode, sc == Scenario::kShaped, kShapedGBps, kShapedLatencyUs};
-  if (sc == Scenario::kHostGin) return hostGinCheck(r) && gFailures == 0 ? 0 : 1;
+  RankInfo r{sh, rank, nRanks, gpusPerNode};
+  if (sc.kind == Kind::kHostGin) return hostGinCheck(r) && gFailures == 0 ? 0 : 1;
 
   // Environment first: NCCL reads it at initialisation.
   setenv("NCCL_HOSTID", rank / gpusPerNode == 0 ? "nodeA" : "nodeB", 1);
   setenv("NCCL_NET_PLUGIN", "moeloop", 1);
   setenv("NCCL_NVLS_ENABLE", "0", 1);
   if (getenv("NCCL_DEBUG") == nullptr) setenv("NCCL_DEBUG", "WARN", 1);
-  if (sc == Scenario::kShaped) {
+  setenv("NCCL_MOELOOP_TRANSPORT", sc.transport, 1);
+  if (sc.gbps > 0) {
     char buf[32];
-    snprintf(buf, sizeof(buf), "%g", kShapedGBps);
+    snprintf(buf, sizeof(buf), "%g", sc.gbps);
     setenv("NCCL_MOELOOP_GBPS", buf, 1);
-    snprintf(buf, sizeof(buf), "%g", kShapedLatencyUs);
+    snprintf(buf, sizeof(buf), "%g", sc.latencyUs);
     setenv("NCCL_MOELOOP_LATENCY_US", buf, 1);
   } else {
     unsetenv("NCCL_MOELOOP_GBPS");
@@ -204,17 +219,12 @@ int rankMain(Shared* sh, Scenario sc, int rank, int nRanks, int gpusPerNode) {
     PT_CHECK(st.netInits >= 1, "the plugin's NET init was never called");
   }
   bool ok = true;
-  if (sc == Scenario::kMain) {
-    ok = ncclCollectiveChecks(r, comm);
-    if (ok) ok = ginChecks(r, comm, /*correctness=*/true, 0);
-    if (ok) ok = ncclShapingMeasurements(r, comm, 0);
-  } else {
-    ok = ncclShapingMeasurements(r, comm, 1);
-    if (ok) ok = ginChecks(r, comm, /*correctness=*/false, 1);
-  }
-  // The main scenario's collectives involve every rank; the shaped one's NET traffic runs only
-  // between rank 0 and the first rank of node B.
-  const bool expectNet = sc == Scenario::kMain || rank == 0 || rank == r.gpusPerNode;
+  if (sc.kind == Kind::kMain) ok = ncclCollectiveChecks(r, comm);
+  if (ok) ok = ginChecks(r, comm, sc.ginCorrectness, sc.slot);
+  if (ok && sc.ncclMeasure) ok = ncclShapingMeasurements(r, comm, sc.slot);
+  // The main scenario's collectives involve every rank; otherwise NET traffic (the measurements)
+  // runs only between rank 0 and the first rank of node B.
+  const bool expectNet = sc.ncclMeasure && (sc.kind == Kind::kMain || rank == 0 || rank == r.gpusPerNode);
   if (readPluginStats(&st)) {
     PT_CHECK(!expectNet || (st.netBytesSent > 0 && st.netBytesRecv > 0),
              "no NET traffic went through the plugin (sent %llu, received %llu bytes)",
@@ -238,8 +248,12 @@ int rankMain(Shared* sh, Scenario sc, int rank, int nRanks, int gpusPerNode) {
 
 // Forks nRanks children running `sc`; returns true if all exit 0. A failing or hung child gets
 // the others killed so that nothing waits forever.
-bool runScenario(Shared* sh, Scenario sc, int nRanks, int gpusPerNode, double timeoutSec) {
-  memset((void*)sh, 0, sizeof(*sh));
+bool runScenario(Shared* sh, const Scenario& sc, int nRanks, int gpusPerNode, double timeoutSec) {
+  // Reset what the ranks synchronise on; the measurements of earlier scenarios stay.
+  sh->barrierArrived.store(0);
+  sh->barrierGeneration.store(0);
+  sh->idReady.store(0);
+  sh->handlesReady.store(0);
   std::vector<pid_t> pids(nRanks, -1);
   fflush(stdout);
   fflush(stderr);
@@ -325,7 +339,7 @@ int main(int argc, char** argv) {
   }
   bool allOk = true;
   printf("== moeloop plugin test: GIN protocol on host memory (3 processes, no GPU)\n");
-  bool hostOk = runScenario(sh, Scenario::kHostGin, 3, 3, 120);
+  bool hostOk = runScenario(sh, Scenario{Kind::kHostGin, 0, "copy", 0, 0, false, false}, 3, 3, 120);
   printf("%s: host-memory GIN check\n", hostOk ? "PASSED" : "FAILED");
   allOk &= hostOk;
 
@@ -343,10 +357,11 @@ int main(int argc, char** argv) {
            gpus, n, n / 2);
   int perNode = n / 2;
 
-  printf("== scenario main: %d ranks as 2 fake nodes x %d GPUs (NCCL_NET_PLUGIN=moeloop)\n", n, perNode);
-  bool mainOk = runScenario(sh, Scenario::kMain, n, perNode, 540);
-  double bw0 = sh->netBwGBps[0], rtt0 = sh->rttUs[0], gbw0 = sh->ginBwGBps[0];
-  double grtt0 = sh->ginSignalRttUs[0];
+  printf("== scenario main: %d ranks as 2 fake nodes x %d GPUs (NCCL_NET_PLUGIN=moeloop, copy transport)\n",
+         n, perNode);
+  bool mainOk = runScenario(sh, Scenario{Kind::kMain, kSlotMain, "copy", 0, 0, true, true}, n, perNode, 540);
+  double bw0 = sh->netBwGBps[kSlotMain], rtt0 = sh->rttUs[kSlotMain], gbw0 = sh->ginBwGBps[kSlotMain];
+  double grtt0 = sh->ginSignalRttUs[kSlotMain];
   printf("%s: NCCL all-reduce / all-to-all across fake nodes, GIN puts with SignalAdd to every rank\n",
          mainOk ? "PASSED" : "FAILED");
   printf("   unshaped: NCCL send/recv %.2f GB/s, round trip %.0f us, GIN put %.2f GB/s, "
@@ -355,9 +370,10 @@ int main(int argc, char** argv) {
 
   printf("== scenario shaped: NCCL_MOELOOP_GBPS=%g NCCL_MOELOOP_LATENCY_US=%g\n", kShapedGBps,
          kShapedLatencyUs);
-  bool shapedOk = runScenario(sh, Scenario::kShaped, n, perNode, 540);
-  double bw1 = sh->netBwGBps[1], rtt1 = sh->rttUs[1], gbw1 = sh->ginBwGBps[1];
-  double grtt1 = sh->ginSignalRttUs[1];
+  bool shapedOk = runScenario(sh, Scenario{Kind::kMeasure, kSlotShaped, "copy", kShapedGBps, kShapedLatencyUs,
+                                           true, false}, n, perNode, 540);
+  double bw1 = sh->netBwGBps[kSlotShaped], rtt1 = sh->rttUs[kSlotShaped], gbw1 = sh->ginBwGBps[kSlotShaped];
+  double grtt1 = sh->ginSignalRttUs[kSlotShaped];
   printf("   shaped:   NCCL send/recv %.2f GB/s, round trip %.0f us, GIN put %.2f GB/s, "
          "GIN signal round trip %.1f us\n", bw1, rtt1, gbw1, grtt1);
   if (shapedOk) {
@@ -376,6 +392,42 @@ int main(int argc, char** argv) {
   }
   printf("%s: shaping changes the measured bandwidth and latency as set\n", shapedOk ? "PASSED" : "FAILED");
   allOk &= shapedOk;
+
+  printf("== GIN per transport: unshaped and NCCL_MOELOOP_GBPS=%g NCCL_MOELOOP_LATENCY_US=%g (ConnectX-7 preset)\n",
+         kNicGBps, kNicLatencyUs);
+  bool nicOk = runScenario(sh, Scenario{Kind::kMeasure, kSlotCopyNic, "copy", kNicGBps, kNicLatencyUs, false, false},
+                           n, perNode, 540);
+  bool sockOk = runScenario(sh, Scenario{Kind::kMeasure, kSlotSocket, "socket", 0, 0, false, true}, n, perNode, 540);
+  bool sockNicOk = runScenario(sh, Scenario{Kind::kMeasure, kSlotSocketNic, "socket", kNicGBps, kNicLatencyUs,
+                                            false, false}, n, perNode, 540);
+  const struct { const char* what; int slot; } rows[] = {{"copy,   unshaped", kSlotMain},
+                                                         {"copy,   GBPS=50 LATENCY_US=3", kSlotCopyNic},
+                                                         {"socket, unshaped", kSlotSocket},
+                                                         {"socket, GBPS=50 LATENCY_US=3", kSlotSocketNic}};
+  for (const auto& row : rows)
+    printf("   %-30s GIN put stream (64 MiB in 4 MiB puts) %7.2f GB/s, 8-byte signal round trip %7.1f us, "
+           "%3.0f %% of the bytes by copy engine\n", row.what, sh->ginBwGBps[row.slot],
+           sh->ginSignalRttUs[row.slot], 100 * sh->ginCopiedShare[row.slot]);
+  printf("%s: GIN through the copy transport shaped as a NIC (counters match what was sent)\n", nicOk ? "PASSED" : "FAILED");
+  printf("%s: GIN through the socket transport, correctness rounds and measurements (counters match)\n",
+         sockOk && sockNicOk ? "PASSED" : "FAILED");
+  allOk &= nicOk && sockOk && sockNicOk;
+  if (mainOk) {
+    bool copied = sh->ginCopiedShare[kSlotMain] > 0.999;
+    printf("%s: the copy transport moved the GIN put stream (%.0f %% of its bytes by copy engine)\n",
+           copied ? "PASSED" : "FAILED", 100 * sh->ginCopiedShare[kSlotMain]);
+    allOk &= copied;
+  }
+  // The targets: reported, not enforced.
+  double cbw = sh->ginBwGBps[kSlotMain], crtt = sh->ginSignalRttUs[kSlotMain];
+  double nbw = sh->ginBwGBps[kSlotCopyNic], nrtt = sh->ginSignalRttUs[kSlotCopyNic];
+  printf("%s: copy transport put stream %.1f GB/s (target >= 100 GB/s)\n", cbw >= 100 ? "MET" : "MISSED", cbw);
+  printf("%s: copy transport signal round trip %.1f us (target <= 20 us)\n", crtt <= 20 ? "MET" : "MISSED", crtt);
+  printf("%s: shaped put stream %.2f GB/s (target %g GB/s +-5 %%)\n",
+         within(nbw, 0.95 * kNicGBps, 1.05 * kNicGBps) ? "MET" : "MISSED", nbw, kNicGBps);
+  printf("%s: shaped signal round trip %.1f us = unshaped %.1f + %.1f us (target + %g +-2 us)\n",
+         within(nrtt - crtt, 2 * kNicLatencyUs - 2, 2 * kNicLatencyUs + 2) ? "MET" : "MISSED", nrtt, crtt,
+         nrtt - crtt, 2 * kNicLatencyUs);
   printf("%s\n", allOk ? "ALL PASSED" : "SOME CHECKS FAILED");
   munmap(sh, sizeof(Shared));
   return allOk ? 0 : 1;

@@ -15,6 +15,8 @@
 namespace plugintest {
 
 constexpr int kMaxRanks = 16;
+// Measurement slots, one per scenario that measures (see plugin_gpu_main.cc).
+enum : int { kSlotMain = 0, kSlotShaped = 1, kSlotCopyNic = 2, kSlotSocket = 3, kSlotSocketNic = 4, kSlots = 5 };
 
 // Lives in a shared anonymous mapping created before the children are forked.
 struct Shared {
@@ -24,17 +26,19 @@ struct Shared {
   ncclUniqueId id;
   char handles[kMaxRanks][128];   // host GIN check: listen handles
   std::atomic<int> handlesReady;
-  double netBwGBps[2];            // [unshaped, shaped] NCCL send/recv bandwidth, rank 0 -> first rank of node B
-  double rttUs[2];                // [unshaped, shaped] NCCL ping-pong round trip
-  double ginBwGBps[2];            // [unshaped, shaped] GIN put bandwidth
-  double ginSignalRttUs[2];       // [unshaped, shaped] GIN signal-only ping-pong round trip
+  // Per slot: NCCL send/recv bandwidth (rank 0 -> first rank of node B), NCCL ping-pong round
+  // trip, GIN put stream bandwidth, GIN signal-only ping-pong round trip, and the share of the
+  // GIN stream's bytes the copy engine moved (plugin counters of rank 0).
+  double netBwGBps[kSlots];
+  double rttUs[kSlots];
+  double ginBwGBps[kSlots];
+  double ginSignalRttUs[kSlots];
+  double ginCopiedShare[kSlots];
 };
 
 struct RankInfo {
   Shared* shared;
   int rank, nRanks, gpusPerNode;
-  bool shaped;                    // the shaping scenario (NCCL_MOELOOP_GBPS / LATENCY_US set)
-  double shapedGBps, shapedLatencyUs;
 };
 
 // Waits until all nRanks processes arrive. Returns false after timeoutSec.
