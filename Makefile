@@ -1,7 +1,7 @@
 # nccl-moe build. Variables as nccl-tests has them:
 #   CUDA_HOME (default /usr/local/cuda), NCCL_HOME (see below), MPI=1 + MPI_HOME for
 #   mpirun-launched perf and GPU tests, BUILDDIR (default build), NVCC_GENCODE (default sm_90).
-# Targets: all (library, tests, perf, plugin), lib, test (CPU tests), gputest NGPUS=n,
+# Targets: all (library, tests, perf, plugin), lib, test (CPU tests), gputest NGPUS=n, nettest,
 #          perf, plugin, deps, python (library into python/nccl_moe/lib), install PREFIX=...,
 #          clean (keeps .deps).
 #
@@ -33,7 +33,7 @@ CUDA_LIBDIR := $(CUDA_HOME)/lib64
 
 # NCCL's headers first: a CUDA 13 toolkit carries an nccl.h of its own. g++ sees NCCL and CUDA
 # as system headers (their warnings are not ours); nvcc adds CUDA's include folder itself.
-INCLUDES := -Iinclude -Isrc
+INCLUDES := -Iinclude -Isrc -I.
 CXXFLAGS := -std=c++17 -O2 -g -fPIC -Wall -Wextra -Wno-unused-parameter $(INCLUDES) \
             -isystem $(NCCL_HOME)/include -isystem $(CUDA_HOME)/include
 NVCCFLAGS := -std=c++17 -O3 -g -lineinfo $(NVCC_GENCODE) -Xcompiler -fPIC,-Wall $(INCLUDES) \
@@ -49,8 +49,9 @@ endif
 OBJ := $(BUILDDIR)/obj
 
 # --- library -------------------------------------------------------------------------------
-# Kernels sit in src/device/ and its folders by mode (common/, ht/, ll/; one level).
-LIB_CC := $(wildcard src/*.cc)
+# Kernels sit in src/device/ and its folders by mode (common/, ht/, ll/; one level); the
+# internode transport's host side in net/ (its device side is headers, net/device/).
+LIB_CC := $(wildcard src/*.cc net/*.cc)
 LIB_CU := $(wildcard src/device/*.cu src/device/*/*.cu)
 LIB_OBJS := $(LIB_CC:%.cc=$(OBJ)/%.o) $(LIB_CU:%.cu=$(OBJ)/%.o)
 LIB_SO := $(BUILDDIR)/lib/libnccl_moe.so
@@ -66,6 +67,9 @@ PERF_COMMON_OBJS := $(patsubst %.cc,$(OBJ)/%.o,$(filter-out %_perf.cc,$(wildcard
 PERF_BINS := $(patsubst perf/%.cc,$(BUILDDIR)/perf/%,$(wildcard perf/*_perf.cc))
 UNIT_BIN := $(BUILDDIR)/test/unit_tests
 GPU_BIN := $(BUILDDIR)/test/gpu_tests
+# The internode transport layer's GPU test (2 fake nodes through the plugin; target nettest).
+NET_GPU_OBJS := $(patsubst %.cu,$(OBJ)/%.o,$(wildcard tests/gpu/net/*.cu))
+NET_GPU_BIN := $(BUILDDIR)/test/net_gpu_test
 
 # Extra objects the CPU unit-test binary links (the plugin's host transport adds its own): the
 # perf binaries' option parser and result writer, which need no CUDA.
@@ -112,6 +116,10 @@ $(GPU_BIN): $(GPU_OBJS) $(COMMON_OBJS) $(LIB_A)
 	@mkdir -p $(dir $@)
 	$(CXX) -o $@ $(GPU_OBJS) $(COMMON_OBJS) $(LIB_A) -lgtest $(LDLIBS) $(MPI_LIBS)
 
+$(NET_GPU_BIN): $(NET_GPU_OBJS) $(COMMON_OBJS) $(LIB_A)
+	@mkdir -p $(dir $@)
+	$(CXX) -o $@ $(NET_GPU_OBJS) $(COMMON_OBJS) $(LIB_A) $(LDLIBS) $(MPI_LIBS)
+
 $(BUILDDIR)/perf/%: $(OBJ)/perf/%.o $(PERF_COMMON_OBJS) $(COMMON_OBJS) $(LIB_A)
 	@mkdir -p $(dir $@)
 	$(CXX) -o $@ $^ $(LDLIBS) $(MPI_LIBS)
@@ -123,6 +131,10 @@ test: $(UNIT_BIN)
 # Multi-GPU tests, one process per GPU (NGPUS=0: all local GPUs). Skips without GPUs.
 gputest: $(GPU_BIN)
 	NCCL_NVLS_ENABLE=0 $(GPU_BIN) --ngpus=$(NGPUS)
+
+# net/'s put-with-signal and timed wait across 2 fake nodes x 1 GPU (needs 2 GPUs and the plugin).
+nettest: $(NET_GPU_BIN) $(PLUGIN_SO)
+	LD_LIBRARY_PATH=$(abspath $(BUILDDIR)/lib):$$LD_LIBRARY_PATH NCCL_NVLS_ENABLE=0 $(NET_GPU_BIN)
 
 # NCCL headers and libnccl.so.2 from PyPI (no root needed); see scripts/install_nccl.sh.
 deps:

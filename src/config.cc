@@ -92,33 +92,6 @@ size_t llScaleBytesPerRow(const ncclMoeConfig_t& c) {
   return c.fp8Scales == ncclMoeScaleUe8m0 ? groups : groups * sizeof(float);  // 1 byte or 4 per group
 }
 
-// Byte arithmetic of the window with overflow detection: every product and every region end
-// goes through here, and `overflow` stays set once any of them wrapped around size_t.
-namespace {
-struct CheckedBytes {
-  bool overflow = false;
-  size_t off = 0;  // end of the regions taken so far
-  size_t mul(size_t a, size_t b) {
-    size_t r;
-    overflow |= __builtin_mul_overflow(a, b, &r);
-    return r;
-  }
-  size_t alignedEnd(size_t v, size_t a) {
-    size_t r;
-    overflow |= __builtin_add_overflow(v, a - 1, &r);
-    return r / a * a;
-  }
-  // Places a region of `bytes` at the current end, aligned to `a`; returns its offset.
-  size_t take(size_t bytes, size_t a) {
-    const size_t at = off;
-    size_t end;
-    overflow |= __builtin_add_overflow(off, bytes, &end);
-    off = alignedEnd(end, a);
-    return at;
-  }
-};
-}  // namespace
-
 static LowLatencySlotLayout lowLatencySlotLayout(const ncclMoeConfig_t& c, int nRanks, CheckedBytes& m) {
   const size_t L = c.numExperts / nRanks, M = c.maxTokensPerRank, R = nRanks, B = m.mul(R, M);
   const size_t H = c.hidden, K = c.topK, LB = m.mul(L, B);

@@ -33,6 +33,31 @@ size_t dtypeBytes(ncclMoeDtype_t dtype);
 // 2 * kMaxHidden (so it is positive and fits in int).
 int rowBytes(const ncclMoeConfig_t& resolved, ncclMoeDtype_t dtype);
 
+// Byte arithmetic of window layouts with overflow detection: every product and every region end
+// goes through it, and `overflow` stays set once any of them wrapped around size_t.
+struct CheckedBytes {
+  bool overflow = false;
+  size_t off = 0;  // end of the regions taken so far
+  size_t mul(size_t a, size_t b) {
+    size_t r;
+    overflow |= __builtin_mul_overflow(a, b, &r);
+    return r;
+  }
+  size_t alignedEnd(size_t v, size_t a) {
+    size_t r;
+    overflow |= __builtin_add_overflow(v, a - 1, &r);
+    return r / a * a;
+  }
+  // Places a region of `bytes` at the current end, aligned to `a`; returns its offset.
+  size_t take(size_t bytes, size_t a) {
+    const size_t at = off;
+    size_t end;
+    overflow |= __builtin_add_overflow(off, bytes, &end);
+    off = alignedEnd(end, a);
+    return at;
+  }
+};
+
 // Byte offsets inside each rank's symmetric window (same on every rank). Each region starts on
 // a 256-byte boundary; `total` is rounded up to NCCL_WIN_REQUIRED_ALIGNMENT.
 struct WindowLayout {

@@ -48,6 +48,7 @@ constexpr int kErrorSticky = 0, kErrorLocal = 1, kErrorRecords = 2;
 // Wait kinds of the low-latency kernels in timeout reports (HT waits report their SignalKind).
 constexpr int kWaitLlDispatch = 16;
 constexpr int kWaitLlCombine = 17;
+constexpr int kWaitGinSignal = 18;  // net/: a GIN signal (peer = the rank whose puts it counts)
 
 struct DeviceError {
   int code, a, b, c;  // the first error of the record

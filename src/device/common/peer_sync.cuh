@@ -78,22 +78,22 @@ __device__ __forceinline__ int64_t seqDistance(uint64_t v, uint64_t target) {
   return (int64_t)(((v >> kShift) - target) << kShift) >> kShift;
 }
 
-// Waits until the operation number in *p is exactly `target` (acquire); *seen receives the value
-// read. A peer that is ahead is a protocol error (kDevPeerAhead, fatal: recorded on the rank
+// Waits until the operation number in the value that load() returns (an acquire read of a signal:
+// an LSA word here, a GIN signal in net/) is exactly `target`; *seen receives the value read.
+// A peer that is ahead is a protocol error (kDevPeerAhead, fatal: recorded on the rank
 // that sees it, whose later waits give up at once, with the operations it is ahead: the excess
 // divided by perOp, the signal's steps per operation, rounded up); no value ever satisfies a
 // wait but the expected one. Returns false on that, after timeoutNs (kDevTimeout, with `kind`
 // and `src` for the message), or at once if another wait of the context already failed.
-template <int kShift>
-__device__ __forceinline__ bool waitSeq(const WindowView& w, const uint64_t* p, uint64_t target,
-                                        int kind, int src, uint64_t* seen = nullptr,
-                                        uint64_t perOp = 1) {
-  uint64_t v = loadAcquire(p);
+template <int kShift, class Load>
+__device__ __forceinline__ bool waitSeqOn(const WindowView& w, Load load, uint64_t target, int kind,
+                                          int src, uint64_t* seen, uint64_t perOp) {
+  uint64_t v = load();
   int64_t d = seqDistance<kShift>(v, target);
   const uint64_t start = d < 0 ? globalTimerNs() : 0;
   while (d < 0) {
     for (int i = 0; i < 64 && d < 0; ++i) {
-      v = loadAcquire(p);
+      v = load();
       d = seqDistance<kShift>(v, target);
     }
     if (d >= 0) break;
@@ -108,6 +108,14 @@ __device__ __forceinline__ bool waitSeq(const WindowView& w, const uint64_t* p, 
   const uint64_t ops = ((uint64_t)d + perOp - 1) / perOp;
   raiseFatal(w, kDevPeerAhead, kind, src, ops > INT32_MAX ? INT32_MAX : (int)ops);
   return false;
+}
+
+// waitSeqOn for the LSA word *p, written by a peer with release semantics.
+template <int kShift>
+__device__ __forceinline__ bool waitSeq(const WindowView& w, const uint64_t* p, uint64_t target,
+                                        int kind, int src, uint64_t* seen = nullptr,
+                                        uint64_t perOp = 1) {
+  return waitSeqOn<kShift>(w, [p] { return loadAcquire(p); }, target, kind, src, seen, perOp);
 }
 
 // Waits until this rank's signals[kind][src] holds exactly `target` (see waitSeq).

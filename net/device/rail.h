@@ -1,0 +1,20 @@
+// Rail arithmetic on the kernels' peer map (host and device; device/kernel_args.h PeerMap).
+// A rail is the set of ranks with one local index on every node; GIN traffic of the internode
+// kernels goes between rail peers, so that each NIC talks to the NICs of its rail.
+#pragma once
+#include "device/kernel_args.h"
+
+namespace nccl_moe {
+
+// The rank with this rank's local index on node n.
+__host__ __device__ inline int railPeer(const PeerMap& p, int n) {
+  return n * p.lsaSize + p.localIndex(p.rank);
+}
+
+// Index of world rank r among the ranks of other nodes than this rank's (own node skipped), for
+// regions with a row per remote rank (net/regions.h). Contract: r is remote.
+__host__ __device__ inline int remoteIndex(const PeerMap& p, int r) {
+  return r < p.lsaBase ? r : r - p.lsaSize;
+}
+
+}  // namespace nccl_moe

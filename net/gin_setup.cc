@@ -1,0 +1,40 @@
+// GIN signal plan and device-communicator requirements (see gin_setup.h).
+#include "net/gin_setup.h"
+#include "error.h"
+#include "nccl_compat.h"
+
+namespace nccl_moe {
+
+ncclResult_t planGinSignals(const ncclMoeConfig_t& c, const NodeMap& nodes, GinSignalPlan* plan) {
+  GinSignalPlan p;
+  p.slots = c.numBufferSlots;
+  p.nRanks = nodes.nRanks;
+  if ((long long)2 * p.slots * p.nRanks >= kMaxGinSignals)
+    return setError(ncclInvalidArgument,
+                    "config.numBufferSlots = %d on %d ranks needs %lld GIN signals; at most %d are addressable",
+                    p.slots, p.nRanks, (long long)2 * p.slots * p.nRanks, kMaxGinSignals - 1);
+  *plan = p;
+  return ncclSuccess;
+}
+
+ncclDevCommRequirements ginRequirements(const NodeMap& nodes, const GinSignalPlan& plan) {
+  ncclDevCommRequirements reqs = defaultDevCommRequirements();
+  reqs.lsaBarrierCount = 1;
+  if (nodes.nNodes > 1) {
+    reqs.ginContextCount = kGinContexts;
+    reqs.ginSignalCount = plan.count();
+    reqs.ginCounterCount = 0;
+  }
+  return reqs;
+}
+
+ncclResult_t ginUnavailableError(ncclResult_t res, const NodeMap& nodes) {
+  return setError(res,
+                  "ncclDevCommCreate with GIN failed (%s) on %d nodes x %d GPUs: the internode path needs "
+                  "GPU-initiated networking, i.e. a NET plugin that provides GIN (on one host: plugin/'s "
+                  "libnccl-net-moeloop.so with NCCL_NET_PLUGIN=moeloop on LD_LIBRARY_PATH) or RDMA NICs whose "
+                  "GIN NCCL supports (GDAKI, or its CPU proxy); NCCL says: %s",
+                  ncclGetErrorString(res), nodes.nNodes, nodes.gpusPerNode, ncclGetLastError(nullptr));
+}
+
+}  // namespace nccl_moe

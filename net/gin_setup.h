@@ -1,0 +1,43 @@
+// GIN resources of the internode low-latency path: which GIN signal counts what, and the
+// device-communicator requirements that ask NCCL for them (host side).
+//
+// Signals are monotonic counters of a GIN context, added to by a put's remote action once its
+// payload (and that of every earlier put of the context to the same peer) has landed. The
+// low-latency path keeps one per (buffer slot, source rank) and direction, never reset: a
+// dispatch's count signal from source s of slot i, a combine's from rank s. Ids stay below
+// 65536 (GIN descriptors carry 16-bit ids; INTERNODE.md §2).
+#pragma once
+#include <nccl.h>
+#include <nccl_device.h>
+#include "nccl_moe.h"
+#include "net/node_map.h"
+
+namespace nccl_moe {
+
+constexpr int kGinContexts = 4;      // asked for; NCCL may give fewer (2.28.9: at most 4)
+constexpr int kMaxGinSignals = 65536;
+
+struct GinSignalPlan {
+  int slots = 0;   // numBufferSlots
+  int nRanks = 0;  // world ranks
+  int dispatch(int slot, int src) const { return slot * nRanks + src; }
+  int combine(int slot, int src) const { return (slots + slot) * nRanks + src; }
+  int count() const { return 2 * slots * nRanks; }
+};
+
+// The signal plan of a resolved low-latency config on `nodes`. Fails with ncclInvalidArgument
+// naming the sizes when it would need kMaxGinSignals signals or more.
+ncclResult_t planGinSignals(const ncclMoeConfig_t& resolved, const NodeMap& nodes, GinSignalPlan* plan);
+
+// Device-communicator requirements for the internode path: NCCL's defaults
+// (defaultDevCommRequirements, nccl_compat.h), the creation-time LSA barrier, kGinContexts
+// contexts, the plan's signals, no counters. GIN is used only when the map has several nodes;
+// a single-node map asks for no GIN resources.
+ncclDevCommRequirements ginRequirements(const NodeMap& nodes, const GinSignalPlan& plan);
+
+// The error for a failed ncclDevCommCreate with GIN requirements (`res`), saying what is
+// missing: a NET plugin with GIN (e.g. plugin/, NCCL_NET_PLUGIN=moeloop, on one host) or an RDMA
+// NIC whose GIN NCCL supports (GDAKI or its proxy). Returns `res`.
+ncclResult_t ginUnavailableError(ncclResult_t res, const NodeMap& nodes);
+
+}  // namespace nccl_moe
