@@ -21,6 +21,7 @@ ncclDevCommRequirements ginRequirements(const NodeMap& nodes, const GinSignalPla
   ncclDevCommRequirements reqs = defaultDevCommRequirements();
   reqs.lsaBarrierCount = 1;
   if (nodes.nNodes > 1) {
+    requestFullGin(&reqs);
     reqs.ginContextCount = kGinContexts;
     reqs.ginSignalCount = plan.count();
     reqs.ginCounterCount = 0;

@@ -31,7 +31,8 @@ ncclResult_t planGinSignals(const ncclMoeConfig_t& resolved, const NodeMap& node
 
 // Device-communicator requirements for the internode path: NCCL's defaults
 // (defaultDevCommRequirements, nccl_compat.h), the creation-time LSA barrier, kGinContexts
-// contexts, the plan's signals, no counters. GIN is used only when the map has several nodes;
+// contexts, the plan's signals, no counters, GIN connections between every pair of ranks
+// (requestFullGin). GIN is used only when the map has several nodes;
 // a single-node map asks for no GIN signals and leaves the rest at NCCL's defaults.
 ncclDevCommRequirements ginRequirements(const NodeMap& nodes, const GinSignalPlan& plan);
 

@@ -35,6 +35,18 @@ inline ncclDevCommRequirements defaultDevCommRequirements() {
   return reqs;
 }
 
+// Asks for GIN connections between every pair of ranks. 2.29+ take it from ginConnectionType
+// (ncclDevCommCreate rejects GIN signals or contexts requested while it is NONE, the default);
+// 2.28.9 has no such field and enables GIN when the communicator spans several LSA teams, or
+// when forced.
+inline void requestFullGin(ncclDevCommRequirements* reqs) {
+#ifdef NCCL_DEV_COMM_REQUIREMENTS_INITIALIZER
+  reqs->ginConnectionType = NCCL_GIN_CONNECTION_FULL;
+#else
+  reqs->ginForceEnable = true;
+#endif
+}
+
 // Whether a library built against NCCL `built` can run on the NCCL `loaded` (both
 // NCCL_VERSION_CODE encodings): same major and minor. Pure, so the CPU tests cover it.
 constexpr bool ncclVersionsCompatible(int built, int loaded) { return built / 100 == loaded / 100; }

@@ -144,11 +144,15 @@ TEST(NetGin, SignalPlanAndRequirements) {
   EXPECT_EQ(reqs.ginContextCount, kGinContexts);
   EXPECT_EQ(reqs.ginCounterCount, 0);
   EXPECT_EQ(reqs.lsaBarrierCount, 1);
-  EXPECT_FALSE(reqs.ginForceEnable);
 #ifdef NCCL_DEV_COMM_REQUIREMENTS_INITIALIZER
+  // 2.29+: GIN resources without a connection type are rejected by ncclDevCommCreate.
+  EXPECT_EQ(reqs.ginConnectionType, NCCL_GIN_CONNECTION_FULL);
+  EXPECT_FALSE(reqs.ginForceEnable);
   const ncclDevCommRequirements defaults = defaultDevCommRequirements();
   EXPECT_EQ(reqs.magic, defaults.magic);  // built on NCCL's initializer (2.29+)
   EXPECT_EQ(reqs.size, defaults.size);
+#else
+  EXPECT_TRUE(reqs.ginForceEnable);  // 2.28.9: the only way to ask for GIN
 #endif
   // One node: no GIN signals, NCCL's default context hint (0 on 2.28.9, 4 from 2.29 on).
   const ncclDevCommRequirements one = ginRequirements(mapOf(1, 8), plan);
