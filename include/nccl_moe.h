@@ -172,9 +172,11 @@ ncclResult_t ncclMoeGetLayout(ncclMoeComm_t moeComm, const int64_t* topkIdx, int
                               int* tokensPerRank, int* tokensPerExpert, uint8_t* isTokenInRank,
                               cudaStream_t stream);
 
-/* Where a dispatch put its rows on this rank. Every pointer is device memory inside the EP
- * window and stays valid (and unchanged) until the next ncclMoeDispatch on this EP context is
- * enqueued; rows are ordered by source rank, then by source token index.
+/* Where a dispatch put its rows on this rank. Every pointer but the counts is device memory
+ * inside the EP window and stays valid (and unchanged) until the next ncclMoeDispatch on this EP
+ * context is enqueued (to keep rows longer, copy them out: see ncclMoeCombine for several
+ * operations in flight); numRecvTokens and expertCounts belong to the handle and stay valid until
+ * its next dispatch. Rows are ordered by source rank, then by source token index.
  *   x             [outputCapacity][H] dispatch dtype; rows [0, *numRecvTokens) are valid
  *   xScales       [outputCapacity][H/128] FP32, NULL for BF16
  *   topkIdx       [outputCapacity][K] int64: local expert id (0..E/R-1) or -1 when that expert
@@ -211,8 +213,9 @@ typedef struct {
  *   topkWeights  [numTokens][K] FP32 device, or NULL (then no weights are delivered)
  *   numTokens    T, 0..maxTokensPerRank; must equal the handle's T when topkIdx is NULL
  *   flags        NCCL_MOE_DISPATCH_* bits
- *   handle       in/out: *handle == NULL creates a handle (allocates device memory: not
- *                graph-capturable); a non-NULL handle is reused, its routing recomputed from
+ *   handle       in/out: *handle == NULL creates a handle (allocates device memory in stream
+ *                order on `stream`: not graph-capturable); a non-NULL handle is reused, its
+ *                routing recomputed from
  *                topkIdx unless topkIdx is NULL. The handle is what ncclMoeCombine needs.
  *   out          where the rows are (see ncclMoeDispatchOutput_t)
  * Without NCCL_MOE_DISPATCH_HOST_COUNTS the call never synchronises the host and a handle that
@@ -245,12 +248,46 @@ ncclResult_t ncclMoeDispatch(ncclMoeComm_t moeComm, const void* x, const float* 
  *                signal and every rank reads each peer's rows where that peer put them.
  *   topkWeights  [T][K] FP32 device on this (source) rank, or NULL for unweighted
  *   out          [T][H] BF16 device on this rank, 16-byte aligned; T is the handle's numTokens
- * Must follow the dispatch that filled `handle` and precede the next dispatch on the context:
- * a handle whose dispatch is not the context's latest (combine(h1) after dispatch(h2)) is refused
- * with ncclInvalidUsage. expertOut inside the window must be exactly out->combineInput or (BF16)
- * out->x; any other in-window address is refused (ncclInvalidArgument). */
+ * Must follow the dispatch that filled `handle`. expertOut inside the window must be exactly
+ * out->combineInput or (BF16) out->x; any other in-window address is refused
+ * (ncclInvalidArgument).
+ *
+ * Several operations in flight (two micro-batches, as Megatron's 1F1B overlap runs them): the
+ * window holds the rows of the context's latest dispatch only, but a handle keeps its own
+ * routing and counts, so an older handle can still be combined, from memory outside the window:
+ *   dispatch(A); copy A's rows out of the window (x, topkIdx, topkWeights as needed);
+ *   dispatch(B); ... combine(A, expertOut in caller memory); combine(B, any source)
+ * A combine of a handle whose dispatch is not the latest (combine(h1) after dispatch(h2)) with
+ * an expertOut inside the window is refused (ncclInvalidUsage: those rows are h2's now). The
+ * copy into the window is the library's, stream-ordered behind the dispatches, and the
+ * combine's completion keeps every peer from overwriting rows still read, so any interleaving
+ * that every rank makes in the same order is safe. The HT calls of one context must run on the
+ * device in the order they are called (one stream, or streams ordered by events). */
 ncclResult_t ncclMoeCombine(ncclMoeComm_t moeComm, ncclMoeHandle_t handle, const void* expertOut,
                             const float* topkWeights, void* out, cudaStream_t stream);
+
+/* ncclMoeCombine that also returns per-row top-k values to their token: the backward of a
+ * dispatch, which returns the gradient of recv_x to x (the combine) and the gradient of the
+ * received top-k weights to the routing weights (DeepEP's combine(topk_weights=...) output,
+ * what Megatron's FusedDispatch.backward needs):
+ *   recvTopkWeights [numRecvTokens][K] FP32 device on this (expert) rank, rows as the dispatch
+ *                   delivered them (typically the gradient of out->topkWeights)
+ *   outTopkWeights  [T][K] FP32 device on this (source) rank:
+ *     outTopkWeights[t][k] = sum over ranks r in increasing order that received t of
+ *                            recvTopkWeights_r[row of t on r][k]
+ *     accumulated in FP32 from +0.0f (bitwise deterministic); 0 for tokens that went nowhere.
+ *     Every column is summed over every rank that received t, as DeepEP does; values that are
+ *     zero outside the rank's own experts (as out->topkWeights is) give the owner's value.
+ * expertOut, topkWeights, out: as ncclMoeCombine (DeepEP's backward passes topkWeights NULL).
+ * recvTopkWeights is read in place when it is out->topkWeights of the handle's dispatch (while
+ * that dispatch is the latest); any other memory is first copied into that window region, which
+ * overwrites the latest dispatch's out->topkWeights. Another in-window address:
+ * ncclInvalidArgument. Every rank must make this call (not ncclMoeCombine) for the operation.
+ * outTopkWeights may be NULL when T is 0; recvTopkWeights is never NULL. */
+ncclResult_t ncclMoeCombineWithWeights(ncclMoeComm_t moeComm, ncclMoeHandle_t handle,
+                                       const void* expertOut, const float* topkWeights,
+                                       const float* recvTopkWeights, float* outTopkWeights,
+                                       void* out, cudaStream_t stream);
 
 /* ---------------------------------------------------------------------------------------------
  * Low-latency mode (config.mode = ncclMoeLowLatency): decode-sized batches, fixed buffers.
@@ -354,6 +391,18 @@ ncclResult_t ncclMoeLowLatencyCombineComplete(ncclMoeComm_t moeComm,
 
 /* Frees a handle (synchronises the device). A destroyed handle passed again: ncclInvalidArgument. */
 ncclResult_t ncclMoeHandleDestroy(ncclMoeHandle_t handle);
+
+/* Frees a handle in stream order, without synchronising: the handle is dead at once for the
+ * host (every later call naming it, release and destroy included, fails with
+ * ncclInvalidArgument, as after ncclMoeHandleDestroy) and its device memory goes back to the
+ * device's memory pool (cudaFreeAsync) when `stream` reaches this point. `stream` must be ordered
+ * after every kernel that uses the handle (its last dispatch and combine: usually the stream they
+ * ran on). A framework that drops one handle per layer per step can release it right after its
+ * last combine. Handles are created in stream order too (cudaMallocAsync on the dispatch's
+ * stream, from the device's current pool), so create + release costs no synchronisation. On a
+ * device without memory pools (cudaDevAttrMemoryPoolsSupported = 0) the call synchronises
+ * `stream` and frees. Not capturable: a stream being captured gives ncclInvalidUsage. */
+ncclResult_t ncclMoeHandleRelease(ncclMoeHandle_t handle, cudaStream_t stream);
 
 /* Reports an error that a kernel found after its call returned. Does not synchronise: it sees
  * kernels that have finished. ncclSuccess otherwise.

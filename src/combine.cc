@@ -1,54 +1,77 @@
-// ncclMoeCombine: host side of the HT combine.
+// ncclMoeCombine and ncclMoeCombineWithWeights: host side of the HT combine.
 #include <string.h>
 #include "comm.h"
 #include "error.h"
 
-using namespace nccl_moe;
+namespace nccl_moe {
 
-extern "C" ncclResult_t ncclMoeCombine(ncclMoeComm_t c, ncclMoeHandle_t h, const void* expertOut,
-                                       const float* topkWeights, void* out, cudaStream_t stream) {
-  clearError();
-  const char* fn = "ncclMoeCombine";
-  MOE_CHECK(checkComm(c, fn));
-  MOE_CHECK(checkHandle(h, fn));
-  if (h->comm != c) return setError(ncclInvalidArgument, "ncclMoeCombine: handle belongs to another EP context");
-  if (!h->haveRouting)
-    return setError(ncclInvalidUsage, "ncclMoeCombine: handle holds no dispatch to reverse");
-  // The window holds the rows of the latest dispatch only: an older handle's routing no longer
-  // matches them.
-  if (h->dispatch != c->htDispatches)
-    return setError(ncclInvalidUsage,
-                    "ncclMoeCombine: handle = %p belongs to dispatch %llu of the EP context, but dispatch %llu "
-                    "was enqueued since; combine a handle before the next dispatch",
-                    (const void*)h, h->dispatch, c->htDispatches);
-  if (expertOut == nullptr) return setError(ncclInvalidArgument, "ncclMoeCombine: expertOut is NULL");
-  if (out == nullptr && h->numTokens > 0) return setError(ncclInvalidArgument, "ncclMoeCombine: out is NULL");
-  MOE_CHECK(checkDevicePointer(c->pointers, fn, "out", out, 16));  // rows are written as 16-byte vectors
-  MOE_CHECK(checkDevicePointer(c->pointers, fn, "topkWeights", topkWeights, alignof(float)));
-  if (c->cfg.mode != ncclMoeHighThroughput)
-    return setError(ncclInvalidUsage, "%s: the EP context is in low-latency mode; use ncclMoeLowLatency*",
-                    "ncclMoeCombine");
-  MOE_CHECK(checkDeviceErrors(c));
-  const ncclMoeConfig_t& cfg = c->cfg;
-  const int rowBytes = nccl_moe::rowBytes(cfg, ncclMoeBf16);  // combine rows are BF16
+// Where a combine input of `bytes` per row comes from: `regionOff` when the caller's pointer is
+// the window's own region for it (zero-copy), else a copy into that region. Sets *inWindow.
+// An in-window pointer other than the allowed offsets is refused (ncclInvalidArgument), and so
+// is an in-window source for a handle whose dispatch is no longer the latest (its rows were
+// overwritten: ncclInvalidUsage).
+static ncclResult_t locateInput(const ncclMoeComm* c, const ncclMoeHandle* h, const char* fn, const char* name,
+                                const void* p, size_t regionOff, size_t altOff, bool* inWindow, size_t* off) {
   const char* begin = c->winBase;
   const char* end = c->winBase + c->layout.total;
-  const char* in = (const char*)expertOut;
-  size_t inOff = c->layout.combineIn;
-  if (in >= begin && in < end) {
-    inOff = (size_t)(in - begin);
-    // Only the two documented in-window sources: out->combineInput, and out->x of a BF16 dispatch.
-    const bool bf16X = cfg.dispatchDtype == ncclMoeBf16 && inOff == c->layout.recvX;
-    if (inOff != c->layout.combineIn && !bf16X)
-      return setError(ncclInvalidArgument,
-                      "ncclMoeCombine: expertOut = %p lies in the EP window (offset %zu) but is neither "
-                      "out->combineInput nor, for a BF16 dispatch, out->x",
-                      expertOut, inOff);
-  } else {
-    MOE_CHECK(checkDevicePointer(c->pointers, fn, "expertOut", expertOut, 16));
-    MOE_CUDA(launchCopyRows(c->winBase + c->layout.combineIn, in, h->routing.recvCounts, rowBytes,
-                            cfg.numSms, stream));
-  }
+  const char* in = (const char*)p;
+  *inWindow = in >= begin && in < end;
+  *off = regionOff;
+  if (!*inWindow) return ncclSuccess;
+  *off = (size_t)(in - begin);
+  if (*off != regionOff && *off != altOff)
+    return setError(ncclInvalidArgument,
+                    "%s: %s = %p lies in the EP window (offset %zu) but is not the dispatch output meant for it",
+                    fn, name, p, *off);
+  if (h->dispatch != c->htDispatches)
+    return setError(ncclInvalidUsage,
+                    "%s: %s = %p is in the EP window, which holds dispatch %llu, but handle = %p belongs to dispatch "
+                    "%llu; an older handle's combine takes its inputs from memory outside the window",
+                    fn, name, p, c->htDispatches, (const void*)h, h->dispatch);
+  return ncclSuccess;
+}
+
+// Both entry points. recvTopkWeights / outTopkWeights are NULL for ncclMoeCombine.
+static ncclResult_t combine(ncclMoeComm* c, ncclMoeHandle* h, const void* expertOut, const float* topkWeights,
+                            const float* recvTopkWeights, float* outTopkWeights, void* out, cudaStream_t stream,
+                            const char* fn) {
+  MOE_CHECK(checkComm(c, fn));
+  MOE_CHECK(checkHandle(h, fn));
+  if (h->comm != c) return setError(ncclInvalidArgument, "%s: handle belongs to another EP context", fn);
+  if (!h->haveRouting) return setError(ncclInvalidUsage, "%s: handle holds no dispatch to reverse", fn);
+  if (expertOut == nullptr) return setError(ncclInvalidArgument, "%s: expertOut is NULL", fn);
+  if (out == nullptr && h->numTokens > 0) return setError(ncclInvalidArgument, "%s: out is NULL", fn);
+  const bool values = outTopkWeights != nullptr || recvTopkWeights != nullptr;
+  if (values && recvTopkWeights == nullptr) return setError(ncclInvalidArgument, "%s: recvTopkWeights is NULL", fn);
+  if (values && outTopkWeights == nullptr && h->numTokens > 0)
+    return setError(ncclInvalidArgument, "%s: outTopkWeights is NULL", fn);
+  if (c->cfg.mode != ncclMoeHighThroughput)
+    return setError(ncclInvalidUsage, "%s: the EP context is in low-latency mode; use ncclMoeLowLatency*", fn);
+  MOE_CHECK(checkDeviceErrors(c));
+  const ncclMoeConfig_t& cfg = c->cfg;
+  // Only the documented in-window sources: out->combineInput and, for a BF16 dispatch, out->x;
+  // out->topkWeights for the per-row values.
+  const size_t bf16X = cfg.dispatchDtype == ncclMoeBf16 ? c->layout.recvX : c->layout.combineIn;
+  bool inWindow = false, valuesInWindow = true;
+  size_t inOff = 0, valuesOff = c->layout.recvTopkWeights;
+  MOE_CHECK(locateInput(c, h, fn, "expertOut", expertOut, c->layout.combineIn, bf16X, &inWindow, &inOff));
+  if (values)
+    MOE_CHECK(locateInput(c, h, fn, "recvTopkWeights", recvTopkWeights, c->layout.recvTopkWeights,
+                          c->layout.recvTopkWeights, &valuesInWindow, &valuesOff));
+  MOE_CHECK(checkDevicePointer(c->pointers, fn, "out", out, 16));  // rows are written as 16-byte vectors
+  MOE_CHECK(checkDevicePointer(c->pointers, fn, "topkWeights", topkWeights, alignof(float)));
+  MOE_CHECK(checkDevicePointer(c->pointers, fn, "outTopkWeights", outTopkWeights, alignof(float)));
+  if (!inWindow) MOE_CHECK(checkDevicePointer(c->pointers, fn, "expertOut", expertOut, 16));
+  if (!valuesInWindow)
+    MOE_CHECK(checkDevicePointer(c->pointers, fn, "recvTopkWeights", recvTopkWeights, alignof(float)));
+  // Inputs from outside the window are copied into it first (the rows of this handle's dispatch,
+  // by its device count); the peers read the per-row values at the same offset on every rank.
+  if (!inWindow)
+    MOE_CUDA(launchCopyRows(c->winBase + c->layout.combineIn, expertOut, h->routing.recvCounts,
+                            rowBytes(cfg, ncclMoeBf16), cfg.numSms, stream));
+  if (!valuesInWindow)
+    MOE_CUDA(launchCopyTopkRows((float*)(c->winBase + c->layout.recvTopkWeights), recvTopkWeights,
+                                h->routing.recvCounts, cfg.topK, cfg.numSms, stream));
   CombineArgs a;
   memset(&a, 0, sizeof(a));
   a.w = windowView(c);
@@ -60,6 +83,26 @@ extern "C" ncclResult_t ncclMoeCombine(ncclMoeComm_t c, ncclMoeHandle_t h, const
   a.hidden = cfg.hidden;
   a.topK = cfg.topK;
   a.numExperts = cfg.numExperts;
+  a.recvWeightsOff = valuesOff;
+  a.outTopkWeights = values ? outTopkWeights : nullptr;
   MOE_CUDA(launchCombineHtIntranode(a, cfg.numSms, stream));
   return ncclSuccess;
+}
+
+}  // namespace nccl_moe
+
+using namespace nccl_moe;
+
+extern "C" ncclResult_t ncclMoeCombine(ncclMoeComm_t c, ncclMoeHandle_t h, const void* expertOut,
+                                       const float* topkWeights, void* out, cudaStream_t stream) {
+  clearError();
+  return combine(c, h, expertOut, topkWeights, nullptr, nullptr, out, stream, "ncclMoeCombine");
+}
+
+extern "C" ncclResult_t ncclMoeCombineWithWeights(ncclMoeComm_t c, ncclMoeHandle_t h, const void* expertOut,
+                                                  const float* topkWeights, const float* recvTopkWeights,
+                                                  float* outTopkWeights, void* out, cudaStream_t stream) {
+  clearError();
+  return combine(c, h, expertOut, topkWeights, recvTopkWeights, outTopkWeights, out, stream,
+                 "ncclMoeCombineWithWeights");
 }

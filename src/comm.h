@@ -59,8 +59,9 @@ struct ncclMoeHandle {
   int numTokens = 0;       // T of the routing held
   bool haveRouting = false;
   void* deviceBlock = nullptr;      // one allocation carved into the routing arrays
+  bool streamOrdered = false;       // deviceBlock came from cudaMallocAsync (else cudaMalloc)
   nccl_moe::RoutingView routing{};  // pointers into deviceBlock
-  int* hostCounts = nullptr;        // pinned [1 + E/R]: rows received, rows per local expert
+  int* hostCounts = nullptr;        // host (new[]) [1 + E/R]: rows received, rows per local expert
 };
 
 namespace nccl_moe {

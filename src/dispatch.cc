@@ -7,22 +7,30 @@ namespace nccl_moe {
 
 static size_t align256(size_t v) { return (v + 255) / 256 * 256; }
 
-// Allocates a handle's routing arrays sized for maxTokensPerRank (not graph-capturable).
-static ncclResult_t createHandle(ncclMoeComm* c, ncclMoeHandle** out) {
+// Allocates a handle's routing arrays sized for maxTokensPerRank, zeroed in stream order on
+// `stream` (not graph-capturable). Stream-ordered memory (cudaMallocAsync) where the device has
+// memory pools, so that ncclMoeHandleRelease can free it without synchronising.
+static ncclResult_t createHandle(ncclMoeComm* c, cudaStream_t stream, ncclMoeHandle** out) {
   const size_t T = c->cfg.maxTokensPerRank, R = c->nRanks, E = c->cfg.numExperts, K = c->cfg.topK;
   const size_t sizes[] = {T * R * sizeof(int), T * K * sizeof(int64_t), R * sizeof(int),
-                          E * sizeof(int), R * sizeof(int), (1 + E / R) * sizeof(int)};
+                          E * sizeof(int), R * sizeof(int), (1 + E / R) * sizeof(int), sizeof(int)};
   size_t total = 0;
   for (size_t s : sizes) total += align256(s);
+  int pools = 0;
+  MOE_CUDA(cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, c->device));
   ncclMoeHandle* h = new ncclMoeHandle();
   h->comm = c;
-  if (cudaMalloc(&h->deviceBlock, total) != cudaSuccess ||
-      cudaMemset(h->deviceBlock, 0, total) != cudaSuccess ||
-      cudaMallocHost(&h->hostCounts, sizes[5]) != cudaSuccess) {
-    if (h->deviceBlock) cudaFree(h->deviceBlock);
+  h->streamOrdered = pools != 0;
+  const bool ok = h->streamOrdered ? cudaMallocAsync(&h->deviceBlock, total, stream) == cudaSuccess &&
+                                         cudaMemsetAsync(h->deviceBlock, 0, total, stream) == cudaSuccess
+                                   : cudaMalloc(&h->deviceBlock, total) == cudaSuccess &&
+                                         cudaMemset(h->deviceBlock, 0, total) == cudaSuccess;
+  if (!ok) {
+    if (h->deviceBlock) h->streamOrdered ? cudaFreeAsync(h->deviceBlock, stream) : cudaFree(h->deviceBlock);
     delete h;
     return setError(ncclUnhandledCudaError, "ncclMoeDispatch: allocating a handle (%zu bytes) failed", total);
   }
+  h->hostCounts = new int[1 + E / R];
   char* p = (char*)h->deviceBlock;
   auto take = [&](size_t bytes) { char* at = p; p += align256(bytes); return at; };
   h->routing.sendPos = (int*)take(sizes[0]);
@@ -31,11 +39,23 @@ static ncclResult_t createHandle(ncclMoeComm* c, ncclMoeHandle** out) {
   h->routing.tokensPerExpert = (int*)take(sizes[3]);
   h->routing.sendOffset = (int*)take(sizes[4]);
   h->routing.recvCounts = (int*)take(sizes[5]);
+  h->routing.dispatchEmpty = (int*)take(sizes[6]);
   c->liveHandles++;
   h->magic = kHandleMagic;
   registerObject(h, ObjectKind::Handle);
   *out = h;
   return ncclSuccess;
+}
+
+// What destroy and release share once the device memory is taken care of: the host counts, the
+// context's count and the registry (the struct goes to quarantine, so a stale pointer to it is
+// recognised as dead; object_registry.h).
+static void retireHandle(ncclMoeHandle* h) {
+  delete[] h->hostCounts;
+  h->hostCounts = nullptr;
+  h->comm->liveHandles--;  // a context outlives its handles (ncclMoeCommDestroy refuses otherwise)
+  h->magic = kDeadMagic;
+  retireObject(h, ObjectKind::Handle, [](void* p) { delete static_cast<ncclMoeHandle*>(p); });
 }
 
 }  // namespace nccl_moe
@@ -106,7 +126,7 @@ extern "C" ncclResult_t ncclMoeDispatch(ncclMoeComm_t c, const void* x, const fl
   MOE_CHECK(c->pointers.check(fn, "topkIdx", topkIdx));
   MOE_CHECK(c->pointers.check(fn, "topkWeights", topkWeights));
   if (h == nullptr) {
-    MOE_CHECK(createHandle(c, &h));
+    MOE_CHECK(createHandle(c, stream, &h));
     *handle = h;
   }
   const ncclMoeConfig_t& cfg = c->cfg;
@@ -182,10 +202,30 @@ extern "C" ncclResult_t ncclMoeHandleDestroy(ncclMoeHandle_t h) {
   clearError();
   MOE_CHECK(checkHandle(h, "ncclMoeHandleDestroy"));
   MOE_CUDA(cudaDeviceSynchronize());
-  cudaFree(h->deviceBlock);
-  cudaFreeHost(h->hostCounts);
-  h->comm->liveHandles--;  // a context outlives its handles (ncclMoeCommDestroy refuses otherwise)
-  h->magic = kDeadMagic;
-  retireObject(h, ObjectKind::Handle, [](void* p) { delete static_cast<ncclMoeHandle*>(p); });
+  // Nothing uses the block any more: a stream-ordered block goes back to its pool at once.
+  if (h->streamOrdered)
+    cudaFreeAsync(h->deviceBlock, cudaStreamLegacy);
+  else
+    cudaFree(h->deviceBlock);
+  retireHandle(h);
+  return ncclSuccess;
+}
+
+extern "C" ncclResult_t ncclMoeHandleRelease(ncclMoeHandle_t h, cudaStream_t stream) {
+  clearError();
+  const char* fn = "ncclMoeHandleRelease";
+  MOE_CHECK(checkHandle(h, fn));
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  MOE_CUDA(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone)
+    return setError(ncclInvalidUsage, "%s: stream is being captured; a handle cannot be released inside a CUDA graph",
+                    fn);
+  if (h->streamOrdered) {
+    MOE_CUDA(cudaFreeAsync(h->deviceBlock, stream));
+  } else {  // no memory pools on this device: cudaMalloc'ed, freed once `stream` has passed
+    MOE_CUDA(cudaStreamSynchronize(stream));
+    MOE_CUDA(cudaFree(h->deviceBlock));
+  }
+  retireHandle(h);
   return ncclSuccess;
 }

@@ -221,6 +221,30 @@ std::vector<uint16_t> combine(int src, const std::vector<Routing>& routing,
   return out;
 }
 
+std::vector<float> combineTopkValues(int src, const std::vector<Routing>& routing,
+                                     const std::vector<std::vector<float>>& recvValues, int numExperts) {
+  const int numRanks = (int)routing.size();
+  assert(numRanks > 0 && numExperts % numRanks == 0 && src >= 0 && src < numRanks);
+  assert(recvValues.size() == routing.size());
+  const Routing& me = routing[src];
+  const int K = me.topK;
+  std::vector<int> next(numRanks, 0);  // as in combine: src's rows start after lower sources'
+  for (int s = 0; s < src; ++s) {
+    const Layout l = layout(routing[s], numExperts, numRanks);
+    for (int r = 0; r < numRanks; ++r) next[r] += l.tokensPerRank[r];
+  }
+  std::vector<float> out((size_t)me.numTokens * K, 0.0f);
+  for (int t = 0; t < me.numTokens; ++t) {
+    for (int r = 0; r < numRanks; ++r) {
+      if (!goesTo(me, t, r, numExperts, numRanks)) continue;
+      const int row = next[r]++;
+      assert(recvValues[r].size() >= (size_t)(row + 1) * K);
+      for (int k = 0; k < K; ++k) out[(size_t)t * K + k] += recvValues[r][(size_t)row * K + k];
+    }
+  }
+  return out;
+}
+
 Routing makeRouting(int topK, const std::vector<std::vector<int64_t>>& idx,
                     const std::vector<std::vector<float>>& weights) {
   Routing r;

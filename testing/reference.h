@@ -60,4 +60,11 @@ std::vector<uint16_t> combine(int src, const std::vector<Routing>& routing,
                               const std::vector<std::vector<uint16_t>>& expertOut, int hidden,
                               int numExperts, bool weighted);
 
+// The per-row top-k values of ncclMoeCombineWithWeights for source rank `src`: recvValues[r] is
+// rank r's [rows][topK] FP32 values, rows as dispatch(r, ...) ordered them. Returns [T][topK]:
+// out[t][k] = sum over ranks r in increasing order that received t of recvValues[r][row][k],
+// FP32 from +0.0f; 0 for tokens that went nowhere.
+std::vector<float> combineTopkValues(int src, const std::vector<Routing>& routing,
+                                     const std::vector<std::vector<float>>& recvValues, int numExperts);
+
 }  // namespace moe_ref

@@ -66,9 +66,6 @@ struct DeviceState {
   unsigned long long combineSeq;   // combine kernels completed on this rank
   unsigned int dispatchArrived;    // CTAs of the running dispatch kernel that finished
   unsigned int combineArrived;     // likewise for combine
-  int htDispatchEmpty;             // 1 when the last HT dispatch delivered no row (overflow, or
-                                   // a wait that failed): its counts are 0 and the combine and
-                                   // the row copy behind it read nothing
   // Low-latency mode, per buffer slot: sends issued on this rank (the epoch of the slot's
   // signals; equal on every rank since all ranks run the same operations in the same order).
   unsigned long long llDispatchSends[kMaxBufferSlots];
@@ -101,6 +98,8 @@ struct RoutingView {
   int* tokensPerExpert;  // [E]
   int* sendOffset;       // [R]: first row of this rank's tokens in rank r's output (dispatch)
   int* recvCounts;       // [1 + E/R]: rows received, then rows per local expert (dispatch)
+  int* dispatchEmpty;    // [1]: 1 when the routing's last dispatch delivered no row (overflow,
+                         // or a wait that failed): its counts are 0 and its combine reads nothing
 };
 
 struct LayoutArgs {
@@ -173,12 +172,20 @@ struct CombineArgs {
   const float* topkWeights;     // [T][K] or NULL (unweighted)
   uint16_t* out;                // [T][H] BF16
   int numTokens, hidden, topK, numExperts;
+  // Per-row top-k values returned with the rows (ncclMoeCombineWithWeights); outTopkWeights NULL
+  // selects the kernel without them. recvWeightsOff: byte offset of every rank's [rows][K] FP32
+  // values in its window (the same on every rank); outTopkWeights [T][K] FP32: their sums.
+  size_t recvWeightsOff;
+  float* outTopkWeights;
 };
 cudaError_t launchCombineHtIntranode(const CombineArgs& args, int numCtas, cudaStream_t stream);
 
 // Copies rows [0, *numRows) of src ([*][rowBytes]) to dst with numCtas CTAs (rowBytes % 16 == 0).
 cudaError_t launchCopyRows(void* dst, const void* src, const int* numRows, int rowBytes,
                            int numCtas, cudaStream_t stream);
+// Copies rows [0, *numRows) of src ([*][topK] FP32) to dst with numCtas CTAs.
+cudaError_t launchCopyTopkRows(float* dst, const float* src, const int* numRows, int topK,
+                               int numCtas, cudaStream_t stream);
 
 // Byte offsets of one low-latency buffer slot, relative to the slot's start in the window.
 // L = local experts, B = R * maxTokensPerRank rows per expert, M = maxTokensPerRank.

@@ -148,11 +148,14 @@ TEST(Lifetime, HandleIsNotAContext) {
 
 // --- generations -----------------------------------------------------------------------------
 
-// combine(h1) after dispatch(h2): the window holds h2's rows, so h1 is refused.
+// combine(h1) after dispatch(h2) from the window: the window holds h2's rows, so h1 is refused
+// (from caller memory it is allowed: training_api_test.cc).
 TEST(Lifetime, CombineOfOlderDispatchRejected) {
   FakeContext f(ncclMoeHighThroughput);
   ncclMoeHandle_t h1 = f.addHandle(1);
   f.c->htDispatches = 2;  // another handle dispatched since
+  f.c->winBase = (char*)junk();  // expertOut = junk() is then the window's combine input (offset 0)
+  f.c->layout.total = 1 << 16;
   EXPECT_FAILS(ncclMoeCombine(f.c, h1, junk(), nullptr, junk(), nullptr), ncclInvalidUsage, "dispatch");
   const std::string msg = ncclMoeGetLastError();
   EXPECT_TRUE(containsNumber(msg, 1) && containsNumber(msg, 2)) << msg;

@@ -5,12 +5,14 @@
 //     peer's kSigCombineSource word, then release-signals kSigCombineReady (the outputs, written
 //     by earlier work on the stream, may be read); every CTA waits for all peers and reads each
 //     peer's rows at the offset that peer published, so ranks may pick their regions freely.
-//     After a dispatch that delivered nothing (DeviceState::htDispatchEmpty) no row is read and
-//     every token comes out as zeros.
+//     After a dispatch that delivered nothing (the routing's dispatchEmpty flag) no row is read
+//     and every token comes out as zeros.
 //  2. reduce: warps take this rank's tokens round-robin; for token t a warp reads t's expert
 //     output row from every rank that received t (peer window, 16-byte loads, rank order),
 //     scales it by w(t, r) when weighted, accumulates in FP32 registers and writes the BF16 sum
 //     to out[t] in local memory. A fixed order per token makes the result bitwise deterministic.
+//     The variant with top-k values (kTopkValues, ncclMoeCombineWithWeights only) then sums the
+//     [K] FP32 values of t's rows in the same rank order (lane k, column k) into outTopkWeights.
 //  3. done: each CTA release-adds kSigCombineDone at every peer; the last CTA waits for all
 //     peers, so no rank reuses its expert-output rows while another still reads them.
 // The row of token t on rank r is routing.sendOffset[r] + routing.sendPos[t][r] (from dispatch).
@@ -90,6 +92,23 @@ __device__ __forceinline__ void reduceToken(const CombineArgs& a, const char* co
   }
 }
 
+// outTopkWeights[t][k] = sum over the ranks r of srcMask in increasing order of rank r's value
+// [row of t][k] (its window at recvWeightsOff), FP32 from +0.0f: lane k owns column k.
+__device__ __forceinline__ void reduceTopkValues(const CombineArgs& a, char* const* peer, int t,
+                                                 unsigned srcMask, int rowIndex, int lane) {
+  float sum = 0.0f;
+  for (unsigned m = srcMask; m != 0; m &= m - 1) {  // m is warp-uniform
+    const int r = __ffs(m) - 1;
+    const int row = __shfl_sync(0xffffffffu, rowIndex, r);
+    if (lane < a.topK) {
+      const int* src = (const int*)(peer[r] + a.recvWeightsOff) + (size_t)row * a.topK + lane;
+      sum = __fadd_rn(sum, __int_as_float(loadPeerInt(src)));
+    }
+  }
+  if (lane < a.topK) a.outTopkWeights[(size_t)t * a.topK + lane] = sum;
+}
+
+template <bool kTopkValues>
 __global__ void __launch_bounds__(kCombineThreads, 1) combineHtIntranodeKernel(CombineArgs a) {
   const WindowView& w = a.w;
   const int R = w.peers.nRanks;
@@ -97,7 +116,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combineHtIntranodeKernel(C
   __shared__ const char* rows[kMaxHtRanks];  // peer r's expert outputs, at the offset it published
   __shared__ int sendOffset[kMaxHtRanks];
   const uint64_t seq = *(volatile unsigned long long*)&w.state->combineSeq + 1;
-  const bool empty = *(volatile int*)&w.state->htDispatchEmpty != 0;
+  const bool empty = *(volatile int*)a.routing.dispatchEmpty != 0;
   if (threadIdx.x < R) {
     peer[threadIdx.x] = peerWindow(w, threadIdx.x, 0);
     sendOffset[threadIdx.x] = a.routing.sendOffset[threadIdx.x];
@@ -136,13 +155,17 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combineHtIntranodeKernel(C
       }
       const int rowIndex = pos >= 0 ? sendOffset[lane] + pos : 0;
       reduceToken(a, rows, t, srcMask, rowIndex, weight, lane);
+      if constexpr (kTopkValues) reduceTopkValues(a, peer, t, srcMask, rowIndex, lane);
     }
   }
   finishAndWaitPeers(w, kSigCombineDone, seq, &w.state->combineArrived, &w.state->combineSeq);
 }
 
 cudaError_t launchCombineHtIntranode(const CombineArgs& args, int numCtas, cudaStream_t stream) {
-  combineHtIntranodeKernel<<<numCtas, kCombineThreads, 0, stream>>>(args);
+  if (args.outTopkWeights != nullptr)
+    combineHtIntranodeKernel<true><<<numCtas, kCombineThreads, 0, stream>>>(args);
+  else
+    combineHtIntranodeKernel<false><<<numCtas, kCombineThreads, 0, stream>>>(args);
   return cudaGetLastError();
 }
 
@@ -157,6 +180,19 @@ __global__ void copyRowsKernel(uint4* dst, const uint4* src, const int* numRows,
 cudaError_t launchCopyRows(void* dst, const void* src, const int* numRows, int rowBytes, int numCtas,
                            cudaStream_t stream) {
   copyRowsKernel<<<numCtas, 512, 0, stream>>>((uint4*)dst, (const uint4*)src, numRows, rowBytes / 16);
+  return cudaGetLastError();
+}
+
+// The caller's per-row top-k values into the window (ncclMoeCombineWithWeights), 4-byte words.
+__global__ void copyTopkRowsKernel(float* dst, const float* src, const int* numRows, int topK) {
+  const size_t total = (size_t)(*numRows) * topK;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x)
+    dst[i] = src[i];
+}
+
+cudaError_t launchCopyTopkRows(float* dst, const float* src, const int* numRows, int topK, int numCtas,
+                               cudaStream_t stream) {
+  copyTopkRowsKernel<<<numCtas, 512, 0, stream>>>(dst, src, numRows, topK);
   return cudaGetLastError();
 }
 

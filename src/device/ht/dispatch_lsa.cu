@@ -13,7 +13,7 @@
 //     for every peer's CTAs, so the outputs are complete when the kernel ends on the stream.
 // If any destination would receive more than `capacity` rows, every rank sees it in phase 1 (all
 // have the full count matrix), writes no data, records kDevOverflow, leaves counts of 0 rows and
-// DeviceState::htDispatchEmpty set, and still completes phase 3.
+// the routing's dispatchEmpty flag set, and still completes phase 3.
 #include "device/kernel_args.h"
 #include "device/common/peer_sync.cuh"
 #include "device/common/vec_io.cuh"
@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatchHtIntranodeKernel
   }
   __syncthreads();
   // CTA 0 leaves this dispatch's counts for the host and for the kernels behind it on the
-  // stream: the rows received, or 0 everywhere (and htDispatchEmpty) when it delivers nothing,
+  // stream: the rows received, or 0 everywhere (and dispatchEmpty) when it delivers nothing,
   // so that a combine or row copy enqueued (or replayed) behind it reads no row.
   if (blockIdx.x == 0) {
     const bool empty = !arrived || overflow;
@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatchHtIntranodeKernel
       for (int s = 0; s < R && !empty; ++s) sum += loadPeerInt(counts + s * rowLen + (j == 0 ? me : R + j - 1));
       a.routing.recvCounts[j] = sum;
     }
-    if (threadIdx.x == 0) w.state->htDispatchEmpty = empty ? 1 : 0;
+    if (threadIdx.x == 0) *a.routing.dispatchEmpty = empty ? 1 : 0;
   }
 
   if (arrived && !overflow) {
