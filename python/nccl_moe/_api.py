@@ -23,7 +23,9 @@ _PROTOTYPES = {
     "ncclMoeDispatch": [_P, _P, _P, _P, _P, c_int, c_uint, POINTER(c_void_p),
                         POINTER(DispatchOutputStruct), _P],
     "ncclMoeCombine": [_P, _P, _P, _P, _P, _P],
+    "ncclMoeCombineWithWeights": [_P, _P, _P, _P, _P, _P, _P, _P],
     "ncclMoeHandleDestroy": [_P],
+    "ncclMoeHandleRelease": [_P, _P],
     "ncclMoeLowLatencyDispatch": [_P, _P, _P, _P, c_int, c_uint, POINTER(LowLatencyOutputStruct), _P],
     "ncclMoeLowLatencyDispatchComplete": [_P, POINTER(LowLatencyOutputStruct), _P],
     "ncclMoeLowLatencyCombine": [_P, POINTER(LowLatencyOutputStruct), _P, _P, c_uint, _P],
@@ -106,8 +108,20 @@ def combine(moe_comm, handle, expert_out, topk_weights, out, stream) -> None:
     call("ncclMoeCombine", moe_comm, handle, expert_out, topk_weights, out, stream)
 
 
+def combine_with_weights(moe_comm, handle, expert_out, topk_weights, recv_topk_weights,
+                         out_topk_weights, out, stream) -> None:
+    """ncclMoeCombine that also sums per-row top-k values [rows][K] back to [T][K]."""
+    call("ncclMoeCombineWithWeights", moe_comm, handle, expert_out, topk_weights,
+         recv_topk_weights, out_topk_weights, out, stream)
+
+
 def handle_destroy(handle) -> None:
     call("ncclMoeHandleDestroy", handle)
+
+
+def handle_release(handle, stream) -> None:
+    """Frees `handle` once `stream` passes this point (no synchronisation)."""
+    call("ncclMoeHandleRelease", handle, stream)
 
 
 def ll_dispatch(moe_comm, x, topk_idx, topk_weights, num_tokens, flags,

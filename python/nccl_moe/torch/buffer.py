@@ -5,8 +5,9 @@ Differences from DeepEP, by design of the C library:
     each mode is created (collectively) at the first call of that mode;
   - `dispatch` recomputes the layout itself: the layout arguments are accepted and not needed;
   - rows are one per (token, destination rank), ordered by source rank then token, as DeepEP's;
-  - `combine` sums rows without weights, as DeepEP's; reducing `topk_weights` needs a C API that
-    does not exist yet (NotImplementedError names it);
+  - `combine` sums rows without weights, as DeepEP's; given `topk_weights` (per-row [rows][K]
+    values, the gradient of the received routing weights in a backward) it also sums them back
+    to their tokens, [T][K] (ncclMoeCombineWithWeights), as DeepEP's;
   - `config` is accepted and ignored (the SM count is Buffer.num_sms, read at context creation).
 Every call runs on the Buffer's communication stream; `previous_event` (or else the calling
 stream) orders it, `async_finish=True` returns an EventOverlap instead of making the calling
@@ -16,6 +17,10 @@ stream wait. Outputs are allocated on the communication stream and recorded on t
 Lifetimes: HT outputs live in the EP window until the context's next dispatch. With
 copy_outputs=True (default) dispatch returns copies, safe to keep across layers (what autograd
 needs); with False it returns views into the window (no copy, valid until the next dispatch).
+Several operations in flight (two micro-batches): a handle stays combinable after later
+dispatches as long as its combine input is not a window view (the library refuses those with
+NcclMoeError ncclInvalidUsage: the window holds the latest dispatch's rows); combine copies any
+other tensor in.
 """
 import itertools
 from typing import Dict, List, Optional, Tuple, Union
@@ -31,12 +36,6 @@ from ._tensors import address, require, window_view
 from .events import EventOverlap, capture
 from .handles import Handle
 from .low_latency import LowLatencyMixin
-
-MISSING_GRAD_TOPK_WEIGHTS = (
-    "reducing per-row topk_weights (the gradient of the routing probabilities, DeepEP's "
-    "combine(topk_weights=...) output [T][K]) needs a C API nccl-moe does not have yet: an "
-    "ncclMoeCombine variant taking `const float* recvTopkWeights` [rows][K] and returning "
-    "`float* outTopkWeights` [T][K] (issue 14, item 1)")
 
 _BUFFERS: Dict[int, "Buffer"] = {}
 _ids = itertools.count(1)
@@ -100,7 +99,7 @@ class Buffer(LowLatencyMixin):
 
     # --- contexts --------------------------------------------------------------------------
     def _create_context(self, config: Config) -> Context:
-        return Context(self._nccl_comm, config, self.group_size)
+        return Context(self._nccl_comm, config, self.group_size, self._comm_stream.cuda_stream)
 
     def _ht(self) -> Context:
         if self._ht_context is None:
@@ -279,22 +278,33 @@ class Buffer(LowLatencyMixin):
 
         x: [rows][H] BF16, rows as the handle's dispatch delivered them (handle.combine_input
         or a BF16 recv_x view is read in place, any other tensor is copied into the window).
+        topk_weights: None, or per-row values [rows][K] FP32 (DeepEP's combine input: in a
+        backward, the gradient of recv_topk_weights); they are summed back to their tokens in
+        rank order (ncclMoeCombineWithWeights).
         bias: None, a [T][H] BF16 tensor or a pair of them, added to the result.
-        Returns (combined_x [T][H] BF16, None, event). Must follow the handle's dispatch before
-        the context's next fresh dispatch (the library refuses an older handle).
+        Returns (combined_x [T][H] BF16, combined_topk_weights [T][K] FP32 or None, event).
+        A handle older than the context's latest dispatch needs x outside the window.
         """
-        if topk_weights is not None:
-            raise NotImplementedError(MISSING_GRAD_TOPK_WEIGHTS)
         require(x, "x", torch.bfloat16, [handle.num_recv_tokens, self.hidden])
+        if topk_weights is not None:
+            require(topk_weights, "topk_weights", torch.float32, [handle.num_recv_tokens, self.num_topk])
         ctx, compute = self._ht(), torch.cuda.current_stream()
         if handle.context is not ctx:
             raise ValueError("the handle belongs to another Buffer")
         comm = self._begin(previous_event)
         with torch.cuda.stream(comm):
             out = torch.empty((handle.num_tokens, self.hidden), dtype=torch.bfloat16, device=ctx.device)
-            _api.combine(ctx.ptr, handle.ptr, x.data_ptr(), None, out.data_ptr(), comm.cuda_stream)
+            out_weights = None
+            if topk_weights is None:
+                _api.combine(ctx.ptr, handle.ptr, x.data_ptr(), None, out.data_ptr(), comm.cuda_stream)
+            else:
+                out_weights = torch.empty((handle.num_tokens, self.num_topk), dtype=torch.float32,
+                                          device=ctx.device)
+                _api.combine_with_weights(ctx.ptr, handle.ptr, x.data_ptr(), None,
+                                          topk_weights.data_ptr(), out_weights.data_ptr(),
+                                          out.data_ptr(), comm.cuda_stream)
             biases = [b for b in (bias if isinstance(bias, tuple) else (bias,)) if b is not None]
             for b in biases:
                 out.add_(b)
-        event = self._finish(compute, [x, *biases], [out], async_finish)
-        return out, None, event
+        event = self._finish(compute, [x, topk_weights, *biases], [out, out_weights], async_finish)
+        return out, out_weights, event

@@ -8,10 +8,11 @@ entry (and so the C handle, back to its pool) is dropped when the token tensor i
 return copies (never window views): graph outputs must own their memory. The calls run
 synchronously with the calling stream.
 
-Autograd: backward of dispatch = combine of the gradient of recv_x (unweighted, as the forward
-combine); backward of combine = cached dispatch of the output gradient. The gradient of
-topk_weights needs a C API that does not exist yet (buffer.MISSING_GRAD_TOPK_WEIGHTS): when the
-weights require grad and receive one, backward raises NotImplementedError naming it.
+Autograd (Megatron's FusedDispatch / FusedCombine): backward of dispatch = combine of the
+gradient of recv_x (unweighted, as the forward combine), which also sums the gradient of
+recv_topk_weights back to topk_weights [T][K] when that is wanted (ncclMoeCombineWithWeights,
+DeepEP's combine(topk_weights=...)); backward of combine = cached dispatch of the output
+gradient.
 """
 import itertools
 import weakref
@@ -20,7 +21,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .buffer import MISSING_GRAD_TOPK_WEIGHTS, buffer_by_id
+from .buffer import buffer_by_id
 from .handles import Handle
 
 _HANDLES: Dict[int, Handle] = {}
@@ -74,6 +75,19 @@ def _(x, handle, buffer_id):
     return x.new_empty((handle.shape[0] - 1, x.shape[1]))
 
 
+@torch.library.custom_op("nccl_moe::combine_with_weights", mutates_args=())
+def _combine_with_weights_op(x: Tensor, topk_weights: Tensor, handle: Tensor,
+                             buffer_id: int) -> Tuple[Tensor, Tensor]:
+    out, out_weights, _ = buffer_by_id(buffer_id).combine(x, handle_of(handle), topk_weights)
+    return out, out_weights
+
+
+@_combine_with_weights_op.register_fake
+def _(x, topk_weights, handle, buffer_id):
+    t = handle.shape[0] - 1
+    return x.new_empty((t, x.shape[1])), topk_weights.new_empty((t, topk_weights.shape[1]))
+
+
 @torch.library.custom_op("nccl_moe::cached_dispatch", mutates_args=())
 def _cached_dispatch_op(x: Tensor, handle: Tensor, num_rows: int, buffer_id: int) -> Tensor:
     recv_x, *_ = buffer_by_id(buffer_id).dispatch(x, handle=handle_of(handle), copy_outputs=True)
@@ -87,13 +101,18 @@ def _(x, handle, num_rows, buffer_id):
 
 def _dispatch_setup(ctx, inputs, output):
     ctx.buffer_id = inputs[3]
+    ctx.hidden = inputs[0].shape[1]
     ctx.save_for_backward(output[4])
 
 
 def _dispatch_backward(ctx, grad_x, grad_idx, grad_weights, grad_counts, grad_handle):
-    if ctx.needs_input_grad[2] and grad_weights is not None:
-        raise NotImplementedError(MISSING_GRAD_TOPK_WEIGHTS)
     (handle,) = ctx.saved_tensors
+    if ctx.needs_input_grad[2] and grad_weights is not None:
+        if grad_x is None:
+            grad_x = grad_weights.new_zeros((grad_weights.shape[0], ctx.hidden), dtype=torch.bfloat16)
+        grad_in, grad_w = torch.ops.nccl_moe.combine_with_weights(
+            grad_x.contiguous(), grad_weights.float().contiguous(), handle, ctx.buffer_id)
+        return grad_in, None, grad_w, None
     grad_in = None
     if grad_x is not None:
         grad_in = torch.ops.nccl_moe.combine(grad_x.contiguous(), handle, ctx.buffer_id)

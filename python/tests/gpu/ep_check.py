@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import nccl_moe  # noqa: E402
-from nccl_moe.torch import MISSING_GRAD_TOPK_WEIGHTS, Buffer, combine, dispatch  # noqa: E402
+from nccl_moe.torch import Buffer, combine, dispatch  # noqa: E402
 
 H, E, K, T = 512, 16, 4, 96   # hidden, experts, top-k, tokens per rank
 LL_M = 128                    # LL max tokens per rank
@@ -116,16 +116,24 @@ def check_autograd(buf, rank, size, gen):
     ok = torch.allclose(x.grad.float(), ref_grad, rtol=2e-2, atol=2e-2)
     check("autograd backward (combine of grads, cached dispatch)", ok,
           f"max err {(x.grad.float() - ref_grad).abs().max().item()}")
-    # Weights that require grad: the missing C API is named.
+    # Weights that require grad (Megatron's FusedDispatch backward): the gradient of recv_w
+    # returns to w through ncclMoeCombineWithWeights. Only local entries of rw are used, so
+    # d loss / d w[t][k] = sum_h g[t][h] * x[t][h] for every valid k (BF16 tolerance).
     w2 = w.clone().requires_grad_()
-    rx, _, rw, _, h = dispatch(x.detach(), idx, w2, buf)
-    out = combine(rx * rw.sum(dim=1, keepdim=True).to(torch.bfloat16), h, buf)
-    try:
-        out.float().sum().backward()
-        raised = False
-    except NotImplementedError as e:
-        raised = MISSING_GRAD_TOPK_WEIGHTS in str(e)
-    check("autograd grad of topk_weights names the missing C API", raised)
+    rx, ridx, rw, _, h = dispatch(x.detach(), idx, w2, buf)
+    scale_rows = (rw * (ridx >= 0)).sum(dim=1, keepdim=True)
+    out = combine((rx.float() * scale_rows).to(torch.bfloat16), h, buf)
+    (out.float() * g).sum().backward()
+    per_token = (g.to(torch.bfloat16).float() * x.detach().float()).sum(dim=1, keepdim=True)
+    ref_w = per_token * (idx >= 0).float()
+    tol = 5e-2 * max(1.0, ref_w.abs().max().item())
+    ok = w2.grad is not None and torch.allclose(w2.grad, ref_w, rtol=5e-2, atol=tol)
+    check("autograd grad of topk_weights (ncclMoeCombineWithWeights)", ok,
+          "no gradient" if w2.grad is None else f"max err {(w2.grad - ref_w).abs().max().item()}")
+    # Exact: the per-row values summed back equal DeepEP's rule, through the Buffer directly.
+    rx, ridx, rw, _, hb, _ = buf.dispatch(x.detach(), topk_idx=idx, topk_weights=w)
+    _, back, _ = buf.combine(rx, hb, topk_weights=rw)
+    check("combine(topk_weights=recv weights) returns the weights", torch.equal(back, w * (idx >= 0)))
 
 
 def check_compile(buf, rank, gen):
