@@ -1,7 +1,7 @@
 # nccl-moe build. Variables as nccl-tests has them:
 #   CUDA_HOME (default /usr/local/cuda), NCCL_HOME (see below), MPI=1 + MPI_HOME for
 #   mpirun-launched perf and GPU tests, BUILDDIR (default build), NVCC_GENCODE (default sm_90).
-# Targets: all (library, tests, perf, plugin), lib, test (CPU tests), gputest NGPUS=n, nettest,
+# Targets: all (library, tests, perf, plugin), lib, test (CPU tests), gputest NGPUS=n, nettest, llnettest,
 #          perf, plugin, deps, python (library into python/nccl_moe/lib), install PREFIX=...,
 #          clean (keeps .deps).
 #
@@ -83,7 +83,7 @@ ifneq ($(filter-out deps clean,$(if $(MAKECMDGOALS),$(MAKECMDGOALS),all)),)
   endif
 endif
 
-.PHONY: all lib test gputest perf plugin deps python install clean
+.PHONY: all lib test gputest llnettest perf plugin deps python install clean
 all: lib $(UNIT_BIN) $(GPU_BIN) perf plugin
 lib: $(LIB_SO) $(LIB_A)
 perf: $(PERF_BINS)
@@ -135,6 +135,16 @@ gputest: $(GPU_BIN)
 # net/'s put-with-signal and timed wait across 2 fake nodes x 1 GPU (needs 2 GPUs and the plugin).
 nettest: $(NET_GPU_BIN) $(PLUGIN_SO)
 	LD_LIBRARY_PATH=$(abspath $(BUILDDIR)/lib):$$LD_LIBRARY_PATH NCCL_NVLS_ENABLE=0 $(NET_GPU_BIN)
+
+# Low-latency mode across fake nodes (needs 2 GPUs and the plugin): the cross-topology digests on
+# 1 node x 2 GPUs, then every LL suite on 2 fake nodes x 1 GPU (MOE_FAKE_NODES, testing/ranks.h),
+# whose LlTopology cases compare their digests with the first run's (tests/gpu/ll_topology_test.cc).
+LL_DIGEST_DIR := $(abspath $(BUILDDIR))/lldigest
+llnettest: $(GPU_BIN) $(PLUGIN_SO)
+	rm -rf $(LL_DIGEST_DIR) && mkdir -p $(LL_DIGEST_DIR)
+	NCCL_NVLS_ENABLE=0 MOE_LL_DIGEST_DIR=$(LL_DIGEST_DIR) $(GPU_BIN) --ngpus=2 --gtest_filter='LlTopology.*'
+	LD_LIBRARY_PATH=$(abspath $(BUILDDIR)/lib):$$LD_LIBRARY_PATH NCCL_NVLS_ENABLE=0 MOE_FAKE_NODES=2 \
+	  MOE_LL_DIGEST_DIR=$(LL_DIGEST_DIR) $(GPU_BIN) --ngpus=2 --gtest_filter='Ll*'
 
 # NCCL headers and libnccl.so.2 from PyPI (no root needed); see scripts/install_nccl.sh.
 deps:

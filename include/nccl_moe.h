@@ -148,9 +148,19 @@ typedef struct ncclMoeHandle* ncclMoeHandle_t; /* routing of one dispatch, reuse
  * only: NULL arguments, and a loaded NCCL of another major.minor (every rank loads the same NCCL:
  * it fails on all of them). Failures inside NCCL's own collectives (window registration, device
  * communicator) are NCCL's and behave as NCCL documents.
- * Errors: ncclInvalidArgument for a bad config (message names the field), ncclInvalidUsage when
- * comm spans more than one NVLink domain (the internode path does not exist yet) or when the
- * NCCL loaded is not the major.minor the library was built against (ncclMoeGetNcclVersion). */
+ * Several nodes (low-latency mode only): comm may span several nodes (NVLink domains) when its
+ * ranks are node-contiguous (ranks n*G..n*G+G-1 on node n, as NCCL forms NVLink teams) with the
+ * same G on every node. Peers on this rank's node are reached over NVLink as on one node, the
+ * others by GPU-initiated networking (NCCL GIN): NCCL needs a NET plugin that provides GIN (an
+ * RDMA NIC whose GIN it supports, or the repository's plugin/ on one host). The window then also
+ * holds, per slot, staging and landing rows for the remote ranks (about
+ * 2*(R-G)*maxTokensPerRank*(record + 2*H) bytes, record = H*dtype + scales + 8*K + 16), which
+ * ncclMoeGetWindowSize does not count. Outputs are the same, bit for bit, as on one node.
+ * Errors: ncclInvalidArgument for a bad config (message names the field); ncclInvalidUsage when
+ * comm spans several nodes in high-throughput mode (not available yet), when its ranks are not
+ * node-contiguous or the nodes differ in GPUs (the message names the ranks), or when the NCCL
+ * loaded is not the major.minor the library was built against (ncclMoeGetNcclVersion); when GIN
+ * is unavailable across nodes, NCCL's error with a message saying what is missing. */
 ncclResult_t ncclMoeCommCreate(ncclComm_t comm, const ncclMoeConfig_t* config, ncclMoeComm_t* moeComm);
 
 /* Collective. Synchronises the device, frees the window. Handles must be destroyed first. Works
@@ -309,7 +319,8 @@ ncclResult_t ncclMoeCombineWithWeights(ncclMoeComm_t moeComm, ncclMoeHandle_t ha
 #define NCCL_MOE_LL_SEND_ONLY 0x2 /* dispatch / combine: issue the sends only */
 
 /* Bytes of EP window each rank allocates for `config` on nRanks ranks (either mode): what
- * ncclMoeCommCreate will take, so that users can plan memory. */
+ * ncclMoeCommCreate will take on one node, so that users can plan memory (several nodes add
+ * the internode rows: see ncclMoeCommCreate). */
 ncclResult_t ncclMoeGetWindowSize(const ncclMoeConfig_t* config, int nRanks, size_t* bytes);
 
 /* Rows a low-latency dispatch delivered to this rank, expert-major. Let L = E/R local experts,

@@ -15,9 +15,8 @@ namespace nccl_moe {
 WindowView windowView(const ncclMoeComm* c) {
   WindowView w;
   w.win = c->win;
-  // Nodes are runs of lsaSize consecutive ranks (PeerMap); this rank's node starts lsaRank
-  // ranks below it. Single-node contexts (all today) get lsaBase 0, lsaSize nRanks.
-  w.peers = PeerMap{c->rank, c->nRanks, c->rank - c->devComm.lsaRank, c->devComm.lsaSize};
+  // From the node map agreed at creation: single-node contexts get lsaBase 0, lsaSize nRanks.
+  w.peers = c->nodes.peerMap(c->rank);
   w.signalsOff = c->layout.signals;
   w.countsOff = c->layout.counts;
   w.state = c->state;
@@ -152,15 +151,23 @@ static ncclResult_t exchangeVotes(ncclMoeComm* c, const CreateVote& mine, std::v
 
 // One collective step of the creation: every rank votes with the result of its local work
 // (`local`, message in the last error) and all ranks return the same result (create_agreement.h).
+// The first vote (withConfig) also carries this rank's placement and decides the node map
+// (decideNodes) from everyone's, so every rank gets the same map or the same error.
 static ncclResult_t agree(ncclMoeComm* c, ncclResult_t local, bool withConfig, const char* step) {
   CreateVote mine;
   fillVote(&mine, local, ncclMoeGetLastError(), local == ncclSuccess && withConfig ? &c->cfg : nullptr);
+  if (withConfig) {
+    const ncclTeam_t lsa = ncclTeamLsa(c->nccl);
+    mine.placement = localPlacement(lsa.rank, lsa.nRanks);
+  }
   std::vector<CreateVote> all;
   MOE_CHECK(exchangeVotes(c, mine, &all));
-  return decideCreate(all.data(), c->nRanks, step);
+  MOE_CHECK(decideCreate(all.data(), c->nRanks, step));
+  return withConfig ? decideNodes(all.data(), c->nRanks, c->cfg.mode, &c->nodes) : ncclSuccess;
 }
 
-// This rank's checks before the first vote: device, configuration, NVLink domain.
+// This rank's checks before the first vote: device, configuration. Where the ranks are (one
+// NVLink domain, or several nodes) is decided from every rank's placement by the vote (agree).
 static ncclResult_t checkLocally(ncclMoeComm* c, const ncclMoeConfig_t* config) {
   int current = -1, sms = 0, pageable = 0;
   MOE_CUDA(cudaGetDevice(&current));
@@ -168,12 +175,6 @@ static ncclResult_t checkLocally(ncclMoeComm* c, const ncclMoeConfig_t* config) 
     return setError(ncclInvalidUsage, "current CUDA device %d is not comm's device %d", current, c->device);
   MOE_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c->device));
   MOE_CHECK(validateConfig(config, c->nRanks, sms, &c->cfg));
-  const ncclTeam_t lsa = ncclTeamLsa(c->nccl);
-  if (lsa.nRanks != c->nRanks)
-    return setError(ncclInvalidUsage,
-                    "comm spans %d ranks but only %d share this rank's NVLink domain; the internode path is "
-                    "not available yet",
-                    c->nRanks, lsa.nRanks);
   MOE_CUDA(cudaDeviceGetAttribute(&pageable, cudaDevAttrPageableMemoryAccess, c->device));
   c->pointers.init(c->device, pageable != 0);
   return ncclSuccess;
@@ -181,8 +182,20 @@ static ncclResult_t checkLocally(ncclMoeComm* c, const ncclMoeConfig_t* config) 
 
 // This rank's allocations, none of which involves a peer, before the second vote: a rank out of
 // memory makes every rank fail instead of leaving its peers in the window registration.
+// On several nodes the window also holds each slot's internode regions (net/regions.h).
 static ncclResult_t allocateLocally(ncclMoeComm* c) {
   MOE_CHECK(computeWindowLayout(c->cfg, c->nRanks, &c->layout));
+  if (c->nodes.nNodes > 1) {
+    MOE_CHECK(planGinSignals(c->cfg, c->nodes, &c->gin));
+    MOE_CHECK(computeLlNetRegions(c->cfg, c->nodes, &c->llNet));
+    CheckedBytes m;
+    m.off = c->layout.total;
+    c->llNetOff = m.take(m.mul((size_t)c->cfg.numBufferSlots, c->llNet.bytes), NCCL_WIN_REQUIRED_ALIGNMENT);
+    if (m.overflow)
+      return setError(ncclInvalidArgument, "the EP window with the internode regions of %d slots exceeds the "
+                      "address space", c->cfg.numBufferSlots);
+    c->layout.total = m.off;
+  }
   void* base = nullptr;
   MOE_NCCL(ncclMemAlloc(&base, c->layout.total));
   c->winBase = (char*)base;
@@ -228,13 +241,20 @@ static ncclResult_t createComm(ncclComm_t nccl, const ncclMoeConfig_t* config, n
   MOE_CHECK(agree(c, allocateLocally(c), false, "allocating"));
 
   MOE_NCCL(ncclCommWindowRegister(nccl, c->winBase, c->layout.total, &c->win, NCCL_WIN_COLL_SYMMETRIC));
-  ncclDevCommRequirements reqs = defaultDevCommRequirements();
-  reqs.lsaBarrierCount = 1;
-  MOE_NCCL(ncclDevCommCreate(nccl, &reqs, &c->devComm));
+  // One node: NCCL's defaults and one LSA barrier, as always; several: GIN as well.
+  const ncclDevCommRequirements reqs = ginRequirements(c->nodes, c->gin);
+  if (c->nodes.nNodes > 1) {
+    const ncclResult_t created = ncclDevCommCreate(nccl, &reqs, &c->devComm);
+    if (created != ncclSuccess) return ginUnavailableError(created, c->nodes);
+  } else {
+    MOE_NCCL(ncclDevCommCreate(nccl, &reqs, &c->devComm));
+  }
   c->devCommCreated = true;
-  if (c->devComm.lsaSize != c->nRanks)
-    return setError(ncclInvalidUsage, "ncclMoeCommCreate: device communicator sees %d LSA ranks of %d",
-                    c->devComm.lsaSize, c->nRanks);
+  if (c->devComm.lsaSize != c->nodes.gpusPerNode)
+    return setError(ncclInvalidUsage, "ncclMoeCommCreate: device communicator sees %d LSA ranks, the node map %d",
+                    c->devComm.lsaSize, c->nodes.gpusPerNode);
+  if (c->nodes.nNodes > 1 && c->devComm.ginContextCount < 1)
+    return ginUnavailableError(ncclInvalidUsage, c->nodes);
 
   // One LSA barrier through the device communicator: every peer is mapped and alive.
   MOE_CUDA(launchLsaBarrier(c->devComm, 0));

@@ -7,6 +7,8 @@
 #include "device/kernel_args.h"
 #include "object_registry.h"
 #include "pointer_check.h"
+#include "net/gin_setup.h"
+#include "net/regions.h"
 
 namespace nccl_moe {
 // Magic words of the live objects (object_registry.h says why they are checked after the
@@ -50,6 +52,13 @@ struct ncclMoeComm {
   // that owns it; an output struct that does not match is stale, reused or forged.
   unsigned long long llSlotSequence[nccl_moe::kMaxBufferSlots] = {};
   int llSlotTokens[nccl_moe::kMaxBufferSlots] = {};
+  // Where the ranks are (net/node_map.h; one node: nNodes 1). On several nodes (low-latency mode
+  // only) also the GIN signal plan and each slot's internode regions: numBufferSlots of
+  // llNet.bytes from window offset llNetOff (after the intranode slots).
+  nccl_moe::NodeMap nodes{};
+  nccl_moe::GinSignalPlan gin{};
+  nccl_moe::LlNetSlotRegions llNet{};
+  size_t llNetOff = 0;
 };
 
 struct ncclMoeHandle {

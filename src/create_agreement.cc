@@ -1,6 +1,10 @@
 // Votes and decision of ncclMoeCommCreate (see create_agreement.h).
 #include "create_agreement.h"
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+#include <string>
+#include <vector>
 #include "error.h"
 
 namespace nccl_moe {
@@ -20,6 +24,37 @@ void fillVote(CreateVote* vote, ncclResult_t code, const char* message, const nc
       f.dispatchDtype, f.numSms, f.outputCapacity, f.timeoutMs, f.numBufferSlots, f.fp8Scales};
   vote->hasConfig = 1;
   memcpy(vote->config, fields, sizeof(fields));
+}
+
+RankPlacement localPlacement(int lsaRank, int lsaSize) {
+  char host[256] = {0};
+  const char* id = getenv("NCCL_HOSTID");
+  if (id == nullptr || id[0] == '\0') {
+    gethostname(host, sizeof(host) - 1);
+    id = host;
+  }
+  uint64_t h = 1469598103934665603ull;  // FNV-1a
+  for (const char* p = id; *p; ++p) h = (h ^ (unsigned char)*p) * 1099511628211ull;
+  return RankPlacement{h, lsaRank, lsaSize};
+}
+
+ncclResult_t decideNodes(const CreateVote* votes, int nRanks, int mode, NodeMap* map) {
+  std::vector<RankPlacement> ranks(nRanks);
+  for (int r = 0; r < nRanks; ++r) ranks[r] = votes[r].placement;
+  NodeMap m;
+  const ncclResult_t res = buildNodeMap(ranks.data(), nRanks, &m);
+  if (res != ncclSuccess) {
+    const std::string why = ncclMoeGetLastError();  // setError rewrites that buffer
+    return setError(res, "ncclMoeCommCreate: %s", why.c_str());
+  }
+  if (m.nNodes > 1 && mode != ncclMoeLowLatency)
+    return setError(ncclInvalidUsage,
+                    "ncclMoeCommCreate: the communicator spans %d nodes x %d GPUs; high-throughput mode works "
+                    "within one NVLink domain only until the high-throughput internode path lands (the HT "
+                    "internode issue): use config.mode = ncclMoeLowLatency across nodes, or one EP context "
+                    "per node", m.nNodes, m.gpusPerNode);
+  *map = m;
+  return ncclSuccess;
 }
 
 ncclResult_t decideCreate(const CreateVote* votes, int nRanks, const char* step) {

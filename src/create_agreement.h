@@ -7,6 +7,7 @@
 #pragma once
 #include <stdint.h>
 #include "nccl_moe.h"
+#include "net/node_map.h"
 
 namespace nccl_moe {
 
@@ -17,6 +18,7 @@ constexpr int kVoteMessageBytes = 464;
 struct CreateVote {
   int32_t code;                       // ncclResult_t of this rank's local step
   int32_t hasConfig;                  // 1 when `config` holds the resolved config
+  RankPlacement placement;            // where this rank runs (first vote; zero otherwise)
   int64_t config[kVoteConfigFields];  // fields of the resolved config, in kVoteFieldNames order
   char message[kVoteMessageBytes];    // this rank's error message (NUL-terminated), "" on success
 };
@@ -25,6 +27,17 @@ static_assert(sizeof(CreateVote) % 8 == 0, "votes are exchanged as whole 8-byte 
 // Fills `vote` from a local result: `message` is the last error (ignored on success) and
 // `resolved` the validated config, or NULL when the local checks did not get that far.
 void fillVote(CreateVote* vote, ncclResult_t code, const char* message, const ncclMoeConfig_t* resolved);
+
+// This rank's placement for the first vote: hostKey hashes NCCL_HOSTID when set (as NCCL does,
+// so fake nodes on one host count as nodes) or the host name; lsaRank / lsaSize from ncclTeamLsa.
+RankPlacement localPlacement(int lsaRank, int lsaSize);
+
+// The node map of the communicator from the first vote's placements (all nRanks votes succeeded
+// and carry configs), the same on every rank: buildNodeMap's checks, and several nodes only in
+// low-latency mode. `mode` is the agreed config's mode. On error (recorded as the last error):
+// buildNodeMap's ncclInvalidUsage, or ncclInvalidUsage naming the high-throughput internode
+// issue for HT mode on several nodes.
+ncclResult_t decideNodes(const CreateVote* votes, int nRanks, int mode, NodeMap* map);
 
 // The result every rank returns, from all nRanks votes (rank order), for the step `step` of the
 // creation ("checking the configuration", "allocating"):

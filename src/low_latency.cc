@@ -35,12 +35,39 @@ static ncclResult_t checkSlot(const ncclMoeComm* c, const ncclMoeLowLatencyOutpu
   return ncclSuccess;
 }
 
+// The internode part of slot `slot` (enabled = 0 on one node: the LSA-only kernels run).
+static LlNetArgs netArgs(const ncclMoeComm* c, int slot) {
+  LlNetArgs n;
+  memset(&n, 0, sizeof(n));
+  if (c->nodes.nNodes <= 1) return n;
+  const LlNetSlotRegions& r = c->llNet;
+  const size_t base = c->llNetOff + (size_t)slot * r.bytes;
+  n.enabled = 1;
+  n.devComm = c->devComm;
+  n.recordBytes = (int)r.record.bytes;
+  n.recordData = (int)r.record.data;
+  n.recordScales = (int)r.record.scales;
+  n.countsBytes = (int)r.countsBytes;
+  n.dispatchStage = base + r.dispatchStage;
+  n.dispatchLand = base + r.dispatchLand;
+  n.countsStage = base + r.countsStage;
+  n.countsLand = base + r.countsLand;
+  n.combineStage = base + r.combineStage;
+  n.combineLand = base + r.combineLand;
+  n.sendIndex = base + r.sendIndex;
+  n.destCount = base + r.destCount;
+  n.dispatchSignal0 = c->gin.dispatch(slot, 0);
+  n.combineSignal0 = c->gin.combine(slot, 0);
+  return n;
+}
+
 static LlDispatchArgs dispatchArgs(ncclMoeComm* c, int slot, const void* x, const int64_t* topkIdx,
                                    const float* topkWeights, int T) {
   const ncclMoeConfig_t& cfg = c->cfg;
   LlDispatchArgs a;
   memset(&a, 0, sizeof(a));
   a.w = windowView(c);
+  a.net = netArgs(c, slot);
   a.slotOff = c->layout.llSlots + (size_t)slot * c->layout.ll.bytes;
   a.slot = c->layout.ll;
   a.slotIndex = slot;
@@ -65,6 +92,7 @@ static LlCombineArgs combineArgs(ncclMoeComm* c, const ncclMoeLowLatencyOutput_t
   LlCombineArgs a;
   memset(&a, 0, sizeof(a));
   a.w = windowView(c);
+  a.net = netArgs(c, d->slot);
   a.slotOff = c->layout.llSlots + (size_t)d->slot * c->layout.ll.bytes;
   a.slot = c->layout.ll;
   a.slotIndex = d->slot;

@@ -404,6 +404,25 @@ bool start(int nRanks, RankEnv* env) {
   return startFork(nRanks > 0 ? nRanks : gpus, gpus, env);
 }
 
+// MOE_FAKE_NODES=n: the ranks form n nodes of nRanks / n consecutive ranks each, as NCCL sees
+// them: NCCL_HOSTID=moe-fake-node<i> per rank, and NCCL_NET_PLUGIN=moeloop (plugin/) unless
+// set. Must act before this process's first NCCL call (NCCL reads the host id once); false
+// (after printing why) when n does not divide the ranks.
+static bool applyFakeNodes(const RankEnv& env) {
+  const char* v = getenv("MOE_FAKE_NODES");
+  if (v == nullptr || v[0] == '\0') return true;
+  const int nodes = atoi(v);
+  if (nodes < 1 || env.nRanks % nodes != 0) {
+    fprintf(stderr, "moe_ranks: MOE_FAKE_NODES=%s must divide the %d ranks\n", v, env.nRanks);
+    return false;
+  }
+  char host[64];
+  snprintf(host, sizeof(host), "moe-fake-node%d", env.rank / (env.nRanks / nodes));
+  setenv("NCCL_HOSTID", host, 1);
+  if (nodes > 1) setenv("NCCL_NET_PLUGIN", "moeloop", 0);
+  return true;
+}
+
 ncclResult_t initComm(const RankEnv& env, ncclComm_t* comm) {
   *comm = nullptr;
   if (gMode == Mode::kNone || env.nRanks <= 0) {
@@ -413,6 +432,8 @@ ncclResult_t initComm(const RankEnv& env, ncclComm_t* comm) {
   char what[64];
   snprintf(what, sizeof(what), "cudaSetDevice(%d)", env.localRank);
   if (!checkCuda(cudaSetDevice(env.localRank), what)) return ncclUnhandledCudaError;
+
+  if (!applyFakeNodes(env)) return ncclInvalidUsage;
 
   const int generation = ++gInitCalls;
   ncclUniqueId id;

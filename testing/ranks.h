@@ -30,6 +30,9 @@ struct RankEnv {
 bool start(int nRanks, RankEnv* env);
 
 // Sets the device and creates the NCCL communicator over all ranks (collective).
+// MOE_FAKE_NODES=n (environment): the ranks act as n nodes of nRanks/n consecutive ranks
+// (NCCL_HOSTID=moe-fake-node<i> per rank, NCCL_NET_PLUGIN=moeloop unless set); it takes effect
+// at the process's first NCCL call, and fails (ncclInvalidUsage) when n does not divide nRanks.
 ncclResult_t initComm(const RankEnv& env, ncclComm_t* comm);
 
 // Host-side reductions over ranks through the same channel as the bootstrap (collective).

@@ -17,4 +17,11 @@ __host__ __device__ inline int remoteIndex(const PeerMap& p, int r) {
   return r < p.lsaBase ? r : r - p.lsaSize;
 }
 
+// Index of world rank r among the ranks of other nodes than rank `at`'s, i.e. remoteIndex as rank
+// `at` computes it: the row of r in `at`'s per-remote-rank regions. Contract: r is not on at's node.
+__host__ __device__ inline int remoteIndexAt(const PeerMap& p, int at, int r) {
+  const int base = p.node(at) * p.lsaSize;
+  return r < base ? r : r - p.lsaSize;
+}
+
 }  // namespace nccl_moe

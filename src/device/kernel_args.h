@@ -6,7 +6,7 @@
 #include <stdint.h>
 #include <cuda_runtime.h>
 #include <nccl.h>
-#include <nccl_device/core.h>
+#include <nccl_device.h>
 
 namespace nccl_moe {
 
@@ -72,6 +72,8 @@ struct DeviceState {
   unsigned long long llCombineSends[kMaxBufferSlots];
   unsigned int llDispatchArrived[kMaxBufferSlots];  // CTAs of the running send, per slot, so
                                                     // that sends of two slots may overlap
+  unsigned int llCombineArrived[kMaxBufferSlots];   // likewise for the combine send (used on
+                                                    // several nodes only: its last CTA puts)
   // Layout kernel (one at a time per context, stream-ordered like the dispatch that uses it).
   unsigned int layoutTicket;        // tiles claimed by the running layout's CTAs
   unsigned long long layoutEpoch;   // layouts completed: the tile flags' value of the next one
@@ -213,8 +215,36 @@ struct LlRouteEntry {
   float weight;
 };
 
+// The internode part of one low-latency slot (INTERNODE.md §4; host side net/regions.h,
+// net/gin_setup.h). Empty (enabled = 0) on a single node: the kernels then run their LSA-only
+// instantiation. Regions are byte offsets of this slot's internode part in the window; rows per
+// remote rank are indexed by remoteIndex (net/device/rail.h). Record: see LlRecordLayout.
+struct LlNetArgs {
+  int enabled;              // 1 when the communicator spans several nodes
+  ncclDevComm devComm;      // with GIN contexts and the signal plan's signals
+  int recordBytes;          // record size (multiple of 16): header, then data, then scales
+  int recordData;           // offset of the row in a record (= header bytes)
+  int recordScales;         // offset of the scales in a record
+  int countsBytes;          // bytes of one counts row: int32 [L] rows per local expert, then
+                            // int32 records, padded to 16
+  size_t dispatchStage;     // [remote][M][record] records this rank sends, per destination
+  size_t dispatchLand;      // [remote][M][record] records received, per source
+  size_t countsStage;       // [remote][countsBytes] this rank's counts for each destination
+  size_t countsLand;        // [remote][countsBytes] each source's counts for this rank
+  size_t combineStage;      // [remote][M][H] BF16 partials returned, per source (record order)
+  size_t combineLand;       // [remote][M][H] BF16 partials received, per expert rank
+  size_t sendIndex;         // int32 [M][remote]: record index of token t at each destination
+                            // (-1: none), this rank's own bookkeeping
+  size_t destCount;         // int32 [remote]: records reserved per destination in the running
+                            // send (zero between sends)
+  int dispatchSignal0;      // GIN signal id of (this slot, source 0) for dispatch; + source rank
+  int combineSignal0;       // likewise for combine (+ the expert rank that puts)
+};
+constexpr int kLlNetBatch = 16;  // records (or partials) per GIN put
+
 struct LlDispatchArgs {
   WindowView w;
+  LlNetArgs net;
   size_t slotOff;          // byte offset of the slot in the window
   LowLatencySlotLayout slot;
   int slotIndex;
@@ -234,6 +264,7 @@ cudaError_t launchLlDispatchComplete(const LlDispatchArgs& args, int numCtas, cu
 
 struct LlCombineArgs {
   WindowView w;
+  LlNetArgs net;
   size_t slotOff;
   LowLatencySlotLayout slot;
   int slotIndex;

@@ -9,6 +9,12 @@
 // Complete (numSms CTAs, as the source): wait until every rank's signal is exactly numCtas * epoch
 // (modulo 2^64; a rank ahead is a protocol error),
 // then (token, chunk) items sum the token's partials in rank order (FP32) and write BF16.
+//
+// Several nodes: the kernels are templates on kNet (as in dispatch_lsa.cu): kNet = false is the
+// single-node code, unchanged; kNet = true routes remote ranks out of the LSA stores, waits and
+// signals, and adds the GIN phases of combine_gin.cuh: partials for remote sources are summed
+// the same way into staging rows and put back in batches by the send's last CTA, and the
+// completion adds a remote rank's partial from where it landed, in the same rank order.
 #include "device/kernel_args.h"
 #include "device/common/peer_sync.cuh"
 #include "device/common/vec_io.cuh"
@@ -98,18 +104,24 @@ __device__ void sumRowsChunk(unsigned m, const uint4* myRow, float myWeight, int
 // The completion's sum of token t's partials over more than 32 ranks: the same sum as
 // sumRowsChunk with one lane per rank, taken 32 ranks at a time (lane j of step g names rank
 // 32g + j), so the ranks are still added in increasing order. mask: t's rank mask;
-// partials: t's [R][H] BF16 partials.
-__device__ void sumPartialsWide(const uint32_t* mask, const uint16_t* partials, int R, int H, int base,
-                                int rowVecs, int lane, uint4 (&result)[kLlReduceUnroll]) {
+// rowOf(r): rank r's partial of t (for ranks in the mask).
+template <class RowOf>
+__device__ void sumPartialsWide(const uint32_t* mask, RowOf rowOf, int R, int base, int rowVecs, int lane,
+                                uint4 (&result)[kLlReduceUnroll]) {
   float acc[kLlReduceUnroll][8];
   zeroChunk(acc);
   for (int g = 0; g < rankMaskWords(R); ++g) {
-    const uint4* myRow = (const uint4*)(partials + (size_t)min(32 * g + lane, R - 1) * H);
+    const uint4* myRow = rowOf(min(32 * g + lane, R - 1));
     addRowsChunk<true>(mask[g], myRow, 1.0f, base, rowVecs, lane, acc);
   }
   packChunk(acc, result);
 }
 
+}  // namespace nccl_moe
+#include "device/ll/combine_gin.cuh"  // uses the row sums above
+namespace nccl_moe {
+
+template <bool kNet>
 __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineSendKernel(LlCombineArgs a) {
   const WindowView& w = a.w;
   const int R = w.peers.nRanks, me = w.peers.rank, M = a.maxTokens, K = a.topK;
@@ -124,7 +136,7 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineSendKernel(LlCo
     int run = 0;
     for (int s = 0; s < R; ++s) {
       tokenStart[s] = run;
-      run += (int)(sig[s] & 0xffffffffu);
+      if (!kNet || peer[s] != nullptr) run += (int)(sig[s] & 0xffffffffu);  // remote: GIN phase
     }
     tokenStart[R] = run;
   }
@@ -163,19 +175,32 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineSendKernel(LlCo
       if (idx < rowVecs) storeNoAllocate(dst + idx, partial[u]);
     }
   }
+  if constexpr (kNet) {
+    __shared__ int netStart[kMaxRanks + 1];  // prefix of the remote sources' records
+    recordStartsGin(a, netStart);
+    sendPartialsGin<kLlReduceUnroll>(a, netStart, kLlSumVecs, warp, kLlCombineWarps, lane,
+                                     [&](unsigned here, int row, float weight, int base, uint4 (&out)[kLlReduceUnroll]) {
+                                       const uint4* myRow = (const uint4*)(a.expertOut + (size_t)max(row, 0) * a.hidden);
+                                       sumRowsChunk<false>(here, myRow, weight, base, rowVecs, lane, out);
+                                     });
+  }
   __syncthreads();
   if (threadIdx.x == 0) __threadfence_system();
   __syncthreads();
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
+    if (kNet && peer[r] == nullptr) continue;  // remote: postCombineGin
     uint64_t* sig = (uint64_t*)(peer[r] + a.slot.combineSignals) + me;
     asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(sig), "l"((uint64_t)1) : "memory");
   }
   // The completion (later in stream order) waits for numCtas * sends: one CTA counts the send.
   if (blockIdx.x == 0 && threadIdx.x == 0) w.state->llCombineSends[a.slotIndex] += 1;
+  if constexpr (kNet) {
+    if (lastCtaToArrive(&w.state->llCombineArrived[a.slotIndex])) postCombineGin(a);
+  }
 }
 
 // kWide: more than 32 ranks (sumPartialsWide); otherwise one lane per rank.
-template <bool kWide>
+template <bool kWide, bool kNet>
 __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineCompleteKernel(LlCombineArgs a) {
   const WindowView& w = a.w;
   const int R = w.peers.nRanks;
@@ -183,8 +208,11 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineCompleteKernel(
   const uint64_t epoch = *(volatile unsigned long long*)&w.state->llCombineSends[a.slotIndex];
   const uint64_t* sig = (const uint64_t*)(slot + a.slot.combineSignals);
   bool ok = true;
-  for (int r = threadIdx.x; r < R; r += blockDim.x)
+  if constexpr (kNet) ok = waitRanksGin(a, epoch);
+  for (int r = threadIdx.x; r < R; r += blockDim.x) {
+    if (kNet && w.peers.lsaIndex(r) == kPeerRemote) continue;  // waitRanksGin
     ok &= waitSeq<0>(w, sig + r, (uint64_t)gridDim.x * epoch, kWaitLlCombine, r, nullptr, gridDim.x);
+  }
   if (!__syncthreads_and(ok)) return;
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, rowVecs = a.hidden / 8;
@@ -196,11 +224,19 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineCompleteKernel(
     const int t = it / chunks, base = (it % chunks) * kLlSumVecs;
     uint4 sum[kLlReduceUnroll];
     if (kWide) {
-      sumPartialsWide(tokenRanks + (size_t)t * rankMaskWords(R), recv + (size_t)t * R * a.hidden, R, a.hidden,
-                      base, rowVecs, lane, sum);
+      const uint32_t* mask = tokenRanks + (size_t)t * rankMaskWords(R);
+      sumPartialsWide(mask,
+                      [&](int r) {
+                        if (kNet && w.peers.lsaIndex(r) == kPeerRemote && ((mask[r / 32] >> (r % 32)) & 1u))
+                          return remotePartial(a, t, r);
+                        return (const uint4*)(recv + ((size_t)t * R + r) * a.hidden);
+                      },
+                      R, base, rowVecs, lane, sum);
     } else {
       const unsigned ranks = tokenRanks[t];  // written by this rank's dispatch send
       const uint4* myRow = (const uint4*)(recv + ((size_t)t * R + min(lane, R - 1)) * a.hidden);
+      if (kNet && lane < R && w.peers.lsaIndex(lane) == kPeerRemote && ((ranks >> lane) & 1u))
+        myRow = remotePartial(a, t, lane);
       sumRowsChunk<true>(ranks, myRow, 1.0f, base, rowVecs, lane, sum);
     }
     uint4* dst = (uint4*)(a.out + (size_t)t * a.hidden);
@@ -213,15 +249,23 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineCompleteKernel(
 }
 
 cudaError_t launchLlCombineSend(const LlCombineArgs& args, int numCtas, cudaStream_t stream) {
-  llCombineSendKernel<<<numCtas, kLlCombineThreads, 0, stream>>>(args);
+  if (args.net.enabled)
+    llCombineSendKernel<true><<<numCtas, kLlCombineThreads, 0, stream>>>(args);
+  else
+    llCombineSendKernel<false><<<numCtas, kLlCombineThreads, 0, stream>>>(args);
   return cudaGetLastError();
 }
 
 cudaError_t launchLlCombineComplete(const LlCombineArgs& args, int numCtas, cudaStream_t stream) {
-  if (args.w.peers.nRanks > 32)
-    llCombineCompleteKernel<true><<<numCtas, kLlCombineThreads, 0, stream>>>(args);
+  const bool wide = args.w.peers.nRanks > 32;
+  if (args.net.enabled && wide)
+    llCombineCompleteKernel<true, true><<<numCtas, kLlCombineThreads, 0, stream>>>(args);
+  else if (args.net.enabled)
+    llCombineCompleteKernel<false, true><<<numCtas, kLlCombineThreads, 0, stream>>>(args);
+  else if (wide)
+    llCombineCompleteKernel<true, false><<<numCtas, kLlCombineThreads, 0, stream>>>(args);
   else
-    llCombineCompleteKernel<false><<<numCtas, kLlCombineThreads, 0, stream>>>(args);
+    llCombineCompleteKernel<false, false><<<numCtas, kLlCombineThreads, 0, stream>>>(args);
   return cudaGetLastError();
 }
 

@@ -18,12 +18,22 @@
 // token from its first expert row to its other expert rows on this rank.
 // Bad input of this rank (ids outside [-1, E), an expert repeated within a token) goes to the
 // local error record: the entry is dropped and the operation completes on every rank.
+//
+// Several nodes: the kernels are templates on kNet. kNet = false is the single-node code,
+// unchanged; kNet = true routes remote ranks out of every LSA store, wait and signal above (they
+// have no NVLink pointer) and adds the GIN phases of dispatch_gin.cuh: the same routing pass and
+// FP8 cast write a record per (token, remote rank) into the staging rows, the last CTA puts them,
+// and the completion waits for the remote sources and fans their records out. A GIN phase inside
+// these kernels rather than separate kernels: the rows of remote experts are reserved by the same
+// per-expert atomics and the token is read and cast once for all its destinations, and no launch
+// is added to either half of the split.
 #include "nccl_moe.h"
 #include "device/kernel_args.h"
 #include "device/common/fp8_cast.cuh"
 #include "device/common/peer_sync.cuh"
 #include "device/common/vec_io.cuh"
 #include "device/ll/source_tokens.cuh"
+#include "device/ll/dispatch_gin.cuh"
 
 namespace nccl_moe {
 
@@ -38,9 +48,11 @@ struct LlTokenRoute {
   unsigned lead;  // bit k set for the first k of each destination rank
   int dest[kMaxTopK];
   int row[kMaxTopK];
+  int rec[kMaxTopK];  // kNet: record index at a remote destination (lead k only), else -1
 };
 
 // Phase 1 for token t, by one warp: reserve rows, write route entries, srcToken and tokenRanks.
+template <bool kNet>
 __device__ void routeTokenLl(const LlDispatchArgs& a, char* const* peer, char* mySlot, int t,
                              LlTokenRoute* r, int lane) {
   const WindowView& w = a.w;
@@ -73,21 +85,25 @@ __device__ void routeTokenLl(const LlDispatchArgs& a, char* const* peer, char* m
     if (lane == 0) tokenRanks[j] = ranks;
   }
   if (lane == 0) r->lead = lead;
+  if constexpr (kNet) stageRouteGin(a, t, d, row, weight, lead, r->rec, lane);
   if (lane < K) {
     r->dest[lane] = d;
     r->row[lane] = row;
-    if (d >= 0) ((int*)(peer[d] + a.slot.srcToken))[row] = t;
+    if (d >= 0 && (!kNet || peer[d] != nullptr)) ((int*)(peer[d] + a.slot.srcToken))[row] = t;
     // Every rank gets this token's K entries, so that no entry of an earlier use of the slot
-    // survives: 8-byte stores, K consecutive per (rank, token).
+    // survives: 8-byte stores, K consecutive per (rank, token). Remote ranks: in the record.
     const size_t entry = ((size_t)me * M + t) * K + lane;
     for (int dst = 0; dst < R; ++dst) {
+      if (kNet && peer[dst] == nullptr) continue;
       LlRouteEntry* p = (LlRouteEntry*)(peer[dst] + a.slot.route) + entry;
       *(uint2*)p = make_uint2((uint32_t)(d == dst ? row : -1), __float_as_uint(weight));
     }
   }
 }
 
-// Phase 2: chunk c (kLlChunkVecs vectors) of token t, loaded once, stored to every destination.
+// Phase 2: chunk c (kLlChunkVecs vectors) of token t, loaded once, stored to every destination
+// (kNet: into the staged record of a remote destination).
+template <bool kNet>
 __device__ void sendChunkLl(const LlDispatchArgs& a, char* const* peer, const LlTokenRoute& r, int t,
                             int c, int lane) {
   const int H = a.hidden, rowVecs = H / 8, groups = H / kFp8GroupSize, base = c * kLlChunkVecs;
@@ -102,7 +118,8 @@ __device__ void sendChunkLl(const LlDispatchArgs& a, char* const* peer, const Ll
   if (!a.fp8) {
     for (unsigned m = r.lead; m != 0; m &= m - 1) {
       const int k = __ffs(m) - 1;
-      uint4* dst = (uint4*)(peer[r.dest[k]] + a.slot.recvX + (size_t)r.row[k] * rowBytes);
+      uint4* dst = kNet && r.rec[k] >= 0 ? (uint4*)(stagedRecord(a, r.dest[k], r.rec[k]) + a.net.recordData)
+                                         : (uint4*)(peer[r.dest[k]] + a.slot.recvX + (size_t)r.row[k] * rowBytes);
 #pragma unroll
       for (int u = 0; u < kLlUnroll; ++u) {
         const int idx = base + u * 32 + lane;
@@ -131,20 +148,26 @@ __device__ void sendChunkLl(const LlDispatchArgs& a, char* const* peer, const Ll
     char* slot = peer[r.dest[k]];
     const size_t row = (size_t)r.row[k];
     uint2* dst = (uint2*)(slot + a.slot.recvX + row * rowBytes);
+    char* scaleRow = slot + a.slot.recvScales + row * (size_t)a.scaleBytes;
+    if (kNet && r.rec[k] >= 0) {
+      char* rec = stagedRecord(a, r.dest[k], r.rec[k]);
+      dst = (uint2*)(rec + a.net.recordData);
+      scaleRow = rec + a.net.recordScales;
+    }
 #pragma unroll
     for (int u = 0; u < kLlUnroll; ++u) {
       const int idx = base + u * 32 + lane;
       if (idx < rowVecs) dst[idx] = q[u];
     }
     if (a.scaleFormat == ncclMoeScaleUe8m0) {
-      uint32_t* s = (uint32_t*)(slot + a.slot.recvScales) + row * (groups / 4);
+      uint32_t* s = (uint32_t*)scaleRow;
 #pragma unroll
       for (int i = 0; i < kLlUnroll / 2; ++i) {
         const int word = base / 64 + i;  // 64 vectors = 512 channels per word
         if (lane == 0 && word < groups / 4) s[word] = words[i];
       }
     } else if ((lane & 15) == 0) {
-      float* s = (float*)(slot + a.slot.recvScales) + row * groups;
+      float* s = (float*)scaleRow;
 #pragma unroll
       for (int u = 0; u < kLlUnroll; ++u) {
         const int g = (base + u * 32 + lane) / 16;
@@ -154,6 +177,7 @@ __device__ void sendChunkLl(const LlDispatchArgs& a, char* const* peer, const Ll
   }
 }
 
+template <bool kNet>
 __global__ void __launch_bounds__(kLlThreads, 1) llDispatchSendKernel(LlDispatchArgs a) {
   const WindowView& w = a.w;
   const int R = w.peers.nRanks, me = w.peers.rank, L = a.numExperts / R, M = a.maxTokens, T = a.numTokens;
@@ -171,10 +195,10 @@ __global__ void __launch_bounds__(kLlThreads, 1) llDispatchSendKernel(LlDispatch
   const int perRound = min(kLlWarps, (T + (int)gridDim.x - 1) / (int)gridDim.x);
   for (int first = blockIdx.x * perRound; first < T; first += gridDim.x * perRound) {
     const int n = min(perRound, T - first);
-    if (warp < n) routeTokenLl(a, peer, mySlot, first + warp, &route[warp], lane);
+    if (warp < n) routeTokenLl<kNet>(a, peer, mySlot, first + warp, &route[warp], lane);
     __syncthreads();
     for (int item = warp; item < n * chunks; item += kLlWarps)
-      sendChunkLl(a, peer, route[item / chunks], first + item / chunks, item % chunks, lane);
+      sendChunkLl<kNet>(a, peer, route[item / chunks], first + item / chunks, item % chunks, lane);
     __syncthreads();  // route[] is rewritten by the next round
   }
 
@@ -183,12 +207,16 @@ __global__ void __launch_bounds__(kLlThreads, 1) llDispatchSendKernel(LlDispatch
   // rank e / L, local expert e % L.
   for (int e = threadIdx.x; e < a.numExperts; e += blockDim.x) {
     const int rows = min(atomicExch(&a.posCounter[e], 0), M);
-    ((int*)(peer[e / L] + a.slot.recvCounts))[(e % L) * R + me] = rows;
+    if (kNet && peer[e / L] == nullptr)  // the counts row of that remote rank, put with its records
+      ((int*)(netLocal(w, a.net.countsStage) + (size_t)remoteIndex(w.peers, e / L) * a.net.countsBytes))[e % L] = rows;
+    else
+      ((int*)(peer[e / L] + a.slot.recvCounts))[(e % L) * R + me] = rows;
   }
   __syncthreads();
   if (threadIdx.x == 0) __threadfence_system();
   __syncthreads();
-  if (threadIdx.x < R) {
+  if constexpr (kNet) postDispatchGin(a);
+  if (threadIdx.x < R && (!kNet || peer[threadIdx.x] != nullptr)) {
     uint64_t* sig = (uint64_t*)(peer[threadIdx.x] + a.slot.dispatchSignals) + me;
     const uint64_t value = (epoch << 32) | (uint64_t)T;
     asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(sig), "l"(value) : "memory");
@@ -226,6 +254,7 @@ __device__ void fanOutChunk(char* x, char* scales, size_t rowBytes, size_t scale
   }
 }
 
+template <bool kNet>
 __global__ void __launch_bounds__(kLlThreads, 1) llDispatchCompleteKernel(LlDispatchArgs a) {
   const WindowView& w = a.w;
   const int R = w.peers.nRanks, L = a.numExperts / R, M = a.maxTokens, K = a.topK;
@@ -234,8 +263,15 @@ __global__ void __launch_bounds__(kLlThreads, 1) llDispatchCompleteKernel(LlDisp
   const uint64_t* sig = (const uint64_t*)(slot + a.slot.dispatchSignals);
   __shared__ int tokenStart[kMaxRanks + 1];  // prefix of the sources' token counts
   __shared__ int tokens[kMaxRanks];
+  __shared__ int netStart[kNet ? kMaxRanks + 1 : 1];  // prefix of the remote sources' records
+  __shared__ int netTokens[kNet ? kMaxRanks : 1];
   bool ok = true;
+  if constexpr (kNet) ok = waitSourcesGin(a, epoch, netTokens);
   for (int s = threadIdx.x; s < R; s += blockDim.x) {
+    if (kNet && w.peers.lsaIndex(s) == kPeerRemote) {  // waited for by waitSourcesGin
+      tokens[s] = 0;
+      continue;
+    }
     uint64_t v = 0;
     const bool arrived = waitSeq<32>(w, sig + s, epoch, kWaitLlDispatch, s, &v);
     tokens[s] = arrived ? (int)(v & 0xffffffffu) : 0;
@@ -249,8 +285,20 @@ __global__ void __launch_bounds__(kLlThreads, 1) llDispatchCompleteKernel(LlDisp
       run += tokens[s];
     }
     tokenStart[R] = run;
+    if constexpr (kNet) {
+      run = 0;
+      for (int s = 0; s < R; ++s) {
+        netStart[s] = run;
+        run += netTokens[s];
+      }
+      netStart[R] = run;
+    }
   }
   int* counts = (int*)(slot + a.slot.recvCounts);  // [L][R], then [L]
+  if constexpr (kNet) {
+    if (blockIdx.x == 0) copyRemoteCountsGin(a, counts);
+    __syncthreads();
+  }
   if (blockIdx.x == 0) {
     for (int l = threadIdx.x; l < L; l += blockDim.x) {
       int sum = 0;
@@ -290,15 +338,22 @@ __global__ void __launch_bounds__(kLlThreads, 1) llDispatchCompleteKernel(LlDisp
     }
     __syncwarp();  // rowOfK[warp] is rewritten by the next item
   }
+  if constexpr (kNet) fanOutRecordsGin(a, slot, netStart, kLlChunkVecs, warp, kLlWarps, lane);
 }
 
 cudaError_t launchLlDispatchSend(const LlDispatchArgs& args, int numCtas, cudaStream_t stream) {
-  llDispatchSendKernel<<<numCtas, kLlThreads, 0, stream>>>(args);
+  if (args.net.enabled)
+    llDispatchSendKernel<true><<<numCtas, kLlThreads, 0, stream>>>(args);
+  else
+    llDispatchSendKernel<false><<<numCtas, kLlThreads, 0, stream>>>(args);
   return cudaGetLastError();
 }
 
 cudaError_t launchLlDispatchComplete(const LlDispatchArgs& args, int numCtas, cudaStream_t stream) {
-  llDispatchCompleteKernel<<<numCtas, kLlThreads, 0, stream>>>(args);
+  if (args.net.enabled)
+    llDispatchCompleteKernel<true><<<numCtas, kLlThreads, 0, stream>>>(args);
+  else
+    llDispatchCompleteKernel<false><<<numCtas, kLlThreads, 0, stream>>>(args);
   return cudaGetLastError();
 }
 
