@@ -96,6 +96,28 @@ struct Shape {
   std::string str() const;
 };
 ncclMoeConfig_t makeConfig(const Shape& s);
+// The HT shape most GPU tests use: top-8, 512 tokens per rank, the given H, experts and dtype.
+inline Shape htShape(int hidden, int experts, ncclMoeDtype_t dtype) {
+  Shape s;
+  s.hidden = hidden;
+  s.topK = 8;
+  s.experts = experts;
+  s.maxTokens = 512;
+  s.dtype = dtype;
+  return s;
+}
+// A BF16 shape (H 2048, top-8 of 32 experts, 5 s timeout) with the given token bound and
+// receive capacity, for the overflow and validation tests.
+inline Shape capacityShape(int maxTokens, int capacity) {
+  Shape s;
+  s.hidden = 2048;
+  s.topK = 8;
+  s.experts = 32;
+  s.maxTokens = maxTokens;
+  s.outputCapacity = capacity;
+  s.timeoutMs = 5000;
+  return s;
+}
 // A small BF16 shape (H 1024, top-4 of 16 experts, 64 tokens, 5 s timeout) for tests of
 // lifetimes and failures, where the data size does not matter.
 inline Shape smallShape() {

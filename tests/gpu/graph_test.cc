@@ -79,25 +79,15 @@ void graphScenario(const Shape& s, uint64_t seed, bool withCombine, bool weighte
   runAndCheck(ep, in, q, ref, eager, (s.str() + " [eager dispatch after replays]").c_str());
 }
 
-Shape shape(int hidden, int experts, ncclMoeDtype_t dtype) {
-  Shape s;
-  s.hidden = hidden;
-  s.topK = 8;
-  s.experts = experts;
-  s.maxTokens = 512;
-  s.dtype = dtype;
-  return s;
-}
-
 TEST_F(Graph, DispatchCombineBf16Weighted) {
-  graphScenario(shape(7168, 32, ncclMoeBf16), 401, true, true);
+  graphScenario(htShape(7168, 32, ncclMoeBf16), 401, true, true);
 }
 
 TEST_F(Graph, DispatchCombineBf16Unweighted) {
-  graphScenario(shape(2048, 256, ncclMoeBf16), 402, true, false);
+  graphScenario(htShape(2048, 256, ncclMoeBf16), 402, true, false);
 }
 
-TEST_F(Graph, DispatchOnlyFp8) { graphScenario(shape(7168, 32, ncclMoeFp8E4m3), 403, false, false); }
+TEST_F(Graph, DispatchOnlyFp8) { graphScenario(htShape(7168, 32, ncclMoeFp8E4m3), 403, false, false); }
 
 }  // namespace
 }  // namespace moe_gpu

@@ -12,16 +12,6 @@ namespace {
 
 class HtCombine : public GpuTest {};
 
-Shape shape(int hidden, int experts, ncclMoeDtype_t dtype) {
-  Shape s;
-  s.hidden = hidden;
-  s.topK = 8;
-  s.experts = experts;
-  s.maxTokens = 512;
-  s.dtype = dtype;
-  return s;
-}
-
 RunOpts from(ExpertSrc src, bool weighted) {
   RunOpts o;
   o.src = src;
@@ -30,27 +20,27 @@ RunOpts from(ExpertSrc src, bool weighted) {
 }
 
 TEST_F(HtCombine, ZeroCopyDispatchXWeighted) {
-  runScenario(shape(7168, 32, ncclMoeBf16), spec(201), from(ExpertSrc::DispatchX, true));
+  runScenario(htShape(7168, 32, ncclMoeBf16), spec(201), from(ExpertSrc::DispatchX, true));
 }
 
 TEST_F(HtCombine, ZeroCopyDispatchXUnweighted) {
-  runScenario(shape(7168, 256, ncclMoeBf16), spec(202), from(ExpertSrc::DispatchX, false));
+  runScenario(htShape(7168, 256, ncclMoeBf16), spec(202), from(ExpertSrc::DispatchX, false));
 }
 
 TEST_F(HtCombine, CombineInputBf16Weighted) {
-  runScenario(shape(7168, 32, ncclMoeBf16), spec(203), from(ExpertSrc::CombineInput, true));
+  runScenario(htShape(7168, 32, ncclMoeBf16), spec(203), from(ExpertSrc::CombineInput, true));
 }
 
 TEST_F(HtCombine, CopyPathBf16Weighted) {
-  runScenario(shape(7168, 32, ncclMoeBf16), spec(204), from(ExpertSrc::Copy, true));
+  runScenario(htShape(7168, 32, ncclMoeBf16), spec(204), from(ExpertSrc::Copy, true));
 }
 
 TEST_F(HtCombine, CopyPathBf16Unweighted) {
-  runScenario(shape(2048, 256, ncclMoeBf16), spec(205), from(ExpertSrc::Copy, false));
+  runScenario(htShape(2048, 256, ncclMoeBf16), spec(205), from(ExpertSrc::Copy, false));
 }
 
 TEST_F(HtCombine, CopyPathFp8Weighted) {
-  runScenario(shape(2048, 32, ncclMoeFp8E4m3), spec(206), from(ExpertSrc::Copy, true));
+  runScenario(htShape(2048, 32, ncclMoeFp8E4m3), spec(206), from(ExpertSrc::Copy, true));
 }
 
 // Dispatch with routing, then twice with other data and topkIdx = NULL (the handle's routing;
@@ -86,15 +76,15 @@ void cachedScenario(const Shape& s, uint64_t seed, ExpertSrc src) {
 }
 
 TEST_F(HtCombine, CachedDispatchBf16) {
-  cachedScenario(shape(7168, 32, ncclMoeBf16), 211, ExpertSrc::DispatchX);
+  cachedScenario(htShape(7168, 32, ncclMoeBf16), 211, ExpertSrc::DispatchX);
 }
 
 TEST_F(HtCombine, CachedDispatchBf16CopyPath) {
-  cachedScenario(shape(2048, 256, ncclMoeBf16), 212, ExpertSrc::Copy);
+  cachedScenario(htShape(2048, 256, ncclMoeBf16), 212, ExpertSrc::Copy);
 }
 
 TEST_F(HtCombine, CachedDispatchFp8) {
-  cachedScenario(shape(7168, 32, ncclMoeFp8E4m3), 213, ExpertSrc::CombineInput);
+  cachedScenario(htShape(7168, 32, ncclMoeFp8E4m3), 213, ExpertSrc::CombineInput);
 }
 
 // Four dispatch + combine pairs (new routing and data each time, one handle, zero-copy combine
@@ -102,7 +92,7 @@ TEST_F(HtCombine, CachedDispatchFp8) {
 // by a few milliseconds of host sleep: the library alone must keep a peer's next dispatch from
 // overwriting rows that this rank's combine still reads. Every combine output is checked.
 TEST_F(HtCombine, BackToBackWithoutHostSync) {
-  const Shape s = shape(7168, 32, ncclMoeBf16);
+  const Shape s = htShape(7168, 32, ncclMoeBf16);
   Ep ep(s);
   if (!ep.create()) return;
   const int me = rank(), kIters = 4;
@@ -180,9 +170,9 @@ void smBudget(Shape base, uint64_t seed) {
   }
 }
 
-TEST_F(HtCombine, SmBudgetBf16) { smBudget(shape(7168, 32, ncclMoeBf16), 221); }
+TEST_F(HtCombine, SmBudgetBf16) { smBudget(htShape(7168, 32, ncclMoeBf16), 221); }
 
-TEST_F(HtCombine, SmBudgetFp8) { smBudget(shape(2048, 256, ncclMoeFp8E4m3), 222); }
+TEST_F(HtCombine, SmBudgetFp8) { smBudget(htShape(2048, 256, ncclMoeFp8E4m3), 222); }
 
 }  // namespace
 }  // namespace moe_gpu

@@ -18,16 +18,6 @@ namespace {
 
 class HtTraining : public GpuTest {};
 
-Shape shape(int hidden, int experts, ncclMoeDtype_t dtype) {
-  Shape s;
-  s.hidden = hidden;
-  s.topK = 8;
-  s.experts = experts;
-  s.maxTokens = 512;
-  s.dtype = dtype;
-  return s;
-}
-
 // Per-row values of rank r, [rows][K]: distinct small multiples of 1/8 (sums are exact anyway;
 // the comparison is bitwise).
 std::vector<float> rowValues(int r, int rows, int K) {
@@ -109,24 +99,24 @@ void withWeightsScenario(const Shape& s, const GenSpec& g, bool weighted, bool i
 }
 
 TEST_F(HtTraining, WithWeightsBf16RandomWeighted) {
-  withWeightsScenario(shape(7168, 32, ncclMoeBf16), spec(301), true, false);
+  withWeightsScenario(htShape(7168, 32, ncclMoeBf16), spec(301), true, false);
 }
 
 TEST_F(HtTraining, WithWeightsBf16RandomUnweighted) {
-  withWeightsScenario(shape(2048, 256, ncclMoeBf16), spec(302), false, false);
+  withWeightsScenario(htShape(2048, 256, ncclMoeBf16), spec(302), false, false);
 }
 
 TEST_F(HtTraining, WithWeightsBf16Skewed) {
-  withWeightsScenario(shape(2048, 32, ncclMoeBf16), spec(303, Route::RankZeroOnly), false, false);
+  withWeightsScenario(htShape(2048, 32, ncclMoeBf16), spec(303, Route::RankZeroOnly), false, false);
 }
 
 TEST_F(HtTraining, WithWeightsFp8Weighted) {
-  withWeightsScenario(shape(2048, 32, ncclMoeFp8E4m3), spec(304), true, false);
+  withWeightsScenario(htShape(2048, 32, ncclMoeFp8E4m3), spec(304), true, false);
 }
 
 // The dispatch's own weights, in place: each token gets its weights back (0 for -1 entries).
 TEST_F(HtTraining, WithWeightsInPlaceRoundTrip) {
-  withWeightsScenario(shape(2048, 64, ncclMoeBf16), spec(305), true, true);
+  withWeightsScenario(htShape(2048, 64, ncclMoeBf16), spec(305), true, true);
 }
 
 // dispatch A, dispatch B, combine A (caller memory, with top-k values), combine B: both as the
@@ -161,9 +151,9 @@ void twoInFlight(const Shape& s, uint64_t seed) {
                   "combine B rows");
 }
 
-TEST_F(HtTraining, TwoMicroBatchesInFlightBf16) { twoInFlight(shape(7168, 32, ncclMoeBf16), 311); }
+TEST_F(HtTraining, TwoMicroBatchesInFlightBf16) { twoInFlight(htShape(7168, 32, ncclMoeBf16), 311); }
 
-TEST_F(HtTraining, TwoMicroBatchesInFlightFp8) { twoInFlight(shape(2048, 64, ncclMoeFp8E4m3), 313); }
+TEST_F(HtTraining, TwoMicroBatchesInFlightFp8) { twoInFlight(htShape(2048, 64, ncclMoeFp8E4m3), 313); }
 
 // A host function that sleeps `ms` blocks the stream like a long kernel.
 void CUDART_CB sleepOnStream(void* ms) { usleep(1000 * *(int*)ms); }

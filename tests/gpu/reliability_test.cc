@@ -24,17 +24,6 @@ double secondsSince(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
-Shape smallShape(int maxTokens, int capacity) {
-  Shape s;
-  s.hidden = 2048;
-  s.topK = 8;
-  s.experts = 32;
-  s.maxTokens = maxTokens;
-  s.outputCapacity = capacity;
-  s.timeoutMs = 5000;
-  return s;
-}
-
 // Holds `stream` on the host for `ms` so that the calls enqueued behind it return before any of
 // their kernels runs (the host checks of those calls see no kernel error yet).
 void CUDART_CB sleepOnStream(void* ms) { usleep(1000 * (useconds_t)(uintptr_t)ms); }
@@ -45,7 +34,7 @@ bool gateStream(int ms) {
 // Capacity = maxTokens rows; every token of every rank to expert 0 gives rank 0 R * maxTokens.
 TEST_F(HtReliability, OverflowThenCombineReadsNothing) {
   const int M = 64;
-  const Shape s = smallShape(M, M);
+  const Shape s = capacityShape(M, M);
   Ep ep(s);
   if (!ep.create()) return;
   const int me = rank(), L = s.numExperts() / nRanks();
@@ -102,7 +91,7 @@ TEST_F(HtReliability, OverflowThenCombineReadsNothing) {
 
 // Expert = 2 * x (exact in BF16), written where each rank chooses; peers' other regions poisoned.
 TEST_F(HtReliability, RanksChooseDifferentExpertOutputRegions) {
-  Shape s = smallShape(256, 0);
+  Shape s = capacityShape(256, 0);
   s.hidden = 4096;
   Ep ep(s);
   if (!ep.create()) return;
@@ -153,7 +142,7 @@ TEST_F(HtReliability, RanksChooseDifferentExpertOutputRegions) {
 // The last rank names expert E (out of range) in its first token; every rank then dispatches
 // and combines without a host check in between, twice.
 TEST_F(HtReliability, BadExpertIdOnOneRankIsLocal) {
-  const Shape s = smallShape(64, 0);
+  const Shape s = capacityShape(64, 0);
   Ep ep(s);
   if (!ep.create()) return;
   const int me = rank(), bad = nRanks() - 1;
@@ -200,7 +189,7 @@ TEST_F(HtReliability, BadExpertIdOnOneRankIsLocal) {
 
 // Rank 0 skips a dispatch: the others time out; later calls fail at once; destroy + create works.
 TEST_F(HtReliability, TimeoutThenDestroyAndCreateAgain) {
-  Shape s = smallShape(64, 0);
+  Shape s = capacityShape(64, 0);
   s.timeoutMs = 2000;
   const int me = rank();
   {

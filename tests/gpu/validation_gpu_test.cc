@@ -14,17 +14,6 @@ namespace {
 
 class GpuErrors : public GpuTest {};
 
-Shape smallShape(int maxTokens, int capacity) {
-  Shape s;
-  s.hidden = 2048;
-  s.topK = 8;
-  s.experts = 32;
-  s.maxTokens = maxTokens;
-  s.outputCapacity = capacity;
-  s.timeoutMs = 5000;
-  return s;
-}
-
 // The header names ncclInvalidUsage / ncclSystemError for overflow, bad ids and timeouts; for bad
 // expert ids (bad input) any error code is accepted, the value is printed.
 bool isReportedError(ncclResult_t r, bool anyCode) {
@@ -33,7 +22,7 @@ bool isReportedError(ncclResult_t r, bool anyCode) {
 
 
 TEST_F(GpuErrors, RejectedArgumentsLeaveContextUsable) {
-  Shape s = smallShape(64, 0);
+  Shape s = capacityShape(64, 0);
   Ep ep(s);
   if (!ep.create()) return;
   Problem p = makeProblem(s, spec(501));
@@ -146,33 +135,33 @@ void badExpertIds(Problem& p, int experts) {
 
 // Capacity = R rows: one token per rank always fits, ~64 tokens per rank never do.
 TEST_F(GpuErrors, OverflowWithHostCountsFails) {
-  expectDispatchError(smallShape(64, nRanks()), 1, nullptr, NCCL_MOE_DISPATCH_HOST_COUNTS,
+  expectDispatchError(capacityShape(64, nRanks()), 1, nullptr, NCCL_MOE_DISPATCH_HOST_COUNTS,
                       "overflow, host counts");
 }
 
 TEST_F(GpuErrors, OverflowReportedByCheckErrors) {
-  expectDispatchError(smallShape(64, nRanks()), 1, nullptr, 0, "overflow, no host counts");
+  expectDispatchError(capacityShape(64, nRanks()), 1, nullptr, 0, "overflow, no host counts");
 }
 
 TEST_F(GpuErrors, OverflowFp8WithHostCountsFails) {
-  Shape s = smallShape(64, nRanks());
+  Shape s = capacityShape(64, nRanks());
   s.dtype = ncclMoeFp8E4m3;
   expectDispatchError(s, 1, nullptr, NCCL_MOE_DISPATCH_HOST_COUNTS, "overflow fp8, host counts");
 }
 
 TEST_F(GpuErrors, BadExpertIdWithHostCountsFails) {
-  expectDispatchError(smallShape(64, 0), -1, badExpertIds, NCCL_MOE_DISPATCH_HOST_COUNTS,
+  expectDispatchError(capacityShape(64, 0), -1, badExpertIds, NCCL_MOE_DISPATCH_HOST_COUNTS,
                       "bad expert id, host counts", true);
 }
 
 TEST_F(GpuErrors, BadExpertIdReportedByCheckErrors) {
-  expectDispatchError(smallShape(64, 0), -1, badExpertIds, 0, "bad expert id, no host counts", true);
+  expectDispatchError(capacityShape(64, 0), -1, badExpertIds, 0, "bad expert id, no host counts", true);
 }
 
 // A context created after the errors above works normally.
 TEST_F(GpuErrors, FreshContextAfterErrors) {
   RunOpts o;
-  runScenario(smallShape(64, 0), spec(701), o);
+  runScenario(capacityShape(64, 0), spec(701), o);
 }
 
 }  // namespace
