@@ -9,6 +9,7 @@
 
 #include "config.h"
 #include "error_message_match.h"
+#include "config_fixture.h"
 #include "fake_context.h"
 #include "nccl_moe.h"
 #include "pointer_check.h"
@@ -17,15 +18,7 @@ using namespace nccl_moe;
 
 namespace {
 
-ncclMoeConfig_t goodConfig() {
-  ncclMoeConfig_t c = NCCL_MOE_CONFIG_INITIALIZER;
-  c.numExperts = 64;
-  c.hidden = 7168;
-  c.topK = 8;
-  c.maxTokensPerRank = 4096;
-  c.numSms = 24;
-  return c;
-}
+using config_fixture::goodConfig;
 
 void expectVersionRejected(unsigned version) {
   ncclMoeConfig_t c = goodConfig(), r;

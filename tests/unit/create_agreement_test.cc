@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "config_fixture.h"
 #include "create_agreement.h"
 #include "error_message_match.h"
 #include "nccl_moe.h"
@@ -15,13 +16,9 @@ using namespace nccl_moe;
 
 namespace {
 
+// The fixture's config as validateConfig resolves it on 4 ranks (defaults filled in).
 ncclMoeConfig_t goodConfig() {
-  ncclMoeConfig_t c = NCCL_MOE_CONFIG_INITIALIZER;
-  c.numExperts = 64;
-  c.hidden = 7168;
-  c.topK = 8;
-  c.maxTokensPerRank = 4096;
-  c.numSms = 24;
+  ncclMoeConfig_t c = config_fixture::goodConfig();
   c.outputCapacity = 4 * 4096;
   c.timeoutMs = 30000;
   c.numBufferSlots = 2;
