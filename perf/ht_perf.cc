@@ -445,6 +445,8 @@ int main(int argc, char** argv) {
   test.name = "ht_perf";
   test.mode = ncclMoeHighThroughput;
   test.timing = moe_perf::Timing::kBackToBack;
+  test.params = [] { const char* k = getenv("NCCL_MOE_HT_COMBINE");  // the combine kernel
+                         return moe_perf::Params{{"combine", k && *k ? k : "pull"}}; };
   test.setup = [](const moe_perf::Context& ctx) {
     bench.setup(ctx);
     return bench.ops();

@@ -85,7 +85,11 @@ static ncclResult_t combine(ncclMoeComm* c, ncclMoeHandle* h, const void* expert
   a.numExperts = cfg.numExperts;
   a.recvWeightsOff = valuesOff;
   a.outTopkWeights = values ? outTopkWeights : nullptr;
-  MOE_CUDA(launchCombineHtIntranode(a, cfg.numSms, stream));
+  // The bulk-copy kernel when chosen at creation; ncclMoeCombineWithWeights always pulls.
+  if (c->htCombineTma && !values)
+    MOE_CUDA(launchCombineHtTma(a, cfg.numSms, stream));
+  else
+    MOE_CUDA(launchCombineHtIntranode(a, cfg.numSms, stream));
   return ncclSuccess;
 }
 

@@ -1,6 +1,7 @@
 // EP context: creation on a user's ncclComm_t (window, device communicator, device state),
 // destruction, and kernel-error reporting.
 #include "comm.h"
+#include <stdlib.h>
 #include <string.h>
 #include <atomic>
 #include <vector>
@@ -166,6 +167,24 @@ static ncclResult_t agree(ncclMoeComm* c, ncclResult_t local, bool withConfig, c
   return withConfig ? decideNodes(all.data(), c->nRanks, c->cfg.mode, &c->nodes) : ncclSuccess;
 }
 
+// NCCL_MOE_HT_COMBINE = pull (default, also when unset or empty) | tma: the HT combine kernel of
+// this rank (ncclMoeComm::htCombineTma). tma needs sm_90 and the stage ring's shared memory.
+static ncclResult_t chooseCombineKernel(ncclMoeComm* c) {
+  const char* env = getenv("NCCL_MOE_HT_COMBINE");
+  if (env == nullptr || env[0] == '\0' || strcmp(env, "pull") == 0) return ncclSuccess;
+  if (strcmp(env, "tma") != 0)
+    return setError(ncclInvalidArgument, "NCCL_MOE_HT_COMBINE = \"%s\" must be pull or tma", env);
+  int major = 0, optin = 0;
+  MOE_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, c->device));
+  MOE_CUDA(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c->device));
+  const int need = kTmaStages * kTmaChunkBytes + 4096;  // the ring, and the kernel's static part
+  if (major < 9 || optin < need)
+    return setError(ncclInvalidUsage, "NCCL_MOE_HT_COMBINE = tma needs compute capability 9.0 and %d bytes of "
+                    "shared memory per block; device %d has %d.x and %d", need, c->device, major, optin);
+  c->htCombineTma = true;
+  return ncclSuccess;
+}
+
 // This rank's checks before the first vote: device, configuration. Where the ranks are (one
 // NVLink domain, or several nodes) is decided from every rank's placement by the vote (agree).
 static ncclResult_t checkLocally(ncclMoeComm* c, const ncclMoeConfig_t* config) {
@@ -175,6 +194,7 @@ static ncclResult_t checkLocally(ncclMoeComm* c, const ncclMoeConfig_t* config) 
     return setError(ncclInvalidUsage, "current CUDA device %d is not comm's device %d", current, c->device);
   MOE_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c->device));
   MOE_CHECK(validateConfig(config, c->nRanks, sms, &c->cfg));
+  MOE_CHECK(chooseCombineKernel(c));
   MOE_CUDA(cudaDeviceGetAttribute(&pageable, cudaDevAttrPageableMemoryAccess, c->device));
   c->pointers.init(c->device, pageable != 0);
   return ncclSuccess;

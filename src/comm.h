@@ -43,6 +43,10 @@ struct ncclMoeComm {
   // High-throughput mode: dispatches enqueued; a handle may be combined only while its
   // dispatch is the latest (the window holds that dispatch's rows).
   unsigned long long htDispatches = 0;
+  // NCCL_MOE_HT_COMBINE=tma at creation: ncclMoeCombine runs the bulk-copy kernel
+  // (launchCombineHtTma) instead of the pull kernel. A per-rank choice: only the source reads
+  // rows, so it does not change the protocol and ranks need not agree.
+  bool htCombineTma = false;
   // Low-latency mode.
   int* llPosCounters = nullptr;       // device [numBufferSlots][E], zero between sends
   unsigned long long llDispatches = 0;  // dispatches enqueued (slot = count % numBufferSlots)

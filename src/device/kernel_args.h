@@ -181,6 +181,13 @@ struct CombineArgs {
   float* outTopkWeights;
 };
 cudaError_t launchCombineHtIntranode(const CombineArgs& args, int numCtas, cudaStream_t stream);
+// The same combine with Hopper bulk copies (combine_tma.cu; sm_90, NCCL_MOE_HT_COMBINE=tma):
+// each CTA pulls rows through a ring of kTmaStages shared-memory stages of kTmaChunkBytes bytes
+// (dynamic shared memory: kTmaStages * kTmaChunkBytes). Bitwise the same outputs; the top-k
+// values of ncclMoeCombineWithWeights are not supported (outTopkWeights must be NULL).
+constexpr int kTmaStages = 24;
+constexpr int kTmaChunkBytes = 8192;
+cudaError_t launchCombineHtTma(const CombineArgs& args, int numCtas, cudaStream_t stream);
 
 // Copies rows [0, *numRows) of src ([*][rowBytes]) to dst with numCtas CTAs (rowBytes % 16 == 0).
 cudaError_t launchCopyRows(void* dst, const void* src, const int* numRows, int rowBytes,
