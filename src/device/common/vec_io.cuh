@@ -49,4 +49,26 @@ __device__ __forceinline__ uint32_t floatToBf16Bits(float f) {
   return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
 }
 
+// acc[i] += scale * x[i] for the 8 BF16 values of v (element 2j in the low half of word j), as a
+// separate multiply and add with round-to-nearest (no FMA): the CPU reference computes
+// acc += w * x the same way, so every combine kernel that sums through this gets its bits.
+__device__ __forceinline__ void accumulateBf16x8(float (&acc)[8], uint4 v, float scale) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    acc[2 * i] = __fadd_rn(acc[2 * i], __fmul_rn(scale, bf16BitsToFloat(words[i] & 0xffffu)));
+    acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], __fmul_rn(scale, bf16BitsToFloat(words[i] >> 16)));
+  }
+}
+
+// The 8 FP32 sums rounded to BF16 and packed as one 16-byte vector (the inverse layout).
+__device__ __forceinline__ uint4 packBf16x8(const float (&acc)[8]) {
+  uint4 v;
+  v.x = floatToBf16Bits(acc[0]) | (floatToBf16Bits(acc[1]) << 16);
+  v.y = floatToBf16Bits(acc[2]) | (floatToBf16Bits(acc[3]) << 16);
+  v.z = floatToBf16Bits(acc[4]) | (floatToBf16Bits(acc[5]) << 16);
+  v.w = floatToBf16Bits(acc[6]) | (floatToBf16Bits(acc[7]) << 16);
+  return v;
+}
+
 }  // namespace nccl_moe

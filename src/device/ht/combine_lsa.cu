@@ -26,25 +26,6 @@ constexpr int kCombineThreads = 512;
 constexpr int kCombineUnroll = 4;   // 16-byte vectors (8 BF16) per lane per rank in flight
 constexpr int kRanksInFlight = 4;   // ranks whose rows are loaded before any is summed
 
-__device__ __forceinline__ void accumulate(float (&acc)[8], uint4 v, float scale) {
-  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    // Separate multiply and add (no FMA): the CPU reference computes acc += w * x the same way.
-    acc[2 * i] = __fadd_rn(acc[2 * i], __fmul_rn(scale, bf16BitsToFloat(words[i] & 0xffffu)));
-    acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], __fmul_rn(scale, bf16BitsToFloat(words[i] >> 16)));
-  }
-}
-
-__device__ __forceinline__ uint4 packBf16(const float (&acc)[8]) {
-  uint4 v;
-  v.x = floatToBf16Bits(acc[0]) | (floatToBf16Bits(acc[1]) << 16);
-  v.y = floatToBf16Bits(acc[2]) | (floatToBf16Bits(acc[3]) << 16);
-  v.z = floatToBf16Bits(acc[4]) | (floatToBf16Bits(acc[5]) << 16);
-  v.w = floatToBf16Bits(acc[6]) | (floatToBf16Bits(acc[7]) << 16);
-  return v;
-}
-
 // Reduces token t. srcMask: ranks holding a row of t; rowIndex/weight (lane r): t's row on rank
 // r and its weight w(t, r); rows[r]: rank r's expert outputs [rows][H] (its window, LSA). Loads of up to kRanksInFlight ranks are issued before any is summed
 // (latency of remote loads is what bounds the pull), then summed in rank order.
@@ -82,12 +63,12 @@ __device__ __forceinline__ void reduceToken(const CombineArgs& a, const char* co
       for (int q = 0; q < kRanksInFlight; ++q)
         if (q < count)
 #pragma unroll
-          for (int u = 0; u < kCombineUnroll; ++u) accumulate(acc[u], v[q][u], scale[q]);
+          for (int u = 0; u < kCombineUnroll; ++u) accumulateBf16x8(acc[u], v[q][u], scale[q]);
     }
 #pragma unroll
     for (int u = 0; u < kCombineUnroll; ++u) {
       const int idx = base + u * 32 + lane;
-      if (idx < rowVecs) dst[idx] = packBf16(acc[u]);
+      if (idx < rowVecs) dst[idx] = packBf16x8(acc[u]);
     }
   }
 }

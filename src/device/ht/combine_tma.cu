@@ -86,25 +86,6 @@ __device__ __forceinline__ void bulkCopyToShared(void* dst, const void* src, uin
                ::"r"(smemAddr(dst)), "l"(src), "r"(bytes), "r"(smemAddr(bar)) : "memory");
 }
 
-// --- arithmetic, the same operations as combine_lsa.cu ----------------------------------------
-__device__ __forceinline__ void accumulateTma(float (&acc)[8], uint4 v, float scale) {
-  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    acc[2 * i] = __fadd_rn(acc[2 * i], __fmul_rn(scale, bf16BitsToFloat(words[i] & 0xffffu)));
-    acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], __fmul_rn(scale, bf16BitsToFloat(words[i] >> 16)));
-  }
-}
-
-__device__ __forceinline__ uint4 packBf16Tma(const float (&acc)[8]) {
-  uint4 v;
-  v.x = floatToBf16Bits(acc[0]) | (floatToBf16Bits(acc[1]) << 16);
-  v.y = floatToBf16Bits(acc[2]) | (floatToBf16Bits(acc[3]) << 16);
-  v.z = floatToBf16Bits(acc[4]) | (floatToBf16Bits(acc[5]) << 16);
-  v.w = floatToBf16Bits(acc[6]) | (floatToBf16Bits(acc[7]) << 16);
-  return v;
-}
-
 // --- producer ------------------------------------------------------------------------------
 // One lane's share of token t's routing: lane r < R holds sendPos[t][r] (-1: not sent, or
 // t >= numTokens, or the dispatch delivered nothing), lane k < K the k-th expert id and weight.
@@ -204,7 +185,7 @@ __device__ __forceinline__ void consumeStages(const CombineArgs& a, const uint4*
 #pragma unroll
     for (int i = 0; i < kTmaVecsPerThread; ++i) {
       const int idx = ct + i * kTmaConsumerThreads;
-      if (idx < in.vecs) accumulateTma(acc[i], buf[idx], in.scale);
+      if (idx < in.vecs) accumulateBf16x8(acc[i], buf[idx], in.scale);
     }
     __syncwarp();
     if (ct % 32 == 0) mbarArrive(&emptyBar[s]);
@@ -213,7 +194,7 @@ __device__ __forceinline__ void consumeStages(const CombineArgs& a, const uint4*
 #pragma unroll
       for (int i = 0; i < kTmaVecsPerThread; ++i) {
         const int idx = ct + i * kTmaConsumerThreads;
-        if (idx < in.vecs) dst[idx] = packBf16Tma(acc[i]);
+        if (idx < in.vecs) dst[idx] = packBf16x8(acc[i]);
       }
     }
   }
