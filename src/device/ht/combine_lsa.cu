@@ -19,6 +19,7 @@
 #include "device/kernel_args.h"
 #include "device/common/peer_sync.cuh"
 #include "device/common/vec_io.cuh"
+#include "device/ht/combine_sync.cuh"
 
 namespace nccl_moe {
 
@@ -103,20 +104,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combineHtIntranodeKernel(C
     sendOffset[threadIdx.x] = a.routing.sendOffset[threadIdx.x];
   }
   __syncthreads();
-  if (blockIdx.x == 0) {
-    if (threadIdx.x == 0) __threadfence_system();
-    __syncthreads();
-    for (int d = threadIdx.x; d < R; d += blockDim.x) {
-      *signalPtr(w, d, kSigCombineSource, w.peers.rank) = a.inOff;  // ordered by the release below
-      signalStore(w, d, kSigCombineReady, seq);
-    }
-  }
-  const bool ready = ctaWaitAllPeers(w, kSigCombineReady, seq);
-  // Thread r acquired rank r's ready signal in the wait, so it sees the offset stored before it.
-  // The peer rewrites it only in its next combine, after this kernel's done signals.
-  if (ready && threadIdx.x < R)
-    rows[threadIdx.x] = peer[threadIdx.x] + loadAcquire(signalPtr(w, w.peers.rank, kSigCombineSource, threadIdx.x));
-  __syncthreads();
+  const bool ready = publishSourceAndAwaitPeers(w, a.inOff, seq, peer, rows);
 
   if (ready) {
     const int lane = threadIdx.x % 32, warpsPerCta = blockDim.x / 32;

@@ -1,0 +1,35 @@
+// The start of every HT combine kernel (pull and TMA): where this rank's expert outputs are, and
+// when every peer's are readable. Device code; included by src/device/ht/combine_*.cu.
+#pragma once
+#include "device/kernel_args.h"
+#include "device/common/peer_sync.cuh"
+
+namespace nccl_moe {
+
+// Called by every thread of every CTA, after peer[r] (rank r's window, LSA) is filled and the
+// CTA synchronised. CTA 0 publishes inOff (bytes from the window base to this rank's expert
+// output rows) into every peer's kSigCombineSource row, then raises kSigCombineReady = seq
+// (release: the offset is visible before the signal). Every CTA then waits for the ready signal
+// of every peer (timeouts recorded) and fills rows[r] = peer[r] + the offset rank r published.
+// Returns false when a wait failed (rows[] is then not filled). Ends with a CTA barrier.
+// A peer rewrites its offset only in its next combine, after this kernel's done signals.
+__device__ __forceinline__ bool publishSourceAndAwaitPeers(const WindowView& w, size_t inOff, uint64_t seq,
+                                                           char* const* peer, const char** rows) {
+  const int R = w.peers.nRanks;
+  if (blockIdx.x == 0) {
+    if (threadIdx.x == 0) __threadfence_system();
+    __syncthreads();
+    for (int d = threadIdx.x; d < R; d += blockDim.x) {
+      *signalPtr(w, d, kSigCombineSource, w.peers.rank) = inOff;  // ordered by the release below
+      signalStore(w, d, kSigCombineReady, seq);
+    }
+  }
+  const bool ready = ctaWaitAllPeers(w, kSigCombineReady, seq);
+  // Thread r acquired rank r's ready signal in the wait, so it sees the offset stored before it.
+  if (ready && threadIdx.x < R)
+    rows[threadIdx.x] = peer[threadIdx.x] + loadAcquire(signalPtr(w, w.peers.rank, kSigCombineSource, threadIdx.x));
+  __syncthreads();
+  return ready;
+}
+
+}  // namespace nccl_moe
