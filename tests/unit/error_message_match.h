@@ -3,6 +3,8 @@
 #pragma once
 #include <ctype.h>
 #include <string>
+#include <gtest/gtest.h>
+#include "nccl_moe.h"
 
 // True when `msg` contains `name` as a whole identifier.
 inline bool containsWord(const std::string& msg, const std::string& name) {
@@ -25,3 +27,11 @@ inline bool containsNumber(const std::string& msg, long long v) {
   }
   return false;
 }
+
+// Expects `call` to return `code` with a last error that names `word` as a whole identifier.
+#define EXPECT_FAILS(call, code, word)                                                       \
+  do {                                                                                       \
+    EXPECT_EQ((call), (code)) << #call;                                                      \
+    const std::string msg_ = ncclMoeGetLastError();                                          \
+    EXPECT_TRUE(containsWord(msg_, word)) << #call << ": \"" << msg_ << "\" lacks " << word; \
+  } while (0)

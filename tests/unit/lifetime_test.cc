@@ -17,13 +17,6 @@ using namespace nccl_moe;
 
 namespace {
 
-#define EXPECT_FAILS(call, code, word)                                                  \
-  do {                                                                                  \
-    EXPECT_EQ((call), (code)) << #call;                                                 \
-    const std::string msg_ = ncclMoeGetLastError();                                     \
-    EXPECT_TRUE(containsWord(msg_, word)) << #call << ": \"" << msg_ << "\" lacks " << word; \
-  } while (0)
-
 // Memory that looks like nothing the library made; any field read from it is a wild pointer.
 void* junk() {
   alignas(64) static unsigned char storage[1 << 16];

@@ -19,13 +19,6 @@ using namespace moe_ref;
 
 namespace {
 
-#define EXPECT_FAILS(call, code, word)                                                       \
-  do {                                                                                       \
-    EXPECT_EQ((call), (code)) << #call;                                                      \
-    const std::string msg_ = ncclMoeGetLastError();                                          \
-    EXPECT_TRUE(containsWord(msg_, word)) << #call << ": \"" << msg_ << "\" lacks " << word; \
-  } while (0)
-
 // Host memory that stands for the EP window of a fake context (never read by these tests'
 // calls: they fail before touching it).
 alignas(256) unsigned char window[1 << 16];
