@@ -10,8 +10,10 @@ namespace nccl_moe {
 // An in-window pointer other than the allowed offsets is refused (ncclInvalidArgument), and so
 // is an in-window source for a handle whose dispatch is no longer the latest (its rows were
 // overwritten: ncclInvalidUsage).
+// `allowed` names the dispatch outputs at regionOff / altOff for the error message.
 static ncclResult_t locateInput(const ncclMoeComm* c, const ncclMoeHandle* h, const char* fn, const char* name,
-                                const void* p, size_t regionOff, size_t altOff, bool* inWindow, size_t* off) {
+                                const void* p, size_t regionOff, size_t altOff, const char* allowed, bool* inWindow,
+                                size_t* off) {
   const char* begin = c->winBase;
   const char* end = c->winBase + c->layout.total;
   const char* in = (const char*)p;
@@ -21,8 +23,9 @@ static ncclResult_t locateInput(const ncclMoeComm* c, const ncclMoeHandle* h, co
   *off = (size_t)(in - begin);
   if (*off != regionOff && *off != altOff)
     return setError(ncclInvalidArgument,
-                    "%s: %s = %p lies in the EP window (offset %zu) but is not the dispatch output meant for it",
-                    fn, name, p, *off);
+                    "%s: %s = %p lies in the EP window (offset %zu) but is not the dispatch output meant for "
+                    "it (%s)",
+                    fn, name, p, *off, allowed);
   if (h->dispatch != c->htDispatches)
     return setError(ncclInvalidUsage,
                     "%s: %s = %p is in the EP window, which holds dispatch %llu, but handle = %p belongs to dispatch "
@@ -54,10 +57,12 @@ static ncclResult_t combine(ncclMoeComm* c, ncclMoeHandle* h, const void* expert
   const size_t bf16X = cfg.dispatchDtype == ncclMoeBf16 ? c->layout.recvX : c->layout.combineIn;
   bool inWindow = false, valuesInWindow = true;
   size_t inOff = 0, valuesOff = c->layout.recvTopkWeights;
-  MOE_CHECK(locateInput(c, h, fn, "expertOut", expertOut, c->layout.combineIn, bf16X, &inWindow, &inOff));
+  MOE_CHECK(locateInput(c, h, fn, "expertOut", expertOut, c->layout.combineIn, bf16X,
+                        cfg.dispatchDtype == ncclMoeBf16 ? "out->combineInput or out->x" : "out->combineInput",
+                        &inWindow, &inOff));
   if (values)
     MOE_CHECK(locateInput(c, h, fn, "recvTopkWeights", recvTopkWeights, c->layout.recvTopkWeights,
-                          c->layout.recvTopkWeights, &valuesInWindow, &valuesOff));
+                          c->layout.recvTopkWeights, "out->topkWeights", &valuesInWindow, &valuesOff));
   MOE_CHECK(checkDevicePointer(c->pointers, fn, "out", out, 16));  // rows are written as 16-byte vectors
   MOE_CHECK(checkDevicePointer(c->pointers, fn, "topkWeights", topkWeights, alignof(float)));
   MOE_CHECK(checkDevicePointer(c->pointers, fn, "outTopkWeights", outTopkWeights, alignof(float)));
