@@ -31,10 +31,11 @@
  *    arguments): nothing was enqueued, the context is unchanged and usable; no peer is told, so
  *    if the other ranks made the call they now wait for this one, and time out after timeoutMs
  *    unless this rank makes a valid call of the same kind;
- *  - errors found by kernels (ncclMoeCheckErrors): sticky ones (timeout, protocol error, HT
- *    overflow) make every later call on the context fail at once with the same error, until the
- *    context is destroyed with ncclMoeCommDestroy (which works after them) and created again;
- *    local ones (bad expert ids) are reported once and do not stop the context;
+ *  - errors found by kernels (ncclMoeCheckErrors): sticky ones (timeout in high-throughput mode,
+ *    protocol error, HT overflow) make every later call on the context fail at once with the
+ *    same error, until the context is destroyed with ncclMoeCommDestroy (which works after them)
+ *    and created again; local ones (bad expert ids; a low-latency timeout, which puts the late
+ *    rank into the failed-rank set) are reported once and do not stop the context;
  *  - a call that enqueued part of its kernels and failed to launch the rest
  *    (ncclUnhandledCudaError): sticky as well; destroy the context and create it again.
  * ncclMoeCommCreate is collective in its failures too (see there).
@@ -400,6 +401,41 @@ ncclResult_t ncclMoeLowLatencyCombineComplete(ncclMoeComm_t moeComm,
                                               const ncclMoeLowLatencyOutput_t* dispatched, void* out,
                                               cudaStream_t stream);
 
+/* ---------------------------------------------------------------------------------------------
+ * Low-latency fault tolerance: the failed-rank set.
+ *
+ * In low-latency mode a rank that does not take part within timeoutMs does not end the context
+ * (as it does in high-throughput mode): the wait that timed out puts that rank into this
+ * context's failed-rank set, ncclMoeCheckErrors reports it once (ncclRemoteError, naming the
+ * rank), and the context stays usable. The caller may also put ranks there itself (e.g. when
+ * its framework learns of a dead rank) with ncclMoeMarkRankFailed. The set only grows; a rank
+ * leaves it only with a new context (destroy + create, which every rank must call).
+ *
+ * What every later operation does on this rank (one enqueued after the rank entered the set, or
+ * whose kernels run after a kernel found it failed):
+ *  - dispatch: entries of topkIdx naming an expert of a failed rank are dropped (as -1); nothing
+ *    is sent to a failed rank and nothing is awaited from one; recvCountsPerSource[l][s] of a
+ *    failed source s reads 0 (a failed rank that is in fact alive may still write it: skip
+ *    failed sources) and expertCounts counts live sources only. Rows from live sources are exact.
+ *  - combine: a failed rank's partial sums count as zero: a token's result is the sum over its
+ *    experts on live ranks (in rank order, as usual), zeros if all its experts were on failed
+ *    ranks; nothing is awaited from failed ranks.
+ *  - operations that do not involve a failed rank give the same bits as without the set.
+ * The operation during which a wait times out has undefined outputs on the rank that waited
+ * (its kernels may disagree about the late rank; they stay within the slot's buffers); from the
+ * next operation on, the above holds. A failed rank that is alive but was only slow will itself
+ * time out on the ranks that stopped sending to it, and put them into its own set.
+ * High-throughput contexts: both calls give ncclInvalidUsage (a timeout there is fatal).
+ * ------------------------------------------------------------------------------------------- */
+
+/* Puts `rank` (0..R-1, not the calling rank) into this rank's failed-rank set. Host-only, takes
+ * effect for the operations enqueued after it returns. Local: other ranks are not told. */
+ncclResult_t ncclMoeMarkRankFailed(ncclMoeComm_t moeComm, int rank);
+
+/* failed[r] = 1 for every rank r in this rank's failed-rank set (marked, or found by a kernel
+ * that has finished), else 0. failed: host memory of count = R ints. No synchronisation. */
+ncclResult_t ncclMoeGetFailedRanks(ncclMoeComm_t moeComm, int* failed, int count);
+
 /* Frees a handle (synchronises the device). A destroyed handle passed again: ncclInvalidArgument. */
 ncclResult_t ncclMoeHandleDestroy(ncclMoeHandle_t handle);
 
@@ -421,7 +457,8 @@ ncclResult_t ncclMoeHandleRelease(ncclMoeHandle_t handle, cudaStream_t stream);
  * Errors found by kernels, like ncclCommGetAsyncError's, come in two classes:
  *  - sticky (the context is unusable; like an NCCL communicator after an asynchronous error,
  *    it must be destroyed with ncclMoeCommDestroy, which works after any of them, and created
- *    again): a peer that did not take part within timeoutMs (ncclSystemError; every later wait
+ *    again): in high-throughput mode, a peer that did not take part within timeoutMs
+ *    (ncclSystemError; every later wait
  *    gives up at once, so later operations end quickly, and every later call fails at once with
  *    the same message); a peer ahead of this rank by whole operations, i.e. the ranks did not
  *    make the same calls in the same order (ncclInvalidUsage, "protocol error", reported on
@@ -431,7 +468,8 @@ ncclResult_t ncclMoeHandleRelease(ncclMoeHandle_t handle, cudaStream_t stream);
  *    expert twice): the entry is dropped, the operation completes and communicates on every
  *    rank, no peer waits or fails; ncclMoeCheckErrors (or an HT dispatch with host counts)
  *    reports the first such error once (ncclInvalidArgument) and clears it. Other calls do not
- *    fail because of it, so the ranks stay in step. */
+ *    fail because of it, so the ranks stay in step. Also local: a low-latency wait that timed
+ *    out (ncclRemoteError, naming the rank now in the failed-rank set; see there). */
 ncclResult_t ncclMoeCheckErrors(ncclMoeComm_t moeComm);
 
 /* Thread-local description of this thread's last failure ("" if none). */

@@ -23,6 +23,7 @@ WindowView windowView(const ncclMoeComm* c) {
   w.state = c->state;
   w.error = c->errorDev + kErrorSticky;
   w.localError = c->errorDev + kErrorLocal;
+  w.failedHost = c->failedDev;
   w.timeoutNs = (long long)c->cfg.timeoutMs * 1000000LL;
   return w;
 }
@@ -102,6 +103,12 @@ ncclResult_t reportLocalErrors(const ncclMoeComm* c) {
                       "rank %d: topkIdx[%d][%d] = %d is outside [-1, numExperts = %d); the entry was ignored "
                       "(the operation completed on every rank)",
                       c->rank, a, b, v, c->cfg.numExperts);
+    case kDevRankFailed:
+      return setError(ncclRemoteError,
+                      "rank %d: rank %d did not take part within timeoutMs = %d ms (low-latency wait kind %d, "
+                      "value %d): it is now in the failed-rank set (ncclMoeGetFailedRanks); later operations "
+                      "skip it, the outputs of the operation that found it are undefined",
+                      c->rank, b, c->cfg.timeoutMs, a, v);
     case kDevRepeatedExpert:
       return setError(ncclInvalidArgument,
                       "rank %d: topkIdx[%d][%d] = %d names an expert the token already named (the entries of a "
@@ -122,6 +129,7 @@ static void releaseResources(ncclMoeComm* c) {
   if (c->layoutScratchMem) cudaFree(c->layoutScratchMem);
   if (c->llPosCounters) cudaFree(c->llPosCounters);
   if (c->errorHost) cudaFreeHost(c->errorHost);
+  if (c->failedHost) cudaFreeHost(c->failedHost);
 }
 
 // All-gathers one vote per rank over comm, on comm's device whatever the current device is (a
@@ -239,6 +247,9 @@ static ncclResult_t allocateLocally(ncclMoeComm* c) {
   MOE_CUDA(cudaHostAlloc(&c->errorHost, sizeof(DeviceError) * kErrorRecords, cudaHostAllocMapped));
   memset(c->errorHost, 0, sizeof(DeviceError) * kErrorRecords);
   MOE_CUDA(cudaHostGetDevicePointer((void**)&c->errorDev, c->errorHost, 0));
+  MOE_CUDA(cudaHostAlloc(&c->failedHost, sizeof(unsigned int) * kRankMaskWords, cudaHostAllocMapped));
+  memset(c->failedHost, 0, sizeof(unsigned int) * kRankMaskWords);
+  MOE_CUDA(cudaHostGetDevicePointer((void**)&c->failedDev, c->failedHost, 0));
   MOE_CHECK(applySequenceStart(c));  // test hook; before registration, so before any peer signal
   MOE_CUDA(cudaDeviceSynchronize());
   return ncclSuccess;

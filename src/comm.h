@@ -35,6 +35,11 @@ struct ncclMoeComm {
   // [kErrorRecords] (sticky, local; kernel_args.h): host-mapped pinned memory, written by kernels
   nccl_moe::DeviceError* errorHost = nullptr;
   nccl_moe::DeviceError* errorDev = nullptr;   // the same memory, device address
+  // Low-latency failed-rank set: [kRankMaskWords] host-mapped words that kernels set on a timeout
+  // (DeviceState::failedRanks mirrored), and the ranks the caller marked (ncclMoeMarkRankFailed).
+  unsigned int* failedHost = nullptr;
+  unsigned int* failedDev = nullptr;           // the same memory, device address
+  nccl_moe::RankSet failedMarked{};
   int liveHandles = 0;
   nccl_moe::AccessiblePointers pointers;  // pointer arguments already found device-accessible
   // Set when a call enqueued part of its kernels and then failed to launch the rest: the peers
@@ -99,5 +104,9 @@ ncclResult_t reportLocalErrors(const ncclMoeComm* comm);
 // Records that `call` of `fn` failed to launch after earlier kernels of the same call were
 // enqueued (the context is unusable from then on) and returns ncclUnhandledCudaError.
 ncclResult_t failPartialLaunch(ncclMoeComm* c, const char* fn, cudaError_t err);
+
+// The failed-rank set as this host knows it now (marked by the caller, or found by a kernel that
+// has already timed out), to pass to the next low-latency kernel. No synchronisation.
+RankSet failedRanks(const ncclMoeComm* c);
 
 }  // namespace nccl_moe

@@ -83,6 +83,7 @@ static LlDispatchArgs dispatchArgs(ncclMoeComm* c, int slot, const void* x, cons
   a.scaleFormat = cfg.fp8Scales;
   a.scaleBytes = a.fp8 ? (int)llScaleBytesPerRow(cfg) : 0;
   a.posCounter = c->llPosCounters + (size_t)slot * cfg.numExperts;
+  a.failed = failedRanks(c);
   return a;
 }
 
@@ -103,6 +104,7 @@ static LlCombineArgs combineArgs(ncclMoeComm* c, const ncclMoeLowLatencyOutput_t
   a.topK = cfg.topK;
   a.numExperts = cfg.numExperts;
   a.maxTokens = cfg.maxTokensPerRank;
+  a.failed = failedRanks(c);
   return a;
 }
 

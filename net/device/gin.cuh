@@ -47,4 +47,12 @@ __device__ __forceinline__ bool waitGinSignal(const WindowView& w, const ncclGin
   return waitSeqOn<0>(w, [&] { return gin.readSignal(signal); }, target, kWaitGinSignal, src, nullptr, perOp);
 }
 
+// The low-latency form (waitSeqLl): a timeout puts `src` into the failed-rank set; returns a
+// WaitOutcome.
+__device__ __forceinline__ int waitGinSignalLl(const WindowView& w, const ncclGin& gin, ncclGinSignal_t signal,
+                                               uint64_t target, int src, uint64_t perOp = 1) {
+  return waitSeqCore<0, true>(w, [&] { return gin.readSignal(signal); }, target, kWaitGinSignal, src, nullptr,
+                              perOp);
+}
+
 }  // namespace nccl_moe

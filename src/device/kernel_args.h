@@ -22,6 +22,13 @@ constexpr int kFp8GroupSize = 128;  // channels sharing one FP32 scale
 constexpr int kRankMaskWords = kMaxRanks / 32;
 __host__ __device__ constexpr int rankMaskWords(int nRanks) { return (nRanks + 31) / 32; }
 
+// A set of ranks (bit r % 32 of word r / 32), passed by value: the failed ranks the host knew of
+// when it enqueued a low-latency kernel (ncclMoeMarkRankFailed and earlier timeouts).
+struct RankSet {
+  uint32_t words[kRankMaskWords];
+  __host__ __device__ bool has(int r) const { return (words[r / 32] >> (r % 32)) & 1u; }
+};
+
 // Signal kinds of the high-throughput kernels (rows of the window's signals region, each
 // [kMaxRanks] uint64 indexed by the writing rank). kSigCombineSource is not a counter: rank s
 // stores there the window offset of its expert outputs, before its kSigCombineReady signal.
@@ -43,6 +50,8 @@ enum DeviceErrorCode : int {
   kDevBadExpert = 3,    // a = token, b = k, c = expert id (truncated to int)
   kDevPeerAhead = 4,    // a = signal kind, b = peer rank, c = how many operations it is ahead
   kDevRepeatedExpert = 5,  // LL: a = token, b = k, c = expert id named twice by the token
+  kDevRankFailed = 6,   // LL: a = wait kind, b = the rank that timed out, c = value seen; the rank
+                        // joined the failed set (local record: the context stays usable)
 };
 constexpr int kErrorSticky = 0, kErrorLocal = 1, kErrorRecords = 2;
 // Wait kinds of the low-latency kernels in timeout reports (HT waits report their SignalKind).
@@ -77,6 +86,10 @@ struct DeviceState {
   // Layout kernel (one at a time per context, stream-ordered like the dispatch that uses it).
   unsigned int layoutTicket;        // tiles claimed by the running layout's CTAs
   unsigned long long layoutEpoch;   // layouts completed: the tile flags' value of the next one
+  // Low-latency failed-rank set as the kernels found it: a wait that timed out on rank r sets
+  // bit r (atomicOr), and every later wait for r gives up at once. Mirrored into host-mapped
+  // memory (WindowView::failedHost) for ncclMoeGetFailedRanks.
+  unsigned int failedRanks[kRankMaskWords];
 };
 
 // Scratch of the layout kernel, [tiles] = ceil(maxTokensPerRank / kLayoutTileTokens) (device).
@@ -150,6 +163,7 @@ struct WindowView {
   DeviceState* state;
   DeviceError* error;       // the sticky record
   DeviceError* localError;  // the local record (bad input of this rank)
+  unsigned int* failedHost; // [kRankMaskWords] host-mapped mirror of state->failedRanks
   long long timeoutNs;
 };
 
@@ -263,6 +277,7 @@ struct LlDispatchArgs {
   int scaleFormat;         // ncclMoeScaleFormat_t
   int scaleBytes;          // bytes of one row's scales (0 for BF16)
   int* posCounter;         // [E] device: rows of this rank per expert in the running send
+  RankSet failed;          // ranks this operation skips: no rows to them, no wait for them
 };
 // Send: numCtas CTAs, waits for no peer. Complete: numCtas CTAs, waits for every source, then
 // copies each token from its first expert row to its other expert rows on this rank.
@@ -278,6 +293,7 @@ struct LlCombineArgs {
   const uint16_t* expertOut;  // [L][B][H] BF16 (send)
   uint16_t* out;              // [T][H] BF16 (complete)
   int numTokens, hidden, topK, numExperts, maxTokens;
+  RankSet failed;             // ranks this operation skips (their partials count as zero)
 };
 cudaError_t launchLlCombineSend(const LlCombineArgs& args, int numCtas, cudaStream_t stream);
 cudaError_t launchLlCombineComplete(const LlCombineArgs& args, int numCtas, cudaStream_t stream);

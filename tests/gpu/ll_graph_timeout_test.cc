@@ -7,8 +7,9 @@
 //    Expert output: BF16 -> a captured device copy of x into combineInput (identity); FP8 ->
 //    block-constant rows in a separate buffer.
 //  - Timeout: config.timeoutMs = 2000 and rank 0 skips a dispatch: the other ranks' dispatch
-//    gives up and ncclMoeCheckErrors reports ncclSystemError naming the timeout; destroying the
-//    context works and a fresh context works.
+//    gives up and ncclMoeCheckErrors reports ncclRemoteError naming the timeout (rank 0 joins
+//    their failed-rank set: ll_failed_rank_test.cc); destroying the context works and a fresh
+//    context works.
 //  - Validation: bad configurations at create, bad arguments (NULL, out of range, misaligned
 //    combine buffers, unknown flags), *Complete without a send-only call pending, LL calls on an
 //    HT context and HT calls on an LL context are rejected with a message and leave the context
@@ -131,7 +132,7 @@ TEST_F(LlTimeout, PeerSkipsDispatch) {
       ok = CUDA_OK(cudaStreamSynchronize(stream())) && ok;
       const ncclResult_t r = ncclMoeCheckErrors(ep.comm);
       const std::string msg = ncclMoeGetLastError();
-      EXPECT_EQ(r, ncclSystemError) << "rank " << me << ": ncclMoeCheckErrors after a peer "
+      EXPECT_EQ(r, ncclRemoteError) << "rank " << me << ": ncclMoeCheckErrors after a peer "
                                     << "skipped the dispatch: \"" << msg << "\"";
       EXPECT_TRUE(mentionsTimeout(msg.c_str())) << "rank " << me << ": message \"" << msg
                                                 << "\" does not name the timeout";

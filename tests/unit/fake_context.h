@@ -20,6 +20,8 @@ struct FakeContext {
     c->cfg.numBufferSlots = 2;
     c->nRanks = 4;
     c->errorHost = errors;
+    memset(failedWords, 0, sizeof(failedWords));
+    c->failedHost = failedWords;
     c->magic = nccl_moe::kCommMagic;
     nccl_moe::registerObject(c, nccl_moe::ObjectKind::Comm);
   }
@@ -55,6 +57,7 @@ struct FakeContext {
   }
 
   nccl_moe::DeviceError errors[4];  // room for every error record of the context
+  unsigned int failedWords[nccl_moe::kRankMaskWords];  // the kernels' failed-rank words
   ncclMoeComm* c = nullptr;
   ncclMoeHandle* h = nullptr;
   bool commRetired = false, handleRetired = false;

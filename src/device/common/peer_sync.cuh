@@ -78,16 +78,39 @@ __device__ __forceinline__ int64_t seqDistance(uint64_t v, uint64_t target) {
   return (int64_t)(((v >> kShift) - target) << kShift) >> kShift;
 }
 
+// Low-latency mode's failed-rank set (DeviceState::failedRanks): whether a wait already gave up
+// on rank r, and the giving up itself: r joins the set (device word and host-mapped mirror) and
+// the local record says which rank and which wait (kDevRankFailed; the context stays usable).
+__device__ __forceinline__ bool rankFoundFailed(const WindowView& w, int r) {
+  return (*(volatile const unsigned int*)&w.state->failedRanks[r / 32] >> (r % 32)) & 1u;
+}
+__device__ __forceinline__ void markRankFailed(const WindowView& w, int kind, int r, int value) {
+  const unsigned int bit = 1u << (r % 32);
+  atomicOr(&w.state->failedRanks[r / 32], bit);
+  atomicOr_system(w.failedHost + r / 32, bit);
+  __threadfence_system();
+  reportError(w.localError, kDevRankFailed, kind, r, value);
+}
+
+// How a wait ended.
+enum WaitOutcome : int {
+  kWaitArrived = 0,     // the value is exactly the target
+  kWaitPeerFailed = 1,  // kSoft only: `src` timed out now or earlier (in the failed-rank set)
+  kWaitFatal = 2,       // timeout (not kSoft), peer ahead, or the context already failed
+};
+
 // Waits until the operation number in the value that load() returns (an acquire read of a signal:
 // an LSA word here, a GIN signal in net/) is exactly `target`; *seen receives the value read.
 // A peer that is ahead is a protocol error (kDevPeerAhead, fatal: recorded on the rank
 // that sees it, whose later waits give up at once, with the operations it is ahead: the excess
 // divided by perOp, the signal's steps per operation, rounded up); no value ever satisfies a
-// wait but the expected one. Returns false on that, after timeoutNs (kDevTimeout, with `kind`
-// and `src` for the message), or at once if another wait of the context already failed.
-template <int kShift, class Load>
-__device__ __forceinline__ bool waitSeqOn(const WindowView& w, Load load, uint64_t target, int kind,
-                                          int src, uint64_t* seen, uint64_t perOp) {
+// wait but the expected one. Ends with kWaitFatal on that, after timeoutNs (kDevTimeout, with
+// `kind` and `src` for the message; kSoft: kWaitPeerFailed and src joins the failed-rank set), or
+// at once if another wait of the context already failed.
+template <int kShift, bool kSoft, class Load>
+__device__ __forceinline__ int waitSeqCore(const WindowView& w, Load load, uint64_t target, int kind, int src,
+                                           uint64_t* seen, uint64_t perOp) {
+  if (kSoft && rankFoundFailed(w, src)) return kWaitPeerFailed;
   uint64_t v = load();
   int64_t d = seqDistance<kShift>(v, target);
   const uint64_t start = d < 0 ? globalTimerNs() : 0;
@@ -97,17 +120,38 @@ __device__ __forceinline__ bool waitSeqOn(const WindowView& w, Load load, uint64
       d = seqDistance<kShift>(v, target);
     }
     if (d >= 0) break;
-    if (fatalRaised(w.error)) return false;
+    if (fatalRaised(w.error)) return kWaitFatal;
+    if (kSoft && rankFoundFailed(w, src)) return kWaitPeerFailed;
     if (globalTimerNs() - start > (uint64_t)w.timeoutNs) {
+      if (kSoft) {
+        markRankFailed(w, kind, src, (int)v);
+        return kWaitPeerFailed;
+      }
       raiseFatal(w, kDevTimeout, kind, src, (int)v);
-      return false;
+      return kWaitFatal;
     }
   }
   if (seen) *seen = v;
-  if (d == 0) return true;
+  if (d == 0) return kWaitArrived;
   const uint64_t ops = ((uint64_t)d + perOp - 1) / perOp;
   raiseFatal(w, kDevPeerAhead, kind, src, ops > INT32_MAX ? INT32_MAX : (int)ops);
-  return false;
+  return kWaitFatal;
+}
+
+// The high-throughput form: every failure is fatal. Returns false on failure, at once if the
+// context already failed.
+template <int kShift, class Load>
+__device__ __forceinline__ bool waitSeqOn(const WindowView& w, Load load, uint64_t target, int kind,
+                                          int src, uint64_t* seen, uint64_t perOp) {
+  return waitSeqCore<kShift, false>(w, load, target, kind, src, seen, perOp) == kWaitArrived;
+}
+
+// The low-latency form (failed-rank set): a timeout puts `src` into the set instead of failing the
+// context; a peer ahead is still fatal.
+template <int kShift>
+__device__ __forceinline__ int waitSeqLl(const WindowView& w, const uint64_t* p, uint64_t target, int kind, int src,
+                                         uint64_t* seen = nullptr, uint64_t perOp = 1) {
+  return waitSeqCore<kShift, true>(w, [p] { return loadAcquire(p); }, target, kind, src, seen, perOp);
 }
 
 // waitSeqOn for the LSA word *p, written by a peer with release semantics.

@@ -38,12 +38,12 @@ __device__ __forceinline__ int landedRecords(const LlCombineArgs& a, int s) {
 }
 
 // Send, every CTA: netStart [R + 1] (shared) gets the prefix of the remote sources' records.
-__device__ void recordStartsGin(const LlCombineArgs& a, int* netStart) {
+__device__ void recordStartsGin(const LlCombineArgs& a, int* netStart, const unsigned int* gone) {
   if (threadIdx.x == 0) {
     int run = 0;
     for (int s = 0; s < a.w.peers.nRanks; ++s) {
       netStart[s] = run;
-      if (a.w.peers.lsaIndex(s) == kPeerRemote) run += landedRecords(a, s);
+      if (a.w.peers.lsaIndex(s) == kPeerRemote && !((gone[s / 32] >> (s % 32)) & 1u)) run += landedRecords(a, s);
     }
     netStart[a.w.peers.nRanks] = run;
   }
@@ -80,12 +80,12 @@ __device__ void sendPartialsGin(const LlCombineArgs& a, const int* netStart, int
 }
 
 // Send, last CTA, after every CTA's partials are fenced: see the file comment.
-__device__ void postCombineGin(const LlCombineArgs& a) {
+__device__ void postCombineGin(const LlCombineArgs& a, const unsigned int* gone) {
   const PeerMap& p = a.w.peers;
   const int M = a.maxTokens;
   const size_t rowBytes = (size_t)a.hidden * 2;
   for (int s = threadIdx.x; s < p.nRanks; s += blockDim.x) {
-    if (p.lsaIndex(s) != kPeerRemote) continue;
+    if (p.lsaIndex(s) != kPeerRemote || ((gone[s / 32] >> (s % 32)) & 1u)) continue;
     const int ri = remoteIndex(p, s), at = remoteIndexAt(p, s, p.rank), n = landedRecords(a, s);
     const ncclGin gin(a.net.devComm, ginContextOf(a.net.devComm, s));
     const ncclGinSignal_t sig = (ncclGinSignal_t)(a.net.combineSignal0 + p.rank);
@@ -101,14 +101,17 @@ __device__ void postCombineGin(const LlCombineArgs& a) {
 }
 
 // Completion: this thread's waits for the remote ranks' signals (exactly epoch * 2^32).
-__device__ bool waitRanksGin(const LlCombineArgs& a, uint64_t epoch) {
+// a.failed are not waited for; a timeout adds the rank to `gone` (shared). False on a fatal failure.
+__device__ bool waitRanksGin(const LlCombineArgs& a, uint64_t epoch, unsigned int* gone) {
   const PeerMap& p = a.w.peers;
   const ncclGin gin(a.net.devComm, ginContextOf(a.net.devComm, p.rank));
   bool ok = true;
   for (int r = threadIdx.x; r < p.nRanks; r += blockDim.x) {
-    if (p.lsaIndex(r) != kPeerRemote) continue;
-    ok &= waitGinSignal(a.w, gin, (ncclGinSignal_t)(a.net.combineSignal0 + r), epoch * kLlNetCombineDone, r,
-                        kLlNetCombineDone);
+    if (p.lsaIndex(r) != kPeerRemote || a.failed.has(r)) continue;
+    const int outcome = waitGinSignalLl(a.w, gin, (ncclGinSignal_t)(a.net.combineSignal0 + r),
+                                        epoch * kLlNetCombineDone, r, kLlNetCombineDone);
+    if (outcome == kWaitPeerFailed) atomicOr(&gone[r / 32], 1u << (r % 32));
+    ok &= outcome != kWaitFatal;
   }
   return ok;
 }

@@ -104,15 +104,15 @@ __device__ void sumRowsChunk(unsigned m, const uint4* myRow, float myWeight, int
 // The completion's sum of token t's partials over more than 32 ranks: the same sum as
 // sumRowsChunk with one lane per rank, taken 32 ranks at a time (lane j of step g names rank
 // 32g + j), so the ranks are still added in increasing order. mask: t's rank mask;
-// rowOf(r): rank r's partial of t (for ranks in the mask).
+// rowOf(r): rank r's partial of t (for ranks in the mask); ranks in `skip` are left out.
 template <class RowOf>
-__device__ void sumPartialsWide(const uint32_t* mask, RowOf rowOf, int R, int base, int rowVecs, int lane,
-                                uint4 (&result)[kLlReduceUnroll]) {
+__device__ void sumPartialsWide(const uint32_t* mask, const unsigned int* skip, RowOf rowOf, int R, int base,
+                                int rowVecs, int lane, uint4 (&result)[kLlReduceUnroll]) {
   float acc[kLlReduceUnroll][8];
   zeroChunk(acc);
   for (int g = 0; g < rankMaskWords(R); ++g) {
     const uint4* myRow = rowOf(min(32 * g + lane, R - 1));
-    addRowsChunk<true>(mask[g], myRow, 1.0f, base, rowVecs, lane, acc);
+    addRowsChunk<true>(mask[g] & ~skip[g], myRow, 1.0f, base, rowVecs, lane, acc);
   }
   packChunk(acc, result);
 }
@@ -127,16 +127,22 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineSendKernel(LlCo
   const int R = w.peers.nRanks, me = w.peers.rank, M = a.maxTokens, K = a.topK;
   __shared__ char* peer[kMaxRanks];
   __shared__ int tokenStart[kMaxRanks + 1];  // prefix of the sources' token counts
+  // Ranks that get nothing: a.failed and those the kernels found failed since it was taken
+  // (the dispatch of this slot, or a later operation, may have timed out on them).
+  __shared__ unsigned int gone[kRankMaskWords];
   if (threadIdx.x < R) peer[threadIdx.x] = peerWindow(w, threadIdx.x, a.slotOff);
+  if (threadIdx.x < kRankMaskWords)
+    gone[threadIdx.x] = a.failed.words[threadIdx.x] | *(volatile unsigned int*)&w.state->failedRanks[threadIdx.x];
   __syncthreads();
   const char* slot = peer[me];
+  auto isGone = [&](int r) { return (gone[r / 32] >> (r % 32)) & 1u; };
   if (threadIdx.x == 0) {
     // The completed dispatch of this slot left (epoch << 32) | T_s in each source's signal.
     const volatile uint64_t* sig = (const volatile uint64_t*)(slot + a.slot.dispatchSignals);
     int run = 0;
     for (int s = 0; s < R; ++s) {
       tokenStart[s] = run;
-      if (!kNet || peer[s] != nullptr) run += (int)(sig[s] & 0xffffffffu);  // remote: GIN phase
+      if ((!kNet || peer[s] != nullptr) && !isGone(s)) run += (int)(sig[s] & 0xffffffffu);  // remote: GIN
     }
     tokenStart[R] = run;
   }
@@ -177,7 +183,7 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineSendKernel(LlCo
   }
   if constexpr (kNet) {
     __shared__ int netStart[kMaxRanks + 1];  // prefix of the remote sources' records
-    recordStartsGin(a, netStart);
+    recordStartsGin(a, netStart, gone);
     sendPartialsGin<kLlReduceUnroll>(a, netStart, kLlSumVecs, warp, kLlCombineWarps, lane,
                                      [&](unsigned here, int row, float weight, int base, uint4 (&out)[kLlReduceUnroll]) {
                                        const uint4* myRow = (const uint4*)(a.expertOut + (size_t)max(row, 0) * a.hidden);
@@ -188,14 +194,14 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineSendKernel(LlCo
   if (threadIdx.x == 0) __threadfence_system();
   __syncthreads();
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    if (kNet && peer[r] == nullptr) continue;  // remote: postCombineGin
+    if ((kNet && peer[r] == nullptr) || isGone(r)) continue;  // remote: postCombineGin
     uint64_t* sig = (uint64_t*)(peer[r] + a.slot.combineSignals) + me;
     asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(sig), "l"((uint64_t)1) : "memory");
   }
   // The completion (later in stream order) waits for numCtas * sends: one CTA counts the send.
   if (blockIdx.x == 0 && threadIdx.x == 0) w.state->llCombineSends[a.slotIndex] += 1;
   if constexpr (kNet) {
-    if (lastCtaToArrive(&w.state->llCombineArrived[a.slotIndex])) postCombineGin(a);
+    if (lastCtaToArrive(&w.state->llCombineArrived[a.slotIndex])) postCombineGin(a, gone);
   }
 }
 
@@ -207,11 +213,17 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineCompleteKernel(
   const char* slot = (const char*)ncclGetLocalPointer(w.win, a.slotOff);
   const uint64_t epoch = *(volatile unsigned long long*)&w.state->llCombineSends[a.slotIndex];
   const uint64_t* sig = (const uint64_t*)(slot + a.slot.combineSignals);
+  // Ranks whose partials count as zero: a.failed, then this launch's timeouts.
+  __shared__ unsigned int gone[kRankMaskWords];
+  if (threadIdx.x < kRankMaskWords) gone[threadIdx.x] = a.failed.words[threadIdx.x];
+  __syncthreads();
   bool ok = true;
-  if constexpr (kNet) ok = waitRanksGin(a, epoch);
+  if constexpr (kNet) ok = waitRanksGin(a, epoch, gone);
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    if (kNet && w.peers.lsaIndex(r) == kPeerRemote) continue;  // waitRanksGin
-    ok &= waitSeq<0>(w, sig + r, (uint64_t)gridDim.x * epoch, kWaitLlCombine, r, nullptr, gridDim.x);
+    if ((kNet && w.peers.lsaIndex(r) == kPeerRemote) || a.failed.has(r)) continue;  // waitRanksGin / failed
+    const int outcome = waitSeqLl<0>(w, sig + r, (uint64_t)gridDim.x * epoch, kWaitLlCombine, r, nullptr, gridDim.x);
+    if (outcome == kWaitPeerFailed) atomicOr(&gone[r / 32], 1u << (r % 32));
+    ok &= outcome != kWaitFatal;
   }
   if (!__syncthreads_and(ok)) return;
 
@@ -225,7 +237,7 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineCompleteKernel(
     uint4 sum[kLlReduceUnroll];
     if (kWide) {
       const uint32_t* mask = tokenRanks + (size_t)t * rankMaskWords(R);
-      sumPartialsWide(mask,
+      sumPartialsWide(mask, gone,
                       [&](int r) {
                         if (kNet && w.peers.lsaIndex(r) == kPeerRemote && ((mask[r / 32] >> (r % 32)) & 1u))
                           return remotePartial(a, t, r);
@@ -233,7 +245,7 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineCompleteKernel(
                       },
                       R, base, rowVecs, lane, sum);
     } else {
-      const unsigned ranks = tokenRanks[t];  // written by this rank's dispatch send
+      const unsigned ranks = tokenRanks[t] & ~gone[0];  // written by this rank's dispatch send
       const uint4* myRow = (const uint4*)(recv + ((size_t)t * R + min(lane, R - 1)) * a.hidden);
       if (kNet && lane < R && w.peers.lsaIndex(lane) == kPeerRemote && ((ranks >> lane) & 1u))
         myRow = remotePartial(a, t, lane);

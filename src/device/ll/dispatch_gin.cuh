@@ -70,7 +70,7 @@ __device__ void postDispatchGin(const LlDispatchArgs& a) {
   const PeerMap& p = a.w.peers;
   const int M = a.maxTokens, L = a.numExperts / p.nRanks;
   for (int d = threadIdx.x; d < p.nRanks; d += blockDim.x) {
-    if (p.lsaIndex(d) != kPeerRemote) continue;
+    if (p.lsaIndex(d) != kPeerRemote || a.failed.has(d)) continue;  // failed: no record reserved
     const int ri = remoteIndex(p, d), at = remoteIndexAt(p, d, p.rank);
     const int n = atomicExch((int*)netLocal(a.w, a.net.destCount) + ri, 0);
     ((int*)(netLocal(a.w, a.net.countsStage) + (size_t)ri * a.net.countsBytes))[L] = n;
@@ -91,34 +91,37 @@ __device__ void postDispatchGin(const LlDispatchArgs& a) {
 }
 
 // Completion, every CTA: each thread waits for some remote sources' signals (exactly
-// epoch * kLlNetDone) and puts their record counts into netTokens[s] (0 for LSA sources).
-// Returns this thread's success (the caller agrees over the CTA).
-__device__ bool waitSourcesGin(const LlDispatchArgs& a, uint64_t epoch, int* netTokens) {
+// epoch * kLlNetDone) and puts their record counts into netTokens[s] (0 for LSA sources and
+// failed ones: a.failed are not waited for, a timeout adds the source to `gone`, shared).
+// Returns false on a fatal failure of this thread (the caller agrees over the CTA).
+__device__ bool waitSourcesGin(const LlDispatchArgs& a, uint64_t epoch, int* netTokens, unsigned int* gone) {
   const PeerMap& p = a.w.peers;
   const int L = a.numExperts / p.nRanks;
   const ncclGin gin(a.net.devComm, ginContextOf(a.net.devComm, p.rank));
   bool ok = true;
   for (int s = threadIdx.x; s < p.nRanks; s += blockDim.x) {
     netTokens[s] = 0;
-    if (p.lsaIndex(s) != kPeerRemote) continue;
-    const bool arrived = waitGinSignal(a.w, gin, (ncclGinSignal_t)(a.net.dispatchSignal0 + s), epoch * kLlNetDone,
-                                       s, kLlNetDone);
+    if (p.lsaIndex(s) != kPeerRemote || a.failed.has(s)) continue;
+    const int outcome = waitGinSignalLl(a.w, gin, (ncclGinSignal_t)(a.net.dispatchSignal0 + s), epoch * kLlNetDone,
+                                        s, kLlNetDone);
     const int* counts = (const int*)(netLocal(a.w, a.net.countsLand) + (size_t)remoteIndex(p, s) * a.net.countsBytes);
-    if (arrived) netTokens[s] = loadPeerInt(counts + L);
-    ok &= arrived;
+    if (outcome == kWaitArrived) netTokens[s] = loadPeerInt(counts + L);
+    if (outcome == kWaitPeerFailed) atomicOr(&gone[s / 32], 1u << (s % 32));
+    ok &= outcome != kWaitFatal;
   }
   return ok;
 }
 
-// CTA 0 of the completion, after the waits: recvCounts[l][s] of every remote source s.
-__device__ void copyRemoteCountsGin(const LlDispatchArgs& a, int* recvCounts) {
+// CTA 0 of the completion, after the waits: recvCounts[l][s] of every remote source s (0 for a
+// source in `gone`).
+__device__ void copyRemoteCountsGin(const LlDispatchArgs& a, int* recvCounts, const unsigned int* gone) {
   const PeerMap& p = a.w.peers;
   const int R = p.nRanks, L = a.numExperts / R;
   for (int i = threadIdx.x; i < R * L; i += blockDim.x) {
     const int s = i / L, l = i % L;
     if (p.lsaIndex(s) != kPeerRemote) continue;
     const int* counts = (const int*)(netLocal(a.w, a.net.countsLand) + (size_t)remoteIndex(p, s) * a.net.countsBytes);
-    recvCounts[l * R + s] = loadPeerInt(counts + l);
+    recvCounts[l * R + s] = (gone[s / 32] >> (s % 32)) & 1u ? 0 : loadPeerInt(counts + l);
   }
 }
 

@@ -63,7 +63,7 @@ __device__ void routeTokenLl(const LlDispatchArgs& a, char* const* peer, char* m
     const int64_t e = a.topkIdx[(size_t)t * K + lane];
     if (e < -1 || e >= a.numExperts) {
       reportError(w.localError, kDevBadExpert, t, lane, (int)e);
-    } else if (e >= 0) {
+    } else if (e >= 0 && !a.failed.has((int)e / L)) {  // an expert of a failed rank: dropped
       const int ei = (int)e, pos = atomicAdd(&a.posCounter[ei], 1);
       if (pos < M) {
         d = ei / L;
@@ -94,7 +94,7 @@ __device__ void routeTokenLl(const LlDispatchArgs& a, char* const* peer, char* m
     // survives: 8-byte stores, K consecutive per (rank, token). Remote ranks: in the record.
     const size_t entry = ((size_t)me * M + t) * K + lane;
     for (int dst = 0; dst < R; ++dst) {
-      if (kNet && peer[dst] == nullptr) continue;
+      if ((kNet && peer[dst] == nullptr) || a.failed.has(dst)) continue;
       LlRouteEntry* p = (LlRouteEntry*)(peer[dst] + a.slot.route) + entry;
       *(uint2*)p = make_uint2((uint32_t)(d == dst ? row : -1), __float_as_uint(weight));
     }
@@ -207,6 +207,7 @@ __global__ void __launch_bounds__(kLlThreads, 1) llDispatchSendKernel(LlDispatch
   // rank e / L, local expert e % L.
   for (int e = threadIdx.x; e < a.numExperts; e += blockDim.x) {
     const int rows = min(atomicExch(&a.posCounter[e], 0), M);
+    if (a.failed.has(e / L)) continue;  // nothing for a failed rank
     if (kNet && peer[e / L] == nullptr)  // the counts row of that remote rank, put with its records
       ((int*)(netLocal(w, a.net.countsStage) + (size_t)remoteIndex(w.peers, e / L) * a.net.countsBytes))[e % L] = rows;
     else
@@ -216,7 +217,7 @@ __global__ void __launch_bounds__(kLlThreads, 1) llDispatchSendKernel(LlDispatch
   if (threadIdx.x == 0) __threadfence_system();
   __syncthreads();
   if constexpr (kNet) postDispatchGin(a);
-  if (threadIdx.x < R && (!kNet || peer[threadIdx.x] != nullptr)) {
+  if (threadIdx.x < R && (!kNet || peer[threadIdx.x] != nullptr) && !a.failed.has(threadIdx.x)) {
     uint64_t* sig = (uint64_t*)(peer[threadIdx.x] + a.slot.dispatchSignals) + me;
     const uint64_t value = (epoch << 32) | (uint64_t)T;
     asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(sig), "l"(value) : "memory");
@@ -265,17 +266,20 @@ __global__ void __launch_bounds__(kLlThreads, 1) llDispatchCompleteKernel(LlDisp
   __shared__ int tokens[kMaxRanks];
   __shared__ int netStart[kNet ? kMaxRanks + 1 : 1];  // prefix of the remote sources' records
   __shared__ int netTokens[kNet ? kMaxRanks : 1];
+  __shared__ unsigned int gone[kRankMaskWords];  // failed sources: a.failed, then this launch's timeouts
+  if (threadIdx.x < kRankMaskWords) gone[threadIdx.x] = a.failed.words[threadIdx.x];
+  __syncthreads();
   bool ok = true;
-  if constexpr (kNet) ok = waitSourcesGin(a, epoch, netTokens);
+  if constexpr (kNet) ok = waitSourcesGin(a, epoch, netTokens, gone);
   for (int s = threadIdx.x; s < R; s += blockDim.x) {
-    if (kNet && w.peers.lsaIndex(s) == kPeerRemote) {  // waited for by waitSourcesGin
-      tokens[s] = 0;
-      continue;
-    }
+    tokens[s] = 0;
+    // Remote sources: waited for by waitSourcesGin. Failed ones: nothing is expected.
+    if ((kNet && w.peers.lsaIndex(s) == kPeerRemote) || a.failed.has(s)) continue;
     uint64_t v = 0;
-    const bool arrived = waitSeq<32>(w, sig + s, epoch, kWaitLlDispatch, s, &v);
-    tokens[s] = arrived ? (int)(v & 0xffffffffu) : 0;
-    ok &= arrived;
+    const int outcome = waitSeqLl<32>(w, sig + s, epoch, kWaitLlDispatch, s, &v);
+    if (outcome == kWaitArrived) tokens[s] = (int)(v & 0xffffffffu);
+    if (outcome == kWaitPeerFailed) atomicOr(&gone[s / 32], 1u << (s % 32));
+    ok &= outcome != kWaitFatal;
   }
   if (!__syncthreads_and(ok)) return;
   if (threadIdx.x == 0) {
@@ -295,14 +299,20 @@ __global__ void __launch_bounds__(kLlThreads, 1) llDispatchCompleteKernel(LlDisp
     }
   }
   int* counts = (int*)(slot + a.slot.recvCounts);  // [L][R], then [L]
+  auto isGone = [&](int s) { return (gone[s / 32] >> (s % 32)) & 1u; };
   if constexpr (kNet) {
-    if (blockIdx.x == 0) copyRemoteCountsGin(a, counts);
+    if (blockIdx.x == 0) copyRemoteCountsGin(a, counts, gone);
     __syncthreads();
   }
   if (blockIdx.x == 0) {
+    // A failed source's counts read 0 here (a rank that is alive but masked may still write
+    // them later: callers skip failed sources) and count nowhere.
+    for (int i = threadIdx.x; i < L * R; i += blockDim.x)
+      if (isGone(i % R)) counts[i] = 0;
     for (int l = threadIdx.x; l < L; l += blockDim.x) {
       int sum = 0;
-      for (int s = 0; s < R; ++s) sum += loadPeerInt(counts + l * R + s);
+      for (int s = 0; s < R; ++s)
+        if (!isGone(s)) sum += loadPeerInt(counts + l * R + s);
       counts[L * R + l] = sum;
     }
   }
