@@ -9,7 +9,8 @@ modules to the functions below, which keep Megatron's signatures and return shap
 One Buffer per (group, hidden, experts, top-k), created at the first dispatch; its
 max_tokens_per_rank is the largest token count over the group at that moment (an all_reduce),
 unless patch(max_tokens_per_rank=...) fixes it. A later dispatch with more tokens fails with
-ValueError. The SM count is --moe-flex-dispatcher-num-sms (Megatron's default 20).
+ValueError; destroy() (collective) frees the Buffers before the process groups go. The SM
+count is --moe-flex-dispatcher-num-sms (Megatron's default 20).
 async_finish / allocate_on_comm_stream are accepted; the calls are ordered with the calling
 stream (Megatron makes its stream wait at once anyway).
 """
@@ -63,6 +64,15 @@ def set_deepep_num_sms(num_sms: int) -> None:
     from .torch import Buffer
 
     Buffer.set_num_sms(num_sms)
+
+
+def destroy() -> None:
+    """Collective: destroys every Buffer that fused_dispatch created (call it on every rank before
+    destroying the process groups); a later dispatch creates new ones."""
+    for buf in _BUFFERS.values():
+        buf.destroy()
+    _BUFFERS.clear()
+    _BY_GROUP.clear()
 
 
 def patch(max_tokens_per_rank: Optional[int] = None) -> None:
