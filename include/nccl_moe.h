@@ -411,8 +411,8 @@ ncclResult_t ncclMoeLowLatencyCombineComplete(ncclMoeComm_t moeComm,
  * its framework learns of a dead rank) with ncclMoeMarkRankFailed. The set only grows; a rank
  * leaves it only with a new context (destroy + create, which every rank must call).
  *
- * What every later operation does on this rank (one enqueued after the rank entered the set, or
- * whose kernels run after a kernel found it failed):
+ * What an operation does on this rank once the rank is in the set as the host sees it (enqueued
+ * after ncclMoeMarkRankFailed, or after ncclMoeGetFailedRanks / ncclMoeCheckErrors showed it):
  *  - dispatch: entries of topkIdx naming an expert of a failed rank are dropped (as -1); nothing
  *    is sent to a failed rank and nothing is awaited from one; recvCountsPerSource[l][s] of a
  *    failed source s reads 0 (a failed rank that is in fact alive may still write it: skip
@@ -422,8 +422,9 @@ ncclResult_t ncclMoeLowLatencyCombineComplete(ncclMoeComm_t moeComm,
  *    ranks; nothing is awaited from failed ranks.
  *  - operations that do not involve a failed rank give the same bits as without the set.
  * The operation during which a wait times out has undefined outputs on the rank that waited
- * (its kernels may disagree about the late rank; they stay within the slot's buffers); from the
- * next operation on, the above holds. A failed rank that is alive but was only slow will itself
+ * (its kernels may disagree about the late rank; they stay within the slot's buffers), and so do
+ * the operations enqueued before the host saw the rank in the set (their waits for it give up at
+ * once, but they may still send to it); from then on, the above holds. A failed rank that is alive but was only slow will itself
  * time out on the ranks that stopped sending to it, and put them into its own set.
  * High-throughput contexts: both calls give ncclInvalidUsage (a timeout there is fatal).
  * ------------------------------------------------------------------------------------------- */

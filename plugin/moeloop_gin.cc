@@ -306,6 +306,18 @@ ncclResult_t ginRegMrSym(void* collComm, void* data, size_t size, int type, void
     if (deviceUsed && c->cuda.dev != dev)
       return ML_ERROR(ncclInvalidArgument, "regMrSym: memory of device %d on a comm of device %d", dev, c->cuda.dev);
     c->cuda.dev = dev;
+    // Everything the data path would otherwise allocate on first use (ginPrepareDevice says why):
+    // streams, the signal lane, and the pinned bounce buffers of the socket path (2 x
+    // kGinBounceBytes per peer).
+    ncclResult_t res = ginPrepareDevice(&c->cuda);
+    for (int q = 0; q < c->nranks && res == ncclSuccess; q++) {
+      GinPeer& p = c->peers[q];
+      if (q == c->rank) continue;
+      if (p.copy && p.stream == nullptr) res = ginStreamCreate(&c->cuda, &p.stream);
+      if (res == ncclSuccess && p.sendBounce == nullptr) res = ginPinnedAlloc(&c->cuda, kGinBounceBytes, &p.sendBounce);
+      if (res == ncclSuccess && p.recvBounce == nullptr) res = ginPinnedAlloc(&c->cuda, kGinBounceBytes, &p.recvBounce);
+    }
+    if (res != ncclSuccess) return ginFail(c, res);
   }
   GinRegistration* r = new GinRegistration();
   r->magic = kGinRegMagic;

@@ -45,6 +45,11 @@ struct GinCuda {
 // Device of a CUDA pointer; *isDevice = false for host memory.
 ncclResult_t ginPointerDevice(const void* p, int* dev, bool* isDevice);
 void ginCudaRelease(GinCuda* g);
+// Creates what the data path will need on g->dev (the comm's stream, the device's signal lane)
+// now, from a host call that no kernel waits for. Creating them on first use inside the proxy's
+// progress would deadlock: page-locked allocations wait for the device to go idle, while a
+// kernel may be waiting (gin.flush, a signal) for that very progress.
+ncclResult_t ginPrepareDevice(GinCuda* g);
 ncclResult_t ginPinnedAlloc(GinCuda* g, size_t bytes, char** p);
 void ginPinnedFree(char* p);
 // Copies n bytes between any host / device pointers of this process and waits for the copy.

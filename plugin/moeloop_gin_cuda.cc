@@ -83,6 +83,14 @@ ncclResult_t ginPointerDevice(const void* p, int* dev, bool* isDevice) {
   return ncclSuccess;
 }
 
+ncclResult_t ginPrepareDevice(GinCuda* g) {
+  DeviceScope scope(g->dev);
+  ML_CHECK(scope.status());
+  ML_CHECK(ensureStream(g));
+  SignalLane* lane = nullptr;
+  return laneOf(g->dev, &lane);
+}
+
 void ginCudaRelease(GinCuda* g) {
   if (g->stream == nullptr) return;  // CUDA never used: touch nothing
   DeviceScope scope(g->dev);

@@ -81,6 +81,8 @@ __device__ __forceinline__ int64_t seqDistance(uint64_t v, uint64_t target) {
 // Low-latency mode's failed-rank set (DeviceState::failedRanks): whether a wait already gave up
 // on rank r, and the giving up itself: r joins the set (device word and host-mapped mirror) and
 // the local record says which rank and which wait (kDevRankFailed; the context stays usable).
+// Waits consult the device word only once their value is late (the slow path), so that the
+// set costs nothing while every peer answers.
 __device__ __forceinline__ bool rankFoundFailed(const WindowView& w, int r) {
   return (*(volatile const unsigned int*)&w.state->failedRanks[r / 32] >> (r % 32)) & 1u;
 }
@@ -110,7 +112,6 @@ enum WaitOutcome : int {
 template <int kShift, bool kSoft, class Load>
 __device__ __forceinline__ int waitSeqCore(const WindowView& w, Load load, uint64_t target, int kind, int src,
                                            uint64_t* seen, uint64_t perOp) {
-  if (kSoft && rankFoundFailed(w, src)) return kWaitPeerFailed;
   uint64_t v = load();
   int64_t d = seqDistance<kShift>(v, target);
   const uint64_t start = d < 0 ? globalTimerNs() : 0;

@@ -101,16 +101,20 @@ __device__ void postCombineGin(const LlCombineArgs& a, const unsigned int* gone)
 }
 
 // Completion: this thread's waits for the remote ranks' signals (exactly epoch * 2^32).
-// a.failed are not waited for; a timeout adds the rank to `gone` (shared). False on a fatal failure.
-__device__ bool waitRanksGin(const LlCombineArgs& a, uint64_t epoch, unsigned int* gone) {
+// Sets lost[r] for every remote rank r (shared, one thread per r as in the completion's LSA
+// loop): a.failed are not waited for, a timeout puts r into the failed-rank set. False on a fatal
+// failure.
+__device__ bool waitRanksGin(const LlCombineArgs& a, uint64_t epoch, unsigned char* lost) {
   const PeerMap& p = a.w.peers;
   const ncclGin gin(a.net.devComm, ginContextOf(a.net.devComm, p.rank));
   bool ok = true;
   for (int r = threadIdx.x; r < p.nRanks; r += blockDim.x) {
-    if (p.lsaIndex(r) != kPeerRemote || a.failed.has(r)) continue;
-    const int outcome = waitGinSignalLl(a.w, gin, (ncclGinSignal_t)(a.net.combineSignal0 + r),
-                                        epoch * kLlNetCombineDone, r, kLlNetCombineDone);
-    if (outcome == kWaitPeerFailed) atomicOr(&gone[r / 32], 1u << (r % 32));
+    if (p.lsaIndex(r) != kPeerRemote) continue;
+    int outcome = kWaitPeerFailed;
+    if (!a.failed.has(r))
+      outcome = waitGinSignalLl(a.w, gin, (ncclGinSignal_t)(a.net.combineSignal0 + r), epoch * kLlNetCombineDone, r,
+                                kLlNetCombineDone);
+    lost[r] = outcome == kWaitPeerFailed;
     ok &= outcome != kWaitFatal;
   }
   return ok;

@@ -127,15 +127,13 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineSendKernel(LlCo
   const int R = w.peers.nRanks, me = w.peers.rank, M = a.maxTokens, K = a.topK;
   __shared__ char* peer[kMaxRanks];
   __shared__ int tokenStart[kMaxRanks + 1];  // prefix of the sources' token counts
-  // Ranks that get nothing: a.failed and those the kernels found failed since it was taken
-  // (the dispatch of this slot, or a later operation, may have timed out on them).
-  __shared__ unsigned int gone[kRankMaskWords];
+  // Ranks that get nothing: a.failed (a rank found failed by this operation's own dispatch is
+  // not in it: that operation's outputs are undefined anyway).
   if (threadIdx.x < R) peer[threadIdx.x] = peerWindow(w, threadIdx.x, a.slotOff);
-  if (threadIdx.x < kRankMaskWords)
-    gone[threadIdx.x] = a.failed.words[threadIdx.x] | *(volatile unsigned int*)&w.state->failedRanks[threadIdx.x];
   __syncthreads();
   const char* slot = peer[me];
-  auto isGone = [&](int r) { return (gone[r / 32] >> (r % 32)) & 1u; };
+  const unsigned int* gone = a.failed.words;
+  auto isGone = [&](int r) { return a.failed.has(r); };
   if (threadIdx.x == 0) {
     // The completed dispatch of this slot left (epoch << 32) | T_s in each source's signal.
     const volatile uint64_t* sig = (const volatile uint64_t*)(slot + a.slot.dispatchSignals);
@@ -213,22 +211,27 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineCompleteKernel(
   const char* slot = (const char*)ncclGetLocalPointer(w.win, a.slotOff);
   const uint64_t epoch = *(volatile unsigned long long*)&w.state->llCombineSends[a.slotIndex];
   const uint64_t* sig = (const uint64_t*)(slot + a.slot.combineSignals);
-  // Ranks whose partials count as zero: a.failed, then this launch's timeouts.
-  __shared__ unsigned int gone[kRankMaskWords];
-  if (threadIdx.x < kRankMaskWords) gone[threadIdx.x] = a.failed.words[threadIdx.x];
-  __syncthreads();
+  // lost[r]: r's partials count as zero (in a.failed, or this launch timed out on it); written by
+  // the one thread that handles r.
+  __shared__ unsigned char lost[kMaxRanks];
   bool ok = true;
-  if constexpr (kNet) ok = waitRanksGin(a, epoch, gone);
+  if constexpr (kNet) ok = waitRanksGin(a, epoch, lost);
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    if ((kNet && w.peers.lsaIndex(r) == kPeerRemote) || a.failed.has(r)) continue;  // waitRanksGin / failed
-    const int outcome = waitSeqLl<0>(w, sig + r, (uint64_t)gridDim.x * epoch, kWaitLlCombine, r, nullptr, gridDim.x);
-    if (outcome == kWaitPeerFailed) atomicOr(&gone[r / 32], 1u << (r % 32));
+    if (kNet && w.peers.lsaIndex(r) == kPeerRemote) continue;  // waitRanksGin
+    int outcome = kWaitPeerFailed;
+    if (!a.failed.has(r))
+      outcome = waitSeqLl<0>(w, sig + r, (uint64_t)gridDim.x * epoch, kWaitLlCombine, r, nullptr, gridDim.x);
+    lost[r] = outcome == kWaitPeerFailed;
     ok &= outcome != kWaitFatal;
   }
   if (!__syncthreads_and(ok)) return;
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, rowVecs = a.hidden / 8;
   const int chunks = (rowVecs + kLlSumVecs - 1) / kLlSumVecs;
+  unsigned int gone[kWide ? kRankMaskWords : 1];  // lost[] as rank-mask words, in every warp
+#pragma unroll
+  for (int g = 0; g < (kWide ? kRankMaskWords : 1); ++g)
+    gone[g] = __ballot_sync(0xffffffffu, 32 * g + lane < R && lost[32 * g + lane]);
   const uint32_t* tokenRanks = (const uint32_t*)(slot + a.slot.tokenRanks);  // [M][rankMaskWords(R)]
   const uint16_t* recv = (const uint16_t*)(slot + a.slot.combineRecv);  // [M][R][H]
   for (int it = blockIdx.x * kLlCombineWarps + warp; it < a.numTokens * chunks;

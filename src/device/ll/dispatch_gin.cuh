@@ -91,37 +91,38 @@ __device__ void postDispatchGin(const LlDispatchArgs& a) {
 }
 
 // Completion, every CTA: each thread waits for some remote sources' signals (exactly
-// epoch * kLlNetDone) and puts their record counts into netTokens[s] (0 for LSA sources and
-// failed ones: a.failed are not waited for, a timeout adds the source to `gone`, shared).
+// epoch * kLlNetDone) and puts their record counts into netTokens[s]: 0 for LSA sources, -1 for
+// failed ones (a.failed are not waited for; a timeout puts the source into the failed-rank set).
 // Returns false on a fatal failure of this thread (the caller agrees over the CTA).
-__device__ bool waitSourcesGin(const LlDispatchArgs& a, uint64_t epoch, int* netTokens, unsigned int* gone) {
+__device__ bool waitSourcesGin(const LlDispatchArgs& a, uint64_t epoch, int* netTokens) {
   const PeerMap& p = a.w.peers;
   const int L = a.numExperts / p.nRanks;
   const ncclGin gin(a.net.devComm, ginContextOf(a.net.devComm, p.rank));
   bool ok = true;
   for (int s = threadIdx.x; s < p.nRanks; s += blockDim.x) {
     netTokens[s] = 0;
-    if (p.lsaIndex(s) != kPeerRemote || a.failed.has(s)) continue;
-    const int outcome = waitGinSignalLl(a.w, gin, (ncclGinSignal_t)(a.net.dispatchSignal0 + s), epoch * kLlNetDone,
-                                        s, kLlNetDone);
+    if (p.lsaIndex(s) != kPeerRemote) continue;
+    int outcome = kWaitPeerFailed;
+    if (!a.failed.has(s))
+      outcome = waitGinSignalLl(a.w, gin, (ncclGinSignal_t)(a.net.dispatchSignal0 + s), epoch * kLlNetDone, s,
+                                kLlNetDone);
     const int* counts = (const int*)(netLocal(a.w, a.net.countsLand) + (size_t)remoteIndex(p, s) * a.net.countsBytes);
-    if (outcome == kWaitArrived) netTokens[s] = loadPeerInt(counts + L);
-    if (outcome == kWaitPeerFailed) atomicOr(&gone[s / 32], 1u << (s % 32));
+    netTokens[s] = outcome == kWaitArrived ? loadPeerInt(counts + L) : -1;
     ok &= outcome != kWaitFatal;
   }
   return ok;
 }
 
 // CTA 0 of the completion, after the waits: recvCounts[l][s] of every remote source s (0 for a
-// source in `gone`).
-__device__ void copyRemoteCountsGin(const LlDispatchArgs& a, int* recvCounts, const unsigned int* gone) {
+// failed one: netTokens[s] < 0).
+__device__ void copyRemoteCountsGin(const LlDispatchArgs& a, int* recvCounts, const int* netTokens) {
   const PeerMap& p = a.w.peers;
   const int R = p.nRanks, L = a.numExperts / R;
   for (int i = threadIdx.x; i < R * L; i += blockDim.x) {
     const int s = i / L, l = i % L;
     if (p.lsaIndex(s) != kPeerRemote) continue;
     const int* counts = (const int*)(netLocal(a.w, a.net.countsLand) + (size_t)remoteIndex(p, s) * a.net.countsBytes);
-    recvCounts[l * R + s] = (gone[s / 32] >> (s % 32)) & 1u ? 0 : loadPeerInt(counts + l);
+    recvCounts[l * R + s] = netTokens[s] < 0 ? 0 : loadPeerInt(counts + l);
   }
 }
 

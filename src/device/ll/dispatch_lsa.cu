@@ -266,19 +266,19 @@ __global__ void __launch_bounds__(kLlThreads, 1) llDispatchCompleteKernel(LlDisp
   __shared__ int tokens[kMaxRanks];
   __shared__ int netStart[kNet ? kMaxRanks + 1 : 1];  // prefix of the remote sources' records
   __shared__ int netTokens[kNet ? kMaxRanks : 1];
-  __shared__ unsigned int gone[kRankMaskWords];  // failed sources: a.failed, then this launch's timeouts
-  if (threadIdx.x < kRankMaskWords) gone[threadIdx.x] = a.failed.words[threadIdx.x];
-  __syncthreads();
+  // tokens[s] / netTokens[s] = -1: source s is failed (in a.failed, or this launch timed out on
+  // it); it counts as 0 tokens. Each entry is written by the one thread that handles s.
   bool ok = true;
-  if constexpr (kNet) ok = waitSourcesGin(a, epoch, netTokens, gone);
+  if constexpr (kNet) ok = waitSourcesGin(a, epoch, netTokens);
   for (int s = threadIdx.x; s < R; s += blockDim.x) {
-    tokens[s] = 0;
-    // Remote sources: waited for by waitSourcesGin. Failed ones: nothing is expected.
-    if ((kNet && w.peers.lsaIndex(s) == kPeerRemote) || a.failed.has(s)) continue;
+    if (kNet && w.peers.lsaIndex(s) == kPeerRemote) {  // waited for by waitSourcesGin
+      tokens[s] = 0;
+      continue;
+    }
     uint64_t v = 0;
-    const int outcome = waitSeqLl<32>(w, sig + s, epoch, kWaitLlDispatch, s, &v);
-    if (outcome == kWaitArrived) tokens[s] = (int)(v & 0xffffffffu);
-    if (outcome == kWaitPeerFailed) atomicOr(&gone[s / 32], 1u << (s % 32));
+    int outcome = kWaitPeerFailed;
+    if (!a.failed.has(s)) outcome = waitSeqLl<32>(w, sig + s, epoch, kWaitLlDispatch, s, &v);
+    tokens[s] = outcome == kWaitArrived ? (int)(v & 0xffffffffu) : -1;
     ok &= outcome != kWaitFatal;
   }
   if (!__syncthreads_and(ok)) return;
@@ -286,22 +286,22 @@ __global__ void __launch_bounds__(kLlThreads, 1) llDispatchCompleteKernel(LlDisp
     int run = 0;
     for (int s = 0; s < R; ++s) {
       tokenStart[s] = run;
-      run += tokens[s];
+      run += max(tokens[s], 0);
     }
     tokenStart[R] = run;
     if constexpr (kNet) {
       run = 0;
       for (int s = 0; s < R; ++s) {
         netStart[s] = run;
-        run += netTokens[s];
+        run += max(netTokens[s], 0);
       }
       netStart[R] = run;
     }
   }
   int* counts = (int*)(slot + a.slot.recvCounts);  // [L][R], then [L]
-  auto isGone = [&](int s) { return (gone[s / 32] >> (s % 32)) & 1u; };
+  auto isGone = [&](int s) { return tokens[s] < 0 || (kNet && netTokens[s] < 0); };
   if constexpr (kNet) {
-    if (blockIdx.x == 0) copyRemoteCountsGin(a, counts, gone);
+    if (blockIdx.x == 0) copyRemoteCountsGin(a, counts, netTokens);
     __syncthreads();
   }
   if (blockIdx.x == 0) {
