@@ -167,8 +167,8 @@ def main():
         sys.exit(1)
     warnings.filterwarnings("ignore", module="megatron")  # "TE / apex not installed" notices
     if importlib.util.find_spec("triton") is None:
-        import torch._dynamo
-        torch._dynamo.config.disable = True   # megatron's jit_fuser is torch.compile
+        # (importlib: an `import torch._dynamo` here would make `torch` local to main())
+        importlib.import_module("torch._dynamo").config.disable = True  # jit_fuser is torch.compile
         say("# triton is missing: torch.compile disabled (megatron's jit_fuser runs eagerly)")
 
     from megatron.core import package_info, parallel_state
