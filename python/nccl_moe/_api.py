@@ -31,6 +31,8 @@ _PROTOTYPES = {
     "ncclMoeLowLatencyCombine": [_P, POINTER(LowLatencyOutputStruct), _P, _P, c_uint, _P],
     "ncclMoeLowLatencyCombineComplete": [_P, POINTER(LowLatencyOutputStruct), _P, _P],
     "ncclMoeCheckErrors": [_P],
+    "ncclMoeMarkRankFailed": [_P, c_int],
+    "ncclMoeGetFailedRanks": [_P, POINTER(c_int), c_int],
 }
 
 _lib = None
@@ -144,3 +146,15 @@ def ll_combine_complete(moe_comm, dispatched: LowLatencyOutputStruct, out, strea
 
 def check_errors(moe_comm) -> None:
     call("ncclMoeCheckErrors", moe_comm)
+
+
+def mark_rank_failed(moe_comm, rank: int) -> None:
+    """Puts `rank` into the LL context's failed-rank set (host-only, local to this rank)."""
+    call("ncclMoeMarkRankFailed", moe_comm, rank)
+
+
+def get_failed_ranks(moe_comm, n_ranks: int) -> list:
+    """The LL context's failed-rank set as a list of n_ranks 0/1 ints (no synchronisation)."""
+    failed = (c_int * n_ranks)()
+    call("ncclMoeGetFailedRanks", moe_comm, failed, n_ranks)
+    return list(failed)

@@ -113,6 +113,13 @@ def test_null_context_low_latency_calls_rejected():
             call()
 
 
+def test_null_context_failed_rank_calls_rejected():
+    with pytest.raises(nccl_moe.NcclMoeError, match="moeComm"):
+        _api.mark_rank_failed(None, 1)
+    with pytest.raises(nccl_moe.NcclMoeError, match="moeComm"):
+        _api.get_failed_ranks(None, 4)
+
+
 def test_last_error_is_cleared_by_success_and_thread_local():
     with pytest.raises(nccl_moe.NcclMoeError):
         _api.check_errors(None)

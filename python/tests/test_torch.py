@@ -40,3 +40,40 @@ def test_version_pairs_named_in_the_mismatch_error(monkeypatch):
     monkeypatch.setattr(torch.cuda.nccl, "version", lambda: (2, 28, 9))
     with pytest.raises(RuntimeError, match="2.30.7.*2.28.9.*torch 2.11 -> NCCL 2.28"):
         _comm.check_nccl_version()
+
+
+def test_rank_mask_spans_the_ll_contexts_and_only_grows(monkeypatch):
+    """DeepEP's mask methods over nccl-moe's failed-rank sets: a mask reaches every LL context
+    (and one created later), a rank one context found failed is masked in the others, and
+    unmasking a masked rank is refused (the set only grows)."""
+    from nccl_moe.torch import low_latency
+    sets = {}  # context pointer -> set of failed ranks, as the library would hold them
+    monkeypatch.setattr(low_latency._api, "mark_rank_failed", lambda p, r: sets[p].add(r))
+    monkeypatch.setattr(low_latency._api, "get_failed_ranks",
+                        lambda p, n: [1 if r in sets[p] else 0 for r in range(n)])
+
+    class Ctx:
+        def __init__(self, ptr):
+            self.ptr = ptr
+            sets[ptr] = set()
+
+    buf = low_latency.LowLatencyMixin.__new__(low_latency.LowLatencyMixin)
+    buf.rank, buf.group_size, buf._ll_masked = 0, 4, set()
+    buf._ll_contexts = {"a": Ctx(1)}
+    buf.low_latency_update_mask_buffer(2, mask=True)
+    assert sets[1] == {2}
+    sets[1].add(3)                      # a timeout in context 1
+    buf._ll_contexts["b"] = Ctx(2)
+    status = torch.zeros(4, dtype=torch.int32)
+    buf.low_latency_query_mask_buffer(status)
+    assert status.tolist() == [0, 0, 1, 1]
+    assert sets[2] == {2, 3}            # propagated to the other context
+    buf.low_latency_update_mask_buffer(1, mask=False)  # not masked: nothing to do
+    with pytest.raises(NotImplementedError, match="only grows"):
+        buf.low_latency_update_mask_buffer(3, mask=False)
+    with pytest.raises(NotImplementedError, match="only grows"):
+        buf.low_latency_clean_mask_buffer()
+    with pytest.raises(ValueError, match="itself"):
+        buf.low_latency_update_mask_buffer(0, mask=True)
+    with pytest.raises(ValueError, match="not a rank"):
+        buf.low_latency_update_mask_buffer(4, mask=True)

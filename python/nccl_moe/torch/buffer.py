@@ -79,6 +79,7 @@ class Buffer(LowLatencyMixin):
         self._comm_stream = torch.cuda.Stream()
         self._ht_context: Optional[Context] = None
         self._ll_contexts: Dict[tuple, Context] = {}
+        self._ll_masked: set = set()  # ranks masked on this rank (low_latency_update_mask_buffer)
         self.buffer_id = next(_ids)
         _BUFFERS[self.buffer_id] = self
 

@@ -11,7 +11,11 @@ Differences from DeepEP:
   - FP8 scales are row-major [L][R*M][H/128] (UE8M0: [L][R*M][H/512] int32), not column-major;
   - the combine's weights travel with the dispatch: pass topk_weights= to low_latency_dispatch;
     low_latency_combine then applies them (its own topk_idx / topk_weights are not used);
-  - use_logfmt and the *_wait_recv_cost_stats tensors are not supported.
+  - use_logfmt and the *_wait_recv_cost_stats tensors are not supported;
+  - the rank mask (low_latency_update_mask_buffer / query / clean) only grows: a masked rank
+    cannot be unmasked (nccl_moe.h, "Low-latency fault tolerance"), so mask=False on a masked
+    rank and clean with a non-empty mask raise NotImplementedError (create a new Buffer on every
+    rank instead). A rank that times out is masked by the library itself.
 """
 from typing import Optional
 
@@ -45,7 +49,59 @@ class LowLatencyMixin:
                 top_k=self.num_topk, max_tokens_per_rank=max_tokens,
                 dispatch_dtype="fp8_e4m3" if use_fp8 else "bf16", fp8_scales=scales,
                 num_sms=sms, timeout_ms=self.timeout_ms, num_buffer_slots=self.num_buffer_slots))
+            for r in sorted(self._ll_masked):  # the Buffer's mask holds for every LL context
+                _api.mark_rank_failed(self._ll_contexts[key].ptr, r)
         return self._ll_contexts[key]
+
+    # --- the rank mask (DeepEP's low_latency_*_mask_buffer) ----------------------------------
+    def _ll_mask(self) -> list:
+        """The Buffer's mask: ranks masked by the caller, or found failed (timed out) by any of
+        its LL contexts; a rank found by one context is masked in the others too."""
+        found = {key: _api.get_failed_ranks(ctx.ptr, self.group_size)
+                 for key, ctx in self._ll_contexts.items()}
+        mask = [1 if r in self._ll_masked else 0 for r in range(self.group_size)]
+        for f in found.values():
+            mask = [a | b for a, b in zip(mask, f)]
+        self._ll_masked.update(r for r, m in enumerate(mask) if m)
+        for key, ctx in self._ll_contexts.items():
+            for r, m in enumerate(mask):
+                if m and not found[key][r]:
+                    _api.mark_rank_failed(ctx.ptr, r)
+        return mask
+
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        """Masks rank_to_mask (mask=True): later LL operations on this rank neither send to nor
+        wait for it; tokens routed only to it combine to zeros. Local to this rank."""
+        if not 0 <= rank_to_mask < self.group_size:
+            raise ValueError(f"rank_to_mask = {rank_to_mask} is not a rank of the group "
+                             f"(0..{self.group_size - 1})")
+        if rank_to_mask == self.rank:
+            raise ValueError(f"rank_to_mask = {rank_to_mask} is this rank; it cannot mask itself")
+        if not mask:
+            if self._ll_mask()[rank_to_mask]:
+                raise NotImplementedError(
+                    f"rank {rank_to_mask} is masked and nccl-moe's mask only grows: create a new "
+                    "Buffer on every rank to communicate with it again")
+            return
+        self._ll_masked.add(rank_to_mask)
+        for ctx in self._ll_contexts.values():
+            _api.mark_rank_failed(ctx.ptr, rank_to_mask)
+
+    def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
+        """Writes the mask into mask_status ([group size] integer tensor, any device): 1 for a
+        masked rank (by the caller or after a timeout), 0 otherwise. No synchronisation with the
+        device beyond the copy into mask_status."""
+        if mask_status.numel() != self.group_size:
+            raise ValueError(f"mask_status has {mask_status.numel()} elements, the group "
+                             f"{self.group_size} ranks")
+        mask_status.copy_(torch.tensor(self._ll_mask(), dtype=mask_status.dtype))
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        """Nothing to do while no rank is masked; otherwise NotImplementedError (the mask only
+        grows: create a new Buffer on every rank)."""
+        if any(self._ll_mask()):
+            raise NotImplementedError("nccl-moe's rank mask only grows: create a new Buffer on "
+                                      "every rank to clear it")
 
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor,
                              num_max_dispatch_tokens_per_rank: int, num_experts: int,
