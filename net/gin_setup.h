@@ -3,8 +3,10 @@
 //
 // Signals are monotonic counters of a GIN context, added to by a put's remote action once its
 // payload (and that of every earlier put of the context to the same peer) has landed. The
-// low-latency path keeps one per (buffer slot, source rank) and direction, never reset: a
-// dispatch's count signal from source s of slot i, a combine's from rank s. Ids stay below
+// low-latency path keeps one per (buffer slot, source rank) and direction, cleared once at
+// creation (NCCL 2.28 reuses the words of a destroyed device communicator with their values;
+// launchGinSignalReset) and never again: a dispatch's count signal from source s of slot i, a
+// combine's from rank s. Ids stay below
 // 65536 (GIN descriptors carry 16-bit ids; INTERNODE.md §2).
 #pragma once
 #include <nccl.h>

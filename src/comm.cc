@@ -255,6 +255,13 @@ static ncclResult_t allocateLocally(ncclMoeComm* c) {
   return ncclSuccess;
 }
 
+// Zeroes this rank's GIN signals of the context's plan on every GIN context (launchGinSignalReset).
+static ncclResult_t resetGinSignals(ncclMoeComm* c) {
+  MOE_CUDA(launchGinSignalReset(c->devComm, c->gin.count(), 0));
+  MOE_CUDA(cudaDeviceSynchronize());
+  return ncclSuccess;
+}
+
 // Every failure up to the collective NCCL calls (window registration, device communicator) is
 // decided together by all ranks (agree): they fail at the same step with the same message.
 // Failures inside those NCCL calls are NCCL's own (its collectives have the same property).
@@ -286,6 +293,12 @@ static ncclResult_t createComm(ncclComm_t nccl, const ncclMoeConfig_t* config, n
                     c->devComm.lsaSize, c->nodes.gpusPerNode);
   if (c->nodes.nNodes > 1 && c->devComm.ginContextCount < 1)
     return ginUnavailableError(ncclInvalidUsage, c->nodes);
+  // The LL kernels wait for exact signal values counted from 0 (epoch * 2^32), but NCCL 2.28
+  // hands a new device communicator the GIN signal ids a destroyed one freed, with the values it
+  // left (a second EP context on the same ncclComm_t saw its first wait "ahead" and failed).
+  // Clear them, then agree: every rank has cleared its signals before any rank returns from
+  // creation and may put (the LSA barrier below does not cross nodes).
+  if (c->nodes.nNodes > 1) MOE_CHECK(agree(c, resetGinSignals(c), false, "clearing the GIN signals"));
 
   // One LSA barrier through the device communicator: every peer is mapped and alive.
   MOE_CUDA(launchLsaBarrier(c->devComm, 0));

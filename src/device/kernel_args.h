@@ -301,4 +301,10 @@ cudaError_t launchLlCombineComplete(const LlCombineArgs& args, int numCtas, cuda
 // One CTA syncs LSA barrier 0 of devComm with every LSA peer (creation-time check).
 cudaError_t launchLsaBarrier(const ncclDevComm& devComm, cudaStream_t stream);
 
+// Sets GIN signals 0 .. count-1 of every GIN context of devComm to 0. NCCL (2.28) keeps the
+// signal words per communicator, not per device communicator: a new device communicator gets
+// the id range a destroyed one freed, with the values it left (ncclDevCommCreate does not clear
+// them). Run at creation, before any peer may signal (a collective step follows).
+cudaError_t launchGinSignalReset(const ncclDevComm& devComm, int count, cudaStream_t stream);
+
 }  // namespace nccl_moe
