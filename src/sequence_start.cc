@@ -20,6 +20,11 @@ ncclResult_t applySequenceStart(const ncclMoeComm* c) {
     return setError(ncclInvalidArgument, "ncclMoeCommCreate: NCCL_MOE_SEQ_START = \"%s\" is not an unsigned "
                     "64-bit number", env);
   if (n == 0) return ncclSuccess;
+  // GIN signals cannot be preset (a new context clears them to 0 and only puts add to them), and
+  // the internode waits count from 0: the hook is for single-node contexts.
+  if (c->nodes.nNodes > 1)
+    return setError(ncclInvalidUsage, "ncclMoeCommCreate: NCCL_MOE_SEQ_START = %llu is a single-node test hook; "
+                    "this context spans %d nodes, whose GIN signals always start at 0", n, c->nodes.nNodes);
 
   DeviceState st;
   memset(&st, 0, sizeof(st));
