@@ -25,6 +25,8 @@ Check, per tensor (output, input gradient, every parameter gradient): max |a - b
 a = alltoall, b = flex (worst over the ranks). Rank 0 prints "PASS <name> ..." / "FAIL <name> ...",
 "ALL PASSED" at the end, and "TIME alltoall <ms> flex-nccl_moe <ms>" (forward + backward, mean
 of 10 iterations after 3 warm-up, max over ranks). Any failure: non-zero exit on every rank.
+MOE_PROFILE_DIR=<dir>: also one profiled step per dispatcher (operator tables on rank 0, Chrome
+traces per rank in <dir>).
 """
 import importlib.util
 import os
@@ -130,6 +132,25 @@ def time_ms(layer, x, g):
     return [float(t) for t in every]
 
 
+def profile(tag, layer, x, g):
+    """With MOE_PROFILE_DIR set: one forward + backward under torch.profiler (CPU and CUDA);
+    rank 0 prints the top operators by self CPU time and by CUDA time, and every rank writes a
+    Chrome trace <dir>/<tag>_rank<r>.json (where the extra milliseconds of one dispatcher go)."""
+    out_dir = os.environ.get("MOE_PROFILE_DIR")
+    if not out_dir:
+        return
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step(layer, x, g)
+        torch.cuda.synchronize()
+    os.makedirs(out_dir, exist_ok=True)
+    prof.export_chrome_trace(os.path.join(out_dir, f"{tag}_rank{dist.get_rank()}.json"))
+    table = prof.key_averages()
+    say(f"# profile {tag}: by self CPU time\n" + table.table(sort_by="self_cpu_time_total", row_limit=12))
+    say(f"# profile {tag}: by CUDA time\n" + table.table(sort_by="cuda_time_total", row_limit=12))
+
+
 def rel_err(a, b):
     """max |a - b| / max |a| in FP32 (inf when the shapes differ or a value is NaN)."""
     if a.shape != b.shape:
@@ -188,6 +209,7 @@ def main():
     xa = x0.clone().requires_grad_()
     res_a = guarded("run alltoall", results, layer_a, xa, g)
     ms_a = guarded("time alltoall", time_ms, layer_a, xa, g)
+    guarded("profile alltoall", profile, "alltoall", layer_a, xa, g)
 
     # (b) flex + deepep backend on nccl-moe.
     say(guarded("flex-nccl_moe setup", flex_preflight))
@@ -205,6 +227,7 @@ def main():
     xb = x0.clone().requires_grad_()
     res_b = guarded("run flex-nccl_moe", results, layer_b, xb, g)
     ms_b = guarded("time flex-nccl_moe", time_ms, layer_b, xb, g)
+    guarded("profile flex-nccl_moe", profile, "flex_nccl_moe", layer_b, xb, g)
 
     # Compare: output, input gradient, every parameter gradient (router and 32 local experts).
     errs += [("output", rel_err(res_a[0], res_b[0])), ("input grad", rel_err(res_a[1], res_b[1]))]
