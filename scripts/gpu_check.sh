@@ -3,10 +3,14 @@
 # LL perf binaries for the issues' benchmarks and the moeloop plugin's GPU test (all GPUs as 2
 # fake nodes), and print a short table. Every step has a time limit; full logs go to $OUT (or
 # /tmp/nccl-moe-out).
-# Usage: scripts/gpu_check.sh [build|tests|perf|shapes|sanitize|plugin|all] [extra gtest args...]
+# Usage: scripts/gpu_check.sh [build|tests|perf|shapes|sanitize|plugin|net|python|all] [extra gtest args...]
 # (build: only that; sanitize: compute-sanitizer memcheck over the GPU suite at 2 ranks (mpirun),
 # SANITIZE_FILTER narrows it; shapes: HT and LL sweeps over token counts for the model shapes
-# of DeepSeek-V3, Qwen3-235B-A22B and Mixtral-8x7B, not part of all). The perf binaries write
+# of DeepSeek-V3, Qwen3-235B-A22B and Mixtral-8x7B, not part of all; net: the internode tests
+# across 2 fake nodes (make nettest, make llnettest), each under NET_TIMEOUT s, with every
+# thread's state of a process still running at 80 % of it (a hang leaves its picture); python:
+# the package's GPU checks under torchrun, and megatron-core's MoE layer when MCORE_WHEEL names
+# a megatron-core wheel (unpacked onto PYTHONPATH; MOE_PROFILE_DIR profiles it)). The perf binaries write
 # their rows to $OUT/nccl<version>/*.csv (--output); with matplotlib, perf/plot_results.py
 # draws them, next to the peers' rows in perf/results/, into $OUT/nccl<version>/plots/.
 # NCCL: by default the Python environment's (torch's nvidia-nccl wheel, 2.28.9 on our machines);
@@ -151,5 +155,41 @@ if [ "$what" = plugin ] || [ "$what" = all ]; then
   rc=$?
   grep -E "^(==|PASSED|FAILED|SKIPPED|NOTE|ALL|SOME|   )" "$OUT/plugintest.log" | tail -14
   summary+=("plugintest PLUGIN_NGPUS=$NGPU rc=$rc (${SECONDS}s)")
+fi
+if [ "$what" = net ]; then
+  # One process tree per target; a watcher prints the threads (name, state, wchan, CPUs) of every
+  # gpu_tests / net_gpu_test process left at 80 % of the limit, then the limit ends it.
+  for target in nettest llnettest; do
+    SECONDS=0
+    limit=${NET_TIMEOUT:-150}
+    ( sleep $((limit * 4 / 5))
+      for pid in $(pgrep -f "(gpu_tests|net_gpu_test)"); do
+        echo "--- still running at $((limit * 4 / 5)) s: pid $pid allowed CPUs $(grep Cpus_allowed_list /proc/$pid/status | cut -f2)"
+        for t in /proc/$pid/task/*; do
+          printf "%s|%s|%s\n" "$(cat $t/comm)" "$(awk '{print $3}' $t/stat)" "$(cat $t/wchan)"
+        done | sort | uniq -c
+      done ) > "$OUT/${target}_threads.log" 2>&1 &
+    watcher=$!
+    timeout -k 5 $limit make $target "${MK[@]}" > "$OUT/$target.log" 2>&1
+    rc=$?
+    kill $watcher 2> /dev/null; wait $watcher 2> /dev/null
+    summary+=("$target rc=$rc (${SECONDS}s): $(grep -cE '^\[       OK' "$OUT/$target.log") OK, $(grep -cE '^\[  FAILED  \]' "$OUT/$target.log") FAILED lines")
+    grep -E "Failure|FAILED|rank [0-9]+:|PASSED|ALL" "$OUT/$target.log" | head -20
+    [ -s "$OUT/${target}_threads.log" ] && head -40 "$OUT/${target}_threads.log"
+  done
+fi
+if [ "$what" = python ]; then
+  SECONDS=0
+  NCCL_MOE_LIBRARY=$PWD/$B/lib/libnccl_moe.so timeout -k 5 240 torchrun --nproc_per_node=2 \
+    python/tests/gpu/ep_check.py > "$OUT/ep_check.log" 2>&1
+  summary+=("python ep_check rc=$? (${SECONDS}s): $(grep -c '^PASS' "$OUT/ep_check.log") PASS, $(grep -c '^FAIL' "$OUT/ep_check.log") FAIL")
+  if [ -n "${MCORE_WHEEL:-}" ]; then
+    SECONDS=0
+    rm -rf /tmp/mcore_site && mkdir -p /tmp/mcore_site && (cd /tmp/mcore_site && python3 -m zipfile -e "$MCORE_WHEEL" .)
+    PYTHONPATH=/tmp/mcore_site NCCL_MOE_LIBRARY=$PWD/$B/lib/libnccl_moe.so timeout -k 5 300 \
+      torchrun --nproc_per_node=2 python/tests/gpu/megatron_layer_check.py > "$OUT/megatron.log" 2>&1
+    summary+=("megatron layer rc=$? (${SECONDS}s): $(grep -E '^TIME|ALL PASSED' "$OUT/megatron.log" | tr '\n' ' ')")
+    grep -E "^FAIL" "$OUT/megatron.log" | head
+  fi
 fi
 printf '%s\n' "${summary[@]}"
