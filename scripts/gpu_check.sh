@@ -170,7 +170,9 @@ if [ "$what" = net ]; then
         done | sort | uniq -c
       done ) > "$OUT/${target}_threads.log" 2>&1 &
     watcher=$!
-    timeout -k 5 $limit make $target "${MK[@]}" > "$OUT/$target.log" 2>&1
+    # Line-buffered (stdbuf reaches the test processes): a process the limit kills keeps its
+    # output; block-buffered gtest output to a file is lost with it.
+    timeout -k 5 $limit stdbuf -oL -eL make $target "${MK[@]}" > "$OUT/$target.log" 2>&1
     rc=$?
     kill $watcher 2> /dev/null; wait $watcher 2> /dev/null
     summary+=("$target rc=$rc (${SECONDS}s): $(grep -cE '^\[       OK' "$OUT/$target.log") OK, $(grep -cE '^\[  FAILED  \]' "$OUT/$target.log") FAILED lines")
