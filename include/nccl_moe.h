@@ -157,6 +157,10 @@ typedef struct ncclMoeHandle* ncclMoeHandle_t; /* routing of one dispatch, reuse
  * holds, per slot, staging and landing rows for the remote ranks (about
  * 2*(R-G)*maxTokensPerRank*(record + 2*H) bytes, record = H*dtype + scales + 8*K + 16), which
  * ncclMoeGetWindowSize does not count. Outputs are the same, bit for bit, as on one node.
+ * Creation then clears the context's GIN signals and proves GIN between every pair of nodes (one
+ * put with a signal from every rank to every remote rank, within timeoutMs); a path that does
+ * not deliver fails creation on every rank (ncclSystemError, saying how many remote ranks'
+ * puts arrived).
  * Errors: ncclInvalidArgument for a bad config (message names the field); ncclInvalidUsage when
  * comm spans several nodes in high-throughput mode (not available yet), when its ranks are not
  * node-contiguous or the nodes differ in GPUs (the message names the ranks), or when the NCCL

@@ -9,10 +9,10 @@ ncclResult_t planGinSignals(const ncclMoeConfig_t& c, const NodeMap& nodes, GinS
   GinSignalPlan p;
   p.slots = c.numBufferSlots;
   p.nRanks = nodes.nRanks;
-  if ((long long)2 * p.slots * p.nRanks >= kMaxGinSignals)
+  if ((long long)2 * p.slots * p.nRanks + 1 > kMaxGinSignals)
     return setError(ncclInvalidArgument,
                     "config.numBufferSlots = %d on %d ranks needs %lld GIN signals; at most %d are addressable",
-                    p.slots, p.nRanks, (long long)2 * p.slots * p.nRanks, kMaxGinSignals - 1);
+                    p.slots, p.nRanks, (long long)2 * p.slots * p.nRanks + 1, kMaxGinSignals);
   *plan = p;
   return ncclSuccess;
 }

@@ -24,7 +24,9 @@ struct GinSignalPlan {
   int nRanks = 0;  // world ranks
   int dispatch(int slot, int src) const { return slot * nRanks + src; }
   int combine(int slot, int src) const { return (slots + slot) * nRanks + src; }
-  int count() const { return 2 * slots * nRanks; }
+  // Creation's handshake (launchGinHandshake): one put with this signal from every remote rank.
+  int handshake() const { return 2 * slots * nRanks; }
+  int count() const { return 2 * slots * nRanks + 1; }
 };
 
 // The signal plan of a resolved low-latency config on `nodes`. Fails with ncclInvalidArgument

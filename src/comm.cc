@@ -262,6 +262,40 @@ static ncclResult_t resetGinSignals(ncclMoeComm* c) {
   return ncclSuccess;
 }
 
+// Proves GIN between this rank and every remote rank before any operation (launchGinHandshake):
+// a GIN plugin that is slow to set up a path (e.g. mapping a peer's window on first use) does
+// it now, and one that cannot deliver fails creation here, naming how many ranks answered,
+// instead of timing out inside the first operation.
+static ncclResult_t ginHandshake(ncclMoeComm* c) {
+  unsigned long long* host = nullptr;
+  MOE_CUDA(cudaHostAlloc(&host, sizeof(*host), cudaHostAllocMapped));
+  *host = 0;
+  GinHandshakeArgs a;
+  memset(&a, 0, sizeof(a));
+  a.devComm = c->devComm;
+  a.win = c->win;
+  a.peers = c->nodes.peerMap(c->rank);
+  const size_t rec = c->llNet.record.bytes;
+  a.stageOff = c->llNetOff + c->llNet.dispatchStage;  // slot 0: rows of M records per remote rank
+  a.landOff = c->llNetOff + c->llNet.dispatchLand;
+  a.rowBytes = (size_t)c->cfg.maxTokensPerRank * rec;
+  a.bytes = rec;
+  a.signal = c->gin.handshake();
+  a.timeoutNs = (long long)c->cfg.timeoutMs * 1000000LL;
+  cudaError_t err = cudaHostGetDevicePointer((void**)&a.arrived, host, 0);
+  if (err == cudaSuccess) err = launchGinHandshake(a, 0);
+  if (err == cudaSuccess) err = cudaDeviceSynchronize();
+  const unsigned long long arrived = *(volatile unsigned long long*)host;
+  cudaFreeHost(host);
+  MOE_CUDA(err);
+  const int want = c->nRanks - c->nodes.gpusPerNode;
+  if (arrived != (unsigned long long)want)
+    return setError(ncclSystemError, "ncclMoeCommCreate: rank %d: GIN handshake: %llu of the %d remote ranks' puts "
+                    "arrived within timeoutMs = %d ms: the NET plugin's GIN does not deliver between these nodes",
+                    c->rank, arrived, want, c->cfg.timeoutMs);
+  return ncclSuccess;
+}
+
 // Every failure up to the collective NCCL calls (window registration, device communicator) is
 // decided together by all ranks (agree): they fail at the same step with the same message.
 // Failures inside those NCCL calls are NCCL's own (its collectives have the same property).
@@ -299,6 +333,7 @@ static ncclResult_t createComm(ncclComm_t nccl, const ncclMoeConfig_t* config, n
   // Clear them, then agree: every rank has cleared its signals before any rank returns from
   // creation and may put (the LSA barrier below does not cross nodes).
   if (c->nodes.nNodes > 1) MOE_CHECK(agree(c, resetGinSignals(c), false, "clearing the GIN signals"));
+  if (c->nodes.nNodes > 1) MOE_CHECK(agree(c, ginHandshake(c), false, "the GIN handshake"));
 
   // One LSA barrier through the device communicator: every peer is mapped and alive.
   MOE_CUDA(launchLsaBarrier(c->devComm, 0));

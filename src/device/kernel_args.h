@@ -307,4 +307,21 @@ cudaError_t launchLsaBarrier(const ncclDevComm& devComm, cudaStream_t stream);
 // them). Run at creation, before any peer may signal (a collective step follows).
 cudaError_t launchGinSignalReset(const ncclDevComm& devComm, int count, cudaStream_t stream);
 
+// Creation's proof that GIN delivers between every pair of nodes, before any operation: every
+// rank puts `bytes` from its staging row for each remote rank d (stageOff + remoteIndex(d) *
+// rowBytes) to its row in d's landing region (landOff + its remote index at d * rowBytes) with
+// +1 on GIN signal `signal` (signals cleared and every rank past a vote first), then waits up to
+// timeoutNs until its own `signal` counts every remote rank. *arrived (host-mapped): the count
+// seen. The regions are the LL internode ones, which no operation reads before writing.
+struct GinHandshakeArgs {
+  ncclDevComm devComm;
+  ncclWindow_t win;
+  PeerMap peers;
+  size_t stageOff, landOff, rowBytes, bytes;  // byte offsets / sizes in the window
+  int signal;
+  long long timeoutNs;
+  unsigned long long* arrived;  // device address of a host-mapped word
+};
+cudaError_t launchGinHandshake(const GinHandshakeArgs& args, cudaStream_t stream);
+
 }  // namespace nccl_moe

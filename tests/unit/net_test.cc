@@ -131,13 +131,14 @@ TEST(NetGin, SignalPlanAndRequirements) {
   const NodeMap m = mapOf(2, 8);
   GinSignalPlan plan;
   ASSERT_EQ(planGinSignals(r, m, &plan), ncclSuccess);
-  EXPECT_EQ(plan.count(), 2 * 2 * 16);
+  EXPECT_EQ(plan.count(), 2 * 2 * 16 + 1);
   std::vector<int> seen(plan.count(), 0);
   for (int slot = 0; slot < 2; ++slot)
     for (int s = 0; s < 16; ++s) {
       seen[plan.dispatch(slot, s)]++;
       seen[plan.combine(slot, s)]++;
     }
+  seen[plan.handshake()]++;
   for (int v : seen) EXPECT_EQ(v, 1);  // every id used once: no two counters share a signal
   const ncclDevCommRequirements reqs = ginRequirements(m, plan);
   EXPECT_EQ(reqs.ginSignalCount, plan.count());
@@ -158,11 +159,11 @@ TEST(NetGin, SignalPlanAndRequirements) {
   const ncclDevCommRequirements one = ginRequirements(mapOf(1, 8), plan);
   EXPECT_EQ(one.ginSignalCount, 0);
   EXPECT_EQ(one.ginContextCount, defaultDevCommRequirements().ginContextCount);
-  // 256 ranks x 8 slots x 2 = 4096 signals: well inside the 16-bit ids.
+  // 256 ranks x 8 slots x 2 + the handshake = 4097 signals: well inside the 16-bit ids.
   r.numBufferSlots = kMaxBufferSlots;
   ASSERT_EQ(planGinSignals(r, mapOf(32, 8), &plan), ncclSuccess);
-  EXPECT_EQ(plan.count(), 4096);
-  EXPECT_LT(plan.combine(kMaxBufferSlots - 1, 255), kMaxGinSignals);
+  EXPECT_EQ(plan.count(), 4097);
+  EXPECT_LT(plan.handshake(), kMaxGinSignals);
 }
 
 TEST(NetGin, UnavailableErrorSaysWhatIsMissing) {
