@@ -22,6 +22,9 @@
 //             per (token, rank) pair from another rank, what crosses NVLink;
 //   combine algbw: one BF16 row of H*2 bytes per valid (token, k) pair of this rank's own
 //             tokens (DeepEP's definition); busbw: one per (token, other rank) pair.
+// Several nodes (MOE_FAKE_NODES, or real ones): before each size, rank 0 prints the network term
+// of perf/ll_net_model.h for the plugin's shaping (NCCL_MOELOOP_GBPS / _LATENCY_US), the busiest
+// rank's NIC, to compare with the measured times.
 // Own options: -F/--scales, -l/--slots, -W/--weighted, --hold-stream (see -h). Defaults here:
 // -b 128 -e 128 -E 288 -d fp8 -n 100 -w 20.
 #include <math.h>
@@ -33,7 +36,10 @@
 #include <string>
 #include <vector>
 
+#include <nccl_device.h>
+
 #include "common.h"
+#include "ll_net_model.h"
 #include "../testing/reference_ll.h"
 
 namespace {
@@ -256,6 +262,34 @@ struct Bench {
     dispatchRemote = (double)remoteIn * rowIn;
     combineBytes = (double)pairsOut * rowOut;
     combineRemote = (double)remoteOut * rowOut;
+    if (c.me == 0) printNetModel();
+  }
+
+  // The network model of this size (ll_net_model.h), when the ranks span several nodes.
+  void printNetModel() const {
+    const int G = ncclTeamLsa(ctx.comm).nRanks;
+    if (G <= 0 || G >= c.R) return;
+    moe_perf::LlNetShape s;
+    s.nRanks = c.R;
+    s.gpusPerNode = G;
+    s.numExperts = c.E;
+    s.hidden = c.H;
+    s.topK = c.K;
+    s.fp8 = c.fp8;
+    s.scaleBytes = scaleBytes(c);
+    const moe_perf::NicShape nic = moe_perf::nicShapeFromEnv();
+    double dispatchUs = 0, combineUs = 0, dispatchMb = 0, combineMb = 0;
+    for (int r = 0; r < c.R; r++) {
+      const moe_perf::LlNetTraffic t = moe_perf::llNetTraffic(s, rt, r);
+      dispatchUs = std::max(dispatchUs, moe_perf::llNetModelUs(nic, t.dispatchOut, t.dispatchIn));
+      combineUs = std::max(combineUs, moe_perf::llNetModelUs(nic, t.combineOut, t.combineIn));
+      dispatchMb = std::max(dispatchMb, std::max(t.dispatchOut, t.dispatchIn) / 1e6);
+      combineMb = std::max(combineMb, std::max(t.combineOut, t.combineIn) / 1e6);
+    }
+    printf("# net model, %ld tokens (%d nodes x %d GPUs, NIC %g GB/s + %g us per message): dispatch +%.2f us "
+           "(busiest NIC %.3f MB), combine +%.2f us (%.3f MB)\n",
+           T, c.R / G, G, nic.gbps, nic.latencyUs, dispatchUs, dispatchMb, combineUs, combineMb);
+    fflush(stdout);
   }
 
   // One checked one-shot dispatch into a poisoned slot; the received rows' identity expert
