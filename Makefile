@@ -73,7 +73,7 @@ NET_GPU_BIN := $(BUILDDIR)/test/net_gpu_test
 
 # Extra objects the CPU unit-test binary links (the plugin's host transport adds its own): the
 # perf binaries' option parser and result writer, which need no CUDA.
-UNIT_EXTRA_OBJS := $(OBJ)/perf/options.o $(OBJ)/perf/report.o $(OBJ)/perf/ll_net_model.o
+UNIT_EXTRA_OBJS := $(OBJ)/perf/options.o $(OBJ)/perf/report.o
 
 # Stop before compiling anything when NCCL_HOME has no device API (every goal but deps/clean).
 ifneq ($(filter-out deps clean,$(if $(MAKECMDGOALS),$(MAKECMDGOALS),all)),)

@@ -23,7 +23,7 @@
 //   combine algbw: one BF16 row of H*2 bytes per valid (token, k) pair of this rank's own
 //             tokens (DeepEP's definition); busbw: one per (token, other rank) pair.
 // Several nodes (MOE_FAKE_NODES, or real ones): before each size, rank 0 prints the network term
-// of perf/ll_net_model.h for the plugin's shaping (NCCL_MOELOOP_GBPS / _LATENCY_US), the busiest
+// of testing/ll_net_model.h for the plugin's shaping (NCCL_MOELOOP_GBPS / _LATENCY_US), the busiest
 // rank's NIC, to compare with the measured times.
 // Own options: -F/--scales, -l/--slots, -W/--weighted, --hold-stream (see -h). Defaults here:
 // -b 128 -e 128 -E 288 -d fp8 -n 100 -w 20.
@@ -39,7 +39,7 @@
 #include <nccl_device.h>
 
 #include "common.h"
-#include "ll_net_model.h"
+#include "../testing/ll_net_model.h"
 #include "../testing/reference_ll.h"
 
 namespace {
@@ -265,11 +265,11 @@ struct Bench {
     if (c.me == 0) printNetModel();
   }
 
-  // The network model of this size (ll_net_model.h), when the ranks span several nodes.
+  // The network model of this size (testing/ll_net_model.h), when the ranks span several nodes.
   void printNetModel() const {
     const int G = ncclTeamLsa(ctx.comm).nRanks;
     if (G <= 0 || G >= c.R) return;
-    moe_perf::LlNetShape s;
+    moe_net::LlNetShape s;
     s.nRanks = c.R;
     s.gpusPerNode = G;
     s.numExperts = c.E;
@@ -277,12 +277,12 @@ struct Bench {
     s.topK = c.K;
     s.fp8 = c.fp8;
     s.scaleBytes = scaleBytes(c);
-    const moe_perf::NicShape nic = moe_perf::nicShapeFromEnv();
+    const moe_net::NicShape nic = moe_net::nicShapeFromEnv();
     double dispatchUs = 0, combineUs = 0, dispatchMb = 0, combineMb = 0;
     for (int r = 0; r < c.R; r++) {
-      const moe_perf::LlNetTraffic t = moe_perf::llNetTraffic(s, rt, r);
-      dispatchUs = std::max(dispatchUs, moe_perf::llNetModelUs(nic, t.dispatchOut, t.dispatchIn));
-      combineUs = std::max(combineUs, moe_perf::llNetModelUs(nic, t.combineOut, t.combineIn));
+      const moe_net::LlNetTraffic t = moe_net::llNetTraffic(s, rt, r);
+      dispatchUs = std::max(dispatchUs, moe_net::llNetModelUs(nic, t.dispatchOut, t.dispatchIn));
+      combineUs = std::max(combineUs, moe_net::llNetModelUs(nic, t.combineOut, t.combineIn));
       dispatchMb = std::max(dispatchMb, std::max(t.dispatchOut, t.dispatchIn) / 1e6);
       combineMb = std::max(combineMb, std::max(t.combineOut, t.combineIn) / 1e6);
     }

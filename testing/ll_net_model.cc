@@ -4,7 +4,7 @@
 #include <stdlib.h>
 #include <algorithm>
 
-namespace moe_perf {
+namespace moe_net {
 namespace {
 
 size_t align16(size_t n) { return (n + 15) & ~(size_t)15; }
@@ -72,4 +72,4 @@ double llNetModelUs(const NicShape& nic, double outBytes, double inBytes) {
   return nic.latencyUs + (nic.gbps > 0 ? bytes / (nic.gbps * 1e3) : 0.0);
 }
 
-}  // namespace moe_perf
+}  // namespace moe_net

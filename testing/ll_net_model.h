@@ -1,7 +1,8 @@
 // The latency model of the low-latency kernels across nodes (issue 12 item 6): what one fake NIC
 // (plugin/: one per process, shaped per direction by NCCL_MOELOOP_GBPS and per message by
 // NCCL_MOELOOP_LATENCY_US) adds to a dispatch or a combine, from the routing. ll_perf prints it
-// next to its measurements on several nodes; perf/RESULTS.md compares the two. CPU only.
+// next to its measurements on several nodes, and the GPU tests check the plugin's per-peer
+// counters against it (tests/gpu/ll_net_bytes_test.cc); perf/RESULTS.md compares. CPU only.
 //
 // Traffic of rank `me`'s NIC in one operation (INTERNODE.md §4; src/device/ll/*_gin.cuh):
 //   dispatch out: one record per (own token, remote rank it goes to), plus one counts row per
@@ -17,9 +18,9 @@
 #pragma once
 #include <stddef.h>
 #include <vector>
-#include "../testing/reference.h"
+#include "reference.h"
 
-namespace moe_perf {
+namespace moe_net {
 
 struct NicShape {
   double gbps = 0;       // GB/s (1e9 B/s) per direction; 0 = unshaped
@@ -45,4 +46,4 @@ LlNetTraffic llNetTraffic(const LlNetShape& s, const std::vector<moe_ref::Routin
 // The network term of one operation whose NIC sends `outBytes` and receives `inBytes`.
 double llNetModelUs(const NicShape& nic, double outBytes, double inBytes);
 
-}  // namespace moe_perf
+}  // namespace moe_net
