@@ -77,3 +77,33 @@ def test_rank_mask_spans_the_ll_contexts_and_only_grows(monkeypatch):
         buf.low_latency_update_mask_buffer(0, mask=True)
     with pytest.raises(ValueError, match="not a rank"):
         buf.low_latency_update_mask_buffer(4, mask=True)
+
+
+def test_window_views_built_once_per_region(monkeypatch):
+    """window_view builds a region's tensor once (torch.as_tensor is the costly part) and slices
+    it for fewer rows; more rows rebuild it; drop_window_views forgets them."""
+    from nccl_moe.torch import _tensors
+    built = []
+
+    def fake_as_tensor(mem, device=None):
+        cai = mem.__cuda_array_interface__
+        built.append(cai["shape"])
+        return torch.zeros(cai["shape"], dtype=torch.int16)
+
+    monkeypatch.setattr(_tensors.torch, "as_tensor", fake_as_tensor)
+
+    class Owner:
+        pass
+
+    owner, dev = Owner(), torch.device("cpu")
+    a = _tensors.window_view(4096, (8, 16), torch.bfloat16, dev, owner)
+    b = _tensors.window_view(4096, (5, 16), torch.bfloat16, dev, owner)
+    assert a.shape == (8, 16) and b.shape == (5, 16) and b.dtype == torch.bfloat16
+    assert built == [(8, 16)]
+    c = _tensors.window_view(4096, (12, 16), torch.bfloat16, dev, owner)
+    assert c.shape == (12, 16) and built == [(8, 16), (12, 16)]
+    _tensors.window_view(8192, (5, 16), torch.bfloat16, dev, owner)  # another region
+    assert len(built) == 3
+    _tensors.drop_window_views(owner)
+    _tensors.window_view(4096, (5, 16), torch.bfloat16, dev, owner)
+    assert len(built) == 4

@@ -15,6 +15,7 @@ import torch
 
 from .. import _api
 from ..config import Config
+from ._tensors import drop_window_views
 
 
 MAX_POOLED = 8  # idle handles kept for reuse (two micro-batches of a few layers in flight)
@@ -69,5 +70,6 @@ class Context:
             _api.handle_destroy(h)
         self._created.clear()
         self._pool.clear()
+        drop_window_views(self)  # no cached view outlives the window
         _api.comm_destroy(self.ptr)
         self.ptr = None

@@ -29,12 +29,33 @@ class _DeviceMemory:
 def window_view(ptr: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device,
                 owner: object) -> torch.Tensor:
     """A contiguous `dtype` tensor of `shape` at device address `ptr` (no copy). Valid as long as
-    the memory is (the window's lifetime rules); holds `owner` alive."""
+    the memory is (the window's lifetime rules); holds `owner` alive.
+
+    torch.as_tensor over __cuda_array_interface__ costs tens of microseconds, and the window's
+    regions never move, so each (ptr, trailing shape, dtype) is built once per owner, with the
+    most rows asked so far, in owner._window_views, and later calls take a leading slice of it
+    (drop_window_views empties the cache, e.g. before the owner frees the window)."""
     if any(s == 0 for s in shape):
         return torch.empty(tuple(shape), dtype=dtype, device=device)
-    typestr, carrier = _CARRIERS[dtype]
-    t = torch.as_tensor(_DeviceMemory(ptr, shape, typestr, owner), device=device)
-    return t if carrier == dtype else t.view(dtype)
+    key = (ptr, tuple(shape[1:]), dtype)
+    cache = getattr(owner, "_window_views", None)
+    if cache is None:
+        cache = {}
+        setattr(owner, "_window_views", cache)
+    full = cache.get(key)
+    if full is None or full.shape[0] < shape[0]:
+        typestr, carrier = _CARRIERS[dtype]
+        full = torch.as_tensor(_DeviceMemory(ptr, shape, typestr, owner), device=device)
+        if carrier != dtype:
+            full = full.view(dtype)
+        cache[key] = full
+    return full if full.shape[0] == shape[0] else full[:shape[0]]
+
+
+def drop_window_views(owner: object) -> None:
+    """Forgets the views window_view cached for `owner`."""
+    if getattr(owner, "_window_views", None):
+        owner._window_views.clear()
 
 
 def address(t: Optional[torch.Tensor]) -> Optional[int]:
