@@ -14,7 +14,8 @@ namespace nccl_moe {
 // signal values that every peer would have left after n operations of each kind. Call it during
 // creation, after the window and the state are zeroed and before any peer may signal (the
 // creation barrier). Every rank must see the same value; tests give ranks different values on
-// purpose to put one rank ahead of the others. Synchronous.
+// purpose to put one rank ahead of the others. Synchronous. A context on several nodes refuses
+// n != 0 (ncclInvalidUsage): its GIN signals cannot be preset.
 ncclResult_t applySequenceStart(const ncclMoeComm* comm);
 
 }  // namespace nccl_moe
