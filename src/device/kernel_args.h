@@ -196,8 +196,9 @@ struct CombineArgs {
 };
 cudaError_t launchCombineHtIntranode(const CombineArgs& args, int numCtas, cudaStream_t stream);
 // The same combine with Hopper bulk copies (combine_tma.cu; sm_90, NCCL_MOE_HT_COMBINE=tma):
-// each CTA pulls rows through a ring of kTmaStages shared-memory stages of kTmaChunkBytes bytes
-// (dynamic shared memory: kTmaStages * kTmaChunkBytes). Bitwise the same outputs; the top-k
+// each CTA pulls rows through kTmaStages shared-memory stages of kTmaChunkBytes bytes, split
+// into one ring per consumer group (dynamic shared memory: kTmaStages * kTmaChunkBytes). Bitwise
+// the same outputs; the top-k
 // values of ncclMoeCombineWithWeights are not supported (outTopkWeights must be NULL).
 constexpr int kTmaStages = 24;
 constexpr int kTmaChunkBytes = 8192;

@@ -2,17 +2,22 @@
 // NCCL_MOE_HT_COMBINE=tma, read at ncclMoeCommCreate). Same protocol and same result as the
 // pull kernel in combine_lsa.cu; only the way rows reach the SM differs.
 //
-// One launch of numSms persistent CTAs, each 1 producer warp + kTmaConsumerWarps consumer warps:
+// One launch of numSms persistent CTAs, each 1 producer warp + kTmaConsumerWarps consumer warps
+// in kTmaGroups groups:
 //  1. ready: exactly as combine_lsa.cu (CTA 0 publishes a.inOff in every peer's kSigCombineSource
 //     word and release-signals kSigCombineReady; every CTA waits for all peers and reads each
 //     peer's rows at the offset that peer published; after a dispatch that delivered nothing no
 //     row is read and every token comes out as zeros).
 //  2. reduce: the CTA owns tokens t = blockIdx.x + j * gridDim.x. Each row (2H bytes) is split
-//     into nChunks chunks of at most kTmaChunkBytes (16-byte multiples). For each token, chunk,
-//     and rank r of the token's ranks in increasing order, the producer warp's lane 0 fills one
-//     shared-memory stage of a kTmaStages ring with a bulk copy (cp.async.bulk global ->
-//     shared, completion counted in bytes on the stage's `full` mbarrier) from peer r's window.
-//     The consumers take the stages in the same order: the first rank of a (token, chunk) starts
+//     into nChunks chunks of at most kTmaChunkBytes (16-byte multiples). A (token, chunk) is a
+//     unit; unit u belongs to consumer group u % kTmaGroups, which has its own ring of
+//     kTmaGroupStages shared-memory stages. For each rank r of the unit's token in increasing
+//     order, the producer warp's lane 0 fills the next stage of the group's ring with a bulk copy
+//     (cp.async.bulk global -> shared, completion counted in bytes on the stage's `full`
+//     mbarrier) from peer r's window. The group's warps take their stages in the same order, so
+//     the groups reduce different units at once and each thread holds kTmaVecsPerThread vectors
+//     of a stage (one group for all stages made every stage pay all 16 warps' barrier round trip
+//     for one vector per thread: measured slower than the pull kernel). The first rank of a unit starts
 //     FP32 accumulators at +0.0f, every rank adds w(t, r) * x with separate multiply and add
 //     (as the pull kernel and the CPU reference do), the last one rounds to BF16 and stores the
 //     chunk to out[t]. So every element sees the same operations in the same order as in the
@@ -31,10 +36,15 @@ namespace nccl_moe {
 constexpr int kTmaConsumerWarps = 16;
 constexpr int kTmaConsumerThreads = 32 * kTmaConsumerWarps;
 constexpr int kTmaThreads = kTmaConsumerThreads + 32;  // the producer is the last warp
+constexpr int kTmaGroups = 4;                          // consumer groups, each with its own ring
+constexpr int kTmaGroupWarps = kTmaConsumerWarps / kTmaGroups;
+constexpr int kTmaGroupThreads = 32 * kTmaGroupWarps;
+constexpr int kTmaGroupStages = kTmaStages / kTmaGroups;  // ring g: stages [g * this, (g + 1) * this)
 constexpr int kTmaChunkVecs = kTmaChunkBytes / 16;     // 16-byte vectors per stage at most
-constexpr int kTmaVecsPerThread = kTmaChunkVecs / kTmaConsumerThreads;
+constexpr int kTmaVecsPerThread = kTmaChunkVecs / kTmaGroupThreads;
 constexpr int kTmaPrefetch = 4;  // tokens whose routing the producer loads ahead
-static_assert(kTmaChunkVecs % kTmaConsumerThreads == 0, "a stage splits evenly over consumers");
+static_assert(kTmaChunkVecs % kTmaGroupThreads == 0, "a stage splits evenly over a group");
+static_assert(kTmaStages % kTmaGroups == 0 && kTmaConsumerWarps % kTmaGroups == 0, "even groups");
 
 // What the producer tells the consumers about stage s (written before the stage's arrive, whose
 // release orders it before the consumers' acquiring wait). token < 0: no more stages.
@@ -107,23 +117,28 @@ __device__ __forceinline__ TokenRoute loadRoute(const CombineArgs& a, int t, int
   return m;
 }
 
-// Ring position shared by producer and consumers: stage index and the parity of its use.
+// Position in one group's ring, as the producer and that group's consumers track it: the stage
+// (an index into the CTA's stages) and the parity of its use.
 struct Ring {
+  int first = 0;  // the group's first stage
   int stage = 0;
   uint32_t parity = 0;
+  __device__ __forceinline__ explicit Ring(int group = 0)
+      : first(group * kTmaGroupStages), stage(group * kTmaGroupStages) {}
   __device__ __forceinline__ void advance() {
-    if (++stage == kTmaStages) {
-      stage = 0;
+    if (++stage == first + kTmaGroupStages) {
+      stage = first;
       parity ^= 1u;
     }
   }
 };
 
-// The producer warp (all lanes; lane 0 issues): every stage of token t, in (chunk, rank) order.
+// The producer warp (all lanes; lane 0 issues): every stage of token t, unit (t, chunk) by unit,
+// each unit's ranks in increasing order into the ring of its group (*unit counts units).
 __device__ __forceinline__ void produceToken(const CombineArgs& a, const char* const* rows, const int* sendOffset,
                                              int t, const TokenRoute& m, int nChunks, int chunkVecs,
                                              uint4* buffers, TmaStageInfo* info, uint64_t* full,
-                                             uint64_t* emptyBar, Ring& ring, int lane) {
+                                             uint64_t* emptyBar, Ring* rings, int* unit, int lane) {
   const int rowVecs = a.hidden / 8;
   const unsigned srcMask = __ballot_sync(0xffffffffu, m.pos >= 0);
   if (srcMask == 0) {  // no rank received t: zeros, as the pull kernel's empty sum gives
@@ -147,6 +162,7 @@ __device__ __forceinline__ void produceToken(const CombineArgs& a, const char* c
   for (int c = 0; c < nChunks; ++c) {
     const int vecOff = c * chunkVecs;
     const int vecs = min(chunkVecs, rowVecs - vecOff);
+    Ring& ring = rings[(*unit)++ % kTmaGroups];
     for (unsigned rest = srcMask; rest != 0;) {  // warp-uniform
       const int r = __ffs(rest) - 1;
       const bool first = rest == srcMask;
@@ -168,11 +184,12 @@ __device__ __forceinline__ void produceToken(const CombineArgs& a, const char* c
 }
 
 // --- consumers -----------------------------------------------------------------------------
-// Consumer thread ct owns vectors ct + i * kTmaConsumerThreads of every stage.
+// Thread ct of consumer group g owns vectors ct + i * kTmaGroupThreads of every stage of the
+// group's ring.
 __device__ __forceinline__ void consumeStages(const CombineArgs& a, const uint4* buffers, const TmaStageInfo* info,
-                                              uint64_t* full, uint64_t* emptyBar, int ct) {
+                                              uint64_t* full, uint64_t* emptyBar, int g, int ct) {
   float acc[kTmaVecsPerThread][8];
-  for (Ring ring;; ring.advance()) {
+  for (Ring ring(g);; ring.advance()) {
     const int s = ring.stage;
     mbarWait(&full[s], ring.parity);
     const TmaStageInfo in = info[s];
@@ -185,7 +202,7 @@ __device__ __forceinline__ void consumeStages(const CombineArgs& a, const uint4*
     const uint4* buf = buffers + (size_t)s * kTmaChunkVecs;
 #pragma unroll
     for (int i = 0; i < kTmaVecsPerThread; ++i) {
-      const int idx = ct + i * kTmaConsumerThreads;
+      const int idx = ct + i * kTmaGroupThreads;
       if (idx < in.vecs) accumulateBf16x8(acc[i], buf[idx], in.scale);
     }
     __syncwarp();
@@ -194,7 +211,7 @@ __device__ __forceinline__ void consumeStages(const CombineArgs& a, const uint4*
       uint4* dst = (uint4*)(a.out + (size_t)in.token * a.hidden) + in.vecOff;
 #pragma unroll
       for (int i = 0; i < kTmaVecsPerThread; ++i) {
-        const int idx = ct + i * kTmaConsumerThreads;
+        const int idx = ct + i * kTmaGroupThreads;
         if (idx < in.vecs) dst[idx] = packBf16x8(acc[i]);
       }
     }
@@ -220,7 +237,7 @@ __global__ void __launch_bounds__(kTmaThreads, 1) combineHtTmaKernel(CombineArgs
   if (threadIdx.x == 0) {
     for (int s = 0; s < kTmaStages; ++s) {
       mbarInit(&full[s], 1);                   // the producer's arrive (+ the copy's bytes)
-      mbarInit(&emptyBar[s], kTmaConsumerWarps);  // one arrive per consumer warp
+      mbarInit(&emptyBar[s], kTmaGroupWarps);  // one arrive per warp of the stage's group
     }
     // The initialised barriers are visible to the bulk copies (async proxy) that complete on them.
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -237,7 +254,10 @@ __global__ void __launch_bounds__(kTmaThreads, 1) combineHtTmaKernel(CombineArgs
       // The peers' rows were written through the generic proxy and acquired above (ready
       // signals, then the CTA barrier); order them before this warp's bulk reads (async proxy).
       asm volatile("fence.proxy.async.global;" ::: "memory");
-      Ring ring;
+      Ring rings[kTmaGroups];
+#pragma unroll
+      for (int g = 0; g < kTmaGroups; ++g) rings[g] = Ring(g);
+      int unit = 0;
       const int stride = gridDim.x;
       TokenRoute cur[kTmaPrefetch], next[kTmaPrefetch];
 #pragma unroll
@@ -252,19 +272,23 @@ __global__ void __launch_bounds__(kTmaThreads, 1) combineHtTmaKernel(CombineArgs
           const int t = t0 + i * stride;
           if (t < a.numTokens)
             produceToken(a, rows, sendOffset, t, cur[i], nChunks, chunkVecs, buffers, info, full, emptyBar,
-                         ring, lane);
+                         rings, &unit, lane);
         }
 #pragma unroll
         for (int i = 0; i < kTmaPrefetch; ++i) cur[i] = next[i];
       }
-      if (lane == 0) {  // end marker: a stage without data
-        mbarWait(&emptyBar[ring.stage], ring.parity ^ 1u);
-        info[ring.stage].token = -1;
-        mbarArrive(&full[ring.stage]);
+      if (lane == 0) {  // end marker of every group: a stage without data
+        for (int g = 0; g < kTmaGroups; ++g) {
+          Ring& ring = rings[g];
+          mbarWait(&emptyBar[ring.stage], ring.parity ^ 1u);
+          info[ring.stage].token = -1;
+          mbarArrive(&full[ring.stage]);
+        }
       }
       __syncwarp();
     } else {
-      consumeStages(a, buffers, info, full, emptyBar, threadIdx.x);
+      consumeStages(a, buffers, info, full, emptyBar, threadIdx.x / kTmaGroupThreads,
+                    threadIdx.x % kTmaGroupThreads);
     }
   }
   finishAndWaitPeers(w, kSigCombineDone, seq, &w.state->combineArrived, &w.state->combineSeq);
