@@ -38,12 +38,12 @@ __device__ __forceinline__ int landedRecords(const LlCombineArgs& a, int s) {
 }
 
 // Send, every CTA: netStart [R + 1] (shared) gets the prefix of the remote sources' records.
-__device__ void recordStartsGin(const LlCombineArgs& a, int* netStart, const unsigned int* gone) {
+__device__ void recordStartsGin(const LlCombineArgs& a, int* netStart) {
   if (threadIdx.x == 0) {
     int run = 0;
     for (int s = 0; s < a.w.peers.nRanks; ++s) {
       netStart[s] = run;
-      if (a.w.peers.lsaIndex(s) == kPeerRemote && !((gone[s / 32] >> (s % 32)) & 1u)) run += landedRecords(a, s);
+      if (a.w.peers.lsaIndex(s) == kPeerRemote && !a.failed.has(s)) run += landedRecords(a, s);
     }
     netStart[a.w.peers.nRanks] = run;
   }
@@ -80,12 +80,12 @@ __device__ void sendPartialsGin(const LlCombineArgs& a, const int* netStart, int
 }
 
 // Send, last CTA, after every CTA's partials are fenced: see the file comment.
-__device__ void postCombineGin(const LlCombineArgs& a, const unsigned int* gone) {
+__device__ void postCombineGin(const LlCombineArgs& a) {
   const PeerMap& p = a.w.peers;
   const int M = a.maxTokens;
   const size_t rowBytes = (size_t)a.hidden * 2;
   for (int s = threadIdx.x; s < p.nRanks; s += blockDim.x) {
-    if (p.lsaIndex(s) != kPeerRemote || ((gone[s / 32] >> (s % 32)) & 1u)) continue;
+    if (p.lsaIndex(s) != kPeerRemote || a.failed.has(s)) continue;
     const int ri = remoteIndex(p, s), at = remoteIndexAt(p, s, p.rank), n = landedRecords(a, s);
     const ncclGin gin(a.net.devComm, ginContextOf(a.net.devComm, s));
     const ncclGinSignal_t sig = (ncclGinSignal_t)(a.net.combineSignal0 + p.rank);

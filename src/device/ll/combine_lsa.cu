@@ -132,15 +132,13 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineSendKernel(LlCo
   if (threadIdx.x < R) peer[threadIdx.x] = peerWindow(w, threadIdx.x, a.slotOff);
   __syncthreads();
   const char* slot = peer[me];
-  const unsigned int* gone = a.failed.words;
-  auto isGone = [&](int r) { return a.failed.has(r); };
   if (threadIdx.x == 0) {
     // The completed dispatch of this slot left (epoch << 32) | T_s in each source's signal.
     const volatile uint64_t* sig = (const volatile uint64_t*)(slot + a.slot.dispatchSignals);
     int run = 0;
     for (int s = 0; s < R; ++s) {
       tokenStart[s] = run;
-      if ((!kNet || peer[s] != nullptr) && !isGone(s)) run += (int)(sig[s] & 0xffffffffu);  // remote: GIN
+      if ((!kNet || peer[s] != nullptr) && !a.failed.has(s)) run += (int)(sig[s] & 0xffffffffu);  // remote: GIN
     }
     tokenStart[R] = run;
   }
@@ -181,7 +179,7 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineSendKernel(LlCo
   }
   if constexpr (kNet) {
     __shared__ int netStart[kMaxRanks + 1];  // prefix of the remote sources' records
-    recordStartsGin(a, netStart, gone);
+    recordStartsGin(a, netStart);
     sendPartialsGin<kLlReduceUnroll>(a, netStart, kLlSumVecs, warp, kLlCombineWarps, lane,
                                      [&](unsigned here, int row, float weight, int base, uint4 (&out)[kLlReduceUnroll]) {
                                        const uint4* myRow = (const uint4*)(a.expertOut + (size_t)max(row, 0) * a.hidden);
@@ -192,14 +190,14 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineSendKernel(LlCo
   if (threadIdx.x == 0) __threadfence_system();
   __syncthreads();
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    if ((kNet && peer[r] == nullptr) || isGone(r)) continue;  // remote: postCombineGin
+    if ((kNet && peer[r] == nullptr) || a.failed.has(r)) continue;  // remote: postCombineGin
     uint64_t* sig = (uint64_t*)(peer[r] + a.slot.combineSignals) + me;
     asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(sig), "l"((uint64_t)1) : "memory");
   }
   // The completion (later in stream order) waits for numCtas * sends: one CTA counts the send.
   if (blockIdx.x == 0 && threadIdx.x == 0) w.state->llCombineSends[a.slotIndex] += 1;
   if constexpr (kNet) {
-    if (lastCtaToArrive(&w.state->llCombineArrived[a.slotIndex])) postCombineGin(a, gone);
+    if (lastCtaToArrive(&w.state->llCombineArrived[a.slotIndex])) postCombineGin(a);
   }
 }
 
