@@ -157,7 +157,7 @@ if [ "$what" = plugin ] || [ "$what" = all ]; then
   summary+=("plugintest PLUGIN_NGPUS=$NGPU rc=$rc (${SECONDS}s)")
 fi
 if [ "$what" = net ]; then
-  # One process tree per target; a watcher prints the threads (name, state, wchan, CPUs) of every
+  # One process tree per target; a watcher prints the threads (name, state, wchan, CPUs, gdb stack) of every
   # gpu_tests / net_gpu_test process left at 80 % of the limit, then the limit ends it.
   for target in nettest llnettest; do
     SECONDS=0
@@ -168,6 +168,9 @@ if [ "$what" = net ]; then
         for t in /proc/$pid/task/*; do
           printf "%s|%s|%s\n" "$(cat $t/comm)" "$(awk '{print $3}' $t/stat)" "$(cat $t/wchan)"
         done | sort | uniq -c
+        # Where each thread is, when gdb is there (frames of our code and NCCL's name the wait).
+        command -v gdb > /dev/null && timeout 30 gdb -p $pid -batch -ex "thread apply all bt 14" 2> /dev/null |
+          grep -E "^(Thread|#)" | cut -c1-200 | head -120
       done ) > "$OUT/${target}_threads.log" 2>&1 &
     watcher=$!
     # Line-buffered (stdbuf reaches the test processes): a process the limit kills keeps its

@@ -423,6 +423,12 @@ static bool applyFakeNodes(const RankEnv& env) {
   return true;
 }
 
+int fakeNodes() {
+  const char* v = getenv("MOE_FAKE_NODES");
+  const int nodes = v ? atoi(v) : 1;
+  return nodes > 1 ? nodes : 1;
+}
+
 ncclResult_t initComm(const RankEnv& env, ncclComm_t* comm) {
   *comm = nullptr;
   if (gMode == Mode::kNone || env.nRanks <= 0) {

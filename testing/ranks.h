@@ -35,6 +35,9 @@ bool start(int nRanks, RankEnv* env);
 // at the process's first NCCL call, and fails (ncclInvalidUsage) when n does not divide nRanks.
 ncclResult_t initComm(const RankEnv& env, ncclComm_t* comm);
 
+// The node count MOE_FAKE_NODES asks for (1 when unset or invalid; initComm rejects the latter).
+int fakeNodes();
+
 // Host-side reductions over ranks through the same channel as the bootstrap (collective).
 double maxOverRanks(double v);
 double minOverRanks(double v);

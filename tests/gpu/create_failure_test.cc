@@ -1,12 +1,13 @@
 // Issue 10 item 6 on GPUs: a creation that fails on one rank fails on every rank, promptly and
 // with one message (no rank is left waiting in a collective), and the communicator still
-// creates a good EP context afterwards.
+// creates a good EP context afterwards. Across fake nodes: high-throughput mode is refused.
 #include <stdint.h>
 #include <stdio.h>
 
 #include <string>
 
 #include "gpu_env.h"
+#include "ll_test_util.h"
 
 namespace moe_gpu {
 namespace {
@@ -86,6 +87,21 @@ TEST_F(GpuCreateFailure, ContextWorksAfterFailedCreates) {
   EXPECT_NE(ncclMoeCommCreate(comm(), &cfg, &c), ncclSuccess);  // every rank fails together
   RunOpts o;
   runScenario(smallShape(), spec(901), o);
+}
+
+// Issue 12 item 2: across nodes (MOE_FAKE_NODES) high-throughput mode is refused on every rank
+// with one message that names the way out, and the communicator then creates a working
+// low-latency context.
+TEST_F(GpuCreateFailure, HighThroughputAcrossNodesFailsOnEveryRank) {
+  if (moe_ranks::fakeNodes() < 2) GTEST_SKIP() << "needs ranks on several nodes (MOE_FAKE_NODES, make llnettest)";
+  expectCollectiveFailure(makeConfig(smallShape()), ncclInvalidUsage, "use config.mode = ncclMoeLowLatency across nodes",
+                          "high-throughput context across nodes");
+  LlEp ep{LlShape()};
+  if (!ep.create()) return;
+  LlInputs in;
+  LlProblem p = makeLlProblem(ep.shape, spec(1733));
+  MOE_AGREE_OR_RETURN(in.upload(p), "upload inputs");
+  llRunAndCheck(ep, in, p, LlRunOpts(), "low-latency context after the refusal");
 }
 
 }  // namespace

@@ -55,8 +55,7 @@ std::string digest(const LlShape& s, const LlBlocks& got, const std::vector<uint
 void runCase(const char* name, const LlShape& s, const GenSpec& g, bool split) {
   const char* dir = getenv("MOE_LL_DIGEST_DIR");
   if (dir == nullptr || dir[0] == '\0') GTEST_SKIP() << "MOE_LL_DIGEST_DIR is not set (make llnettest sets it)";
-  const char* nodesEnv = getenv("MOE_FAKE_NODES");
-  const int nodes = nodesEnv ? atoi(nodesEnv) : 1;
+  const int nodes = moe_ranks::fakeNodes();
   LlEp ep(s);
   if (!ep.create()) return;
   LlInputs in;
