@@ -85,6 +85,15 @@ TEST_F(GpuCreateFailure, ContextWorksAfterFailedCreates) {
   cfg.hidden = 12;
   ncclMoeComm_t c = nullptr;
   EXPECT_NE(ncclMoeCommCreate(comm(), &cfg, &c), ncclSuccess);  // every rank fails together
+  if (moe_ranks::fakeNodes() > 1) {  // high-throughput mode is refused across nodes
+    LlEp ep{LlShape()};
+    if (!ep.create()) return;
+    LlInputs in;
+    LlProblem p = makeLlProblem(ep.shape, spec(901));
+    MOE_AGREE_OR_RETURN(in.upload(p), "upload inputs");
+    llRunAndCheck(ep, in, p, LlRunOpts(), "low-latency context after failed creates");
+    return;
+  }
   RunOpts o;
   runScenario(smallShape(), spec(901), o);
 }

@@ -60,21 +60,27 @@ class CommEnvironment : public ::testing::Environment {
   cudaStream_t stream_ = nullptr;
 };
 
-// Output of ranks other than 0: their failures only, prefixed with the rank.
+// Output of ranks other than 0: their failures only, prefixed with the rank and the test.
+// The test's name is kept from OnTestStart: gtest calls OnTestPartResult with UnitTest's mutex
+// held, and current_test_info() takes it again (a self-deadlock that silenced a failing rank
+// forever while its peers waited for it in the next collective).
 class RankFailurePrinter : public ::testing::EmptyTestEventListener {
  public:
   explicit RankFailurePrinter(int rank) : rank_(rank) {}
+  void OnTestStart(const ::testing::TestInfo& t) override {
+    test_ = std::string(t.test_suite_name()) + "." + t.name();
+  }
+  void OnTestEnd(const ::testing::TestInfo&) override { test_ = "(environment)"; }
   void OnTestPartResult(const ::testing::TestPartResult& r) override {
     if (!r.failed()) return;
-    const ::testing::TestInfo* t = ::testing::UnitTest::GetInstance()->current_test_info();
-    fprintf(stderr, "[rank %d] %s%s%s %s:%d: Failure\n%s\n", rank_,
-            t ? t->test_suite_name() : "(environment)", t ? "." : "", t ? t->name() : "",
+    fprintf(stderr, "[rank %d] %s %s:%d: Failure\n%s\n", rank_, test_.c_str(),
             r.file_name() ? r.file_name() : "?", r.line_number(), r.message());
     fflush(stderr);
   }
 
  private:
   int rank_;
+  std::string test_ = "(environment)";
 };
 
 // Removes --ngpus=N (or --ngpus N) from argv; returns N (0 when absent).
