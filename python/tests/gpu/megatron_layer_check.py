@@ -31,6 +31,7 @@ traces per rank in <dir>).
 import importlib.util
 import os
 import sys
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -121,11 +122,27 @@ def time_ms(layer, x, g):
     torch.cuda.synchronize()
     dist.barrier()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    _C_CALLS.clear()
     start.record()
+    host0 = time.perf_counter()
     for _ in range(ITERS):
         step(layer, x, g)
+    host_ms = (time.perf_counter() - host0) * 1e3 / ITERS
     end.record()
     torch.cuda.synchronize()
+    # Where the host's time goes: a step that returns long before its GPU work ends is GPU bound;
+    # one whose host time equals the GPU time is bound by the host (launches, syncs, Python).
+    calls = ", ".join(f"{n} {t * 1e3 / ITERS:.3f} ms x{c // ITERS}" for n, (t, c) in sorted(_C_CALLS.items()))
+    print(f"# rank {dist.get_rank()}: host {host_ms:.3f} ms per step issuing; library calls per step: "
+          f"{calls or 'none'}", flush=True)
+    synced = []
+    for _ in range(3):  # one step alone: nothing of the previous one still queued
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step(layer, x, g)
+        torch.cuda.synchronize()
+        synced.append((time.perf_counter() - t0) * 1e3)
+    print(f"# rank {dist.get_rank()}: one step alone (synchronised before and after) {min(synced):.3f} ms", flush=True)
     mine = torch.tensor([start.elapsed_time(end) / ITERS], device="cuda")
     every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(every, mine)
@@ -160,6 +177,27 @@ def rel_err(a, b):
     return torch.nan_to_num(err, nan=float("inf"))
 
 
+_C_CALLS = {}  # library entry point -> [host seconds, calls] since time_ms cleared it
+
+
+def time_library_calls():
+    """Wraps nccl_moe._api.call (every C entry point) to add its host time to _C_CALLS."""
+    from nccl_moe import _api
+
+    inner = _api.call
+
+    def timed(name, *args):
+        t0 = time.perf_counter()
+        try:
+            return inner(name, *args)
+        finally:
+            acc = _C_CALLS.setdefault(name, [0.0, 0])
+            acc[0] += time.perf_counter() - t0
+            acc[1] += 1
+
+    _api.call = timed
+
+
 def flex_preflight():
     """Loads libnccl_moe.so, checks its NCCL against torch's, patches megatron-core; returns the
     header line. Raises what makes the flex run impossible."""
@@ -170,6 +208,7 @@ def flex_preflight():
 
     built, loaded = nccl_moe.nccl_versions()
     check_nccl_version()
+    time_library_calls()
     nm.patch(max_tokens_per_rank=S * B)
     for module in (fused_a2a, token_dispatcher):
         if module.fused_dispatch is not nm.fused_dispatch:
