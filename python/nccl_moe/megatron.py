@@ -4,7 +4,10 @@
 Megatron's _DeepepManager calls three names that megatron/core/transformer/moe/token_dispatcher.py
 imports from fused_a2a.py: fused_dispatch, fused_combine and set_deepep_num_sms (it refuses to
 start when fused_dispatch is None, i.e. DeepEP is absent). patch() rebinds those names in both
-modules to the functions below, which keep Megatron's signatures and return shapes.
+modules to the functions below, which keep Megatron's signatures and return shapes, and replaces
+_DeepepManager._indices_to_multihot (the step after dispatch that turns the received top-k ids
+into Megatron's multi-hot map) with indices_to_multihot: same values and gradients, no host
+synchronisation.
 
 One Buffer per (group, hidden, experts, top-k), created at the first dispatch; its
 max_tokens_per_rank is the largest token count over the group at that moment (an all_reduce),
@@ -59,6 +62,28 @@ def fused_combine(x, group, handle, async_finish=False, allocate_on_comm_stream=
     return combine(x.contiguous(), handle, _BY_GROUP[(group, x.shape[1])]), None
 
 
+def indices_to_multihot(manager, indices, probs):
+    """_DeepepManager._indices_to_multihot without a host synchronisation, for patch().
+
+    indices [rows][K] int64: local expert ids (0..L-1, L = manager.num_local_experts) or -1 =
+    none, no id twice in a row (a token's top-k experts are distinct); probs [rows][K] FP32.
+    Returns (routing_map [rows][L] bool, probs [rows][L] FP32): the values and gradients of
+    Megatron's version. Megatron's selects with boolean masks and repeat_interleave, which cost
+    six device-to-host synchronisations per forward + backward (each drains the GPU queue while
+    the host waits); here every -1 goes to a spare column L that is dropped."""
+    import torch
+
+    rows, local = indices.shape[0], manager.num_local_experts
+    valid = indices != -1
+    cols = torch.where(valid, indices, local)
+    routing = torch.zeros((rows, local + 1), dtype=torch.bool, device=indices.device)
+    routing.scatter_(1, cols, valid)
+    kept = torch.where(valid, probs.float(), 0.0)
+    dense = torch.zeros((rows, local + 1), dtype=torch.float, device=indices.device)
+    dense = dense.scatter(1, cols, kept)
+    return routing[:, :local].contiguous(), dense[:, :local].contiguous()
+
+
 def set_deepep_num_sms(num_sms: int) -> None:
     """Megatron's set_deepep_num_sms: CTAs per HT kernel for Buffers created afterwards."""
     from .torch import Buffer
@@ -87,3 +112,4 @@ def patch(max_tokens_per_rank: Optional[int] = None) -> None:
         module.fused_combine = fused_combine
         module.set_deepep_num_sms = set_deepep_num_sms
     fused_a2a.HAVE_DEEP_EP = True
+    token_dispatcher._DeepepManager._indices_to_multihot = indices_to_multihot

@@ -17,6 +17,7 @@ def test_patch_rebinds_the_deepep_names():
         assert module.fused_combine is megatron.fused_combine
         assert module.set_deepep_num_sms is megatron.set_deepep_num_sms
     assert fused_a2a.HAVE_DEEP_EP
+    assert token_dispatcher._DeepepManager._indices_to_multihot is megatron.indices_to_multihot
 
 
 def test_num_sms_setting_reaches_the_buffer():
