@@ -22,6 +22,7 @@ from typing import Dict, Optional
 _BUFFERS: Dict[tuple, object] = {}     # (group, hidden, experts, top-k) -> Buffer
 _BY_GROUP: Dict[tuple, object] = {}    # (group, hidden) -> that Buffer, for fused_combine
 _max_tokens_per_rank: Optional[int] = None
+_megatron_multihot = None              # Megatron's _DeepepManager._indices_to_multihot, once patched
 
 
 def _buffer(group, hidden: int, num_experts: int, num_topk: int, num_tokens: int):
@@ -100,10 +101,12 @@ def destroy() -> None:
     _BY_GROUP.clear()
 
 
-def patch(max_tokens_per_rank: Optional[int] = None) -> None:
+def patch(max_tokens_per_rank: Optional[int] = None, sync_free_multihot: bool = True) -> None:
     """Rebinds megatron-core's DeepEP entry points to nccl-moe (idempotent). Call it before the
-    model is built. max_tokens_per_rank: fixes the Buffers' token bound (default: measured)."""
-    global _max_tokens_per_rank
+    model is built. max_tokens_per_rank: fixes the Buffers' token bound (default: measured).
+    sync_free_multihot: _DeepepManager._indices_to_multihot becomes indices_to_multihot (True) or
+    stays / becomes Megatron's own again (False; for A/B timing)."""
+    global _max_tokens_per_rank, _megatron_multihot
     from megatron.core.transformer.moe import fused_a2a, token_dispatcher
 
     _max_tokens_per_rank = max_tokens_per_rank
@@ -112,4 +115,7 @@ def patch(max_tokens_per_rank: Optional[int] = None) -> None:
         module.fused_combine = fused_combine
         module.set_deepep_num_sms = set_deepep_num_sms
     fused_a2a.HAVE_DEEP_EP = True
-    token_dispatcher._DeepepManager._indices_to_multihot = indices_to_multihot
+    manager = token_dispatcher._DeepepManager
+    if _megatron_multihot is None:
+        _megatron_multihot = manager._indices_to_multihot
+    manager._indices_to_multihot = indices_to_multihot if sync_free_multihot else _megatron_multihot

@@ -26,3 +26,15 @@ def test_num_sms_setting_reaches_the_buffer():
     megatron.patch()
     token_dispatcher.set_deepep_num_sms(24)
     assert Buffer.num_sms == 24
+
+
+def test_multihot_can_be_put_back_for_ab_timing():
+    from nccl_moe import megatron
+    megatron.patch(sync_free_multihot=False)
+    original = token_dispatcher._DeepepManager._indices_to_multihot
+    assert original is not megatron.indices_to_multihot
+    megatron.patch()
+    assert token_dispatcher._DeepepManager._indices_to_multihot is megatron.indices_to_multihot
+    megatron.patch(sync_free_multihot=False)
+    assert token_dispatcher._DeepepManager._indices_to_multihot is original
+    megatron.patch()

@@ -24,7 +24,9 @@ same shape.
 Check, per tensor (output, input gradient, every parameter gradient): max |a - b| / max |a| <= 2e-2,
 a = alltoall, b = flex (worst over the ranks). Rank 0 prints "PASS <name> ..." / "FAIL <name> ...",
 "ALL PASSED" at the end, and "TIME alltoall <ms> flex-nccl_moe <ms>" (forward + backward, mean
-of 10 iterations after 3 warm-up, max over ranks). Any failure: non-zero exit on every rank.
+of 10 iterations after 3 warm-up, max over ranks); flex is also timed with Megatron's own
+_indices_to_multihot put back (patch(sync_free_multihot=False)), and every timing prints the
+host's time per step and per library call. Any failure: non-zero exit on every rank.
 MOE_PROFILE_DIR=<dir>: also one profiled step per dispatcher (operator tables on rank 0, Chrome
 traces per rank in <dir>).
 """
@@ -266,6 +268,11 @@ def main():
     xb = x0.clone().requires_grad_()
     res_b = guarded("run flex-nccl_moe", results, layer_b, xb, g)
     ms_b = guarded("time flex-nccl_moe", time_ms, layer_b, xb, g)
+    # A/B: the same layer with Megatron's own _indices_to_multihot (six host synchronisations).
+    import nccl_moe.megatron as nm
+    nm.patch(max_tokens_per_rank=S * B, sync_free_multihot=False)
+    ms_c = guarded("time flex-nccl_moe, Megatron's multihot", time_ms, layer_b, xb, g)
+    nm.patch(max_tokens_per_rank=S * B)
     guarded("profile flex-nccl_moe", profile, "flex_nccl_moe", layer_b, xb, g)
 
     # Compare: output, input gradient, every parameter gradient (router and 32 local experts).
@@ -282,7 +289,7 @@ def main():
         say(f"{'PASS' if ok else 'FAIL'} {name} (worst rel err {err:.3e}, limit {limit:g})")
 
     say(f"# ms per forward+backward, per rank: alltoall {[round(t, 3) for t in ms_a]}, "
-        f"flex-nccl_moe {[round(t, 3) for t in ms_b]}")
+        f"flex-nccl_moe {[round(t, 3) for t in ms_b]}, with Megatron's multihot {[round(t, 3) for t in ms_c]}")
     say(f"TIME alltoall {max(ms_a):.3f} flex-nccl_moe {max(ms_b):.3f}")
 
     import nccl_moe.megatron as nm
