@@ -255,8 +255,56 @@ static ncclResult_t allocateLocally(ncclMoeComm* c) {
   return ncclSuccess;
 }
 
-// Zeroes this rank's GIN signals of the context's plan on every GIN context (launchGinSignalReset).
-static ncclResult_t resetGinSignals(ncclMoeComm* c) {
+// Loads the four low-latency kernels, as this context's operations launch them (kNet and kWide
+// variants from its node map), into the device's CUDA context now, without running them: the
+// launches are captured into a graph that is instantiated and uploaded, never launched.
+// Why: under lazy loading (CUDA's default since 12.2) a kernel is loaded at its first launch,
+// under the context's lock and after every running kernel of the context has finished; other
+// threads' CUDA calls wait for that lock meanwhile. A send waits in gin.flush, and a completion
+// for its peers' signals, on NCCL's GIN proxy thread, and a GIN plugin whose progress calls CUDA
+// (plugin/: copies, signal updates) then waits for the load, which waits for the kernel: the first
+// one-shot operation of a process (the completion is launched right behind the send) hung on
+// both ranks of 2 fake nodes. Contract: called while no GIN kernel of this rank runs. Kernels the
+// caller loads for the first time while an operation is in flight remain a hazard with such a
+// plugin (plugin/README.md).
+static ncclResult_t loadLowLatencyKernels(const ncclMoeComm* c) {
+  LlDispatchArgs d;
+  memset(&d, 0, sizeof(d));
+  d.w.peers = c->nodes.peerMap(c->rank);
+  d.net.enabled = c->nodes.nNodes > 1;
+  LlCombineArgs m;
+  memset(&m, 0, sizeof(m));
+  m.w.peers = d.w.peers;
+  m.net.enabled = d.net.enabled;
+  cudaStream_t s = nullptr;
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  MOE_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  // Relaxed: the capture must not refuse the loads it may trigger (they synchronise the context).
+  cudaError_t err = cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed);
+  if (err == cudaSuccess) {
+    cudaError_t launched = launchLlDispatchSend(d, 1, s);
+    if (launched == cudaSuccess) launched = launchLlDispatchComplete(d, 1, s);
+    if (launched == cudaSuccess) launched = launchLlCombineSend(m, 1, s);
+    if (launched == cudaSuccess) launched = launchLlCombineComplete(m, 1, s);
+    err = cudaStreamEndCapture(s, &graph);  // ends the capture whatever the launches returned
+    if (launched != cudaSuccess) err = launched;
+  }
+  if (err == cudaSuccess) err = cudaGraphInstantiate(&exec, graph, 0);
+  if (err == cudaSuccess) err = cudaGraphUpload(exec, s);
+  if (err == cudaSuccess) err = cudaStreamSynchronize(s);
+  if (exec) cudaGraphExecDestroy(exec);
+  if (graph) cudaGraphDestroy(graph);
+  cudaStreamDestroy(s);
+  MOE_CUDA(err);
+  return ncclSuccess;
+}
+
+// This rank's part of the multi-node setup before any GIN traffic: the low-latency kernels
+// loaded (loadLowLatencyKernels), then its GIN signals of the context's plan zeroed on every GIN
+// context (launchGinSignalReset).
+static ncclResult_t prepareGin(ncclMoeComm* c) {
+  MOE_CHECK(loadLowLatencyKernels(c));
   MOE_CUDA(launchGinSignalReset(c->devComm, c->gin.count(), 0));
   MOE_CUDA(cudaDeviceSynchronize());
   return ncclSuccess;
@@ -327,12 +375,14 @@ static ncclResult_t createComm(ncclComm_t nccl, const ncclMoeConfig_t* config, n
                     c->devComm.lsaSize, c->nodes.gpusPerNode);
   if (c->nodes.nNodes > 1 && c->devComm.ginContextCount < 1)
     return ginUnavailableError(ncclInvalidUsage, c->nodes);
-  // The LL kernels wait for exact signal values counted from 0 (epoch * 2^32), but NCCL 2.28
-  // hands a new device communicator the GIN signal ids a destroyed one freed, with the values it
-  // left (a second EP context on the same ncclComm_t saw its first wait "ahead" and failed).
-  // Clear them, then agree: every rank has cleared its signals before any rank returns from
-  // creation and may put (the LSA barrier below does not cross nodes).
-  if (c->nodes.nNodes > 1) MOE_CHECK(agree(c, resetGinSignals(c), false, "clearing the GIN signals"));
+  // Before this rank's first GIN kernel: its low-latency kernels loaded (loadLowLatencyKernels
+  // says why). The LL kernels wait for exact signal values counted from 0 (epoch * 2^32), but
+  // NCCL 2.28 hands a new device communicator the GIN signal ids a destroyed one freed, with the
+  // values it left (a second EP context on the same ncclComm_t saw its first wait "ahead" and
+  // failed). Clear them, then agree: every rank has cleared its signals before any rank returns
+  // from creation and may put (the LSA barrier below does not cross nodes).
+  if (c->nodes.nNodes > 1)
+    MOE_CHECK(agree(c, prepareGin(c), false, "loading the kernels and clearing the GIN signals"));
   if (c->nodes.nNodes > 1) MOE_CHECK(agree(c, ginHandshake(c), false, "the GIN handshake"));
 
   // One LSA barrier through the device communicator: every peer is mapped and alive.

@@ -27,7 +27,8 @@ __device__ __forceinline__ int ginContextOf(const ncclDevComm& dc, int r) {
 // must be copied into the window first) to [dstOff, dstOff + bytes) of world rank `peer`'s
 // window, and adds `count` to `peer`'s GIN signal `signal` once they (and the earlier puts of
 // gin's context to `peer`) have landed; gin must be on ginContextOf(peer). One thread of `coop` posts the descriptor; every thread
-// of coop calls it. The source may be rewritten only after gin.flush(coop).
+// of coop calls it. The source may be rewritten only after gin.flush(coop), or once `peer` has
+// seen the signal (the payload landed, so its source was read).
 template <class Coop>
 __device__ __forceinline__ void putWithSignal(const ncclGin& gin, ncclWindow_t win, int peer, size_t dstOff,
                                               size_t srcOff, size_t bytes, ncclGinSignal_t signal,

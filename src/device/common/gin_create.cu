@@ -28,8 +28,12 @@ cudaError_t launchGinSignalReset(const ncclDevComm& devComm, int count, cudaStre
 }
 
 // One CTA: thread d puts a.bytes to remote rank d (row of this rank in d's landing region) with
-// +1 on a.signal and flushes; then thread 0 polls this rank's a.signal until every remote rank's
-// put has landed or a.timeoutNs pass, and stores the last value read in *a.arrived.
+// +1 on a.signal; then thread 0 polls this rank's a.signal until every remote rank's put has
+// landed or a.timeoutNs pass, and stores the last value read in *a.arrived. No gin.flush: NCCL's
+// flush has no timeout, and a proxy whose plugin failed a put never completes it (2.28.9 ignores
+// the plugin's test() error), so a GIN that does not deliver would hang creation here instead of
+// failing it with a count. The staging rows are not rewritten before the vote that follows has
+// seen every rank's puts land (their sources were read by then).
 __global__ void ginHandshakeKernel(GinHandshakeArgs a) {
   const PeerMap& p = a.peers;
   for (int d = threadIdx.x; d < p.nRanks; d += blockDim.x) {
@@ -38,7 +42,6 @@ __global__ void ginHandshakeKernel(GinHandshakeArgs a) {
     putWithSignal(gin, a.win, d, a.landOff + (size_t)remoteIndexAt(p, d, p.rank) * a.rowBytes,
                   a.stageOff + (size_t)remoteIndex(p, d) * a.rowBytes, a.bytes, (ncclGinSignal_t)a.signal, 1,
                   ncclCoopThread());
-    gin.flush(ncclCoopThread());
   }
   __syncthreads();
   if (threadIdx.x != 0) return;
