@@ -2,6 +2,7 @@
 // a scope that makes one device current on the calling thread and restores the previous one.
 #pragma once
 #include <cuda_runtime.h>
+#include "moeloop_cumem.h"
 #include "moeloop_log.h"
 
 // Returns ncclUnhandledCudaError (logged, counted) from the enclosing function when `call` fails.
@@ -17,6 +18,9 @@ namespace moeloop {
 
 // Makes `dev` the calling thread's device for the scope's lifetime and then restores the device
 // the thread had (NCCL's threads and the user's threads that call into the plugin keep theirs).
+// A thread that had no CUDA context keeps `dev`: cudaGetDevice reports device 0 there, and making
+// device 0 current again would create a context on that GPU (on NCCL's GIN progress thread of a
+// rank of another GPU: half a GiB on a GPU that is another process's, for nothing).
 class DeviceScope {
  public:
   explicit DeviceScope(int dev) {
@@ -24,7 +28,7 @@ class DeviceScope {
       status_ = ML_ERROR(ncclInternalError, "GIN CUDA call before any CUDA registration");
       return;
     }
-    if (cudaGetDevice(&saved_) != cudaSuccess) saved_ = -1;
+    if (!threadHasCudaContext() || cudaGetDevice(&saved_) != cudaSuccess) saved_ = -1;
     if (saved_ == dev) return;
     cudaError_t e = cudaSetDevice(dev);
     if (e != cudaSuccess)

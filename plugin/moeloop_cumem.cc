@@ -167,6 +167,16 @@ bool cumemImport(int dev, int fd, uint64_t mapSize, CuMemMapping* out, std::stri
   return true;
 }
 
+bool threadHasCudaContext() {
+  static CUresult (*getCurrent)(CUcontext*) = [] {
+    CUresult (*fn)(CUcontext*) = nullptr;
+    std::string why;
+    return resolve("cuCtxGetCurrent", &fn, &why) ? fn : nullptr;
+  }();
+  CUcontext ctx = nullptr;
+  return getCurrent == nullptr || getCurrent(&ctx) != CUDA_SUCCESS || ctx != nullptr;
+}
+
 void cumemUnmap(int dev, CuMemMapping* m) {
   if (m->base == nullptr) return;
   std::string why;

@@ -38,4 +38,8 @@ bool cumemImport(int dev, int fd, uint64_t mapSize, CuMemMapping* out, std::stri
 // copy into the mapping is still in flight.
 void cumemUnmap(int dev, CuMemMapping* m);
 
+// Whether the calling thread has a current CUDA context (cuCtxGetCurrent); true when that entry
+// point cannot be resolved (DeviceScope then restores the device as it always did).
+bool threadHasCudaContext();
+
 }  // namespace moeloop
