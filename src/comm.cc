@@ -255,48 +255,19 @@ static ncclResult_t allocateLocally(ncclMoeComm* c) {
   return ncclSuccess;
 }
 
-// Loads the four low-latency kernels, as this context's operations launch them (kNet and kWide
-// variants from its node map), into the device's CUDA context now, without running them: the
-// launches are captured into a graph that is instantiated and uploaded, never launched.
-// Why: under lazy loading (CUDA's default since 12.2) a kernel is loaded at its first launch,
-// under the context's lock and after every running kernel of the context has finished; other
-// threads' CUDA calls wait for that lock meanwhile. A send waits in gin.flush, and a completion
-// for its peers' signals, on NCCL's GIN proxy thread, and a GIN plugin whose progress calls CUDA
-// (plugin/: copies, signal updates) then waits for the load, which waits for the kernel: the first
-// one-shot operation of a process (the completion is launched right behind the send) hung on
-// both ranks of 2 fake nodes. Contract: called while no GIN kernel of this rank runs. Kernels the
-// caller loads for the first time while an operation is in flight remain a hazard with such a
-// plugin (plugin/README.md).
-static ncclResult_t loadLowLatencyKernels(const ncclMoeComm* c) {
-  LlDispatchArgs d;
-  memset(&d, 0, sizeof(d));
-  d.w.peers = c->nodes.peerMap(c->rank);
-  d.net.enabled = c->nodes.nNodes > 1;
-  LlCombineArgs m;
-  memset(&m, 0, sizeof(m));
-  m.w.peers = d.w.peers;
-  m.net.enabled = d.net.enabled;
-  cudaStream_t s = nullptr;
-  cudaGraph_t graph = nullptr;
-  cudaGraphExec_t exec = nullptr;
-  MOE_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-  // Relaxed: the capture must not refuse the loads it may trigger (they synchronise the context).
-  cudaError_t err = cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed);
-  if (err == cudaSuccess) {
-    cudaError_t launched = launchLlDispatchSend(d, 1, s);
-    if (launched == cudaSuccess) launched = launchLlDispatchComplete(d, 1, s);
-    if (launched == cudaSuccess) launched = launchLlCombineSend(m, 1, s);
-    if (launched == cudaSuccess) launched = launchLlCombineComplete(m, 1, s);
-    err = cudaStreamEndCapture(s, &graph);  // ends the capture whatever the launches returned
-    if (launched != cudaSuccess) err = launched;
-  }
-  if (err == cudaSuccess) err = cudaGraphInstantiate(&exec, graph, 0);
-  if (err == cudaSuccess) err = cudaGraphUpload(exec, s);
-  if (err == cudaSuccess) err = cudaStreamSynchronize(s);
-  if (exec) cudaGraphExecDestroy(exec);
-  if (graph) cudaGraphDestroy(graph);
-  cudaStreamDestroy(s);
-  MOE_CUDA(err);
+// Loads the low-latency kernels of the multi-node form now (loadLl*NetKernels), before this
+// rank's first GIN kernel. Why: under lazy loading (CUDA's default since 12.2) a kernel is loaded
+// at its first launch, under the context's lock and after every running kernel of the context
+// has finished; other threads' CUDA calls wait for that lock meanwhile. A send waits in
+// gin.flush, and a completion for its peers' signals, on NCCL's GIN proxy thread, and a GIN
+// plugin whose progress calls CUDA (plugin/: copies, signal updates) then waits for the load,
+// which waits for the kernel: the first one-shot operation of a process (the completion is
+// launched right behind the send) hung on both ranks of 2 fake nodes. Contract: called while no
+// GIN kernel of this rank runs. Kernels the caller loads for the first time while an operation
+// is in flight remain a hazard with such a plugin (plugin/README.md).
+static ncclResult_t loadLowLatencyKernels() {
+  MOE_CUDA(loadLlDispatchNetKernels());
+  MOE_CUDA(loadLlCombineNetKernels());
   return ncclSuccess;
 }
 
@@ -304,7 +275,7 @@ static ncclResult_t loadLowLatencyKernels(const ncclMoeComm* c) {
 // loaded (loadLowLatencyKernels), then its GIN signals of the context's plan zeroed on every GIN
 // context (launchGinSignalReset).
 static ncclResult_t prepareGin(ncclMoeComm* c) {
-  MOE_CHECK(loadLowLatencyKernels(c));
+  MOE_CHECK(loadLowLatencyKernels());
   MOE_CUDA(launchGinSignalReset(c->devComm, c->gin.count(), 0));
   MOE_CUDA(cudaDeviceSynchronize());
   return ncclSuccess;

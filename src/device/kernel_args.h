@@ -298,6 +298,11 @@ struct LlCombineArgs {
 };
 cudaError_t launchLlCombineSend(const LlCombineArgs& args, int numCtas, cudaStream_t stream);
 cudaError_t launchLlCombineComplete(const LlCombineArgs& args, int numCtas, cudaStream_t stream);
+// Loads every low-latency kernel of the multi-node (kNet) form into the current device's context
+// without running it (cudaFuncGetAttributes: CUDA's lazy loading loads a kernel at its first
+// launch, under the context's lock and after the context's running kernels end).
+cudaError_t loadLlDispatchNetKernels();
+cudaError_t loadLlCombineNetKernels();
 
 // One CTA syncs LSA barrier 0 of devComm with every LSA peer (creation-time check).
 cudaError_t launchLsaBarrier(const ncclDevComm& devComm, cudaStream_t stream);

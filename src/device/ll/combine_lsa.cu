@@ -282,4 +282,12 @@ cudaError_t launchLlCombineComplete(const LlCombineArgs& args, int numCtas, cuda
   return cudaGetLastError();
 }
 
+cudaError_t loadLlCombineNetKernels() {
+  cudaFuncAttributes attr;
+  cudaError_t err = cudaFuncGetAttributes(&attr, llCombineSendKernel<true>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, llCombineCompleteKernel<false, true>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, llCombineCompleteKernel<true, true>);
+  return err;
+}
+
 }  // namespace nccl_moe

@@ -367,4 +367,11 @@ cudaError_t launchLlDispatchComplete(const LlDispatchArgs& args, int numCtas, cu
   return cudaGetLastError();
 }
 
+cudaError_t loadLlDispatchNetKernels() {
+  cudaFuncAttributes attr;
+  cudaError_t err = cudaFuncGetAttributes(&attr, llDispatchSendKernel<true>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, llDispatchCompleteKernel<true>);
+  return err;
+}
+
 }  // namespace nccl_moe
