@@ -16,6 +16,7 @@ struct GinContext {
   uint64_t commId;
 };
 constexpr uint32_t kGinContextMagic = 0x47435458;
+constexpr uint64_t kTestProgressGapNs = 2000;  // see ginTest
 
 GinCollComm* asColl(void* p) {
   GinCollComm* c = (GinCollComm*)p;
@@ -281,7 +282,8 @@ ncclResult_t ginCloseColl(void* collComm) {
 
 // --- registrations ---------------------------------------------------------------------------------
 
-ncclResult_t ginRegMrSym(void* collComm, void* data, size_t size, int type, void** mhandle) {
+ncclResult_t ginRegMrSym(void* collComm, void* data, size_t size, int type, void** mhandle,
+                         uint64_t mrFlags) {
   GinCollComm* c = asColl(collComm);
   if (c == nullptr) return ML_ERROR(ncclInvalidArgument, "regMrSym on an invalid GIN comm");
   if (mhandle == nullptr) return ML_ERROR(ncclInvalidArgument, "regMrSym with a NULL handle pointer");
@@ -327,12 +329,16 @@ ncclResult_t ginRegMrSym(void* collComm, void* data, size_t size, int type, void
   r->size = size;
   r->type = type;
   r->live = true;
+  if (type == NCCL_PTR_CUDA && (mrFlags & NCCL_NET_MR_FLAG_SIGNAL_NEVER_RESET) != 0 &&
+      size % sizeof(uint64_t) == 0 && (uintptr_t)data % sizeof(uint64_t) == 0)
+    r->sigShadow.assign(size / sizeof(uint64_t), 0);  // NCCL zeroed the words before registering
   c->regs.push_back(r);
   ncclResult_t res = ginCopyAnnounce(c, r);
   if (res != ncclSuccess) return ginFail(c, res);
   *mhandle = r;
-  ML_INFO(MOELOOP_LOG_NET, "GIN rank %d registration %llu: %zu bytes of %s memory", c->rank,
-          (unsigned long long)r->id, size, type == NCCL_PTR_CUDA ? "device" : "host");
+  ML_INFO(MOELOOP_LOG_NET, "GIN rank %d registration %llu: %zu bytes of %s memory%s", c->rank,
+          (unsigned long long)r->id, size, type == NCCL_PTR_CUDA ? "device" : "host",
+          r->sigShadow.empty() ? "" : " (signals, never reset: written without read-back)");
   return ncclSuccess;
 }
 
@@ -344,6 +350,13 @@ ncclResult_t ginDeregMrSym(void* collComm, void* mhandle) {
   if (r == nullptr || r->magic != kGinRegMagic || r->comm != c || !r->live)
     return ML_ERROR(ncclInvalidArgument, "deregMrSym of an unknown registration %p", mhandle);
   r->live = false;  // the object stays until closeColl: late messages are then reported, not crashes
+  if (!r->sigShadow.empty()) {
+    // The caller frees the words next: let the signal writes still queued on the lane land first.
+    ncclResult_t res = ginSignalLaneSync(&c->cuda);
+    if (res != ncclSuccess) return ginFail(c, res);
+    r->sigShadow.clear();
+    r->sigShadow.shrink_to_fit();
+  }
   return ginCopyRetire(c, r);
 }
 
@@ -418,7 +431,12 @@ ncclResult_t ginTest(void* collComm, void* request, int* done) {
   GinRequest* r = (GinRequest*)request;
   if (r == nullptr || r->magic != kGinReqMagic || r->comm != c || r->state == GinReqState::kFree)
     return ML_ERROR(ncclInvalidArgument, "GIN test of an invalid request %p", request);
-  if (r->state == GinReqState::kQueued) (void)ginProgressLocked(c);
+  // NCCL's GIN proxy tests every outstanding request on every pass and calls rmaProgress /
+  // ginProgress once per pass anyway: a full progress (a poll() and the send queues) per test
+  // made a pass cost O(outstanding requests) system calls. Progress from here only when none ran
+  // for kTestProgressGapNs.
+  if (r->state == GinReqState::kQueued && nowNs() - c->lastProgressNs >= kTestProgressGapNs)
+    (void)ginProgressLocked(c);
   if (r->state == GinReqState::kError) return r->error;
   if (r->state == GinReqState::kDone) {
     *done = 1;

@@ -61,6 +61,13 @@ ncclResult_t ginCopy(GinCuda* g, void* dst, const void* src, size_t n);
 // memory). Only the process owning a signal word updates it (puts from peers are applied by the
 // target). A GPU must not write a signal word while puts to it are in flight (GIN's contract).
 ncclResult_t ginDeviceAdd(GinCuda* g, uint64_t* word, uint64_t add);
+// The same for a word this process alone writes and whose value it keeps in *shadow (a signal
+// registration flagged NCCL_NET_MR_FLAG_SIGNAL_NEVER_RESET): *shadow += add, then the new value
+// is written to *word asynchronously on the device's signal lane (from a pinned ring slot), with
+// no read back and no wait. Signal updates of one device stay in order on that lane.
+ncclResult_t ginDeviceAddShadowed(GinCuda* g, uint64_t* word, uint64_t* shadow, uint64_t add);
+// Waits until every signal update issued on g->dev's lane has landed (before its memory is freed).
+ncclResult_t ginSignalLaneSync(GinCuda* g);
 
 // Copy transport: a non-blocking stream of g->dev, asynchronous copies on it, events after them.
 ncclResult_t ginStreamCreate(GinCuda* g, void** stream);
@@ -94,6 +101,11 @@ struct GinRegistration {
   size_t size;
   int type;       // NCCL_PTR_HOST or NCCL_PTR_CUDA
   bool live;      // false after deregMrSym
+  // Registered with NCCL_NET_MR_FLAG_SIGNAL_NEVER_RESET (NCCL 2.30.7's GIN proxy signal buffer,
+  // backend version >= 2): no GPU ever writes these words (resetSignal moves an offset instead),
+  // so the values this process wrote are the values: one word per 8 bytes, zero at registration
+  // (NCCL zeroes the buffer before registering it). Empty: signals use the read-modify-write.
+  std::vector<uint64_t> sigShadow;
   // Copy transport: the exported cuMem allocation holding the registration. exportFd stays open
   // until every copy peer's announcement carrying it is sent (announcesLeft), -1 otherwise.
   int exportFd = -1;
@@ -229,6 +241,7 @@ struct GinCollComm {
   GinCuda cuda;
   std::vector<struct pollfd> pollSet;      // scratch for progress
   bool copyWanted = false;                 // this rank offers the copy transport (hello flag)
+  uint64_t lastProgressNs = 0;             // nowNs() at the last ginProgressLocked (test throttling)
   bool importWarned = false;               // one warning per comm for a failed import
 };
 constexpr uint32_t kGinCollMagic = 0x47434f4c;

@@ -37,7 +37,10 @@ ncclResult_t ginConnect(void* ctx, void* handles[], int nranks, int rank, void* 
                         void** collComm);
 ncclResult_t ginCloseColl(void* collComm);
 // Collective and in the same order on every rank. The handle serves as mhandle and GIN handle.
-ncclResult_t ginRegMrSym(void* collComm, void* data, size_t size, int type, void** mhandle);
+// mrFlags: NCCL_NET_MR_FLAG_* of the caller; NCCL_NET_MR_FLAG_SIGNAL_NEVER_RESET on device memory
+// makes signals to the registration cheap writes (see GinRegistration::sigShadow).
+ncclResult_t ginRegMrSym(void* collComm, void* data, size_t size, int type, void** mhandle,
+                         uint64_t mrFlags = 0);
 ncclResult_t ginDeregMrSym(void* collComm, void* mhandle);
 ncclResult_t ginFinalize(void* ctx);
 

@@ -23,9 +23,14 @@ ncclResult_t ensureStream(GinCuda* g) {
 
 // Signal updates of one device: one stream and two pinned words (read, write), process-wide,
 // created on first use and kept for the life of the process.
+// Shadowed signals (ginDeviceAddShadowed) write from a ring of pinned slots: a slot is reused only
+// after the lane has been synchronised once per kRingSlots writes, so it is never rewritten while
+// a copy from it may still be pending.
+constexpr int kRingSlots = 4096;
 struct SignalLane {
   cudaStream_t stream = nullptr;
-  uint64_t* words = nullptr;  // [0] the value read, [1] the value written
+  uint64_t* words = nullptr;  // [0] the value read, [1] the value written, [2, 2 + kRingSlots) ring
+  int ringNext = 0;           // next ring slot (under signalMutex())
 };
 constexpr int kMaxLanes = 64;
 SignalLane gLanes[kMaxLanes];
@@ -39,7 +44,7 @@ ncclResult_t laneOf(int dev, SignalLane** out) {
     cudaStream_t s;
     ML_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
     void* p = nullptr;
-    cudaError_t e = cudaHostAlloc(&p, 2 * sizeof(uint64_t), cudaHostAllocPortable);
+    cudaError_t e = cudaHostAlloc(&p, (2 + kRingSlots) * sizeof(uint64_t), cudaHostAllocPortable);
     if (e != cudaSuccess) {
       cudaStreamDestroy(s);
       return ML_ERROR(ncclUnhandledCudaError, "cudaHostAlloc of the signal words failed: %s", cudaGetErrorString(e));
@@ -131,6 +136,35 @@ ncclResult_t signalAddLocked(const SignalWordAccess& access, uint64_t* word, uin
   uint64_t v = 0;
   ML_CHECK(access.read(access.env, word, &v));
   return access.write(access.env, word, v + add);
+}
+
+ncclResult_t ginDeviceAddShadowed(GinCuda* g, uint64_t* word, uint64_t* shadow, uint64_t add) {
+  DeviceScope scope(g->dev);
+  ML_CHECK(scope.status());
+  SignalLane* lane = nullptr;
+  ML_CHECK(laneOf(g->dev, &lane));
+  std::lock_guard<std::mutex> lock(signalMutex());
+  if (lane->ringNext == kRingSlots) {  // every slot may still be read by a pending copy
+    ML_CUDA(cudaStreamSynchronize(lane->stream));
+    lane->ringNext = 0;
+  }
+  uint64_t* slot = &lane->words[2 + lane->ringNext++];
+  *shadow += add;
+  *slot = *shadow;
+  // Ordered after every earlier update of this device (same lane); the payload this signal
+  // follows is already in place (synchronous copy, or the sender's copy event completed).
+  ML_CUDA(cudaMemcpyAsync(word, slot, sizeof(uint64_t), cudaMemcpyHostToDevice, lane->stream));
+  return ncclSuccess;
+}
+
+ncclResult_t ginSignalLaneSync(GinCuda* g) {
+  if (g->dev < 0) return ncclSuccess;
+  DeviceScope scope(g->dev);
+  ML_CHECK(scope.status());
+  SignalLane* lane = nullptr;
+  ML_CHECK(laneOf(g->dev, &lane));
+  ML_CUDA(cudaStreamSynchronize(lane->stream));
+  return ncclSuccess;
 }
 
 ncclResult_t ginDeviceAdd(GinCuda* g, uint64_t* word, uint64_t add) {

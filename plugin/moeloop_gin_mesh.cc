@@ -117,6 +117,47 @@ ncclResult_t sendHeaderOnly(GinCollComm* c, GinPeer& p, GinRequest* r, bool* fin
   return ncclSuccess;
 }
 
+// Copy transport: the headers of the leading header-only messages of `peer`'s queue (copy-path
+// puts whose copies completed, signal-only puts, announcements without a descriptor,
+// retirements) in one write instead of one write each. Stops at a message that is not ready,
+// at a socket-path put and before a message passing a descriptor (that one goes alone, through
+// sendHeaderOnly). *finished: messages completed; *stalled: the caller should stop for now.
+constexpr size_t kMaxHeaderBatch = 64;
+ncclResult_t sendHeaderBatch(GinCollComm* c, GinPeer& p, int peer, size_t* finished, bool* stalled) {
+  *finished = 0;
+  *stalled = false;
+  GinWireHeader batch[kMaxHeaderBatch];
+  size_t n = 0;
+  const size_t limit = p.issuedCount < p.sendQueue.size() ? p.issuedCount : p.sendQueue.size();
+  for (size_t i = 0; i < limit && n < kMaxHeaderBatch; i++) {
+    GinRequest* r = p.sendQueue[i];
+    if (r->path != GinPath::kCopy || r->hdrSent != 0 || (r->hdr.op & kGinMsgHasFd)) break;
+    bool ready = false;
+    ML_CHECK(ginCopyFrontReady(c, r, &ready));
+    if (!ready) break;
+    if (r->kind == GinReqKind::kPut) r->hdr.op |= kGinOpCopied;
+    batch[n++] = r->hdr;
+  }
+  if (n == 0) {
+    *stalled = true;
+    return ncclSuccess;
+  }
+  struct iovec iov;
+  iov.iov_base = batch;
+  iov.iov_len = n * sizeof(GinWireHeader);
+  size_t sent = 0;
+  ML_CHECK(ioWritev(p.sendFd, &iov, 1, nullptr, &sent));
+  for (size_t k = 0; k < sent / sizeof(GinWireHeader); k++) {
+    p.sendQueue.front()->hdrSent = sizeof(GinWireHeader);
+    finishFront(c, p, peer);
+    (*finished)++;
+  }
+  // A header written in part continues through sendHeaderOnly (the bytes are the same).
+  if (sent % sizeof(GinWireHeader) != 0) p.sendQueue.front()->hdrSent = sent % sizeof(GinWireHeader);
+  *stalled = sent < iov.iov_len;
+  return ncclSuccess;
+}
+
 // Socket path: header and payload through the socket, GPU payloads staged through sendBounce.
 ncclResult_t sendThroughSocket(GinCollComm* c, GinPeer& p, GinRequest* r, bool* finished, bool* stalled) {
   *finished = *stalled = false;
@@ -165,6 +206,12 @@ ncclResult_t progressSend(GinCollComm* c, int peer) {
     bool finished = false, stalled = false;
     if (r->path == GinPath::kSocket) {
       ML_CHECK(sendThroughSocket(c, p, r, &finished, &stalled));
+    } else if (r->path == GinPath::kCopy && p.issuedCount > 0 && r->hdrSent == 0 &&
+               !(r->hdr.op & kGinMsgHasFd)) {
+      size_t done = 0;
+      ML_CHECK(sendHeaderBatch(c, p, peer, &done, &stalled));
+      if (stalled) break;
+      continue;
     } else if (r->path == GinPath::kCopy && p.issuedCount > 0) {
       ML_CHECK(sendHeaderOnly(c, p, r, &finished));
       stalled = !finished;
@@ -300,7 +347,9 @@ ncclResult_t ginApplySignal(GinCollComm* c, GinRegistration* sig, uint64_t sigOf
                             uint64_t value) {
   uint64_t add = (op & kGinOpSignalInc) ? 1 : value;
   uint64_t* word = (uint64_t*)(sig->base + sigOff);
-  if (sig->type == NCCL_PTR_CUDA) {
+  if (sig->type == NCCL_PTR_CUDA && !sig->sigShadow.empty()) {
+    ML_CHECK(ginDeviceAddShadowed(&c->cuda, word, &sig->sigShadow[sigOff / sizeof(uint64_t)], add));
+  } else if (sig->type == NCCL_PTR_CUDA) {
     ML_CHECK(ginDeviceAdd(&c->cuda, word, add));
   } else {
     __atomic_fetch_add(word, add, __ATOMIC_SEQ_CST);
@@ -311,6 +360,7 @@ ncclResult_t ginApplySignal(GinCollComm* c, GinRegistration* sig, uint64_t sigOf
 
 ncclResult_t ginProgressLocked(GinCollComm* c) {
   if (c->error != ncclSuccess) return c->error;
+  c->lastProgressNs = nowNs();
   for (int peer = 0; peer < c->nranks; peer++) {
     if (peer == c->rank || c->peers[peer].sendQueue.empty()) continue;
     ncclResult_t res = progressSend(c, peer);

@@ -74,10 +74,10 @@ GinPut makeSignalPut(uint64_t srcOff, void* srcMhandle, size_t size, uint64_t ds
 
 ncclResult_t regMrSymWithGinHandle(void* collComm, void* data, size_t size, int type,
                                    uint64_t mrFlags, void** mhandle, void** ginHandle) {
-  (void)mrFlags;  // every put is applied in order: strong ordering holds for all registrations
+  // Every put is applied in order: strong ordering (FORCE_SO) holds for all registrations.
   if (ginHandle == nullptr) return ML_ERROR(ncclInvalidArgument, "regMrSym with ginHandle == NULL");
   *ginHandle = nullptr;
-  ML_CHECK(ginRegMrSym(collComm, data, size, type, mhandle));
+  ML_CHECK(ginRegMrSym(collComm, data, size, type, mhandle, mrFlags));
   *ginHandle = *mhandle;  // NCCL hands back the GIN handle to puts: one object serves both
   return ncclSuccess;
 }
@@ -154,8 +154,7 @@ ncclResult_t v14CreateContext(void* collComm, ncclRmaConfig_v14_t* config, void*
 
 ncclResult_t v14RegMrSym(void* collComm, void* data, size_t size, int type, uint64_t mrFlags,
                          void** mhandle) {
-  (void)mrFlags;
-  return ginRegMrSym(collComm, data, size, type, mhandle);
+  return ginRegMrSym(collComm, data, size, type, mhandle, mrFlags);
 }
 
 ncclResult_t v14RegMrSymDmaBuf(void* collComm, void* data, size_t size, int type, uint64_t offset,
