@@ -1,5 +1,6 @@
 // Low-latency mode: host side of ncclMoeLowLatency{Dispatch,Combine}[Complete] and the window
 // size query. No call here synchronises the host.
+#include <algorithm>
 #include <limits.h>
 #include <string.h>
 #include "comm.h"
@@ -150,7 +151,10 @@ extern "C" ncclResult_t ncclMoeLowLatencyDispatch(ncclMoeComm_t c, const void* x
                     fn, slot, c->llDispatchPending[slot] ? "dispatch" : "combine", cfg.numBufferSlots);
 
   const LlDispatchArgs a = dispatchArgs(c, slot, x, topkIdx, topkWeights, numTokens);
-  MOE_CUDA(launchLlDispatchSend(a, cfg.numSms, stream));
+  // The send needs no more CTAs than tokens (each CTA takes whole tokens; its signal carries no
+  // CTA count): a decode step of 1 token launches 1 CTA, not numSms that find nothing to do and
+  // still pass the last-CTA chain's system-scope fences.
+  MOE_CUDA(launchLlDispatchSend(a, std::max(1, std::min(cfg.numSms, numTokens)), stream));
   if (flags & NCCL_MOE_LL_SEND_ONLY) {
     c->llDispatchPending[slot] = true;
   } else {
