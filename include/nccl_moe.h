@@ -181,11 +181,32 @@ ncclResult_t ncclMoeCommDestroy(ncclMoeComm_t moeComm);
  *   isTokenInRank   [numTokens][R] uint8 (0/1), may be NULL.
  * Expert ids outside [-1, E) are counted nowhere; the next ncclMoeCheckErrors reports them once
  * (a local error, see there). Local (not collective). The layout kernel uses per-context scratch: it
- * must not run concurrently with another ncclMoeGetLayout or ncclMoeDispatch of the same
- * context on another stream. */
+ * must not run concurrently with another ncclMoeGetLayout(Nodes) or ncclMoeDispatch of the same
+ * context on another stream. Errors: ncclInvalidArgument naming the argument (numTokens outside
+ * 0..maxTokensPerRank, topkIdx NULL with numTokens > 0, a required output NULL, a pointer
+ * misaligned or not accessible from the context's device); ncclInvalidUsage on more than 32
+ * ranks. */
 ncclResult_t ncclMoeGetLayout(ncclMoeComm_t moeComm, const int64_t* topkIdx, int numTokens,
                               int* tokensPerRank, int* tokensPerExpert, uint8_t* isTokenInRank,
                               cudaStream_t stream);
+
+/* Host query, local, no CUDA call: N, the nodes the EP context spans (1 on one NVLink domain).
+ * Node n holds ranks n*R/N .. (n+1)*R/N - 1 (ncclMoeCommCreate: node-contiguous ranks). */
+ncclResult_t ncclMoeCommNodeCount(ncclMoeComm_t moeComm, int* nNodes);
+
+/* ncclMoeGetLayout plus the per-node statistics, in the same kernel launch (DeepEP's
+ * get_dispatch_layout with num_tokens_per_rdma_rank), N = ncclMoeCommNodeCount:
+ *   tokensPerNode [N] int32: tokens with at least one expert on any rank of each node; a token
+ *                 with experts on several ranks of a node counts once there (what the internode
+ *                 path sends it across the network once for). May be NULL.
+ *   isTokenInNode [numTokens][N] uint8 (0/1), may be NULL.
+ * Device memory, written on `stream`, like the other outputs, whose contract and errors
+ * (ncclMoeGetLayout) are unchanged; both new pointers NULL gives exactly ncclMoeGetLayout. On one
+ * node tokensPerNode[0] counts the tokens with at least one valid expert and isTokenInNode[t][0]
+ * says whether token t goes anywhere. */
+ncclResult_t ncclMoeGetLayoutNodes(ncclMoeComm_t moeComm, const int64_t* topkIdx, int numTokens,
+                                   int* tokensPerRank, int* tokensPerExpert, uint8_t* isTokenInRank,
+                                   int* tokensPerNode, uint8_t* isTokenInNode, cudaStream_t stream);
 
 /* Where a dispatch put its rows on this rank. Every pointer but the counts is device memory
  * inside the EP window and stays valid (and unchanged) until the next ncclMoeDispatch on this EP

@@ -1,4 +1,4 @@
-// ncclMoeDispatch, ncclMoeGetLayout and handle lifetime.
+// ncclMoeDispatch, ncclMoeGetLayout / ncclMoeGetLayoutNodes / ncclMoeCommNodeCount and handle lifetime.
 #include <string.h>
 #include "comm.h"
 #include "error.h"
@@ -58,6 +58,52 @@ static void retireHandle(ncclMoeHandle* h) {
   retireObject(h, ObjectKind::Handle, [](void* p) { delete static_cast<ncclMoeHandle*>(p); });
 }
 
+// ncclMoeGetLayout and ncclMoeGetLayoutNodes (`fn` names the one called): every check that needs
+// no CUDA call first (arguments, NULL rules, alignment), then device accessibility, then one launch.
+static ncclResult_t getLayout(const char* fn, ncclMoeComm* c, const int64_t* topkIdx, int numTokens,
+                              int* tokensPerRank, int* tokensPerExpert, uint8_t* isTokenInRank,
+                              int* tokensPerNode, uint8_t* isTokenInNode, cudaStream_t stream) {
+  MOE_CHECK(checkComm(c, fn));
+  MOE_CHECK(checkDeviceErrors(c));
+  if (numTokens < 0 || numTokens > c->cfg.maxTokensPerRank)
+    return setError(ncclInvalidArgument, "%s: numTokens = %d must be in 0..maxTokensPerRank = %d", fn, numTokens,
+                    c->cfg.maxTokensPerRank);
+  if (topkIdx == nullptr && numTokens > 0) return setError(ncclInvalidArgument, "%s: topkIdx is NULL", fn);
+  if (tokensPerRank == nullptr) return setError(ncclInvalidArgument, "%s: tokensPerRank is NULL", fn);
+  if (tokensPerExpert == nullptr) return setError(ncclInvalidArgument, "%s: tokensPerExpert is NULL", fn);
+  if (c->nRanks > kMaxHtRanks)  // the layout kernel keeps a token's ranks and nodes in 64 bits
+    return setError(ncclInvalidUsage, "%s: supported on 1..%d ranks; the EP context has %d", fn, kMaxHtRanks,
+                    c->nRanks);
+  MOE_CHECK(checkAlignment(fn, "topkIdx", topkIdx, alignof(int64_t)));
+  MOE_CHECK(checkAlignment(fn, "tokensPerRank", tokensPerRank, alignof(int)));
+  MOE_CHECK(checkAlignment(fn, "tokensPerExpert", tokensPerExpert, alignof(int)));
+  MOE_CHECK(checkAlignment(fn, "tokensPerNode", tokensPerNode, alignof(int)));
+  MOE_CHECK(c->pointers.check(fn, "topkIdx", topkIdx));
+  MOE_CHECK(c->pointers.check(fn, "tokensPerRank", tokensPerRank));
+  MOE_CHECK(c->pointers.check(fn, "tokensPerExpert", tokensPerExpert));
+  MOE_CHECK(c->pointers.check(fn, "isTokenInRank", isTokenInRank));
+  MOE_CHECK(c->pointers.check(fn, "tokensPerNode", tokensPerNode));
+  MOE_CHECK(c->pointers.check(fn, "isTokenInNode", isTokenInNode));
+  LayoutArgs a;
+  memset(&a, 0, sizeof(a));
+  a.topkIdx = topkIdx;
+  a.numTokens = numTokens;
+  a.topK = c->cfg.topK;
+  a.numExperts = c->cfg.numExperts;
+  a.nRanks = c->nRanks;
+  a.ranksPerNode = c->nodes.gpusPerNode;
+  a.tokensPerRank = tokensPerRank;
+  a.tokensPerExpert = tokensPerExpert;
+  a.isTokenInRank = isTokenInRank;
+  a.tokensPerNode = tokensPerNode;
+  a.isTokenInNode = isTokenInNode;
+  a.error = c->errorDev + kErrorLocal;  // bad ids: local, non-fatal
+  a.state = c->state;
+  a.scratch = c->layoutScratch;
+  MOE_CUDA(launchLayout(a, stream));
+  return ncclSuccess;
+}
+
 }  // namespace nccl_moe
 
 using namespace nccl_moe;
@@ -66,39 +112,25 @@ extern "C" ncclResult_t ncclMoeGetLayout(ncclMoeComm_t c, const int64_t* topkIdx
                                          int* tokensPerRank, int* tokensPerExpert,
                                          uint8_t* isTokenInRank, cudaStream_t stream) {
   clearError();
-  const char* fn = "ncclMoeGetLayout";
-  MOE_CHECK(checkComm(c, fn));
-  MOE_CHECK(checkDeviceErrors(c));
-  if (numTokens < 0 || numTokens > c->cfg.maxTokensPerRank)
-    return setError(ncclInvalidArgument, "ncclMoeGetLayout: numTokens = %d must be in 0..maxTokensPerRank = %d",
-                    numTokens, c->cfg.maxTokensPerRank);
-  if (topkIdx == nullptr && numTokens > 0)
-    return setError(ncclInvalidArgument, "ncclMoeGetLayout: topkIdx is NULL");
-  if (tokensPerRank == nullptr) return setError(ncclInvalidArgument, "ncclMoeGetLayout: tokensPerRank is NULL");
-  if (tokensPerExpert == nullptr)
-    return setError(ncclInvalidArgument, "ncclMoeGetLayout: tokensPerExpert is NULL");
-  MOE_CHECK(checkDevicePointer(c->pointers, fn, "topkIdx", topkIdx, alignof(int64_t)));
-  MOE_CHECK(checkDevicePointer(c->pointers, fn, "tokensPerRank", tokensPerRank, alignof(int)));
-  MOE_CHECK(checkDevicePointer(c->pointers, fn, "tokensPerExpert", tokensPerExpert, alignof(int)));
-  MOE_CHECK(checkDevicePointer(c->pointers, fn, "isTokenInRank", isTokenInRank, 1));
-  if (c->nRanks > kMaxHtRanks)  // the layout kernel keeps a token's ranks in a 32-bit mask
-    return setError(ncclInvalidUsage, "ncclMoeGetLayout: supported on 1..%d ranks; the EP context has %d",
-                    kMaxHtRanks, c->nRanks);
-  LayoutArgs a;
-  memset(&a, 0, sizeof(a));
-  a.topkIdx = topkIdx;
-  a.numTokens = numTokens;
-  a.topK = c->cfg.topK;
-  a.numExperts = c->cfg.numExperts;
-  a.nRanks = c->nRanks;
-  a.tokensPerRank = tokensPerRank;
-  a.tokensPerExpert = tokensPerExpert;
-  a.isTokenInRank = isTokenInRank;
-  a.error = c->errorDev + kErrorLocal;  // bad ids: local, non-fatal
-  a.state = c->state;
-  a.scratch = c->layoutScratch;
-  MOE_CUDA(launchLayout(a, stream));
+  return getLayout("ncclMoeGetLayout", c, topkIdx, numTokens, tokensPerRank, tokensPerExpert, isTokenInRank,
+                   nullptr, nullptr, stream);
+}
+
+extern "C" ncclResult_t ncclMoeCommNodeCount(ncclMoeComm_t c, int* nNodes) {
+  clearError();
+  MOE_CHECK(checkComm(c, "ncclMoeCommNodeCount"));
+  if (nNodes == nullptr) return setError(ncclInvalidArgument, "ncclMoeCommNodeCount: nNodes is NULL");
+  *nNodes = c->nodes.nNodes;
   return ncclSuccess;
+}
+
+extern "C" ncclResult_t ncclMoeGetLayoutNodes(ncclMoeComm_t c, const int64_t* topkIdx, int numTokens,
+                                              int* tokensPerRank, int* tokensPerExpert,
+                                              uint8_t* isTokenInRank, int* tokensPerNode,
+                                              uint8_t* isTokenInNode, cudaStream_t stream) {
+  clearError();
+  return getLayout("ncclMoeGetLayoutNodes", c, topkIdx, numTokens, tokensPerRank, tokensPerExpert,
+                   isTokenInRank, tokensPerNode, isTokenInNode, stream);
 }
 
 extern "C" ncclResult_t ncclMoeDispatch(ncclMoeComm_t c, const void* x, const float* xScales,
@@ -139,6 +171,7 @@ extern "C" ncclResult_t ncclMoeDispatch(ncclMoeComm_t c, const void* x, const fl
     la.topK = cfg.topK;
     la.numExperts = cfg.numExperts;
     la.nRanks = c->nRanks;
+    la.ranksPerNode = c->nodes.gpusPerNode;
     la.sendPos = h->routing.sendPos;
     la.topkIdxCopy = h->routing.topkIdx;
     la.tokensPerRank = h->routing.tokensPerRank;

@@ -9,7 +9,8 @@
 //    expertCounts[l]. Hence, for every dst and local expert l,
 //      dispatch(dst).expertCounts[l] == sum over sources s of layout(s).tokensPerExpert[dst*E/R+l].
 //    tokensPerRank and rows are per token: a token with several experts on a rank counts once
-//    there and is received there once.
+//    there and is received there once. tokensPerNode likewise: a token with experts on several
+//    ranks of a node counts once for that node (what the internode path sends it once for).
 //  - FP8: scale = amax / 448.0f and q = fp8(x / scale), both IEEE float divisions.
 //  - Combine: acc += (w * y rounded to float) per rank in increasing rank order, acc starting
 //    at +0.0f, then one bf16 rounding; never a fused multiply-add (the kernel uses
@@ -111,13 +112,17 @@ float roundedProduct(float a, float b) {
 
 }  // namespace
 
-Layout layout(const Routing& r, int numExperts, int numRanks) {
+Layout layout(const Routing& r, int numExperts, int numRanks, int numNodes) {
   assert(numRanks > 0 && numExperts % numRanks == 0);
+  assert(numNodes > 0 && numRanks % numNodes == 0);
   assert(r.topkIdx.size() == (size_t)r.numTokens * r.topK);
+  const int ranksPerNode = numRanks / numNodes;
   Layout l;
   l.tokensPerRank.assign(numRanks, 0);
   l.tokensPerExpert.assign(numExperts, 0);
   l.isTokenInRank.assign((size_t)r.numTokens * numRanks, 0);
+  l.tokensPerNode.assign(numNodes, 0);
+  l.isTokenInNode.assign((size_t)r.numTokens * numNodes, 0);
   for (int t = 0; t < r.numTokens; ++t) {
     for (int k = 0; k < r.topK; ++k) {
       const int64_t e = r.topkIdx[(size_t)t * r.topK + k];
@@ -125,9 +130,12 @@ Layout layout(const Routing& r, int numExperts, int numRanks) {
       if (rank < 0) continue;
       ++l.tokensPerExpert[e];                          // per (token, k) entry
       l.isTokenInRank[(size_t)t * numRanks + rank] = 1;
+      l.isTokenInNode[(size_t)t * numNodes + rank / ranksPerNode] = 1;
     }
     for (int rank = 0; rank < numRanks; ++rank)
       l.tokensPerRank[rank] += l.isTokenInRank[(size_t)t * numRanks + rank];  // once per token
+    for (int node = 0; node < numNodes; ++node)
+      l.tokensPerNode[node] += l.isTokenInNode[(size_t)t * numNodes + node];  // once per token
   }
   return l;
 }

@@ -28,12 +28,17 @@ struct Routing {            // one rank's routing input
 Routing makeRouting(int topK, const std::vector<std::vector<int64_t>>& idx,
                     const std::vector<std::vector<float>>& weights = {});
 
+// One rank's routing statistics (ncclMoeGetLayout / ncclMoeGetLayoutNodes). The R ranks form
+// numNodes nodes of R/numNodes consecutive ranks (node n holds ranks n*R/N .. (n+1)*R/N - 1);
+// a token counts once per rank and once per node it has an expert on (the per-node dedup).
 struct Layout {
   std::vector<int> tokensPerRank;     // [R]
   std::vector<int> tokensPerExpert;   // [E]
   std::vector<uint8_t> isTokenInRank; // [numTokens][R]
+  std::vector<int> tokensPerNode;     // [N]
+  std::vector<uint8_t> isTokenInNode; // [numTokens][N]
 };
-Layout layout(const Routing& r, int numExperts, int numRanks);
+Layout layout(const Routing& r, int numExperts, int numRanks, int numNodes = 1);
 
 // What rank `dst` receives from all ranks in one dispatch, rows ordered by source rank then
 // source token. rowBytes = bytes of one token row in the dispatch dtype.

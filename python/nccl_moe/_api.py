@@ -19,7 +19,8 @@ _PROTOTYPES = {
     "ncclMoeGetWindowSize": [POINTER(ConfigStruct), c_int, POINTER(c_size_t)],
     "ncclMoeCommCreate": [_P, POINTER(ConfigStruct), POINTER(c_void_p)],
     "ncclMoeCommDestroy": [_P],
-    "ncclMoeGetLayout": [_P, _P, c_int, _P, _P, _P, _P],
+    "ncclMoeCommNodeCount": [_P, POINTER(c_int)],
+    "ncclMoeGetLayoutNodes": [_P, _P, c_int, _P, _P, _P, _P, _P, _P],
     "ncclMoeDispatch": [_P, _P, _P, _P, _P, c_int, c_uint, POINTER(c_void_p),
                         POINTER(DispatchOutputStruct), _P],
     "ncclMoeCombine": [_P, _P, _P, _P, _P, _P],
@@ -93,10 +94,21 @@ def comm_destroy(moe_comm: int) -> None:
     call("ncclMoeCommDestroy", moe_comm)
 
 
+def comm_node_count(moe_comm) -> int:
+    """N, the nodes the EP context spans (1 within one NVLink domain): the length of the layout's
+    tokens_per_node."""
+    n = c_int()
+    call("ncclMoeCommNodeCount", moe_comm, byref(n))
+    return n.value
+
+
 def get_layout(moe_comm, topk_idx, num_tokens, tokens_per_rank, tokens_per_expert,
-               is_token_in_rank, stream) -> None:
-    call("ncclMoeGetLayout", moe_comm, topk_idx, num_tokens, tokens_per_rank, tokens_per_expert,
-         is_token_in_rank, stream)
+               is_token_in_rank, tokens_per_node, is_token_in_node, stream) -> None:
+    """ncclMoeGetLayoutNodes: counts per rank [R], per expert [E], per node [N] (int32) and the
+    [T][R] / [T][N] uint8 flags; is_token_in_rank, tokens_per_node and is_token_in_node may be
+    None (NULL)."""
+    call("ncclMoeGetLayoutNodes", moe_comm, topk_idx, num_tokens, tokens_per_rank,
+         tokens_per_expert, is_token_in_rank, tokens_per_node, is_token_in_node, stream)
 
 
 def dispatch(moe_comm, x, x_scales, topk_idx, topk_weights, num_tokens, flags, handle: c_void_p,

@@ -87,7 +87,8 @@ def test_comm_create_null_comm_rejected():
     ("handle_destroy", (None,), "handle"),
     ("check_errors", (None,), "moeComm"),
     ("combine", (None, None, None, None, None, None), "moeComm"),
-    ("get_layout", (None, None, 0, None, None, None, None), "moeComm"),
+    ("get_layout", (None, None, 0, None, None, None, None, None, None), "moeComm"),
+    ("comm_node_count", (None,), "moeComm"),
 ])
 def test_null_objects_rejected(fn, args, name):
     with pytest.raises(nccl_moe.NcclMoeError) as e:

@@ -95,7 +95,8 @@ struct DeviceState {
 // Scratch of the layout kernel, [tiles] = ceil(maxTokensPerRank / kLayoutTileTokens) (device).
 constexpr int kLayoutTileTokens = 256;
 struct LayoutScratch {
-  int* tileRanks;                // [tiles][R]: tokens of the tile going to each rank
+  int* tileTokens;               // [tiles][2R]: tokens of the tile going to each rank, then to
+                                 // each node (R + N columns used; N <= R)
   int* tileExperts;              // [tiles][E]: (token, k) entries of the tile per expert
   unsigned long long* tileFlags; // [tiles]: epoch of the layout that published the tile
   // Device bytes for a context, and the arrays carved out of such an allocation `mem`.
@@ -120,11 +121,14 @@ struct RoutingView {
 struct LayoutArgs {
   const int64_t* topkIdx;  // [T][K]
   int numTokens, topK, numExperts, nRanks;
+  int ranksPerNode;        // G: rank r is on node r / G, of N = nRanks / G (NodeMap)
   int* sendPos;            // [T][R] or NULL
   int64_t* topkIdxCopy;    // [T][K] or NULL: receives a copy of topkIdx
   int* tokensPerRank;      // [R]
   int* tokensPerExpert;    // [E]
   uint8_t* isTokenInRank;  // [T][R] or NULL
+  int* tokensPerNode;      // [N] or NULL
+  uint8_t* isTokenInNode;  // [T][N] or NULL
   DeviceError* error;      // the local record: ids outside [-1, E)
   DeviceState* state;      // layoutTicket / layoutEpoch
   LayoutScratch scratch;

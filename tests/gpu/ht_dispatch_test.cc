@@ -1,6 +1,7 @@
 // High-throughput dispatch (each scenario also combines, so that every handle is exercised):
 // random routing with -1s in BF16 and FP8, skewed routing, ranks without tokens, tiny inputs,
-// host counts, and the layout call. Everything is compared element-exactly with moe_ref.
+// host counts. Everything is compared element-exactly with moe_ref. The layout call:
+// ht_layout_test.cc.
 #include "gpu_env.h"
 
 namespace moe_gpu {
@@ -22,53 +23,6 @@ RunOpts opts(bool weighted) {
   RunOpts o;
   o.combineWeighted = weighted;
   return o;
-}
-
-TEST_F(HtDispatch, Layout) {
-  Shape s = shape(2048, 8, 256, 512, ncclMoeBf16);
-  Ep ep(s);
-  if (!ep.create()) return;
-  Problem p = makeProblem(s, spec(11));
-  DeviceInputs in;
-  MOE_AGREE_OR_RETURN(in.upload(p), "upload inputs");
-  const int me = rank(), R = nRanks(), E = s.numExperts(), T = p.tokens(me);
-  moe_ref::Layout ref = moe_ref::layout(p.routing[me], E, R);
-  DevMem perRank(R * sizeof(int)), perExpert(E * sizeof(int)), inRank((size_t)T * R + 1);
-  for (int withInRank = 0; withInRank < 2; withInRank++) {
-    bool ok = poison(perRank.get(), R * sizeof(int)) &&
-              poison(perExpert.get(), E * sizeof(int)) && poison(inRank.get(), (size_t)T * R);
-    ok = ok && MOE_OK(ncclMoeGetLayout(ep.comm, in.topkIdx.as<int64_t>(), T, perRank.as<int>(),
-                                       perExpert.as<int>(),
-                                       withInRank ? inRank.as<uint8_t>() : nullptr, stream()));
-    ok = CUDA_OK(cudaStreamSynchronize(stream())) && ok;
-    MOE_AGREE_OR_RETURN(ok, "ncclMoeGetLayout");
-    std::vector<int> gotRank(R), gotExpert(E);
-    std::vector<uint8_t> gotIn((size_t)T * R);
-    download(gotRank.data(), perRank.get(), R * sizeof(int));
-    download(gotExpert.data(), perExpert.get(), E * sizeof(int));
-    long bad = 0;
-    for (int r = 0; r < R; r++) {
-      EXPECT_EQ(gotRank[r], ref.tokensPerRank[r]) << "rank " << me << " tokensPerRank[" << r << "]";
-      bad += gotRank[r] != ref.tokensPerRank[r];
-    }
-    for (int e = 0; e < E; e++) {
-      if (gotExpert[e] != ref.tokensPerExpert[e]) {
-        if (bad < 8)
-          ADD_FAILURE() << "rank " << me << " tokensPerExpert[" << e << "] = " << gotExpert[e]
-                        << ", expected " << ref.tokensPerExpert[e];
-        bad++;
-      }
-    }
-    if (withInRank) {
-      download(gotIn.data(), inRank.get(), gotIn.size());
-      long badIn = 0;
-      for (size_t i = 0; i < gotIn.size(); i++) badIn += gotIn[i] != ref.isTokenInRank[i];
-      EXPECT_EQ(badIn, 0) << "rank " << me << ": isTokenInRank mismatches";
-      bad += badIn;
-    }
-    agreeMismatches(bad, "layout");
-    MOE_AGREE_OR_RETURN(MOE_OK(ncclMoeCheckErrors(ep.comm)), "ncclMoeCheckErrors");
-  }
 }
 
 TEST_F(HtDispatch, RandomBf16H7168K8E32Weighted) {

@@ -84,6 +84,11 @@ TEST(Api, NullContext) {
   int perRank[4], perExpert[8];
   EXPECT_REJECTS(ncclMoeGetLayout(nullptr, nullptr, 0, perRank, perExpert, nullptr, nullptr),
                  "moeComm");
+  int perNode[1];
+  EXPECT_REJECTS(ncclMoeGetLayoutNodes(nullptr, nullptr, 0, perRank, perExpert, nullptr, perNode, nullptr,
+                                       nullptr),
+                 "moeComm");
+  EXPECT_REJECTS(ncclMoeCommNodeCount(nullptr, perNode), "moeComm");
   EXPECT_REJECTS(ncclMoeCheckErrors(nullptr), "moeComm");
   EXPECT_REJECTS(ncclMoeHandleDestroy(nullptr), "handle");
 }

@@ -387,7 +387,7 @@ TEST(DispatchArgs, UnknownFlags) {
 }
 
 // The layout kernel's scratch: the carved arrays lie inside bytes(), do not overlap, and hold
-// ceil(maxTokens / tile) tiles of flags, per-rank and per-expert counts.
+// ceil(maxTokens / tile) tiles of flags, per-rank-and-node (2R: N <= R) and per-expert counts.
 TEST(WindowLayout, LayoutScratchCarving) {
   const int cases[][3] = {{1, 2, 8}, {256, 4, 256}, {257, 4, 256}, {4096, 8, 288}, {5000, 32, 64}};
   for (const auto& cs : cases) {
@@ -398,11 +398,11 @@ TEST(WindowLayout, LayoutScratchCarving) {
     char* base = (char*)mem.data();
     const LayoutScratch s = LayoutScratch::carve(base, M, R, E);
     const char* flagsEnd = (const char*)(s.tileFlags + tiles);
-    const char* ranksEnd = (const char*)(s.tileRanks + tiles * R);
+    const char* tokensEnd = (const char*)(s.tileTokens + tiles * 2 * R);
     const char* expertsEnd = (const char*)(s.tileExperts + tiles * E);
     EXPECT_EQ((const char*)s.tileFlags, base);
-    EXPECT_LE(flagsEnd, (const char*)s.tileRanks) << M << " " << R << " " << E;
-    EXPECT_LE(ranksEnd, (const char*)s.tileExperts) << M << " " << R << " " << E;
+    EXPECT_LE(flagsEnd, (const char*)s.tileTokens) << M << " " << R << " " << E;
+    EXPECT_LE(tokensEnd, (const char*)s.tileExperts) << M << " " << R << " " << E;
     EXPECT_EQ(expertsEnd, base + bytes) << M << " " << R << " " << E;  // bytes() is exact
   }
 }

@@ -35,6 +35,9 @@ void expectEveryCallRejects(ncclMoeComm_t c) {
   EXPECT_FAILS(ncclMoeCheckErrors(c), bad, "moeComm");
   EXPECT_FAILS(ncclMoeCommDestroy(c), bad, "moeComm");
   EXPECT_FAILS(ncclMoeGetLayout(c, nullptr, 0, counts, counts, nullptr, nullptr), bad, "moeComm");
+  EXPECT_FAILS(ncclMoeGetLayoutNodes(c, nullptr, 0, counts, counts, nullptr, counts, nullptr, nullptr), bad,
+               "moeComm");
+  EXPECT_FAILS(ncclMoeCommNodeCount(c, counts), bad, "moeComm");
   EXPECT_FAILS(ncclMoeDispatch(c, nullptr, nullptr, nullptr, nullptr, 0, 0, &handle, &out, nullptr), bad, "moeComm");
   EXPECT_EQ(handle, nullptr);
   EXPECT_FAILS(ncclMoeCombine(c, nullptr, nullptr, nullptr, nullptr, nullptr), bad, "moeComm");

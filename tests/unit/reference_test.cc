@@ -201,14 +201,77 @@ TEST(RefLayout, HandExample) {
   EXPECT_EQ(l.tokensPerRank, (std::vector<int>{4, 3}));
   EXPECT_EQ(l.tokensPerExpert, (std::vector<int>{2, 1, 1, 2, 2, 1, 1, 1}));
   EXPECT_EQ(l.isTokenInRank, (std::vector<uint8_t>{1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0}));
+  // One node (the default): every token that goes anywhere, once.
+  EXPECT_EQ(l.tokensPerNode, (std::vector<int>{5}));
+  EXPECT_EQ(l.isTokenInNode, (std::vector<uint8_t>{1, 1, 0, 1, 1, 1}));
+}
+
+TEST(RefLayout, HandExampleTwoNodes) {
+  // E = 8, R = 4, 2 nodes: ranks 0, 1 (experts 0..3) on node 0, ranks 2, 3 (experts 4..7) on node 1.
+  Routing r = makeRouting(3, {{0, 3, -1},    // t0: ranks 0, 1, both on node 0: counted once there
+                              {2, 5, 6},     // t1: ranks 1, 2, 3: nodes 0, 1
+                              {-1, -1, -1},  // t2: nowhere
+                              {7, 6, 7},     // t3: rank 3 (expert 7 twice): node 1
+                              {8, -2, 4}});  // t4: invalid ids ignored, rank 2 via 4: node 1
+  Layout l = layout(r, 8, 4, 2);
+  EXPECT_EQ(l.tokensPerRank, (std::vector<int>{1, 2, 2, 2}));
+  EXPECT_EQ(l.tokensPerExpert, (std::vector<int>{1, 0, 1, 1, 1, 1, 2, 2}));
+  EXPECT_EQ(l.tokensPerNode, (std::vector<int>{2, 3}));
+  EXPECT_EQ(l.isTokenInNode, (std::vector<uint8_t>{1, 0, 1, 1, 0, 0, 0, 1, 0, 1}));
 }
 
 TEST(RefLayout, ZeroTokens) {
   Routing r = makeRouting(2, {});
-  Layout l = layout(r, 4, 4);
+  Layout l = layout(r, 4, 4, 2);
   EXPECT_EQ(l.tokensPerRank, (std::vector<int>{0, 0, 0, 0}));
   EXPECT_EQ(l.tokensPerExpert, (std::vector<int>{0, 0, 0, 0}));
+  EXPECT_EQ(l.tokensPerNode, (std::vector<int>{0, 0}));
   EXPECT_TRUE(l.isTokenInRank.empty());
+  EXPECT_TRUE(l.isTokenInNode.empty());
+}
+
+// Random routings on 8 ranks split into 1, 2, 4 and 8 nodes: a token is on a node exactly when
+// it is on one of the node's ranks; per-rank and per-expert results do not depend on the nodes.
+TEST(RefLayout, NodesRandom) {
+  const int R = 8, E = 64, K = 6, T = 300;
+  std::mt19937 rng(11);
+  Routing r = randomRouting(rng, T, K, E);
+  for (int k = 0; k < K; ++k) r.topkIdx[5 * K + k] = -1;  // token 5 goes nowhere
+  const Layout oneNode = layout(r, E, R);
+  int anywhere = 0;
+  for (int t = 0; t < T; ++t) {
+    int ranks = 0;
+    for (int rank = 0; rank < R; ++rank) ranks += oneNode.isTokenInRank[t * R + rank];
+    EXPECT_EQ(oneNode.isTokenInNode[t], ranks > 0 ? 1 : 0) << t;
+    anywhere += ranks > 0;
+  }
+  EXPECT_EQ(oneNode.tokensPerNode, (std::vector<int>{anywhere}));
+  EXPECT_EQ(oneNode.isTokenInNode[5], 0);
+  for (int N : {2, 4, 8}) {
+    const int G = R / N;
+    const Layout l = layout(r, E, R, N);
+    EXPECT_EQ(l.tokensPerRank, oneNode.tokensPerRank) << N;
+    EXPECT_EQ(l.tokensPerExpert, oneNode.tokensPerExpert) << N;
+    EXPECT_EQ(l.isTokenInRank, oneNode.isTokenInRank) << N;
+    ASSERT_EQ(l.isTokenInNode.size(), (size_t)T * N);
+    std::vector<int> perNode(N, 0);
+    bool dedup = false;  // some token has experts on two ranks of one node
+    for (int t = 0; t < T; ++t) {
+      for (int n = 0; n < N; ++n) {
+        int ranks = 0;
+        for (int rank = n * G; rank < (n + 1) * G; ++rank) ranks += l.isTokenInRank[t * R + rank];
+        EXPECT_EQ(l.isTokenInNode[t * N + n], ranks > 0 ? 1 : 0) << N << " " << t << " " << n;
+        perNode[n] += ranks > 0;
+        dedup |= ranks > 1;
+      }
+    }
+    EXPECT_EQ(l.tokensPerNode, perNode) << N;
+    if (N == R) {
+      EXPECT_EQ(l.tokensPerNode, l.tokensPerRank);
+    } else {
+      EXPECT_TRUE(dedup) << N;
+    }
+  }
 }
 
 // --- dispatch --------------------------------------------------------------------------------

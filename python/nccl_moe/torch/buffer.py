@@ -158,24 +158,32 @@ class Buffer(LowLatencyMixin):
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
                             previous_event: Optional[EventOverlap] = None,
                             async_finish: bool = False, allocate_on_comm_stream: bool = False):
-        """Routing statistics of topk_idx [T][K] int64 (-1 = none), ncclMoeGetLayout.
+        """Routing statistics of topk_idx [T][K] int64 (-1 = none), ncclMoeGetLayoutNodes, in
+        one kernel.
 
-        Returns (num_tokens_per_rank [R] int32, None (no RDMA ranks), num_tokens_per_expert [E]
-        int32, is_token_in_rank [T][R] bool, event). dispatch() does not need them."""
+        Returns (num_tokens_per_rank [R] int32, num_tokens_per_rdma_rank [N] int32,
+        num_tokens_per_expert [E] int32, is_token_in_rank [T][R] bool, event), as DeepEP. N is
+        the number of nodes of the group (1 within one NVLink domain); num_tokens_per_rdma_rank[n]
+        counts the tokens with an expert on any rank of node n, once per token. dispatch() does
+        not need them."""
         if num_experts != self.num_experts:
             raise ValueError(f"num_experts = {num_experts}, the Buffer was made for {self.num_experts}")
         require(topk_idx, "topk_idx", torch.int64, [None, self.num_topk])
         ctx, compute = self._ht(), torch.cuda.current_stream()
+        nodes = _api.comm_node_count(ctx.ptr)
         comm = self._begin(previous_event)
         t = topk_idx.shape[0]
         with torch.cuda.stream(comm):
             per_rank = torch.empty(self.group_size, dtype=torch.int32, device=ctx.device)
+            per_node = torch.empty(nodes, dtype=torch.int32, device=ctx.device)
             per_expert = torch.empty(self.num_experts, dtype=torch.int32, device=ctx.device)
             in_rank = torch.empty((t, self.group_size), dtype=torch.bool, device=ctx.device)
             _api.get_layout(ctx.ptr, topk_idx.data_ptr(), t, per_rank.data_ptr(),
-                            per_expert.data_ptr(), in_rank.data_ptr(), comm.cuda_stream)
-        event = self._finish(compute, [topk_idx], [per_rank, per_expert, in_rank], async_finish)
-        return per_rank, None, per_expert, in_rank, event
+                            per_expert.data_ptr(), in_rank.data_ptr(), per_node.data_ptr(), None,
+                            comm.cuda_stream)
+        event = self._finish(compute, [topk_idx], [per_rank, per_node, per_expert, in_rank],
+                             async_finish)
+        return per_rank, per_node, per_expert, in_rank, event
 
     def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
                  handle: Optional[Handle] = None,

@@ -61,10 +61,25 @@ def check(name, cond, detail=""):
         print(f"PASS {name}", flush=True)
 
 
+def check_layout(buf, idx, rank_of, size):
+    """get_dispatch_layout against torch: one node, so num_tokens_per_rdma_rank has one entry,
+    the tokens that go anywhere."""
+    per_rank, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+    ref_in_rank = torch.stack([(rank_of == r).any(dim=1) for r in range(size)], dim=1)
+    check("ht layout is_token_in_rank", torch.equal(in_rank, ref_in_rank))
+    check("ht layout num_tokens_per_rank", torch.equal(per_rank, ref_in_rank.sum(0).int()))
+    ref_expert = torch.bincount(idx[idx >= 0], minlength=E).int()
+    check("ht layout num_tokens_per_expert", torch.equal(per_expert, ref_expert))
+    ref_node = ref_in_rank.any(dim=1).sum().reshape(1).int()
+    check("ht layout num_tokens_per_rdma_rank", torch.equal(per_node, ref_node),
+          f"{per_node} vs {ref_node}")
+
+
 def check_ht(buf, rank, size, gen):
     x = torch.randn(T, H, generator=gen).to(torch.bfloat16).cuda()
     idx, w = routing(rank, T, gen)
     (ref_x, ref_idx, ref_w), rank_of = reference_dispatch(x, idx, w, size)
+    check_layout(buf, idx, rank_of, size)
     recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w)
     check("ht dispatch rows", torch.equal(recv_x, ref_x), f"{recv_x.shape} vs {ref_x.shape}")
     check("ht dispatch topk_idx", torch.equal(recv_idx, ref_idx))

@@ -1,13 +1,19 @@
 // Layout kernel: routing statistics of one dispatch and each token's row among the tokens sent
 // to each rank (token order is preserved per destination).
 //
+// Destinations: the R ranks, then the N nodes (node n = ranks n*G .. n*G+G-1). A token goes to a
+// node when it has an expert on any rank of that node, once however many (the per-node dedup of
+// the internode path); per-node counts are columns R..R+N-1 of the same ballots, scans and
+// look-back as the per-rank ones, from the same single read of topkIdx.
+//
 // One CTA per tile of kLayoutTileTokens tokens, one token per thread. A CTA claims its tile with
 // a ticket (so that every lower tile belongs to a CTA that is already running), counts its
-// tokens per rank and its entries per expert, publishes the per-rank counts with a flag holding
-// this launch's epoch, and looks back: one thread per (lower tile, rank) waits for that tile's
-// flag and adds its count, which gives the tile's base row per rank. The highest tile, which has
-// then seen every other tile publish, writes tokensPerRank / tokensPerExpert, re-arms the ticket
-// and advances the epoch (every other CTA read it before publishing).
+// tokens per destination and its entries per expert, publishes the per-destination counts with a
+// flag holding this launch's epoch, and looks back: one thread per (lower tile, destination)
+// waits for that tile's flag and adds its count, which gives the tile's base row per
+// destination. The highest tile, which has then seen every other tile publish, writes
+// tokensPerRank / tokensPerNode / tokensPerExpert, re-arms the ticket and advances the epoch
+// (every other CTA read it before publishing).
 #include "device/kernel_args.h"
 #include "device/common/peer_sync.cuh"
 
@@ -19,16 +25,17 @@ static size_t layoutTiles(int maxTokens) {
   return (size_t)(maxTokens + kLayoutTileTokens - 1) / kLayoutTileTokens;
 }
 
+// Per tile: a flag, R + N <= 2R destination counts, E expert counts.
 size_t LayoutScratch::bytes(int maxTokens, int nRanks, int numExperts) {
-  return layoutTiles(maxTokens) * (sizeof(int) * ((size_t)nRanks + numExperts) + sizeof(unsigned long long));
+  return layoutTiles(maxTokens) * (sizeof(int) * (2 * (size_t)nRanks + numExperts) + sizeof(unsigned long long));
 }
 
 LayoutScratch LayoutScratch::carve(void* mem, int maxTokens, int nRanks, int numExperts) {
   const size_t tiles = layoutTiles(maxTokens);
   LayoutScratch s;
   s.tileFlags = (unsigned long long*)mem;  // the 8-byte words first
-  s.tileRanks = (int*)(s.tileFlags + tiles);
-  s.tileExperts = s.tileRanks + tiles * nRanks;
+  s.tileTokens = (int*)(s.tileFlags + tiles);
+  s.tileExperts = s.tileTokens + tiles * 2 * nRanks;
   return s;
 }
 
@@ -41,12 +48,13 @@ __device__ __forceinline__ unsigned long long loadAcquireGpu(const unsigned long
 __global__ void __launch_bounds__(kLayoutTileTokens) layoutKernel(LayoutArgs a) {
   extern __shared__ int smem[];
   const int R = a.nRanks, E = a.numExperts, K = a.topK, expertsPerRank = E / R;
+  const int G = a.ranksPerNode, N = R / G, D = R + N;  // destinations: R ranks, then N nodes
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   int* sExpert = smem;                      // [E] entries per expert in this tile
-  int* sWarpCount = sExpert + E;            // [kLayoutWarps][R] tokens of each warp per rank
-  int* sBase = sWarpCount + kLayoutWarps * R;  // [R] tokens of the lower tiles per rank
-  int* sTotal = sBase + R;                  // [R] tokens of this tile per rank
-  int16_t* sIds = (int16_t*)(sTotal + R);   // [kLayoutTileTokens][K] expert ids, -1 = none
+  int* sWarpCount = sExpert + E;            // [kLayoutWarps][D] tokens of each warp per destination
+  int* sBase = sWarpCount + kLayoutWarps * D;  // [D] tokens of the lower tiles per destination
+  int* sTotal = sBase + D;                  // [D] tokens of this tile per destination
+  int16_t* sIds = (int16_t*)(sTotal + D);   // [kLayoutTileTokens][K] expert ids, -1 = none
   __shared__ int sTile;
   __shared__ unsigned long long sEpoch;
   if (threadIdx.x == 0) {
@@ -54,7 +62,7 @@ __global__ void __launch_bounds__(kLayoutTileTokens) layoutKernel(LayoutArgs a) 
     sEpoch = *(volatile unsigned long long*)&a.state->layoutEpoch + 1;
   }
   for (int i = threadIdx.x; i < E; i += blockDim.x) sExpert[i] = 0;
-  for (int i = threadIdx.x; i < R; i += blockDim.x) sBase[i] = 0;
+  for (int i = threadIdx.x; i < D; i += blockDim.x) sBase[i] = 0;
   __syncthreads();
   const int tileIdx = sTile, tile = tileIdx * kLayoutTileTokens;
   const unsigned long long epoch = sEpoch;
@@ -72,28 +80,30 @@ __global__ void __launch_bounds__(kLayoutTileTokens) layoutKernel(LayoutArgs a) 
   }
   __syncthreads();
   const int t = tile + threadIdx.x;
-  unsigned mask = 0;  // bit r: token t has an expert on rank r
+  unsigned long long dest = 0;  // bit d: token t goes to rank d (d < R) or to node d - R
   if (t < a.numTokens) {
     for (int k = 0; k < K; ++k) {
       const int e = sIds[threadIdx.x * K + k];
-      if (e >= 0) mask |= 1u << (e / expertsPerRank);
+      if (e < 0) continue;
+      const int r = e / expertsPerRank;
+      dest |= (1ull << r) | (1ull << (R + r / G));  // R + N <= 64 (R <= kMaxHtRanks)
     }
   }
-  for (int r = 0; r < R; ++r) {
-    const unsigned b = __ballot_sync(0xffffffffu, (mask >> r) & 1u);
-    if (lane == 0) sWarpCount[warp * R + r] = __popc(b);
+  for (int d = 0; d < D; ++d) {
+    const unsigned b = __ballot_sync(0xffffffffu, (dest >> d) & 1u);
+    if (lane == 0) sWarpCount[warp * D + d] = __popc(b);
   }
   __syncthreads();
-  // Exclusive scan over warps per rank; publish the tile's totals and expert counts.
-  for (int r = threadIdx.x; r < R; r += blockDim.x) {
+  // Exclusive scan over warps per destination; publish the tile's totals and expert counts.
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
     int run = 0;
     for (int w = 0; w < kLayoutWarps; ++w) {
-      const int c = sWarpCount[w * R + r];
-      sWarpCount[w * R + r] = run;
+      const int c = sWarpCount[w * D + d];
+      sWarpCount[w * D + d] = run;
       run += c;
     }
-    sTotal[r] = run;
-    a.scratch.tileRanks[(size_t)tileIdx * R + r] = run;
+    sTotal[d] = run;
+    a.scratch.tileTokens[(size_t)tileIdx * D + d] = run;
   }
   for (int e = threadIdx.x; e < E; e += blockDim.x) a.scratch.tileExperts[(size_t)tileIdx * E + e] = sExpert[e];
   __syncthreads();
@@ -102,28 +112,32 @@ __global__ void __launch_bounds__(kLayoutTileTokens) layoutKernel(LayoutArgs a) 
     asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(a.scratch.tileFlags + tileIdx), "l"(epoch)
                  : "memory");
   }
-  // Look back: thread (j, r) adds lower tile j's count for rank r once j has published.
-  for (int i = threadIdx.x; i < tileIdx * R; i += blockDim.x) {
-    const int j = i / R, r = i % R;
+  // Look back: thread (j, d) adds lower tile j's count for destination d once j has published.
+  for (int i = threadIdx.x; i < tileIdx * D; i += blockDim.x) {
+    const int j = i / D, d = i % D;
     while ((long long)(loadAcquireGpu(a.scratch.tileFlags + j) - epoch) < 0) {  // wrap-safe
     }
-    atomicAdd(&sBase[r], __ldcg(a.scratch.tileRanks + (size_t)j * R + r));
+    atomicAdd(&sBase[d], __ldcg(a.scratch.tileTokens + (size_t)j * D + d));
   }
   __syncthreads();
   const unsigned laneBelow = (1u << lane) - 1;
   for (int r = 0; r < R; ++r) {
-    const bool in = (mask >> r) & 1u;
+    const bool in = (dest >> r) & 1u;
     const unsigned b = __ballot_sync(0xffffffffu, in);
     if (t < a.numTokens) {
-      const int pos = in ? sBase[r] + sWarpCount[warp * R + r] + __popc(b & laneBelow) : -1;
+      const int pos = in ? sBase[r] + sWarpCount[warp * D + r] + __popc(b & laneBelow) : -1;
       if (a.sendPos) a.sendPos[(size_t)t * R + r] = pos;
       if (a.isTokenInRank) a.isTokenInRank[(size_t)t * R + r] = in ? 1 : 0;
     }
   }
+  if (a.isTokenInNode && t < a.numTokens)
+    for (int n = 0; n < N; ++n) a.isTokenInNode[(size_t)t * N + n] = (dest >> (R + n)) & 1u;
 
   if (tileIdx != (int)gridDim.x - 1) return;
   // The highest tile: every lower tile has published (the look-back waited for all of them).
   for (int r = threadIdx.x; r < R; r += blockDim.x) a.tokensPerRank[r] = sBase[r] + sTotal[r];
+  if (a.tokensPerNode)
+    for (int n = threadIdx.x; n < N; n += blockDim.x) a.tokensPerNode[n] = sBase[R + n] + sTotal[R + n];
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
     int sum = sExpert[e];
     for (int j = 0; j < tileIdx; ++j) sum += __ldcg(a.scratch.tileExperts + (size_t)j * E + e);
@@ -136,7 +150,8 @@ __global__ void __launch_bounds__(kLayoutTileTokens) layoutKernel(LayoutArgs a) 
 }
 
 cudaError_t launchLayout(const LayoutArgs& a, cudaStream_t stream) {
-  const size_t smem = sizeof(int) * ((size_t)a.numExperts + (size_t)kLayoutWarps * a.nRanks + 2 * a.nRanks) +
+  const size_t D = (size_t)a.nRanks + a.nRanks / a.ranksPerNode;  // ranks, then nodes
+  const size_t smem = sizeof(int) * ((size_t)a.numExperts + kLayoutWarps * D + 2 * D) +
                       sizeof(int16_t) * kLayoutTileTokens * a.topK;
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(layoutKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
