@@ -106,6 +106,7 @@ static LlCombineArgs combineArgs(ncclMoeComm* c, const ncclMoeLowLatencyOutput_t
   a.numExperts = cfg.numExperts;
   a.maxTokens = cfg.maxTokensPerRank;
   a.failed = failedRanks(c);
+  a.signalTotal = cfg.numSms;
   return a;
 }
 

@@ -301,9 +301,13 @@ struct LlCombineArgs {
   uint16_t* out;              // [T][H] BF16 (complete)
   int numTokens, hidden, topK, numExperts, maxTokens;
   RankSet failed;             // ranks this operation skips (their partials count as zero)
+  int signalTotal;            // what every rank's send adds to each peer's combine signal per
+                              // operation, whatever its CTA count (the config's numSms)
 };
+// Send: numCtas (<= signalTotal) CTAs, waits for no peer. Complete: at most maxCtas CTAs, as many
+// as this rank's tokens need; waits for every rank's signalTotal, then sums the partials.
 cudaError_t launchLlCombineSend(const LlCombineArgs& args, int numCtas, cudaStream_t stream);
-cudaError_t launchLlCombineComplete(const LlCombineArgs& args, int numCtas, cudaStream_t stream);
+cudaError_t launchLlCombineComplete(const LlCombineArgs& args, int maxCtas, cudaStream_t stream);
 // Loads every low-latency kernel of the multi-node (kNet) form into the current device's context
 // without running it (cudaFuncGetAttributes: CUDA's lazy loading loads a kernel at its first
 // launch, under the context's lock and after the context's running kernels end).

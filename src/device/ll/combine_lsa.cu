@@ -5,16 +5,20 @@
 // dispatch signal). For token t of source s the route entries name this rank's rows of t and
 // their weights; the warp sums those rows of the expert output in k order (FP32, weighted),
 // rounds the partial to BF16 and stores it into source s's combineRecv[t][me]. Each CTA then
-// release-adds 1 to combineSignals[me] at every rank; nothing waits for a peer.
-// Complete (numSms CTAs, as the source): wait until every rank's signal is exactly numCtas * epoch
-// (modulo 2^64; a rank ahead is a protocol error),
-// then (token, chunk) items sum the token's partials in rank order (FP32) and write BF16.
+// release-adds its share to combineSignals[me] at every rank (CTA 0: signalTotal - (numCtas - 1),
+// the others 1: signalTotal per operation whatever the CTA count); nothing waits for a peer.
+// Complete (as the source; only as many CTAs as its own (token, chunk) items need, at most
+// maxCtas): wait until every rank's signal is exactly signalTotal * epoch (modulo 2^64; a rank
+// ahead is a protocol error), then (token, chunk) items sum the token's partials in rank order
+// (FP32) and write BF16.
 //
 // Several nodes: the kernels are templates on kNet (as in dispatch_lsa.cu): kNet = false is the
 // single-node code, unchanged; kNet = true routes remote ranks out of the LSA stores, waits and
 // signals, and adds the GIN phases of combine_gin.cuh: partials for remote sources are summed
 // the same way into staging rows and put back in batches by the send's last CTA, and the
 // completion adds a remote rank's partial from where it landed, in the same rank order.
+#include <algorithm>
+
 #include "device/kernel_args.h"
 #include "device/common/peer_sync.cuh"
 #include "device/common/vec_io.cuh"
@@ -192,9 +196,10 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineSendKernel(LlCo
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
     if ((kNet && peer[r] == nullptr) || a.failed.has(r)) continue;  // remote: postCombineGin
     uint64_t* sig = (uint64_t*)(peer[r] + a.slot.combineSignals) + me;
-    asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(sig), "l"((uint64_t)1) : "memory");
+    const uint64_t share = blockIdx.x == 0 ? (uint64_t)(a.signalTotal - ((int)gridDim.x - 1)) : 1;
+    asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(sig), "l"(share) : "memory");
   }
-  // The completion (later in stream order) waits for numCtas * sends: one CTA counts the send.
+  // The completion (later in stream order) waits for signalTotal * sends: one CTA counts the send.
   if (blockIdx.x == 0 && threadIdx.x == 0) w.state->llCombineSends[a.slotIndex] += 1;
   if constexpr (kNet) {
     if (lastCtaToArrive(&w.state->llCombineArrived[a.slotIndex])) postCombineGin(a);
@@ -218,7 +223,8 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineCompleteKernel(
     if (kNet && w.peers.lsaIndex(r) == kPeerRemote) continue;  // waitRanksGin
     int outcome = kWaitPeerFailed;
     if (!a.failed.has(r))
-      outcome = waitSeqLl<0>(w, sig + r, (uint64_t)gridDim.x * epoch, kWaitLlCombine, r, nullptr, gridDim.x);
+      outcome = waitSeqLl<0>(w, sig + r, (uint64_t)a.signalTotal * epoch, kWaitLlCombine, r, nullptr,
+                             (uint64_t)a.signalTotal);
     lost[r] = outcome == kWaitPeerFailed;
     ok &= outcome != kWaitFatal;
   }
@@ -269,8 +275,11 @@ cudaError_t launchLlCombineSend(const LlCombineArgs& args, int numCtas, cudaStre
   return cudaGetLastError();
 }
 
-cudaError_t launchLlCombineComplete(const LlCombineArgs& args, int numCtas, cudaStream_t stream) {
+cudaError_t launchLlCombineComplete(const LlCombineArgs& args, int maxCtas, cudaStream_t stream) {
   const bool wide = args.w.peers.nRanks > 32;
+  // One warp per (token, chunk) item of this rank's tokens: a decode step of 1 token needs 1 CTA.
+  const int items = args.numTokens * ((args.hidden / 8 + kLlSumVecs - 1) / kLlSumVecs);
+  const int numCtas = std::max(1, std::min(maxCtas, (items + kLlCombineWarps - 1) / kLlCombineWarps));
   if (args.net.enabled && wide)
     llCombineCompleteKernel<true, true><<<numCtas, kLlCombineThreads, 0, stream>>>(args);
   else if (args.net.enabled)
