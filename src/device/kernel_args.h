@@ -304,6 +304,12 @@ struct LlCombineArgs {
   int signalTotal;            // what every rank's send adds to each peer's combine signal per
                               // operation, whatever its CTA count (the config's numSms)
 };
+// What CTA `cta` of a combine send of numCtas (1..total) CTAs adds to each peer's combine
+// signal: CTA 0 total - (numCtas - 1), the others 1. The shares sum to `total` for every numCtas
+// and each is >= 1, so a waiter sees exactly total * epoch only once every CTA has added its own.
+__host__ __device__ inline uint64_t llCombineSignalShare(int cta, int numCtas, int total) {
+  return cta == 0 ? (uint64_t)(total - (numCtas - 1)) : 1u;
+}
 // Send: numCtas (<= signalTotal) CTAs, waits for no peer. Complete: at most maxCtas CTAs, as many
 // as this rank's tokens need; waits for every rank's signalTotal, then sums the partials.
 cudaError_t launchLlCombineSend(const LlCombineArgs& args, int numCtas, cudaStream_t stream);

@@ -65,3 +65,4 @@ TEST(PeerMap, LargestShapes) {
     }
   }
 }
+

@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineSendKernel(LlCo
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
     if ((kNet && peer[r] == nullptr) || a.failed.has(r)) continue;  // remote: postCombineGin
     uint64_t* sig = (uint64_t*)(peer[r] + a.slot.combineSignals) + me;
-    const uint64_t share = blockIdx.x == 0 ? (uint64_t)(a.signalTotal - ((int)gridDim.x - 1)) : 1;
+    const uint64_t share = llCombineSignalShare(blockIdx.x, gridDim.x, a.signalTotal);
     asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(sig), "l"(share) : "memory");
   }
   // The completion (later in stream order) waits for signalTotal * sends: one CTA counts the send.
