@@ -86,12 +86,7 @@ TEST_F(GpuCreateFailure, ContextWorksAfterFailedCreates) {
   ncclMoeComm_t c = nullptr;
   EXPECT_NE(ncclMoeCommCreate(comm(), &cfg, &c), ncclSuccess);  // every rank fails together
   if (moe_ranks::fakeNodes() > 1) {  // high-throughput mode is refused across nodes
-    LlEp ep{LlShape()};
-    if (!ep.create()) return;
-    LlInputs in;
-    LlProblem p = makeLlProblem(ep.shape, spec(901));
-    MOE_AGREE_OR_RETURN(in.upload(p), "upload inputs");
-    llRunAndCheck(ep, in, p, LlRunOpts(), "low-latency context after failed creates");
+    llScenario(LlShape(), spec(901), LlRunOpts(), 1);
     return;
   }
   RunOpts o;
@@ -105,12 +100,7 @@ TEST_F(GpuCreateFailure, HighThroughputAcrossNodesFailsOnEveryRank) {
   if (moe_ranks::fakeNodes() < 2) GTEST_SKIP() << "needs ranks on several nodes (MOE_FAKE_NODES, make llnettest)";
   expectCollectiveFailure(makeConfig(smallShape()), ncclInvalidUsage, "use config.mode = ncclMoeLowLatency across nodes",
                           "high-throughput context across nodes");
-  LlEp ep{LlShape()};
-  if (!ep.create()) return;
-  LlInputs in;
-  LlProblem p = makeLlProblem(ep.shape, spec(1733));
-  MOE_AGREE_OR_RETURN(in.upload(p), "upload inputs");
-  llRunAndCheck(ep, in, p, LlRunOpts(), "low-latency context after the refusal");
+  llScenario(LlShape(), spec(1733), LlRunOpts(), 1);
 }
 
 }  // namespace

@@ -292,7 +292,6 @@ def main():
         f"flex-nccl_moe {[round(t, 3) for t in ms_b]}, with Megatron's multihot {[round(t, 3) for t in ms_c]}")
     say(f"TIME alltoall {max(ms_a):.3f} flex-nccl_moe {max(ms_b):.3f}")
 
-    import nccl_moe.megatron as nm
     torch.cuda.synchronize()
     nm.destroy()
     parallel_state.destroy_model_parallel()
