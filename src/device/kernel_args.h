@@ -200,11 +200,11 @@ struct CombineArgs {
 };
 cudaError_t launchCombineHtIntranode(const CombineArgs& args, int numCtas, cudaStream_t stream);
 // The same combine with Hopper bulk copies (combine_tma.cu; sm_90, NCCL_MOE_HT_COMBINE=tma):
-// each CTA pulls the other ranks' rows through kTmaStages shared-memory stages of kTmaChunkBytes
-// bytes, split into one ring per pipeline (dynamic shared memory: kTmaStages * kTmaChunkBytes);
-// its own rows by plain loads. Bitwise the same outputs; the top-k values of
-// ncclMoeCombineWithWeights are not supported (outTopkWeights must be NULL).
-// Full rows of H 7168 BF16 in one copy: the measured kernels paid ~0.4 us per bulk copy per SM
+// each CTA pulls rows through kTmaStages shared-memory stages of kTmaChunkBytes bytes, split
+// into one ring per consumer group (dynamic shared memory: kTmaStages * kTmaChunkBytes). Bitwise
+// the same outputs; the top-k
+// values of ncclMoeCombineWithWeights are not supported (outTopkWeights must be NULL).
+// Full rows of H 7168 BF16 in one copy: the measured kernel paid ~0.4 us per bulk copy per SM
 // whatever its size (8 KiB stages: 901 us at 8 SMs), so fewer, larger copies move more bytes.
 constexpr int kTmaStages = 12;
 constexpr int kTmaChunkBytes = 14336;

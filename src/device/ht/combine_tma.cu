@@ -1,27 +1,28 @@
-// High-throughput intranode combine over LSA, remote rows pulled with Hopper bulk copies (opt-in:
+// High-throughput intranode combine over LSA, pulled with Hopper bulk copies (opt-in:
 // NCCL_MOE_HT_COMBINE=tma, read at ncclMoeCommCreate). Same protocol and same result as the
 // pull kernel in combine_lsa.cu; only the way rows reach the SM differs.
 //
-// One launch of numSms persistent CTAs, each kTmaPipes pipelines of 1 producer warp and
-// kTmaPipeWarps consumer warps; pipeline p has its own ring of kTmaPipeStages shared-memory
-// stages of kTmaChunkBytes (a full row up to H 7168 BF16):
+// One launch of numSms persistent CTAs, each 1 producer warp + kTmaConsumerWarps consumer warps
+// in kTmaGroups groups:
 //  1. ready: exactly as combine_lsa.cu (CTA 0 publishes a.inOff in every peer's kSigCombineSource
 //     word and release-signals kSigCombineReady; every CTA waits for all peers and reads each
 //     peer's rows at the offset that peer published; after a dispatch that delivered nothing no
 //     row is read and every token comes out as zeros).
-//  2. reduce: the CTA owns tokens t = blockIdx.x + j * gridDim.x, pipeline p those with
-//     j % kTmaPipes == p. A row (2H bytes) is split into nChunks balanced chunks of at most
-//     kTmaChunkBytes; a (token, chunk) is a unit. For each unit, in increasing rank order, the
-//     producer's lane 0 bulk-copies (cp.async.bulk global -> shared, completion counted in bytes
-//     on the stage's `full` mbarrier) the chunk of every OTHER rank's row into the next stage of
-//     the pipeline's ring; this rank's own row is not copied: the consumers load it from local
-//     memory with 16-byte loads, one unit ahead. The consumers walk the same units and ranks:
-//     FP32 accumulators from +0.0f, w(t, r) * x added rank by rank with separate multiply and add
-//     (as the pull kernel and the CPU reference), BF16 rounding and a store to out[t] at the end.
-//     So every element sees the same operations in the same order as in the pull kernel: the
-//     outputs are bitwise identical. Tokens that no rank received come out as zeros.
-//     Why this shape: the measured kernels paid about 0.4 us per bulk copy per SM whatever its
-//     size, so the copies are as large as a row and only remote rows take one.
+//  2. reduce: the CTA owns tokens t = blockIdx.x + j * gridDim.x. Each row (2H bytes) is split
+//     into nChunks chunks of at most kTmaChunkBytes (16-byte multiples). A (token, chunk) is a
+//     unit; unit u belongs to consumer group u % kTmaGroups, which has its own ring of
+//     kTmaGroupStages shared-memory stages. For each rank r of the unit's token in increasing
+//     order, the producer warp's lane 0 fills the next stage of the group's ring with a bulk copy
+//     (cp.async.bulk global -> shared, completion counted in bytes on the stage's `full`
+//     mbarrier) from peer r's window. The group's warps take their stages in the same order, so
+//     the groups reduce different units at once and each thread holds kTmaVecsPerThread vectors
+//     of a stage (one group for all stages made every stage pay all 16 warps' barrier round trip
+//     for one vector per thread: measured slower than the pull kernel). The first rank of a unit starts
+//     FP32 accumulators at +0.0f, every rank adds w(t, r) * x with separate multiply and add
+//     (as the pull kernel and the CPU reference do), the last one rounds to BF16 and stores the
+//     chunk to out[t]. So every element sees the same operations in the same order as in the
+//     pull kernel: the outputs are bitwise identical. Tokens that no rank received are written
+//     as zeros by the producer warp.
 //  3. done: finishAndWaitPeers, as the pull kernel. Every bulk copy has landed (its stage was
 //     consumed) before the CTA signals, so no peer rewrites a row that is still being read.
 // ncclMoeCombineWithWeights (per-row top-k values) stays on the pull kernel.
@@ -32,15 +33,28 @@
 
 namespace nccl_moe {
 
-constexpr int kTmaPipes = 2;                               // pipelines per CTA
-constexpr int kTmaPipeWarps = 4;                           // consumer warps per pipeline
-constexpr int kTmaPipeThreads = 32 * kTmaPipeWarps;
-constexpr int kTmaConsumerThreads = kTmaPipes * kTmaPipeThreads;
-constexpr int kTmaThreads = kTmaConsumerThreads + 32 * kTmaPipes;  // producers are the last warps
-constexpr int kTmaPipeStages = kTmaStages / kTmaPipes;  // ring p: stages [p * this, (p + 1) * this)
-constexpr int kTmaChunkVecs = kTmaChunkBytes / 16;      // 16-byte vectors per stage at most
-constexpr int kTmaVecsPerThread = (kTmaChunkVecs + kTmaPipeThreads - 1) / kTmaPipeThreads;
-static_assert(kTmaStages % kTmaPipes == 0 && kTmaPipeStages >= 2, "two stages per ring at least");
+constexpr int kTmaConsumerWarps = 16;
+constexpr int kTmaConsumerThreads = 32 * kTmaConsumerWarps;
+constexpr int kTmaThreads = kTmaConsumerThreads + 32;  // the producer is the last warp
+constexpr int kTmaGroups = 4;                          // consumer groups, each with its own ring
+constexpr int kTmaGroupWarps = kTmaConsumerWarps / kTmaGroups;
+constexpr int kTmaGroupThreads = 32 * kTmaGroupWarps;
+constexpr int kTmaGroupStages = kTmaStages / kTmaGroups;  // ring g: stages [g * this, (g + 1) * this)
+constexpr int kTmaChunkVecs = kTmaChunkBytes / 16;     // 16-byte vectors per stage at most
+constexpr int kTmaVecsPerThread = kTmaChunkVecs / kTmaGroupThreads;
+constexpr int kTmaPrefetch = 4;  // tokens whose routing the producer loads ahead
+static_assert(kTmaChunkVecs % kTmaGroupThreads == 0, "a stage splits evenly over a group");
+static_assert(kTmaStages % kTmaGroups == 0 && kTmaConsumerWarps % kTmaGroups == 0, "even groups");
+
+// What the producer tells the consumers about stage s (written before the stage's arrive, whose
+// release orders it before the consumers' acquiring wait). token < 0: no more stages.
+struct TmaStageInfo {
+  int token;
+  int vecOff;   // first 16-byte vector of the chunk in the row
+  int vecs;     // 16-byte vectors in the chunk
+  float scale;  // w(t, r)
+  int first, last;  // the chunk's first / last rank: start / finish the sum
+};
 
 // --- mbarrier and bulk-copy wrappers (PTX ISA 8.0, sm_90). Shared addresses are 32-bit. ------
 __device__ __forceinline__ uint32_t smemAddr(const void* p) {
@@ -83,173 +97,124 @@ __device__ __forceinline__ void bulkCopyToShared(void* dst, const void* src, uin
                ::"r"(smemAddr(dst)), "l"(src), "r"(bytes), "r"(smemAddr(bar)) : "memory");
 }
 
-// --- routing of one token, computed by every warp that needs it --------------------------------
-// Lane r < R: row index of token t on rank r (0 when r did not receive it) and w(t, r), the sum
-// of the weights of t's experts on rank r in k order from 0.0f (1.0f unweighted); srcMask: the
-// ranks that received t (0 for t >= numTokens or after a dispatch that delivered nothing).
-struct TokenPlan {
-  unsigned srcMask;
-  int rowIndex;
+// --- producer ------------------------------------------------------------------------------
+// One lane's share of token t's routing: lane r < R holds sendPos[t][r] (-1: not sent, or
+// t >= numTokens, or the dispatch delivered nothing), lane k < K the k-th expert id and weight.
+struct TokenRoute {
+  int pos;
+  int64_t expert;
   float weight;
 };
 
-__device__ __forceinline__ TokenPlan planToken(const CombineArgs& a, const int* sendOffset, int t, int R,
-                                               bool empty, int lane) {
-  int pos = -1;
-  if (t < a.numTokens && lane < R && !empty) pos = a.routing.sendPos[(size_t)t * R + lane];
-  TokenPlan p;
-  p.srcMask = __ballot_sync(0xffffffffu, pos >= 0);
-  p.rowIndex = pos >= 0 ? sendOffset[lane] + pos : 0;
-  p.weight = 1.0f;
-  if (a.topkWeights && p.srcMask != 0) {
-    const int expertsPerRank = a.numExperts / R;
-    int64_t e = -1;
-    float wk = 0.0f;
-    if (lane < a.topK) {
-      e = a.routing.topkIdx[(size_t)t * a.topK + lane];
-      wk = a.topkWeights[(size_t)t * a.topK + lane];
-    }
-    p.weight = 0.0f;
-    for (int k = 0; k < a.topK; ++k) {
-      const int64_t ek = __shfl_sync(0xffffffffu, e, k);
-      const float w = __shfl_sync(0xffffffffu, wk, k);
-      if (ek >= 0 && (int)ek / expertsPerRank == lane) p.weight += w;
-    }
+__device__ __forceinline__ TokenRoute loadRoute(const CombineArgs& a, int t, int R, bool empty, int lane) {
+  TokenRoute m{-1, -1, 0.0f};
+  if (t >= a.numTokens) return m;
+  if (lane < R && !empty) m.pos = a.routing.sendPos[(size_t)t * R + lane];
+  if (lane < a.topK) {
+    m.expert = a.routing.topkIdx[(size_t)t * a.topK + lane];
+    if (a.topkWeights) m.weight = a.topkWeights[(size_t)t * a.topK + lane];
   }
-  return p;
+  return m;
 }
 
-// Position in one pipeline's ring, as its producer and consumers track it: the stage (an index
-// into the CTA's stages) and the parity of its use.
+// Position in one group's ring, as the producer and that group's consumers track it: the stage
+// (an index into the CTA's stages) and the parity of its use.
 struct Ring {
-  int first;
-  int stage;
-  uint32_t parity;
-  __device__ __forceinline__ explicit Ring(int pipe)
-      : first(pipe * kTmaPipeStages), stage(pipe * kTmaPipeStages), parity(0) {}
+  int first = 0;  // the group's first stage
+  int stage = 0;
+  uint32_t parity = 0;
+  __device__ __forceinline__ explicit Ring(int group = 0)
+      : first(group * kTmaGroupStages), stage(group * kTmaGroupStages) {}
   __device__ __forceinline__ void advance() {
-    if (++stage == first + kTmaPipeStages) {
+    if (++stage == first + kTmaGroupStages) {
       stage = first;
       parity ^= 1u;
     }
   }
 };
 
-// The chunks of a row: nChunks balanced chunks of chunkVecs vectors (the last one shorter).
-struct RowChunks {
-  int rowVecs, nChunks, chunkVecs;
-  __device__ __forceinline__ explicit RowChunks(int hidden) {
-    rowVecs = hidden / 8;
-    nChunks = (rowVecs + kTmaChunkVecs - 1) / kTmaChunkVecs;
-    chunkVecs = (rowVecs + nChunks - 1) / nChunks;
+// The producer warp (all lanes; lane 0 issues): every stage of token t, unit (t, chunk) by unit,
+// each unit's ranks in increasing order into the ring of its group (*unit counts units).
+__device__ __forceinline__ void produceToken(const CombineArgs& a, const char* const* rows, const int* sendOffset,
+                                             int t, const TokenRoute& m, int nChunks, int chunkVecs,
+                                             uint4* buffers, TmaStageInfo* info, uint64_t* full,
+                                             uint64_t* emptyBar, Ring* rings, int* unit, int lane) {
+  const int rowVecs = a.hidden / 8;
+  const unsigned srcMask = __ballot_sync(0xffffffffu, m.pos >= 0);
+  if (srcMask == 0) {  // no rank received t: zeros, as the pull kernel's empty sum gives
+    uint4* dst = (uint4*)(a.out + (size_t)t * a.hidden);
+    for (int i = lane; i < rowVecs; i += 32) dst[i] = make_uint4(0, 0, 0, 0);
+    return;
   }
-  __device__ __forceinline__ int vecs(int c) const { return min(chunkVecs, rowVecs - c * chunkVecs); }
-};
-
-// --- producer: one warp per pipeline, lane 0 issues -----------------------------------------
-__device__ void produceRemoteRows(const CombineArgs& a, const char* const* rows, const int* sendOffset, int pipe,
-                                  bool empty, uint4* buffers, uint64_t* full, uint64_t* emptyBar, int lane) {
-  const int R = a.w.peers.nRanks, me = a.w.peers.rank;
-  const RowChunks ch(a.hidden);
-  const size_t rowBytes = (size_t)a.hidden * 2;
-  const int stride = kTmaPipes * gridDim.x;
-  Ring ring(pipe);
-  for (int t = blockIdx.x + pipe * gridDim.x; t < a.numTokens; t += stride) {
-    const TokenPlan p = planToken(a, sendOffset, t, R, empty, lane);
-    const unsigned remote = p.srcMask & ~(1u << me);
-    for (int c = 0; c < ch.nChunks; ++c) {
-      const uint32_t bytes = (uint32_t)ch.vecs(c) * 16u;
-      for (unsigned rest = remote; rest != 0; rest &= rest - 1) {  // warp-uniform, rank order
-        const int r = __ffs(rest) - 1;
-        const int row = __shfl_sync(0xffffffffu, p.rowIndex, r);
-        if (lane == 0) {
-          const int s = ring.stage;
-          mbarWait(&emptyBar[s], ring.parity ^ 1u);  // the consumers released the stage's last use
-          mbarArriveExpectTx(&full[s], bytes);
-          const char* src = rows[r] + (size_t)row * rowBytes + (size_t)c * ch.chunkVecs * 16;
-          bulkCopyToShared(buffers + (size_t)s * kTmaChunkVecs, src, bytes, &full[s]);
-        }
-        ring.advance();
-      }
+  // w(t, r) for r = lane: the weights of t's experts on rank `lane`, in k order, from 0.0f.
+  float weight = 1.0f;
+  if (a.topkWeights) {
+    const int expertsPerRank = a.numExperts / a.w.peers.nRanks;
+    weight = 0.0f;
+    for (int k = 0; k < a.topK; ++k) {
+      const int64_t e = __shfl_sync(0xffffffffu, m.expert, k);
+      const float wk = __shfl_sync(0xffffffffu, m.weight, k);
+      if (e >= 0 && (int)e / expertsPerRank == lane) weight += wk;
     }
   }
-}
-
-// --- consumers: kTmaPipeWarps warps per pipeline ----------------------------------------------
-// Thread ct of the pipeline owns vectors ct + i * kTmaPipeThreads of each chunk.
-__device__ __forceinline__ void loadOwnChunk(const char* ownRows, const TokenPlan& p, int me, size_t rowBytes,
-                                             int vecOff, int vecs, int ct, uint4 (&v)[kTmaVecsPerThread]) {
-  const int row = __shfl_sync(0xffffffffu, p.rowIndex, me);
-  const bool mine = (p.srcMask >> me) & 1u;
-  const uint4* src = (const uint4*)(ownRows + (size_t)row * rowBytes) + vecOff;
-#pragma unroll
-  for (int i = 0; i < kTmaVecsPerThread; ++i) {
-    const int idx = ct + i * kTmaPipeThreads;
-    v[i] = mine && idx < vecs ? src[idx] : make_uint4(0, 0, 0, 0);
-  }
-}
-
-__device__ void consumeUnits(const CombineArgs& a, const char* const* rows, const int* sendOffset, int pipe,
-                             bool empty, const uint4* buffers, uint64_t* full, uint64_t* emptyBar, int ct) {
-  const int R = a.w.peers.nRanks, me = a.w.peers.rank, lane = ct % 32;
-  const RowChunks ch(a.hidden);
+  const int rowIndex = m.pos >= 0 ? sendOffset[lane] + m.pos : 0;
   const size_t rowBytes = (size_t)a.hidden * 2;
-  const int stride = kTmaPipes * gridDim.x;
-  Ring ring(pipe);
-  int t = blockIdx.x + pipe * gridDim.x, c = 0;
-  TokenPlan cur = planToken(a, sendOffset, t, R, empty, lane);
-  uint4 own[kTmaVecsPerThread];
-  if (t < a.numTokens) loadOwnChunk(rows[me], cur, me, rowBytes, 0, ch.vecs(0), ct, own);
-  while (t < a.numTokens) {
-    // The next unit's own-row vectors are in flight while this unit waits for remote stages.
-    int tn = t, cn = c + 1;
-    TokenPlan next = cur;
-    if (cn == ch.nChunks) {
-      tn = t + stride;
-      cn = 0;
-      next = planToken(a, sendOffset, tn, R, empty, lane);
-    }
-    uint4 ownNext[kTmaVecsPerThread];
-    if (tn < a.numTokens) loadOwnChunk(rows[me], next, me, rowBytes, cn * ch.chunkVecs, ch.vecs(cn), ct, ownNext);
-
-    const int vecOff = c * ch.chunkVecs, vecs = ch.vecs(c);
-    float acc[kTmaVecsPerThread][8];
-#pragma unroll
-    for (int i = 0; i < kTmaVecsPerThread; ++i)
-#pragma unroll
-      for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
-    for (unsigned rest = cur.srcMask; rest != 0; rest &= rest - 1) {  // warp-uniform, rank order
+  for (int c = 0; c < nChunks; ++c) {
+    const int vecOff = c * chunkVecs;
+    const int vecs = min(chunkVecs, rowVecs - vecOff);
+    Ring& ring = rings[(*unit)++ % kTmaGroups];
+    for (unsigned rest = srcMask; rest != 0;) {  // warp-uniform
       const int r = __ffs(rest) - 1;
-      const float scale = __shfl_sync(0xffffffffu, cur.weight, r);
-      if (r == me) {
-#pragma unroll
-        for (int i = 0; i < kTmaVecsPerThread; ++i)
-          if (ct + i * kTmaPipeThreads < vecs) accumulateBf16x8(acc[i], own[i], scale);
-        continue;
+      const bool first = rest == srcMask;
+      rest &= rest - 1;
+      const int row = __shfl_sync(0xffffffffu, rowIndex, r);
+      const float scale = __shfl_sync(0xffffffffu, weight, r);
+      if (lane == 0) {
+        const int s = ring.stage;
+        mbarWait(&emptyBar[s], ring.parity ^ 1u);  // the consumers released the stage's last use
+        info[s] = TmaStageInfo{t, vecOff, vecs, scale, first, rest == 0};
+        const uint32_t bytes = (uint32_t)vecs * 16u;
+        mbarArriveExpectTx(&full[s], bytes);
+        const char* src = rows[r] + (size_t)row * rowBytes + (size_t)vecOff * 16;
+        bulkCopyToShared(buffers + (size_t)s * kTmaChunkVecs, src, bytes, &full[s]);
       }
-      const int s = ring.stage;
-      mbarWait(&full[s], ring.parity);
-      const uint4* buf = buffers + (size_t)s * kTmaChunkVecs;
-#pragma unroll
-      for (int i = 0; i < kTmaVecsPerThread; ++i) {
-        const int idx = ct + i * kTmaPipeThreads;
-        if (idx < vecs) accumulateBf16x8(acc[i], buf[idx], scale);
-      }
-      __syncwarp();
-      if (lane == 0) mbarArrive(&emptyBar[s]);
       ring.advance();
     }
-    uint4* dst = (uint4*)(a.out + (size_t)t * a.hidden) + vecOff;  // zeros when no rank received t
+  }
+}
+
+// --- consumers -----------------------------------------------------------------------------
+// Thread ct of consumer group g owns vectors ct + i * kTmaGroupThreads of every stage of the
+// group's ring.
+__device__ __forceinline__ void consumeStages(const CombineArgs& a, const uint4* buffers, const TmaStageInfo* info,
+                                              uint64_t* full, uint64_t* emptyBar, int g, int ct) {
+  float acc[kTmaVecsPerThread][8];
+  for (Ring ring(g);; ring.advance()) {
+    const int s = ring.stage;
+    mbarWait(&full[s], ring.parity);
+    const TmaStageInfo in = info[s];
+    if (in.token < 0) return;
+    if (in.first)
+#pragma unroll
+      for (int i = 0; i < kTmaVecsPerThread; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
+    const uint4* buf = buffers + (size_t)s * kTmaChunkVecs;
 #pragma unroll
     for (int i = 0; i < kTmaVecsPerThread; ++i) {
-      const int idx = ct + i * kTmaPipeThreads;
-      if (idx < vecs) dst[idx] = packBf16x8(acc[i]);
+      const int idx = ct + i * kTmaGroupThreads;
+      if (idx < in.vecs) accumulateBf16x8(acc[i], buf[idx], in.scale);
     }
-    t = tn;
-    c = cn;
-    cur = next;
+    __syncwarp();
+    if (ct % 32 == 0) mbarArrive(&emptyBar[s]);
+    if (in.last) {
+      uint4* dst = (uint4*)(a.out + (size_t)in.token * a.hidden) + in.vecOff;
 #pragma unroll
-    for (int i = 0; i < kTmaVecsPerThread; ++i) own[i] = ownNext[i];
+      for (int i = 0; i < kTmaVecsPerThread; ++i) {
+        const int idx = ct + i * kTmaGroupThreads;
+        if (idx < in.vecs) dst[idx] = packBf16x8(acc[i]);
+      }
+    }
   }
 }
 
@@ -259,6 +224,7 @@ __global__ void __launch_bounds__(kTmaThreads, 1) combineHtTmaKernel(CombineArgs
   const int R = w.peers.nRanks;
   extern __shared__ __align__(128) uint4 buffers[];  // [kTmaStages][kTmaChunkVecs]
   __shared__ __align__(8) uint64_t full[kTmaStages], emptyBar[kTmaStages];
+  __shared__ TmaStageInfo info[kTmaStages];
   __shared__ char* peer[kMaxHtRanks];
   __shared__ const char* rows[kMaxHtRanks];  // peer r's expert outputs, at the offset it published
   __shared__ int sendOffset[kMaxHtRanks];
@@ -270,8 +236,8 @@ __global__ void __launch_bounds__(kTmaThreads, 1) combineHtTmaKernel(CombineArgs
   }
   if (threadIdx.x == 0) {
     for (int s = 0; s < kTmaStages; ++s) {
-      mbarInit(&full[s], 1);                  // the producer's arrive (+ the copy's bytes)
-      mbarInit(&emptyBar[s], kTmaPipeWarps);  // one arrive per consumer warp of the pipeline
+      mbarInit(&full[s], 1);                   // the producer's arrive (+ the copy's bytes)
+      mbarInit(&emptyBar[s], kTmaGroupWarps);  // one arrive per warp of the stage's group
     }
     // The initialised barriers are visible to the bulk copies (async proxy) that complete on them.
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -280,15 +246,49 @@ __global__ void __launch_bounds__(kTmaThreads, 1) combineHtTmaKernel(CombineArgs
   const bool ready = publishSourceAndAwaitPeers(w, a.inOff, seq, peer, rows);
 
   if (ready) {
+    const int rowVecs = a.hidden / 8;
+    const int nChunks = (rowVecs + kTmaChunkVecs - 1) / kTmaChunkVecs;
+    const int chunkVecs = (rowVecs + nChunks - 1) / nChunks;  // balanced; the last chunk is > 0
     if (threadIdx.x >= kTmaConsumerThreads) {
+      const int lane = threadIdx.x % 32;
       // The peers' rows were written through the generic proxy and acquired above (ready
       // signals, then the CTA barrier); order them before this warp's bulk reads (async proxy).
       asm volatile("fence.proxy.async.global;" ::: "memory");
-      produceRemoteRows(a, rows, sendOffset, (threadIdx.x - kTmaConsumerThreads) / 32, empty, buffers, full,
-                        emptyBar, threadIdx.x % 32);
+      Ring rings[kTmaGroups];
+#pragma unroll
+      for (int g = 0; g < kTmaGroups; ++g) rings[g] = Ring(g);
+      int unit = 0;
+      const int stride = gridDim.x;
+      TokenRoute cur[kTmaPrefetch], next[kTmaPrefetch];
+#pragma unroll
+      for (int i = 0; i < kTmaPrefetch; ++i) cur[i] = loadRoute(a, blockIdx.x + i * stride, R, empty, lane);
+      for (int t0 = blockIdx.x; t0 < a.numTokens; t0 += kTmaPrefetch * stride) {
+        // The next group's routing is in flight while this group's copies are issued.
+#pragma unroll
+        for (int i = 0; i < kTmaPrefetch; ++i)
+          next[i] = loadRoute(a, t0 + (kTmaPrefetch + i) * stride, R, empty, lane);
+#pragma unroll
+        for (int i = 0; i < kTmaPrefetch; ++i) {
+          const int t = t0 + i * stride;
+          if (t < a.numTokens)
+            produceToken(a, rows, sendOffset, t, cur[i], nChunks, chunkVecs, buffers, info, full, emptyBar,
+                         rings, &unit, lane);
+        }
+#pragma unroll
+        for (int i = 0; i < kTmaPrefetch; ++i) cur[i] = next[i];
+      }
+      if (lane == 0) {  // end marker of every group: a stage without data
+        for (int g = 0; g < kTmaGroups; ++g) {
+          Ring& ring = rings[g];
+          mbarWait(&emptyBar[ring.stage], ring.parity ^ 1u);
+          info[ring.stage].token = -1;
+          mbarArrive(&full[ring.stage]);
+        }
+      }
+      __syncwarp();
     } else {
-      consumeUnits(a, rows, sendOffset, threadIdx.x / kTmaPipeThreads, empty, buffers, full, emptyBar,
-                   threadIdx.x % kTmaPipeThreads);
+      consumeStages(a, buffers, info, full, emptyBar, threadIdx.x / kTmaGroupThreads,
+                    threadIdx.x % kTmaGroupThreads);
     }
   }
   finishAndWaitPeers(w, kSigCombineDone, seq, &w.state->combineArrived, &w.state->combineSeq);
