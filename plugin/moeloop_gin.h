@@ -147,9 +147,10 @@ struct GinWireHeader {
   uint64_t sigValue;
   uint32_t context;     // GIN context of the put (counters)
   uint32_t reserved;
+  uint64_t sentNs;      // copy transport: when the header was handed to the socket (hop timing)
 };
-static_assert(sizeof(GinWireHeader) == 96, "GIN header is 96 bytes on the wire");
-constexpr uint32_t kGinWireMagic = 0x474d4c32;  // "GML2"
+static_assert(sizeof(GinWireHeader) == 104, "GIN header is 104 bytes on the wire");
+constexpr uint32_t kGinWireMagic = 0x474d4c33;  // "GML3"
 
 enum class GinReqState : uint8_t { kFree, kQueued, kDone, kError };
 // A put of NCCL's, or an internal message of the copy transport (freed by the plugin once sent).
@@ -177,6 +178,7 @@ struct GinRequest {
   char* copyDst;         // its bytes in this process's mapping
   size_t issued;         // payload bytes handed to the copy engine
   bool recorded;         // event recorded after the last copy
+  uint64_t issuedNs;     // when the issue cursor passed it (its copies handed to the engine)
   uint64_t readyNs;      // when the copies were seen complete (0: not yet)
   uint64_t waitSinceNs;  // waiting for the peer's announcement of the destination since
   void* event;           // cudaEvent_t, kept when the request is reused
@@ -208,6 +210,7 @@ struct GinPeer {
   // receive side
   GinWireHeader rhdr{};
   size_t rhdrGot = 0;
+  uint64_t rhdrNs = 0;      // when rhdr was fully read (hop timing)
   bool inMessage = false;           // header accepted, payload / completion pending
   GinRegistration* rdst = nullptr;
   GinRegistration* rsig = nullptr;

@@ -216,6 +216,7 @@ ncclResult_t ginCopyIssue(GinCollComm* c, int peer) {
       bool complete = false;
       ML_CHECK(issue(c, p, r, &complete));
       if (!complete) return ncclSuccess;
+      r->issuedNs = nowNs();
     }
     p.issuedCount++;
   }

@@ -78,6 +78,17 @@ Lookup lookupRegistration(GinCollComm* c, int from, uint64_t id, uint64_t sender
   return Lookup::kFound;
 }
 
+// Hop timing of a copy-path put whose header is out (moeloopStats_t: queue, copy, release).
+void recordSentHops(const GinRequest& r) {
+  const GinWireHeader& h = r.hdr;
+  if (r.issuedNs < h.sendNs || r.readyNs < r.issuedNs || h.sentNs < r.readyNs) return;  // not stamped
+  Counters& k = counters();
+  k.hopSentPuts.fetch_add(1, std::memory_order_relaxed);
+  k.hopQueueNs.fetch_add(r.issuedNs - h.sendNs, std::memory_order_relaxed);
+  k.hopCopyNs.fetch_add(r.readyNs - r.issuedNs, std::memory_order_relaxed);
+  k.hopReleaseNs.fetch_add(h.sentNs - r.readyNs, std::memory_order_relaxed);
+}
+
 // The front request is complete on the wire: counters, then done (a put) or freed (internal).
 void finishFront(GinCollComm* c, GinPeer& p, int peer) {
   GinRequest* r = p.sendQueue.front();
@@ -91,7 +102,10 @@ void finishFront(GinCollComm* c, GinPeer& p, int peer) {
   const uint64_t size = r->hdr.size;
   const bool copied = r->path == GinPath::kCopy;
   counters().ginBytesSent.fetch_add(size, std::memory_order_relaxed);
-  if (copied) counters().ginBytesCopied.fetch_add(size, std::memory_order_relaxed);
+  if (copied) {
+    counters().ginBytesCopied.fetch_add(size, std::memory_order_relaxed);
+    recordSentHops(*r);
+  }
   peerStatsOnSend(peer, r->context, size, copied && size > 0,
                   (r->hdr.op & (kGinOpSignalInc | kGinOpSignalAdd)) != 0);
   r->state = GinReqState::kDone;
@@ -106,6 +120,7 @@ ncclResult_t sendHeaderOnly(GinCollComm* c, GinPeer& p, GinRequest* r, bool* fin
     if (!ready) return ncclSuccess;
     if (r->kind == GinReqKind::kPut) r->hdr.op |= kGinOpCopied;
   }
+  if (r->hdrSent == 0) r->hdr.sentNs = nowNs();
   struct iovec iov;
   iov.iov_base = (char*)&r->hdr + r->hdrSent;
   iov.iov_len = sizeof(GinWireHeader) - r->hdrSent;
@@ -136,6 +151,7 @@ ncclResult_t sendHeaderBatch(GinCollComm* c, GinPeer& p, int peer, size_t* finis
     ML_CHECK(ginCopyFrontReady(c, r, &ready));
     if (!ready) break;
     if (r->kind == GinReqKind::kPut) r->hdr.op |= kGinOpCopied;
+    r->hdr.sentNs = nowNs();
     batch[n++] = r->hdr;
   }
   if (n == 0) {
@@ -245,6 +261,7 @@ ncclResult_t progressRecv(GinCollComm* c, int peer) {
         return ML_ERROR(ncclRemoteError, "rank %d: rank %d closed its connection inside a header",
                         c->rank, peer);
       if (p.rhdrGot < sizeof(GinWireHeader)) return ncclSuccess;
+      p.rhdrNs = nowNs();
       if (p.rhdr.magic != kGinWireMagic || p.rhdr.seq != p.recvSeq)
         return ML_ERROR(ncclInternalError,
                         "rank %d: corrupt header from rank %d (magic %x, seq %llu, expected %llu)",
@@ -312,6 +329,12 @@ ncclResult_t progressRecv(GinCollComm* c, int peer) {
     if (p.rsig) ML_CHECK(ginApplySignal(c, p.rsig, h.sigOff, h.op, h.sigValue));
     counters().ginBytesApplied.fetch_add(h.size, std::memory_order_relaxed);
     peerStatsOnApply(peer, (int)h.context, h.size, p.rsig != nullptr);
+    if (copied && h.sentNs != 0 && p.rhdrNs >= h.sentNs) {
+      Counters& k = counters();
+      k.hopRecvPuts.fetch_add(1, std::memory_order_relaxed);
+      k.hopWireNs.fetch_add(p.rhdrNs - h.sentNs, std::memory_order_relaxed);
+      k.hopApplyNs.fetch_add(nowNs() - p.rhdrNs, std::memory_order_relaxed);
+    }
     p.inMessage = false;
     p.rhdrGot = 0;
     p.recvSeq++;

@@ -71,6 +71,13 @@ extern "C" __attribute__((visibility("default"))) size_t moeloopGetStats(moeloop
   s.ginBytesApplied = c.ginBytesApplied.load();
   s.errors = c.errors.load();
   s.ginBytesCopied = c.ginBytesCopied.load();
+  s.hopSentPuts = c.hopSentPuts.load();
+  s.hopQueueNs = c.hopQueueNs.load();
+  s.hopCopyNs = c.hopCopyNs.load();
+  s.hopReleaseNs = c.hopReleaseNs.load();
+  s.hopRecvPuts = c.hopRecvPuts.load();
+  s.hopWireNs = c.hopWireNs.load();
+  s.hopApplyNs = c.hopApplyNs.load();
   size_t n = outSize < sizeof(s) ? outSize : sizeof(s);
   memcpy(out, &s, n);
   return n;

@@ -19,7 +19,9 @@ void logMessage(ncclDebugLogLevel level, unsigned long flags, const char* file, 
 struct Counters {
   std::atomic<uint64_t> netInits{0}, ginInits{0}, netConnections{0}, netMsgsSent{0},
       netBytesSent{0}, netMsgsRecv{0}, netBytesRecv{0}, ginCollComms{0}, ginPuts{0},
-      ginSignals{0}, ginBytesSent{0}, ginBytesApplied{0}, errors{0}, ginBytesCopied{0};
+      ginSignals{0}, ginBytesSent{0}, ginBytesApplied{0}, errors{0}, ginBytesCopied{0},
+      hopSentPuts{0}, hopQueueNs{0}, hopCopyNs{0}, hopReleaseNs{0}, hopRecvPuts{0}, hopWireNs{0},
+      hopApplyNs{0};
 };
 Counters& counters();
 

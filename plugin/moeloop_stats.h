@@ -24,6 +24,17 @@ typedef struct {
   uint64_t ginBytesApplied;   // GIN payload bytes written into this rank's memory
   uint64_t errors;            // errors reported by the plugin
   uint64_t ginBytesCopied;    // of ginBytesSent, bytes the copy engine moved (copy transport)
+  // Where a copy-transport put's time goes inside the plugin, summed in nanoseconds (one host
+  // clock, CLOCK_MONOTONIC, shared by the processes). As sender, per put whose header was sent
+  // (hopSentPuts): queue = iput -> the issue cursor passes it (copies handed to the engine;
+  // waits for earlier puts and for the egress bucket), copy = -> its copies seen complete (event
+  // polled by progress), release = -> header written (shaping latency, then the next progress
+  // pass). As target, per put applied (hopRecvPuts): wire = header written -> fully read here (the
+  // socket and the time until this process's next progress pass), apply = -> its signal update
+  // issued. Not inside the plugin: the GPU's put -> NCCL's proxy calls iput, and the signal's
+  // copy to the GPU -> the kernel sees it.
+  uint64_t hopSentPuts, hopQueueNs, hopCopyNs, hopReleaseNs;
+  uint64_t hopRecvPuts, hopWireNs, hopApplyNs;
 } moeloopStats_t;
 
 // Copies min(outSize, sizeof(moeloopStats_t)) bytes of the process-wide counters to `out`.

@@ -14,6 +14,7 @@
 //    plugin's per-peer counters against what it sent. The performance targets are printed
 //    as MET / MISSED lines, not failures (machines vary).
 // Every child gets NCCL_HOSTID=nodeA|nodeB, NCCL_NET_PLUGIN=moeloop, NCCL_NVLS_ENABLE=0.
+#include <cmath>
 #include <cuda_runtime.h>
 #include <dlfcn.h>
 #include <errno.h>
@@ -408,6 +409,17 @@ int main(int argc, char** argv) {
     printf("   %-30s GIN put stream (64 MiB in 4 MiB puts) %7.2f GB/s, 8-byte signal round trip %7.1f us, "
            "%3.0f %% of the bytes by copy engine\n", row.what, sh->ginBwGBps[row.slot],
            sh->ginSignalRttUs[row.slot], 100 * sh->ginCopiedShare[row.slot]);
+  // Half a round trip is one put each way; the plugin's hops of it are timed, the rest is
+  // NCCL's proxy picking the put up (GPU -> iput) and the signal's copy reaching the kernel.
+  for (const auto& row : rows) {
+    const double* h = sh->ginHopUs[row.slot];
+    if (sh->ginSignalRttUs[row.slot] <= 0 || std::isnan(h[0]) || std::isnan(h[3])) continue;
+    const double inside = h[0] + h[1] + h[2] + h[3] + h[4];
+    printf("   %-30s one way %5.1f us = plugin %5.1f (queue %.1f, copy %.1f, release %.1f, wire %.1f, "
+           "apply %.1f) + outside the plugin %5.1f (GPU put -> iput, signal copy -> kernel)\n", row.what,
+           sh->ginSignalRttUs[row.slot] / 2, inside, h[0], h[1], h[2], h[3], h[4],
+           sh->ginSignalRttUs[row.slot] / 2 - inside);
+  }
   printf("%s: GIN through the copy transport shaped as a NIC (counters match what was sent)\n", nicOk ? "PASSED" : "FAILED");
   printf("%s: GIN through the socket transport, correctness rounds and measurements (counters match)\n",
          sockOk && sockNicOk ? "PASSED" : "FAILED");

@@ -34,6 +34,9 @@ struct Shared {
   double ginBwGBps[kSlots];
   double ginSignalRttUs[kSlots];
   double ginCopiedShare[kSlots];
+  // Where rank 0's measured ping-pong time went inside the plugin (moeloopStats_t hops), in us
+  // per put: as sender (queue, copy, release), as target (wire, apply); NaN when not measured.
+  double ginHopUs[kSlots][5];
 };
 
 struct RankInfo {

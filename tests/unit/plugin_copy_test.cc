@@ -231,7 +231,8 @@ bool waitAtLeast(const std::atomic<int>& v, int least) {
 // Both ranks offer the copy transport (forced: no GPU here). Each registers a signal word and two
 // host buffers (announced without descriptors), puts a buffer to the other (socket path) with a
 // SignalAdd on context 1 and then a signal-only SignalInc on context 0 (header-only, copy path,
-// its 2 ms latency applied by the sender). Checks payload, signals, the latency and the counters.
+// its 2 ms latency applied by the sender). Checks payload, signals, the latency and the counters,
+// the hop timing included: one copy-path put each way, whose release hop holds the latency.
 int copyProtocol(Page* pg, int me) {
   moeloop::setCopyTransportForTesting(1);
   moeloop::ShapingConfig cfg;
@@ -263,6 +264,8 @@ int copyProtocol(Page* pg, int me) {
   const int peer = 1 - me;
   moeloopPeerStats_t before, after;
   moeloopGetPeerStats(peer, -1, &before, sizeof(before));
+  moeloopStats_t hopsBefore, hopsAfter;
+  if (moeloopGetStats(&hopsBefore, sizeof(hopsBefore)) != sizeof(hopsBefore)) return 63;
   void *r1 = nullptr, *r2 = nullptr;
   uint64_t t0 = moeloop::nowNs();
   pg->startNs[me].store(t0);
@@ -294,6 +297,16 @@ int copyProtocol(Page* pg, int me) {
   if (after.bytesCopied != before.bytesCopied) return 56;  // host memory: socket path
   if (after.signalsSent - before.signalsSent != 2 || after.signalsRecv - before.signalsRecv != 2) return 57;
   if (after.putsRecv - before.putsRecv != 2 || after.bytesRecv - before.bytesRecv != n) return 58;
+  moeloopGetStats(&hopsAfter, sizeof(hopsAfter));
+  // The socket-path put is not timed; the header-only one is, as sender and (the peer's) as target.
+  if (hopsAfter.hopSentPuts - hopsBefore.hopSentPuts != 1 || hopsAfter.hopRecvPuts - hopsBefore.hopRecvPuts != 1)
+    return 64;
+  const uint64_t release = hopsAfter.hopReleaseNs - hopsBefore.hopReleaseNs;
+  const uint64_t queue = hopsAfter.hopQueueNs - hopsBefore.hopQueueNs;
+  const uint64_t wire = hopsAfter.hopWireNs - hopsBefore.hopWireNs;
+  // Released one latency after it was ready; issued behind the 200 kB socket put; on the wire and
+  // applied within a second (the same host clock on both sides).
+  if (release < 2000000 || release > 1000000000ull || queue > 1000000000ull || wire > 1000000000ull) return 65;
   moeloopPeerStats_t c1;
   moeloopGetPeerStats(peer, 1, &c1, sizeof(c1));
   if (c1.bytesSent < n || c1.bytesRecv < n) return 59;
