@@ -167,16 +167,6 @@ bool cumemImport(int dev, int fd, uint64_t mapSize, CuMemMapping* out, std::stri
   return true;
 }
 
-int streamWriteValue64(void* stream, uint64_t* word, uint64_t value) {
-  static CUresult (*write)(CUstream, CUdeviceptr, cuuint64_t, unsigned int) = [] {
-    CUresult (*fn)(CUstream, CUdeviceptr, cuuint64_t, unsigned int) = nullptr;
-    std::string why;
-    return resolve("cuStreamWriteValue64", &fn, &why) ? fn : nullptr;
-  }();
-  if (write == nullptr) return CUDA_ERROR_NOT_SUPPORTED;
-  return write((CUstream)stream, (CUdeviceptr)(uintptr_t)word, value, CU_STREAM_WRITE_VALUE_DEFAULT);
-}
-
 bool threadHasCudaContext() {
   static CUresult (*getCurrent)(CUcontext*) = [] {
     CUresult (*fn)(CUcontext*) = nullptr;

@@ -38,11 +38,6 @@ bool cumemImport(int dev, int fd, uint64_t mapSize, CuMemMapping* out, std::stri
 // copy into the mapping is still in flight.
 void cumemUnmap(int dev, CuMemMapping* m);
 
-// cuStreamWriteValue64 on `stream` (a cudaStream_t of the current device): the GPU writes `value`
-// to the device word `word` in stream order, without a copy from host memory. CUDA_SUCCESS, or
-// the driver's error (CUDA_ERROR_NOT_SUPPORTED when the entry point cannot be resolved).
-int streamWriteValue64(void* stream, uint64_t* word, uint64_t value);
-
 // Whether the calling thread has a current CUDA context (cuCtxGetCurrent); true when that entry
 // point cannot be resolved (DeviceScope then restores the device as it always did).
 bool threadHasCudaContext();

@@ -4,9 +4,6 @@
 // transport's streams and events, and the signal read-modify-write through the copy engine.
 // Every entry point restores the calling thread's CUDA device before it returns.
 #include <cuda_runtime.h>
-#include <stdlib.h>
-#include <strings.h>
-#include <atomic>
 #include <mutex>
 #include "moeloop_cuda_util.h"
 #include "moeloop_gin.h"
@@ -75,16 +72,6 @@ ncclResult_t writeWordByCopy(void* env, uint64_t* word, uint64_t value) {
   ML_CUDA(cudaMemcpyAsync(word, &l->words[1], sizeof(uint64_t), cudaMemcpyHostToDevice, l->stream));
   return ncclSuccess;
 }
-
-// How shadowed signals reach the GPU: a stream memory operation (cuStreamWriteValue64, default)
-// or a copy from a pinned ring slot (NCCL_MOELOOP_SIGNAL_WRITE=copy, and the fallback when the
-// driver refuses the first). Both are ordered on the lane's stream.
-std::atomic<bool> gSignalByMemop{[] {
-  const char* v = getenv("NCCL_MOELOOP_SIGNAL_WRITE");
-  if (v == nullptr || *v == '\0' || strcasecmp(v, "memop") == 0) return true;
-  if (strcasecmp(v, "copy") != 0) ML_WARN("ignoring NCCL_MOELOOP_SIGNAL_WRITE=%s: expected memop or copy", v);
-  return strcasecmp(v, "copy") != 0;
-}()};
 
 std::mutex& signalMutex() {
   static std::mutex mu;
@@ -157,17 +144,6 @@ ncclResult_t ginDeviceAddShadowed(GinCuda* g, uint64_t* word, uint64_t* shadow, 
   SignalLane* lane = nullptr;
   ML_CHECK(laneOf(g->dev, &lane));
   std::lock_guard<std::mutex> lock(signalMutex());
-  // Ordered after every earlier update of this device (same lane); the payload this signal
-  // follows is already in place (synchronous copy, or the sender's copy event completed).
-  if (gSignalByMemop.load(std::memory_order_relaxed)) {
-    int r = streamWriteValue64(lane->stream, word, *shadow + add);
-    if (r == 0) {
-      *shadow += add;
-      return ncclSuccess;
-    }
-    gSignalByMemop.store(false);
-    ML_WARN("cuStreamWriteValue64 failed (CUresult %d): signals are written by copies from now on", r);
-  }
   if (lane->ringNext == kRingSlots) {  // every slot may still be read by a pending copy
     ML_CUDA(cudaStreamSynchronize(lane->stream));
     lane->ringNext = 0;
@@ -175,6 +151,8 @@ ncclResult_t ginDeviceAddShadowed(GinCuda* g, uint64_t* word, uint64_t* shadow, 
   uint64_t* slot = &lane->words[2 + lane->ringNext++];
   *shadow += add;
   *slot = *shadow;
+  // Ordered after every earlier update of this device (same lane); the payload this signal
+  // follows is already in place (synchronous copy, or the sender's copy event completed).
   ML_CUDA(cudaMemcpyAsync(word, slot, sizeof(uint64_t), cudaMemcpyHostToDevice, lane->stream));
   return ncclSuccess;
 }
