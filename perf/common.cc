@@ -1,5 +1,6 @@
 // Shared harness of the nccl-moe perf binaries; see common.h.
 #include "common.h"
+#include "plugin_hops.h"
 
 #include <chrono>
 
@@ -264,9 +265,12 @@ int perfMain(int argc, char** argv, Options opt, PerfTest* test) {
     test->prepare(T);
     quiesce(ctx);
     for (const PerfOp& op : ops) {
+      moeloopStats_t before{}, after{};
+      const bool hops = env.rank == 0 && readPluginStats(&before);
       rows.push_back(measure(ctx, test->timing, op, T));
       if (env.rank != 0) continue;
       printf("%s", tableLine(rows.back()).c_str());
+      if (hops && readPluginStats(&after)) printf("%s", pluginHopLine(before, after).c_str());
       fflush(stdout);
       if (!opt.output.empty()) fileOk = file.add(rows.back()) && fileOk;
     }

@@ -1,0 +1,32 @@
+#include "plugin_hops.h"
+
+#include <dlfcn.h>
+#include <stdio.h>
+
+namespace moe_perf {
+
+bool readPluginStats(moeloopStats_t* out) {
+  void* h = dlopen("libnccl-net-moeloop.so", RTLD_NOW | RTLD_NOLOAD);
+  if (h == nullptr) return false;
+  moeloopGetStats_t fn = (moeloopGetStats_t)dlsym(h, "moeloopGetStats");
+  const bool ok = fn != nullptr && fn(out, sizeof(*out)) == sizeof(*out);
+  dlclose(h);  // drops only the reference taken here
+  return ok;
+}
+
+std::string pluginHopLine(const moeloopStats_t& before, const moeloopStats_t& after) {
+  const unsigned long long sent = after.hopSentPuts - before.hopSentPuts;
+  const unsigned long long recv = after.hopRecvPuts - before.hopRecvPuts;
+  if (sent == 0 && recv == 0) return "";
+  auto per = [](unsigned long long ns, unsigned long long n) { return n ? ns * 1e-3 / n : 0.0; };
+  char line[320];
+  snprintf(line, sizeof(line),
+           "#   plugin hops (rank 0): %llu puts sent, per put queue %.1f copy %.1f release %.1f us; "
+           "%llu applied, per put wire %.1f apply %.1f us\n",
+           sent, per(after.hopQueueNs - before.hopQueueNs, sent), per(after.hopCopyNs - before.hopCopyNs, sent),
+           per(after.hopReleaseNs - before.hopReleaseNs, sent), recv,
+           per(after.hopWireNs - before.hopWireNs, recv), per(after.hopApplyNs - before.hopApplyNs, recv));
+  return line;
+}
+
+}  // namespace moe_perf
