@@ -302,7 +302,7 @@ ncclResult_t ginRegMrSym(void* collComm, void* data, size_t size, int type, void
   if (type == NCCL_PTR_CUDA) {
     bool deviceUsed = c->cuda.stream != nullptr;
     for (const GinPeer& p : c->peers) {
-      deviceUsed |= p.stream != nullptr;
+      for (void* s : p.streams) deviceUsed |= s != nullptr;
       for (const GinRemoteRegistration& rr : p.remote) deviceUsed |= rr.map.base != nullptr;
     }
     if (deviceUsed && c->cuda.dev != dev)
@@ -315,7 +315,8 @@ ncclResult_t ginRegMrSym(void* collComm, void* data, size_t size, int type, void
     for (int q = 0; q < c->nranks && res == ncclSuccess; q++) {
       GinPeer& p = c->peers[q];
       if (q == c->rank) continue;
-      if (p.copy && p.stream == nullptr) res = ginStreamCreate(&c->cuda, &p.stream);
+      for (int k = 0; k < kGinCopyStreams && p.copy && res == ncclSuccess; k++)
+        if (p.streams[k] == nullptr) res = ginStreamCreate(&c->cuda, &p.streams[k]);
       if (res == ncclSuccess && p.sendBounce == nullptr) res = ginPinnedAlloc(&c->cuda, kGinBounceBytes, &p.sendBounce);
       if (res == ncclSuccess && p.recvBounce == nullptr) res = ginPinnedAlloc(&c->cuda, kGinBounceBytes, &p.recvBounce);
     }

@@ -77,6 +77,8 @@ ncclResult_t ginStreamSync(GinCuda* g, void* stream);
 ncclResult_t ginCopyAsync(GinCuda* g, void* stream, void* dst, const void* src, size_t n);
 // Records *event (created on first use, kept for reuse) on `stream`.
 ncclResult_t ginEventRecord(GinCuda* g, void** event, void* stream);
+// Later work on `stream` waits for the work before `event`'s last record (cudaStreamWaitEvent).
+ncclResult_t ginStreamWaitEvent(GinCuda* g, void* stream, void* event);
 // *done once the work before the event's last record has completed.
 ncclResult_t ginEventDone(void* event, bool* done);
 void ginEventDestroy(GinCuda* g, void* event);
@@ -177,6 +179,8 @@ struct GinRequest {
   uint64_t remoteId;     // the peer's registration written into
   char* copyDst;         // its bytes in this process's mapping
   size_t issued;         // payload bytes handed to the copy engine
+  int stream;            // index into its peer's streams (the copies and the event)
+  bool streamChosen;     // `stream` is set (and waits for overlapping puts are enqueued)
   bool recorded;         // event recorded after the last copy
   uint64_t issuedNs;     // when the issue cursor passed it (its copies handed to the engine)
   uint64_t readyNs;      // when the copies were seen complete (0: not yet)
@@ -193,12 +197,17 @@ struct GinRemoteRegistration {
   bool live = true;        // false once the peer retired it
 };
 
+constexpr int kGinCopyStreams = 4;
+
 // One remote rank: an outgoing connection for our puts, an incoming one for theirs.
 struct GinPeer {
   int sendFd = -1;
   int recvFd = -1;
   bool copy = false;                 // both ranks use the copy transport (see moeloop_gin_copy.cc)
-  void* stream = nullptr;            // copy: cudaStream_t of our copies to this peer
+  // copy: cudaStream_t of our copies to this peer, used round robin by put (a copy engine's
+  // round trip, issue -> event seen complete, is several us: one stream would serialise them)
+  void* streams[kGinCopyStreams] = {};
+  int nextStream = 0;
   size_t issuedCount = 0;            // copy: leading sendQueue entries whose copies are all issued
   std::vector<GinRemoteRegistration> remote;  // copy: the peer's registrations by id
   std::vector<int> fds;              // descriptors received from the peer, not yet consumed

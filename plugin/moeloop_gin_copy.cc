@@ -11,9 +11,13 @@
 // Puts: a put to a copy peer waits until the peer's announcement of its destination arrived (an
 // announcement precedes, on every rank, any put naming a later registration, so this cannot
 // deadlock; a peer that never makes the registration fails the comm after registrationWaitSec()).
-// Its payload is then copied in chunks granted by the egress token bucket, on one stream per peer
-// shared by every context (in order, so every signal stays strong); its header follows once an
-// event after the last chunk has completed and messageReleaseNs() has passed.
+// Its payload is then copied in chunks granted by the egress token bucket, on one of the peer's
+// kGinCopyStreams streams (round robin by put, shared by every context); its header follows once an
+// event after its last chunk has completed, every earlier header has gone (headers leave in put
+// order, so every signal stays strong: it follows the payloads of all earlier puts) and
+// messageReleaseNs() has passed. Copies of different puts may run in parallel; a put whose
+// destination overlaps a put still in flight on another stream waits for that put's event first,
+// so two puts to the same bytes land in put order.
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -127,12 +131,38 @@ ncclResult_t decide(GinCollComm* c, int peer, GinRequest* r, bool* wait) {
   return ncclSuccess;
 }
 
+// Whether copy-path puts a and b write overlapping bytes of the same registration of the peer.
+bool overlaps(const GinRequest& a, const GinRequest& b) {
+  return a.remoteId == b.remoteId && a.hdr.dstOff < b.hdr.dstOff + b.hdr.size &&
+         b.hdr.dstOff < a.hdr.dstOff + a.hdr.size;
+}
+
+// Picks put r's stream (the next one, round robin) and makes it wait for the events of the puts
+// in flight (p.sendQueue[0, p.issuedCount)) on other streams that write bytes r writes.
+ncclResult_t chooseStream(GinCollComm* c, GinPeer& p, GinRequest* r) {
+  r->stream = p.nextStream;
+  p.nextStream = (p.nextStream + 1) % kGinCopyStreams;
+  if (p.streams[r->stream] == nullptr) ML_CHECK(ginStreamCreate(&c->cuda, &p.streams[r->stream]));
+  for (size_t i = 0; i < p.issuedCount && i < p.sendQueue.size(); i++) {
+    const GinRequest* q = p.sendQueue[i];
+    if (q->kind != GinReqKind::kPut || q->path != GinPath::kCopy || q->hdr.size == 0 || !q->recorded ||
+        q->stream == r->stream || !overlaps(*q, *r))
+      continue;
+    ML_CHECK(ginStreamWaitEvent(&c->cuda, p.streams[r->stream], q->event));
+  }
+  return ncclSuccess;
+}
+
 // Hands as much of copy-path put `r` to the copy engine as the egress bucket grants.
 // *complete: every byte issued and the event recorded.
 ncclResult_t issue(GinCollComm* c, GinPeer& p, GinRequest* r, bool* complete) {
   *complete = false;
   const size_t size = r->hdr.size;
-  if (size > 0 && p.stream == nullptr) ML_CHECK(ginStreamCreate(&c->cuda, &p.stream));
+  if (size > 0 && r->issued == 0 && !r->streamChosen) {
+    ML_CHECK(chooseStream(c, p, r));
+    r->streamChosen = true;
+  }
+  void* stream = size > 0 ? p.streams[r->stream] : nullptr;
   TokenBucket* bucket = egressOf(c);
   const char* src = r->src ? r->src->base + r->srcOff : nullptr;
   while (r->issued < size) {
@@ -143,11 +173,11 @@ ncclResult_t issue(GinCollComm* c, GinPeer& p, GinRequest* r, bool* complete) {
     size_t want = left < kCopyChunk ? left : kCopyChunk;
     size_t n = bucket ? bucket->take(want, kCopyMinGrant, nowNs()) : want;
     if (n == 0) return ncclSuccess;  // throttled
-    ML_CHECK(ginCopyAsync(&c->cuda, p.stream, r->copyDst + r->issued, src + r->issued, n));
+    ML_CHECK(ginCopyAsync(&c->cuda, stream, r->copyDst + r->issued, src + r->issued, n));
     r->issued += n;
   }
   if (size > 0 && !r->recorded) {
-    ML_CHECK(ginEventRecord(&c->cuda, &r->event, p.stream));
+    ML_CHECK(ginEventRecord(&c->cuda, &r->event, stream));
     r->recorded = true;
   }
   *complete = true;
@@ -259,7 +289,8 @@ ncclResult_t ginCopyOnMessage(GinCollComm* c, int peer, const GinWireHeader& h) 
     GinRemoteRegistration& rr = p.remote[h.dstRegId];
     rr.live = false;
     if (rr.map.base != nullptr) {
-      if (p.stream != nullptr) ML_CHECK(ginStreamSync(&c->cuda, p.stream));  // copies into it are done
+      for (void* s : p.streams)  // copies into it are done
+        if (s != nullptr) ML_CHECK(ginStreamSync(&c->cuda, s));
       cumemUnmap(c->cuda.dev, &rr.map);
     }
     return ncclSuccess;
@@ -295,8 +326,10 @@ ncclResult_t ginCopyOnMessage(GinCollComm* c, int peer, const GinWireHeader& h) 
 
 void ginCopyTeardown(GinCollComm* c) {
   for (GinPeer& p : c->peers) {
-    ginStreamDestroy(&c->cuda, p.stream);  // waits for copies in flight first
-    p.stream = nullptr;
+    for (void*& s : p.streams) {
+      ginStreamDestroy(&c->cuda, s);  // waits for copies in flight first
+      s = nullptr;
+    }
     for (GinRemoteRegistration& rr : p.remote) cumemUnmap(c->cuda.dev, &rr.map);
     p.remote.clear();
     closeFds(&p.fds);

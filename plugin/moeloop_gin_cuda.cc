@@ -209,6 +209,13 @@ ncclResult_t ginCopyAsync(GinCuda* g, void* stream, void* dst, const void* src, 
   return ncclSuccess;
 }
 
+ncclResult_t ginStreamWaitEvent(GinCuda* g, void* stream, void* event) {
+  DeviceScope scope(g->dev);
+  ML_CHECK(scope.status());
+  ML_CUDA(cudaStreamWaitEvent((cudaStream_t)stream, (cudaEvent_t)event, 0));
+  return ncclSuccess;
+}
+
 ncclResult_t ginEventRecord(GinCuda* g, void** event, void* stream) {
   DeviceScope scope(g->dev);
   ML_CHECK(scope.status());

@@ -1,5 +1,6 @@
 // GIN through the moeloop plugin: ncclDevCommCreate with GIN, then kernels in which every rank
-// puts a chunk (in four pieces, the last with ncclGin_SignalAdd), a value (putValue on NCCL >= 2.29,
+// puts a decoy over a whole chunk and then the chunk over it (in four pieces, the last with
+// ncclGin_SignalAdd: puts to the same bytes must land in put order), a value (putValue on NCCL >= 2.29,
 // an 8-byte put before: see roundKernel) and a signal-only SignalInc to every other rank, and waits
 // for its signals; every byte is checked on the GPU and again on the host. Also a bulk put for the
 // bandwidth measurement and a signal-only ping-pong for the GIN signal round-trip time.
@@ -20,6 +21,7 @@ namespace {
 constexpr size_t kChunk = (1u << 20) + 4096 + 24;  // bytes from each rank to each other rank
 constexpr size_t kPiece0 = 8, kPiece1 = 4088, kPiece2 = 65536;
 constexpr size_t kBulk = 64u << 20;                // bulk put for the bandwidth measurement
+constexpr int kDecoyByte = 0xA5;                   // what the decoy put of a round writes
 constexpr int kBulkPieces = 16;
 constexpr int kBulkIters = 8;                      // timed bulk puts (after one warm-up)
 constexpr unsigned long long kTimeoutNs = 60ull * 1000 * 1000 * 1000;
@@ -91,6 +93,8 @@ __global__ void roundKernel(ncclDevComm dc, RoundArgs a) {
   if (p < a.nRanks) {
     if (p == a.rank) return;
     size_t dst = a.L.recv + (size_t)a.rank * kChunk, src = a.L.send + (size_t)p * kChunk;
+    // The decoy (kDecoyByte everywhere): the pieces below must overwrite every byte of it.
+    gin.put(world, p, a.win, dst, a.win, a.L.bulk, kChunk, ncclGin_None{}, ncclGin_None{}, ncclCoopCta());
     gin.put(world, p, a.win, dst, a.win, src, kPiece0, ncclGin_None{}, ncclGin_None{}, ncclCoopCta());
     dst += kPiece0;
     src += kPiece0;
@@ -224,6 +228,7 @@ bool correctnessRounds(const RankInfo& r, ncclComm_t comm, const ncclDevComm& dc
     std::vector<uint64_t> vals(n, valueOf(r.rank, round));
     PT_CUDA(cudaMemcpy(buf + L.valsSrc, vals.data(), n * 8, cudaMemcpyHostToDevice));
     PT_CUDA(cudaMemset(buf + L.recv, 0, (size_t)n * kChunk));
+    PT_CUDA(cudaMemset(buf + L.bulk, kDecoyByte, kChunk));  // the decoy's source
     PT_CUDA(cudaMemset(buf + L.vals, 0, (size_t)n * 8));
     PT_CUDA(cudaDeviceSynchronize());
     if (!barrier(r)) return false;
