@@ -140,7 +140,10 @@ nettest: $(NET_GPU_BIN) $(PLUGIN_SO)
 # 1 node x 2 GPUs, then every LL suite (and the per-node layout) on 2 fake nodes x 1 GPU, the digests again through a plugin
 # shaped as a ConnectX-7 (the same bits), then the creation failures there (MOE_FAKE_NODES, testing/ranks.h),
 # whose LlTopology cases compare their digests with the first run's (tests/gpu/ll_topology_test.cc).
+# With 4 GPUs or more (LLNET_GPUS, counted by nvidia-smi) also 1 x 4, then 2 x 2 and 4 x 1 against it;
+# with fewer, a line says they were skipped.
 LL_DIGEST_DIR := $(abspath $(BUILDDIR))/lldigest
+LLNET_GPUS ?= $(shell nvidia-smi -L 2>/dev/null | wc -l)
 llnettest: $(GPU_BIN) $(PLUGIN_SO)
 	rm -rf $(LL_DIGEST_DIR) && mkdir -p $(LL_DIGEST_DIR)
 	NCCL_NVLS_ENABLE=0 MOE_LL_DIGEST_DIR=$(LL_DIGEST_DIR) $(GPU_BIN) --ngpus=2 --gtest_filter='LlTopology.*'
@@ -151,6 +154,16 @@ llnettest: $(GPU_BIN) $(PLUGIN_SO)
 	  MOE_LL_DIGEST_DIR=$(LL_DIGEST_DIR) $(GPU_BIN) --ngpus=2 --gtest_filter='LlTopology.*'
 	LD_LIBRARY_PATH=$(abspath $(BUILDDIR)/lib):$$LD_LIBRARY_PATH NCCL_NVLS_ENABLE=0 MOE_FAKE_NODES=2 \
 	  $(GPU_BIN) --ngpus=2 --gtest_filter='GpuCreateFailure.*'
+	@if [ "$(LLNET_GPUS)" -ge 4 ]; then \
+	  set -e; rm -rf $(LL_DIGEST_DIR)4 && mkdir -p $(LL_DIGEST_DIR)4; \
+	  NCCL_NVLS_ENABLE=0 MOE_LL_DIGEST_DIR=$(LL_DIGEST_DIR)4 $(GPU_BIN) --ngpus=4 --gtest_filter='LlTopology.*'; \
+	  for n in 2 4; do \
+	    LD_LIBRARY_PATH=$(abspath $(BUILDDIR)/lib):$$LD_LIBRARY_PATH NCCL_NVLS_ENABLE=0 MOE_FAKE_NODES=$$n \
+	      MOE_LL_DIGEST_DIR=$(LL_DIGEST_DIR)4 $(GPU_BIN) --ngpus=4 --gtest_filter='Ll*:HtLayout.*'; \
+	  done; \
+	else \
+	  echo "llnettest: 2 x 2 and 4 x 1 fake nodes skipped: $(LLNET_GPUS) GPU(s) here, they need 4"; \
+	fi
 
 # NCCL headers and libnccl.so.2 from PyPI (no root needed); see scripts/install_nccl.sh.
 deps:
