@@ -9,13 +9,25 @@ _DeepepManager._indices_to_multihot (the step after dispatch that turns the rece
 into Megatron's multi-hot map) with indices_to_multihot: same values and gradients, no host
 synchronisation.
 
+fused_dispatch / fused_combine are torch.autograd.Function pairs (nccl_moe.torch.autograd, as
+Megatron's FusedDispatch / FusedCombine; not the torch.library custom ops, whose dispatcher and
+handle tokens cost host time): backward of dispatch = combine of the gradients of recv_x and,
+when token_probs needs one, of recv_probs (ncclMoeCombineWithWeights); backward of combine =
+cached dispatch with the saved handle. The handle Megatron holds is the Handle object.
+
+Streams: the Buffers are built with calling_stream=True, so each call (forward and backward)
+runs on the calling stream, in order with Megatron's kernels before and after it: no
+communication stream, stream wait or event. async_finish / allocate_on_comm_stream are accepted
+and ignored (Megatron makes its stream wait for the event at once anyway). dispatch returns
+after the stream has reached it (tokens_per_expert is a CPU tensor: the host waits for the
+counts, Megatron's contract); combine and the cached dispatch return at once. recv_x and
+recv_probs are copies (made on the calling stream), so they outlive later dispatches.
+
 One Buffer per (group, hidden, experts, top-k), created at the first dispatch; its
 max_tokens_per_rank is the largest token count over the group at that moment (an all_reduce),
 unless patch(max_tokens_per_rank=...) fixes it. A later dispatch with more tokens fails with
 ValueError; destroy() (collective) frees the Buffers before the process groups go. The SM
 count is --moe-flex-dispatcher-num-sms (Megatron's default 20).
-async_finish / allocate_on_comm_stream are accepted; the calls are ordered with the calling
-stream (Megatron makes its stream wait at once anyway).
 """
 from typing import Dict, Optional
 
@@ -23,12 +35,20 @@ _BUFFERS: Dict[tuple, object] = {}     # (group, hidden, experts, top-k) -> Buff
 _BY_GROUP: Dict[tuple, object] = {}    # (group, hidden) -> that Buffer, for fused_combine
 _max_tokens_per_rank: Optional[int] = None
 _megatron_multihot = None              # Megatron's _DeepepManager._indices_to_multihot, once patched
+_Dispatch = _Combine = None            # nccl_moe.torch.autograd's Functions, imported by _buffer
 
 
 def _buffer(group, hidden: int, num_experts: int, num_topk: int, num_tokens: int):
+    """The Buffer of (group, hidden, experts, top-k), created (collectively) when missing.
+    (Every fused_combine follows a fused_dispatch, which comes here first: the Functions are
+    imported here, once, not per call.)"""
+    global _Dispatch, _Combine
     import torch
     import torch.distributed as dist
     from .torch import Buffer
+    from .torch.autograd import Combine, Dispatch
+
+    _Dispatch, _Combine = Dispatch, Combine
 
     key = (group, hidden, num_experts, num_topk)
     if key not in _BUFFERS:
@@ -37,7 +57,8 @@ def _buffer(group, hidden: int, num_experts: int, num_topk: int, num_tokens: int
             t = torch.tensor([num_tokens], dtype=torch.int64, device="cuda")
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
             max_tokens = int(t.item())
-        _BUFFERS[key] = Buffer(group, hidden, num_experts, num_topk, max_tokens)
+        _BUFFERS[key] = Buffer(group, hidden, num_experts, num_topk, max_tokens,
+                               calling_stream=True)
         if (group, hidden) in _BY_GROUP:
             raise NotImplementedError("nccl_moe.megatron: one expert configuration per (group, "
                                       "hidden) (fused_combine finds the Buffer by them)")
@@ -49,18 +70,19 @@ def fused_dispatch(x, token_indices, token_probs, num_experts, group, async_fini
                    allocate_on_comm_stream=False):
     """Megatron's fused_dispatch: x [T][H] BF16, token_indices [T][K] int64 (-1 = dropped),
     token_probs [T][K] FP32. Returns (recv_x, recv_indices, recv_probs, tokens_per_expert (CPU
-    int64), handle)."""
-    from .torch import dispatch
-
-    buf = _buffer(group, x.shape[1], num_experts, token_indices.shape[1], x.shape[0])
-    return dispatch(x.contiguous(), token_indices, token_probs, buf)
+    int64), handle (a nccl_moe.torch.Handle)). async_finish / allocate_on_comm_stream: ignored."""
+    buf = _BUFFERS.get((group, x.shape[1], num_experts, token_indices.shape[1]))
+    if buf is None:
+        buf = _buffer(group, x.shape[1], num_experts, token_indices.shape[1], x.shape[0])
+    return _Dispatch.apply(x if x.is_contiguous() else x.contiguous(), token_indices,
+                           token_probs, buf)
 
 
 def fused_combine(x, group, handle, async_finish=False, allocate_on_comm_stream=False):
-    """Megatron's fused_combine: x [rows][H] BF16. Returns (combined [T][H], None)."""
-    from .torch import combine
-
-    return combine(x.contiguous(), handle, _BY_GROUP[(group, x.shape[1])]), None
+    """Megatron's fused_combine: x [rows][H] BF16 and the handle of its fused_dispatch. Returns
+    (combined [T][H], None). async_finish / allocate_on_comm_stream: ignored."""
+    buf = _BY_GROUP[(group, x.shape[1])]
+    return _Combine.apply(x if x.is_contiguous() else x.contiguous(), handle, buf), None
 
 
 def indices_to_multihot(manager, indices, probs):

@@ -9,10 +9,22 @@ Differences from DeepEP, by design of the C library:
     values, the gradient of the received routing weights in a backward) it also sums them back
     to their tokens, [T][K] (ncclMoeCombineWithWeights), as DeepEP's;
   - `config` is accepted and ignored (the SM count is Buffer.num_sms, read at context creation).
-Every call runs on the Buffer's communication stream; `previous_event` (or else the calling
-stream) orders it, `async_finish=True` returns an EventOverlap instead of making the calling
-stream wait. Outputs are allocated on the communication stream and recorded on the calling one
-(`allocate_on_comm_stream` is accepted for DeepEP compatibility; allocation is always there).
+
+Streams of the HT calls (get_dispatch_layout, dispatch, combine):
+  - by default every call runs on the Buffer's communication stream; `previous_event` (or else
+    the calling stream) orders it, `async_finish=True` returns an EventOverlap instead of making
+    the calling stream wait. Outputs are allocated on the communication stream and recorded on
+    the calling one (`allocate_on_comm_stream` is accepted for DeepEP compatibility; allocation
+    is always there);
+  - with Buffer(..., calling_stream=True), a call given neither a previous_event (with an event)
+    nor async_finish=True runs on the calling stream itself: no communication stream, no
+    wait_stream / record_stream / event / stream switch; outputs are allocated (and copied) on
+    the calling stream, which is where the result is ordered; the returned EventOverlap holds no
+    event. A call that asks for an event or async_finish still takes the communication stream.
+The library needs the HT calls of one context to run on the device in call order: whenever a
+call runs on another stream than the previous HT call (calling stream changed, or a switch
+between the two kinds above), that stream first waits for the previous one, and the context's
+handle releases follow the stream of the latest call.
 
 Lifetimes: HT outputs live in the EP window until the context's next dispatch. With
 copy_outputs=True (default) dispatch returns copies, safe to keep across layers (what autograd
@@ -21,7 +33,12 @@ Several operations in flight (two micro-batches): a handle stays combinable afte
 dispatches as long as its combine input is not a window view (the library refuses those with
 NcclMoeError ncclInvalidUsage: the window holds the latest dispatch's rows); combine copies any
 other tensor in.
+
+Validation: every tensor a call takes is checked (dtype, shape, contiguity, and that it lies on
+the Buffer's device: the current CUDA device when the Buffer was built) before anything is
+enqueued or created, with a ValueError naming it.
 """
+import contextlib
 import itertools
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -32,13 +49,40 @@ from .. import _api, _structs
 from ..config import Config
 from . import _comm
 from ._context import Context
-from ._tensors import address, require, window_view
+from ._tensors import address, window_view
 from .events import EventOverlap, capture
 from .handles import Handle
 from .low_latency import LowLatencyMixin
 
 _BUFFERS: Dict[int, "Buffer"] = {}
 _ids = itertools.count(1)
+_NO_EVENT = EventOverlap()           # returned by every calling-stream call: holds no event
+_NO_SWITCH = contextlib.nullcontext()  # (stateless, reusable)
+
+try:  # cudaStream_t of the current stream of a device, without building a Stream object
+    _raw_stream = torch._C._cuda_getCurrentRawStream  # what inductor's generated code calls
+except AttributeError:  # a torch built without CUDA
+    def _raw_stream(device_index: int) -> int:
+        return torch.cuda.current_stream(device_index).cuda_stream
+
+
+def _refuse(t: torch.Tensor, name: str, dtype: torch.dtype, rows: Optional[int], cols: int,
+            device: torch.device) -> None:
+    raise ValueError(f"{name}: expected a contiguous {dtype} tensor "
+                     f"[{'*' if rows is None else rows}x{cols}] on {device}, got {t.dtype} "
+                     f"{list(t.shape)} on {t.device}"
+                     f"{'' if t.is_contiguous() else ' (not contiguous)'}")
+
+
+def _check(t: torch.Tensor, name: str, dtype: torch.dtype, rows: Optional[int], cols: int,
+           device: torch.device) -> None:
+    """ValueError unless `t` is a contiguous `dtype` tensor [rows][cols] (rows None: any) on
+    `device` (a handful of attribute reads: it runs for every tensor of every call)."""
+    shape = t.shape
+    if (t.dtype != dtype or len(shape) != 2 or shape[1] != cols
+            or (rows is not None and shape[0] != rows) or t.device != device
+            or not t.is_contiguous()):
+        _refuse(t, name, dtype, rows, cols, device)
 
 
 def buffer_by_id(buffer_id: int) -> "Buffer":
@@ -55,7 +99,10 @@ class Buffer(LowLatencyMixin):
     output_capacity, timeout_ms: ncclMoeConfig_t's (0 = library default).
     num_buffer_slots: low-latency operations in flight (ncclMoeConfig_t.numBufferSlots).
     ll_num_sms: CTAs of the LL kernels (None: every SM of the device).
-    Construction is collective (it materialises the group's communicator).
+    copy_outputs: dispatch returns copies (True) or window views (False) unless a call says.
+    calling_stream: HT calls that ask for no event run on the calling stream (module docstring).
+    Construction is collective (it materialises the group's communicator); the Buffer's device
+    is the current CUDA device then.
     """
 
     num_sms: int = 20
@@ -63,7 +110,8 @@ class Buffer(LowLatencyMixin):
     def __init__(self, group: Optional[dist.ProcessGroup], hidden: int, num_experts: int,
                  num_topk: int, max_tokens_per_rank: int, *, use_fp8: bool = False,
                  output_capacity: int = 0, timeout_ms: int = 0, num_buffer_slots: int = 2,
-                 ll_num_sms: Optional[int] = None, copy_outputs: bool = True):
+                 ll_num_sms: Optional[int] = None, copy_outputs: bool = True,
+                 calling_stream: bool = False):
         _comm.check_nccl_version()
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
@@ -75,11 +123,17 @@ class Buffer(LowLatencyMixin):
         self.num_buffer_slots = num_buffer_slots
         self.ll_num_sms = ll_num_sms
         self.copy_outputs = copy_outputs
+        self.calling_stream = calling_stream
+        # the device of the window and of every tensor an HT call takes (checked)
+        self._device = torch.device("cuda", torch.cuda.current_device())
         self._nccl_comm = _comm.nccl_comm_of(self.group)
         self._comm_stream = torch.cuda.Stream()
         self._ht_context: Optional[Context] = None
         self._ll_contexts: Dict[tuple, Context] = {}
         self._ll_masked: set = set()  # ranks masked on this rank (low_latency_update_mask_buffer)
+        self._ht_last: Optional[torch.cuda.Stream] = None  # stream of the latest HT call
+        self._ht_last_raw: Optional[int] = None             # and its cudaStream_t
+        self._views: Dict[tuple, torch.Tensor] = {}         # (address, width, dtype) -> view
         self.buffer_id = next(_ids)
         _BUFFERS[self.buffer_id] = self
 
@@ -119,6 +173,7 @@ class Buffer(LowLatencyMixin):
                 ctx.destroy()
         self._ht_context = None
         self._ll_contexts.clear()
+        self._views.clear()  # no cached view outlives the window
         _BUFFERS.pop(self.buffer_id, None)
 
     def check_errors(self) -> None:
@@ -127,19 +182,47 @@ class Buffer(LowLatencyMixin):
             if ctx is not None:
                 _api.check_errors(ctx.ptr)
 
-    # --- stream discipline -----------------------------------------------------------------
-    def _begin(self, previous_event: Optional[EventOverlap]) -> torch.cuda.Stream:
-        comm = self._comm_stream
-        if previous_event is not None and previous_event.event is not None:
-            comm.wait_event(previous_event.event)
+    # --- stream discipline (HT calls) -------------------------------------------------------
+    def _streams(self, ctx: Context, previous_event: Optional[EventOverlap], async_finish: bool):
+        """(raw, compute): the cudaStream_t this HT call runs on, and the calling stream when
+        that is the communication stream (None when the call runs on the calling stream). The
+        communication stream waits for previous_event's event, or else for the calling stream;
+        either stream first waits for the previous HT call's stream if that was another one."""
+        event = None if previous_event is None else previous_event.event
+        if self.calling_stream and event is None and not async_finish:
+            raw = _raw_stream(self._device.index)
+            if raw != self._ht_last_raw:
+                self._switch(ctx, torch.cuda.current_stream(self._device), raw)
+            return raw, None
+        compute, comm = torch.cuda.current_stream(), self._comm_stream
+        if event is not None:
+            comm.wait_event(event)
         else:
-            comm.wait_stream(torch.cuda.current_stream())
-        return comm
+            comm.wait_stream(compute)
+        raw = comm.cuda_stream
+        if raw != self._ht_last_raw:
+            self._switch(ctx, comm, raw)
+        return raw, compute
 
-    def _finish(self, compute: torch.cuda.Stream, inputs: List[Optional[torch.Tensor]],
+    def _switch(self, ctx: Context, stream: torch.cuda.Stream, raw: int) -> None:
+        """HT calls move to `stream`: it waits for the previous one (the library's call order),
+        and the context's handle releases go there (after every use of any handle)."""
+        if self._ht_last is not None:
+            stream.wait_stream(self._ht_last)
+        self._ht_last, self._ht_last_raw = stream, raw
+        ctx.stream = raw
+
+    def _on(self, compute: Optional[torch.cuda.Stream]):
+        """The stream context that allocations of a call running on `_streams`' stream need."""
+        return _NO_SWITCH if compute is None else torch.cuda.stream(self._comm_stream)
+
+    def _finish(self, compute: Optional[torch.cuda.Stream], inputs: List[Optional[torch.Tensor]],
                 outputs: List[Optional[torch.Tensor]], async_finish: bool) -> EventOverlap:
-        """Inputs (calling-stream memory) recorded on the comm stream, outputs (comm-stream
-        memory) on the calling one, then the event; waits unless async_finish."""
+        """Communication stream (compute given): inputs (calling-stream memory) recorded on the
+        comm stream, outputs (comm-stream memory) on the calling one, then the event; waits
+        unless async_finish. Calling stream (compute None): nothing to do, no event."""
+        if compute is None:
+            return _NO_EVENT
         comm = self._comm_stream
         for t in inputs:
             if t is not None:
@@ -153,6 +236,28 @@ class Buffer(LowLatencyMixin):
             return EventOverlap(event, [t for t in inputs + outputs if t is not None])
         compute.wait_event(event)
         return EventOverlap(event)
+
+    def _region(self, ctx: Context, ptr: int, rows: int, width: int,
+                dtype: torch.dtype) -> torch.Tensor:
+        """A window tensor [>= rows][width] at `ptr` (window_view's), with one dict look-up in the
+        steady state: the one of the most rows asked so far is kept per region (regions never
+        move while the context lives; destroy() forgets them). 0 rows: a fresh empty tensor."""
+        key = (ptr, width, dtype)
+        full = self._views.get(key)
+        if full is None or rows == 0 or full.shape[0] < rows:
+            full = window_view(ptr, (rows, width), dtype, ctx.device, ctx)
+            if rows:
+                self._views[key] = full
+        return full
+
+    def _rows(self, ctx: Context, ptr: int, rows: int, width: int, dtype: torch.dtype,
+              copy: bool) -> torch.Tensor:
+        """Rows [0, rows) of a window region: a copy (one narrow_copy, on the current stream) or
+        a view."""
+        full = self._region(ctx, ptr, rows, width, dtype)
+        if copy:
+            return full.narrow_copy(0, 0, rows)
+        return full if full.shape[0] == rows else full[:rows]
 
     # --- high-throughput -------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
@@ -168,19 +273,19 @@ class Buffer(LowLatencyMixin):
         not need them."""
         if num_experts != self.num_experts:
             raise ValueError(f"num_experts = {num_experts}, the Buffer was made for {self.num_experts}")
-        require(topk_idx, "topk_idx", torch.int64, [None, self.num_topk])
-        ctx, compute = self._ht(), torch.cuda.current_stream()
+        _check(topk_idx, "topk_idx", torch.int64, None, self.num_topk, self._device)
+        ctx = self._ht()
         nodes = _api.comm_node_count(ctx.ptr)
-        comm = self._begin(previous_event)
-        t = topk_idx.shape[0]
-        with torch.cuda.stream(comm):
-            per_rank = torch.empty(self.group_size, dtype=torch.int32, device=ctx.device)
-            per_node = torch.empty(nodes, dtype=torch.int32, device=ctx.device)
-            per_expert = torch.empty(self.num_experts, dtype=torch.int32, device=ctx.device)
-            in_rank = torch.empty((t, self.group_size), dtype=torch.bool, device=ctx.device)
+        raw, compute = self._streams(ctx, previous_event, async_finish)
+        t, dev = topk_idx.shape[0], ctx.device
+        with self._on(compute):
+            per_rank = torch.empty(self.group_size, dtype=torch.int32, device=dev)
+            per_node = torch.empty(nodes, dtype=torch.int32, device=dev)
+            per_expert = torch.empty(self.num_experts, dtype=torch.int32, device=dev)
+            in_rank = torch.empty((t, self.group_size), dtype=torch.bool, device=dev)
             _api.get_layout(ctx.ptr, topk_idx.data_ptr(), t, per_rank.data_ptr(),
                             per_expert.data_ptr(), in_rank.data_ptr(), per_node.data_ptr(), None,
-                            comm.cuda_stream)
+                            raw)
         event = self._finish(compute, [topk_idx], [per_rank, per_node, per_expert, in_rank],
                              async_finish)
         return per_rank, per_node, per_expert, in_rank, event
@@ -210,15 +315,20 @@ class Buffer(LowLatencyMixin):
         recv_topk_idx [rows][K] int64 (local expert id or -1), recv_topk_weights [rows][K] FP32
         or None, num_recv_tokens_per_expert_list (rows per local expert, each rounded up to
         expert_alignment), handle, event); the cached form returns (recv_x, None, None, None,
-        None, event). Copies or window views as copy_outputs (None: the Buffer's setting).
+        None, event). Copies (made on the stream the call ran on) or window views as
+        copy_outputs (None: the Buffer's setting).
         """
-        x, x_scales = x if isinstance(x, tuple) else (x, None)
-        if (x_scales is not None) != self.use_fp8:
+        if isinstance(x, tuple):
+            x, x_scales = x
+        else:
+            x_scales = None
+        fp8, dev, h, k = self.use_fp8, self._device, self.hidden, self.num_topk
+        if (x_scales is not None) != fp8:
             raise ValueError("x must be (fp8 x, scales) exactly when the Buffer has use_fp8=True")
-        require(x, "x", torch.float8_e4m3fn if self.use_fp8 else torch.bfloat16, [None, self.hidden])
+        _check(x, "x", torch.float8_e4m3fn if fp8 else torch.bfloat16, None, h, dev)
         num_tokens = x.shape[0]
         if x_scales is not None:
-            require(x_scales, "x scales", torch.float32, [num_tokens, self.hidden // 128])
+            _check(x_scales, "x scales", torch.float32, num_tokens, h // 128, dev)
         cached = handle is not None
         if cached:
             if topk_idx is not None or topk_weights is not None:
@@ -228,15 +338,15 @@ class Buffer(LowLatencyMixin):
         else:
             if topk_idx is None:
                 raise ValueError("dispatch needs topk_idx (or a handle for a cached dispatch)")
-            require(topk_idx, "topk_idx", torch.int64, [num_tokens, self.num_topk])
+            _check(topk_idx, "topk_idx", torch.int64, num_tokens, k, dev)
             if topk_weights is not None:
-                require(topk_weights, "topk_weights", torch.float32, [num_tokens, self.num_topk])
+                _check(topk_weights, "topk_weights", torch.float32, num_tokens, k, dev)
             if num_tokens > self.max_tokens_per_rank:
                 raise ValueError(f"{num_tokens} tokens > max_tokens_per_rank = "
                                  f"{self.max_tokens_per_rank} of this Buffer")
         copy = self.copy_outputs if copy_outputs is None else copy_outputs
-        ctx, compute = self._ht(), torch.cuda.current_stream()
-        comm = self._begin(previous_event)
+        ctx = self._ht()
+        raw, compute = self._streams(ctx, previous_event, async_finish)
         c_handle = _structs.ctypes.c_void_p(handle.ptr) if cached else ctx.take_handle()
         pooled = c_handle.value
         host_counts = not cached and num_worst_tokens == 0
@@ -244,8 +354,7 @@ class Buffer(LowLatencyMixin):
         try:
             _api.dispatch(ctx.ptr, x.data_ptr(), address(x_scales), address(topk_idx),
                           address(topk_weights), num_tokens,
-                          _structs.DISPATCH_HOST_COUNTS if host_counts else 0, c_handle, out,
-                          comm.cuda_stream)
+                          _structs.DISPATCH_HOST_COUNTS if host_counts else 0, c_handle, out, raw)
         except Exception:
             if not cached and pooled is not None:
                 ctx.give_back(pooled)
@@ -254,28 +363,30 @@ class Buffer(LowLatencyMixin):
             ctx.adopt(c_handle.value)
         rows = (out.hostNumRecvTokens if host_counts
                 else handle.num_recv_tokens if cached else num_worst_tokens)
-        h, k, dev = self.hidden, self.num_topk, ctx.device
-        views = [window_view(out.x, (rows, h), x.dtype, dev, ctx)]
-        if self.use_fp8:
-            views.append(window_view(out.xScales, (rows, h // 128), torch.float32, dev, ctx))
-        if not cached:
-            views.append(window_view(out.topkIdx, (rows, k), torch.int64, dev, ctx))
-            if topk_weights is not None:
-                views.append(window_view(out.topkWeights, (rows, k), torch.float32, dev, ctx))
-        if copy:
-            with torch.cuda.stream(comm):
-                views = [v.clone() for v in views]
-        event = self._finish(compute, [x, x_scales, topk_idx, topk_weights],
-                             views if copy else [], async_finish)
-        recv_x = (views[0], views[1]) if self.use_fp8 else views[0]
+        with self._on(compute if copy else None):  # copies: on the stream the call ran on
+            recv_x = self._rows(ctx, out.x, rows, h, x.dtype, copy)
+            recv_scales = (self._rows(ctx, out.xScales, rows, h // 128, torch.float32, copy)
+                           if fp8 else None)
+            recv_idx = recv_weights = None
+            if not cached:
+                recv_idx = self._rows(ctx, out.topkIdx, rows, k, torch.int64, copy)
+                if topk_weights is not None:
+                    recv_weights = self._rows(ctx, out.topkWeights, rows, k, torch.float32, copy)
+        event = _NO_EVENT
+        if compute is not None:
+            event = self._finish(compute, [x, x_scales, topk_idx, topk_weights],
+                                 [recv_x, recv_scales, recv_idx, recv_weights] if copy else [],
+                                 async_finish)
+        if fp8:
+            recv_x = (recv_x, recv_scales)
         if cached:
             return recv_x, None, None, None, None, event
-        rest = views[2 if self.use_fp8 else 1:]
-        recv_idx = rest[0]
-        recv_weights = rest[1] if topk_weights is not None else None
-        counts = ([-(-out.hostExpertCounts[i] // expert_alignment) * expert_alignment
-                   for i in range(ctx.local_experts)] if host_counts else [])
-        combine_input = window_view(out.combineInput, (rows, h), torch.bfloat16, dev, ctx)
+        counts = []
+        if host_counts:  # one slice of the C array (owned by the handle) -> a list
+            counts = out.hostExpertCounts[:ctx.local_experts]
+            if expert_alignment != 1:
+                counts = [-(-c // expert_alignment) * expert_alignment for c in counts]
+        combine_input = self._rows(ctx, out.combineInput, rows, h, torch.bfloat16, False)
         new_handle = Handle(ctx, c_handle.value, num_tokens, rows, combine_input, self.buffer_id)
         return recv_x, recv_idx, recv_weights, counts, new_handle, event
 
@@ -294,26 +405,31 @@ class Buffer(LowLatencyMixin):
         Returns (combined_x [T][H] BF16, combined_topk_weights [T][K] FP32 or None, event).
         A handle older than the context's latest dispatch needs x outside the window.
         """
-        require(x, "x", torch.bfloat16, [handle.num_recv_tokens, self.hidden])
+        rows, dev = handle.num_recv_tokens, self._device
+        _check(x, "x", torch.bfloat16, rows, self.hidden, dev)
         if topk_weights is not None:
-            require(topk_weights, "topk_weights", torch.float32, [handle.num_recv_tokens, self.num_topk])
-        ctx, compute = self._ht(), torch.cuda.current_stream()
+            _check(topk_weights, "topk_weights", torch.float32, rows, self.num_topk, dev)
+        ctx = self._ht()
         if handle.context is not ctx:
             raise ValueError("the handle belongs to another Buffer")
-        comm = self._begin(previous_event)
-        with torch.cuda.stream(comm):
+        raw, compute = self._streams(ctx, previous_event, async_finish)
+        biases = ()
+        with self._on(compute):
             out = torch.empty((handle.num_tokens, self.hidden), dtype=torch.bfloat16, device=ctx.device)
             out_weights = None
             if topk_weights is None:
-                _api.combine(ctx.ptr, handle.ptr, x.data_ptr(), None, out.data_ptr(), comm.cuda_stream)
+                _api.combine(ctx.ptr, handle.ptr, x.data_ptr(), None, out.data_ptr(), raw)
             else:
                 out_weights = torch.empty((handle.num_tokens, self.num_topk), dtype=torch.float32,
                                           device=ctx.device)
                 _api.combine_with_weights(ctx.ptr, handle.ptr, x.data_ptr(), None,
                                           topk_weights.data_ptr(), out_weights.data_ptr(),
-                                          out.data_ptr(), comm.cuda_stream)
-            biases = [b for b in (bias if isinstance(bias, tuple) else (bias,)) if b is not None]
-            for b in biases:
-                out.add_(b)
+                                          out.data_ptr(), raw)
+            if bias is not None:
+                biases = [b for b in (bias if isinstance(bias, tuple) else (bias,)) if b is not None]
+                for b in biases:
+                    out.add_(b)
+        if compute is None:
+            return out, out_weights, _NO_EVENT
         event = self._finish(compute, [x, topk_weights, *biases], [out, out_weights], async_finish)
         return out, out_weights, event
