@@ -239,7 +239,9 @@ typedef struct {
 } ncclMoeDispatchOutput_t;
 
 /* Flags of ncclMoeDispatch. */
-#define NCCL_MOE_DISPATCH_HOST_COUNTS 0x1 /* synchronise `stream` and fill the host counts */
+/* Fill the host counts: the call waits until the dispatch kernel has exchanged the counts (the
+ * rows may still be moving on `stream`; not allowed while `stream` is being captured). */
+#define NCCL_MOE_DISPATCH_HOST_COUNTS 0x1
 
 /* Sends every token of this rank to each rank that owns one of its experts.
  *   x            [numTokens][H] device, BF16 or FP8 as config.dispatchDtype, 16-byte aligned
@@ -255,7 +257,10 @@ typedef struct {
  *                topkIdx unless topkIdx is NULL. The handle is what ncclMoeCombine needs.
  *   out          where the rows are (see ncclMoeDispatchOutput_t)
  * Without NCCL_MOE_DISPATCH_HOST_COUNTS the call never synchronises the host and a handle that
- * exists can be captured in a CUDA graph with it. Kernel-detected failures (see "Errors found by
+ * exists can be captured in a CUDA graph with it. With it, the host waits for the counts only
+ * (as DeepEP's dispatch does), not for the rows: a failure the kernel finds after the counts (a
+ * peer that stops taking part while rows move) is returned by the next call or
+ * ncclMoeCheckErrors. Kernel-detected failures (see "Errors found by
  * kernels" at ncclMoeCheckErrors):
  *   - a rank would receive more than outputCapacity rows: no rank writes any row, the counts
  *     (numRecvTokens, expertCounts, host counts) say 0 rows and a combine or copy enqueued

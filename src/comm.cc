@@ -130,6 +130,7 @@ static void releaseResources(ncclMoeComm* c) {
   if (c->llPosCounters) cudaFree(c->llPosCounters);
   if (c->errorHost) cudaFreeHost(c->errorHost);
   if (c->failedHost) cudaFreeHost(c->failedHost);
+  if (c->countsHost) cudaFreeHost(c->countsHost);
 }
 
 // All-gathers one vote per rank over comm, on comm's device whatever the current device is (a
@@ -250,6 +251,12 @@ static ncclResult_t allocateLocally(ncclMoeComm* c) {
   MOE_CUDA(cudaHostAlloc(&c->failedHost, sizeof(unsigned int) * kRankMaskWords, cudaHostAllocMapped));
   memset(c->failedHost, 0, sizeof(unsigned int) * kRankMaskWords);
   MOE_CUDA(cudaHostGetDevicePointer((void**)&c->failedDev, c->failedHost, 0));
+  if (c->cfg.mode == ncclMoeHighThroughput) {
+    const size_t bytes = sizeof(int) * (2 + c->cfg.numExperts / c->nRanks);
+    MOE_CUDA(cudaHostAlloc(&c->countsHost, bytes, cudaHostAllocMapped));
+    memset(c->countsHost, 0, bytes);
+    MOE_CUDA(cudaHostGetDevicePointer((void**)&c->countsDev, c->countsHost, 0));
+  }
   MOE_CHECK(applySequenceStart(c));  // test hook; before registration, so before any peer signal
   MOE_CUDA(cudaDeviceSynchronize());
   return ncclSuccess;

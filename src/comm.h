@@ -39,6 +39,12 @@ struct ncclMoeComm {
   // (DeviceState::failedRanks mirrored), and the ranks the caller marked (ncclMoeMarkRankFailed).
   unsigned int* failedHost = nullptr;
   unsigned int* failedDev = nullptr;           // the same memory, device address
+  // High-throughput dispatch with host counts: host-mapped int32 [2 + E/R] that the dispatch
+  // kernel fills once the counts are exchanged ([0] = countsSeq of that dispatch, written last;
+  // then rows received, rows per local expert), so the host waits for the counts only.
+  int* countsHost = nullptr;
+  int* countsDev = nullptr;                    // the same memory, device address
+  int countsSeq = 0;                           // of the last dispatch with host counts
   nccl_moe::RankSet failedMarked{};
   int liveHandles = 0;
   nccl_moe::AccessiblePointers pointers;  // pointer arguments already found device-accessible

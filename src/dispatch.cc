@@ -1,5 +1,8 @@
 // ncclMoeDispatch, ncclMoeGetLayout / ncclMoeGetLayoutNodes / ncclMoeCommNodeCount and handle lifetime.
+#include <limits.h>
 #include <string.h>
+#include <atomic>
+#include <chrono>
 #include "comm.h"
 #include "error.h"
 
@@ -50,6 +53,30 @@ static ncclResult_t createHandle(ncclMoeComm* c, cudaStream_t stream, ncclMoeHan
 // What destroy and release share once the device memory is taken care of: the host counts, the
 // context's count and the registry (the struct goes to quarantine, so a stale pointer to it is
 // recognised as dead; object_registry.h).
+// Waits until the dispatch kernel enqueued last on `stream` has published its counts
+// (countsHost[0] == countsSeq; the kernel publishes on every path, zeros after a recorded timeout
+// or overflow), then copies n of them to out. The rows may still be moving: only the counts are
+// waited for. Should the stream end without them (a kernel that did not run) or fail, that is an
+// error, not a hang: the stream is queried every ~50 us while the host spins.
+static ncclResult_t waitHostCounts(ncclMoeComm* c, cudaStream_t stream, int* out, int n) {
+  const volatile int* published = c->countsHost;
+  auto queried = std::chrono::steady_clock::now();
+  while (*published != c->countsSeq) {
+    const auto now = std::chrono::steady_clock::now();
+    if (now - queried < std::chrono::microseconds(50)) continue;
+    queried = now;
+    const cudaError_t q = cudaStreamQuery(stream);
+    if (q == cudaErrorNotReady) continue;
+    MOE_CUDA(q);
+    if (*published == c->countsSeq) break;
+    return setError(ncclInternalError, "ncclMoeDispatch: stream finished without the dispatch kernel's counts "
+                    "(rank %d): the kernel did not run", c->rank);
+  }
+  std::atomic_thread_fence(std::memory_order_acquire);
+  for (int i = 0; i < n; i++) out[i] = ((const volatile int*)c->countsHost)[1 + i];
+  return ncclSuccess;
+}
+
 static void retireHandle(ncclMoeHandle* h) {
   delete[] h->hostCounts;
   h->hostCounts = nullptr;
@@ -157,6 +184,13 @@ extern "C" ncclResult_t ncclMoeDispatch(ncclMoeComm_t c, const void* x, const fl
   MOE_CHECK(c->pointers.check(fn, "xScales", xScales));
   MOE_CHECK(c->pointers.check(fn, "topkIdx", topkIdx));
   MOE_CHECK(c->pointers.check(fn, "topkWeights", topkWeights));
+  if (flags & NCCL_MOE_DISPATCH_HOST_COUNTS) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    MOE_CUDA(cudaStreamIsCapturing(stream, &capture));
+    if (capture != cudaStreamCaptureStatusNone)
+      return setError(ncclInvalidUsage, "ncclMoeDispatch: flags has NCCL_MOE_DISPATCH_HOST_COUNTS, which waits on the "
+                      "host, while stream is being captured into a CUDA graph: leave the flag out there");
+  }
   if (h == nullptr) {
     MOE_CHECK(createHandle(c, stream, &h));
     *handle = h;
@@ -201,6 +235,12 @@ extern "C" ncclResult_t ncclMoeDispatch(ncclMoeComm_t c, const void* x, const fl
   a.recvScalesOff = c->layout.recvScales;
   a.recvTopkIdxOff = c->layout.recvTopkIdx;
   a.recvTopkWeightsOff = c->layout.recvTopkWeights;
+  const bool hostCounts = (flags & NCCL_MOE_DISPATCH_HOST_COUNTS) != 0;
+  if (hostCounts) {
+    c->countsSeq = c->countsSeq == INT_MAX ? 1 : c->countsSeq + 1;  // never 0, never the last one
+    a.hostCounts = c->countsDev;
+    a.hostSeq = c->countsSeq;
+  }
   MOE_CUDA(launchDispatchHtIntranode(a, cfg.numSms, stream));
   // Host state advances only once every kernel of the call is enqueued.
   if (newRouting) {
@@ -219,10 +259,8 @@ extern "C" ncclResult_t ncclMoeDispatch(ncclMoeComm_t c, const void* x, const fl
   out->combineInput = c->winBase + c->layout.combineIn;
   out->hostNumRecvTokens = -1;
   out->hostExpertCounts = nullptr;
-  if (flags & NCCL_MOE_DISPATCH_HOST_COUNTS) {
-    MOE_CUDA(cudaMemcpyAsync(h->hostCounts, h->routing.recvCounts, sizeof(int) * (1 + localExperts),
-                             cudaMemcpyDeviceToHost, stream));
-    MOE_CUDA(cudaStreamSynchronize(stream));
+  if (hostCounts) {
+    MOE_CHECK(waitHostCounts(c, stream, h->hostCounts, 1 + localExperts));
     MOE_CHECK(checkDeviceErrors(c));
     MOE_CHECK(reportLocalErrors(c));  // a bad id of this call: reported, its rows were delivered
     out->hostNumRecvTokens = h->hostCounts[0];

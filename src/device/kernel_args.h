@@ -181,6 +181,11 @@ struct DispatchArgs {
   int rowBytes;                 // bytes of one token row (H * dtype bytes)
   int scaleCols;                // H/128 for FP8, 0 for BF16
   size_t recvXOff, recvScalesOff, recvTopkIdxOff, recvTopkWeightsOff;
+  // Host counts (NULL: none): host-mapped int32 [2 + E/R]. CTA 0 stores the counts it leaves in
+  // routing.recvCounts to [1..], then, after a system-scope fence, hostSeq to [0]: the host
+  // reads the counts once [0] == hostSeq, while the rows still move.
+  int* hostCounts;
+  int hostSeq;
 };
 cudaError_t launchDispatchHtIntranode(const DispatchArgs& args, int numCtas, cudaStream_t stream);
 

@@ -89,5 +89,40 @@ TEST_F(Graph, DispatchCombineBf16Unweighted) {
 
 TEST_F(Graph, DispatchOnlyFp8) { graphScenario(htShape(7168, 32, ncclMoeFp8E4m3), 403, false, false); }
 
+// NCCL_MOE_DISPATCH_HOST_COUNTS waits on the host for the kernel's counts: inside a capture it is
+// refused before anything is enqueued (the capture stays valid and empty), and the context then
+// works eagerly with host counts.
+TEST_F(Graph, HostCountsInsideCaptureAreRefused) {
+  const Shape s = htShape(2048, 32, ncclMoeBf16);
+  Ep ep(s);
+  if (!ep.create()) return;
+  Problem p = makeProblem(s, spec(404));
+  DeviceInputs in;
+  MOE_AGREE_OR_RETURN(in.upload(p), "upload inputs");
+  ncclMoeDispatchOutput_t out;
+  memset(&out, 0, sizeof(out));
+  ncclMoeHandle_t handle = nullptr;
+  OwnedGraph g;
+  bool ok = CUDA_OK(cudaStreamBeginCapture(stream(), cudaStreamCaptureModeThreadLocal));
+  ncclResult_t res = ncclSuccess;
+  if (ok) {
+    res = ncclMoeDispatch(ep.comm, in.x.get(), nullptr, in.topkIdx.as<int64_t>(), in.weights.as<float>(),
+                          p.tokens(rank()), NCCL_MOE_DISPATCH_HOST_COUNTS, &handle, &out, stream());
+    ok = CUDA_OK(cudaStreamEndCapture(stream(), &g.graph));
+  }
+  const std::string msg = ncclMoeGetLastError();
+  EXPECT_EQ(res, ncclInvalidUsage) << msg;
+  EXPECT_NE(msg.find("NCCL_MOE_DISPATCH_HOST_COUNTS"), std::string::npos) << msg;
+  EXPECT_EQ(handle, nullptr) << "a refused call must not create a handle";
+  size_t nodes = 1;
+  if (ok) ok = CUDA_OK(cudaGraphGetNodes(g.graph, nullptr, &nodes));
+  EXPECT_EQ(nodes, 0u) << "the refused call enqueued work into the capture";
+  MOE_AGREE_OR_RETURN(ok && res == ncclInvalidUsage, "refused capture");
+  RunOpts eager;
+  eager.flags = NCCL_MOE_DISPATCH_HOST_COUNTS;
+  Reference ref = makeReference(p);
+  runAndCheck(ep, in, p, ref, eager, (s.str() + " [eager host counts after the refused capture]").c_str());
+}
+
 }  // namespace
 }  // namespace moe_gpu

@@ -148,8 +148,16 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatchHtIntranodeKernel
       int sum = 0;
       for (int s = 0; s < R && !empty; ++s) sum += loadPeerInt(counts + s * rowLen + (j == 0 ? me : R + j - 1));
       a.routing.recvCounts[j] = sum;
+      if (a.hostCounts) a.hostCounts[1 + j] = sum;
     }
     if (threadIdx.x == 0) *a.routing.dispatchEmpty = empty ? 1 : 0;
+    if (a.hostCounts) {
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        __threadfence_system();  // the counts, then the sequence number that releases them
+        *(volatile int*)a.hostCounts = a.hostSeq;
+      }
+    }
   }
 
   if (arrived && !overflow) {
