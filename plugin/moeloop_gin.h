@@ -20,7 +20,8 @@
 //    the header, resolves the destination in t's own registration with the same sequence number
 //    (regMrSym is collective and in the same order everywhere), copies a socket payload into place
 //    (pinned bounce -> GPU, synchronously) and only then applies the signal (read-modify-write of
-//    the 64-bit word through the copy engine: no SM is needed, so it never waits for a busy GPU).
+//    the 64-bit word through the copy engine: no SM is needed, so it never waits for a busy GPU;
+//    consecutive updates of one word within a progress pass are summed into one write).
 //    Messages from one sender are applied strictly in order, so a signal is visible only after
 //    the payload of its put and of every earlier put of that collComm (any context) to that rank.
 //  - puts to the own rank are applied at once, inside iput.
@@ -252,6 +253,12 @@ struct GinCollComm {
   ncclResult_t error = ncclSuccess;        // sticky
   GinCuda cuda;
   std::vector<struct pollfd> pollSet;      // scratch for progress
+  // Signal updates received in this progress pass and not yet written: consecutive updates of one
+  // word are summed into one write (the LL kernels' batches of a source all add to one signal),
+  // and the sum is written before an update of another word and at the end of the pass. Every
+  // payload they follow is already in place (see ginQueueSignal).
+  GinRegistration* pendingSig = nullptr;
+  uint64_t pendingSigOff = 0, pendingSigAdd = 0;
   bool copyWanted = false;                 // this rank offers the copy transport (hello flag)
   uint64_t lastProgressNs = 0;             // nowNs() at the last ginProgressLocked (test throttling)
   bool importWarned = false;               // one warning per comm for a failed import
@@ -292,9 +299,18 @@ double registrationWaitSec();  // NCCL_MOELOOP_CONNECT_TIMEOUT_S (regMrSym does 
 void setRegistrationWaitForTesting(double sec);  // 0: back to the default
 // Records a sticky error on `c` (first one wins) and returns it.
 ncclResult_t ginFail(GinCollComm* c, ncclResult_t res);
-// Applies a signal operation to a local registration (after the payload it follows is in place).
+// Applies a signal operation to a local registration (after the payload it follows is in place),
+// after any queued update.
 ncclResult_t ginApplySignal(GinCollComm* c, GinRegistration* sig, uint64_t sigOff, uint32_t op,
                             uint64_t value);
+// The same for a put received in a progress pass: summed into the pending update when it is for
+// the same word, else queued after writing the pending one (GinCollComm::pendingSig). Payloads are
+// in place before their headers are read, so a later write shows nothing early; writes of
+// different words keep their order.
+ncclResult_t ginQueueSignal(GinCollComm* c, GinRegistration* sig, uint64_t sigOff, uint32_t op,
+                            uint64_t value);
+// Writes the pending update, if any (the end of every progress pass).
+ncclResult_t ginFlushSignal(GinCollComm* c);
 void ginCloseMesh(GinCollComm* c);
 
 // --- copy transport (moeloop_gin_copy.cc) -------------------------------------------------------

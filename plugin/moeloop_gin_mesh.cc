@@ -326,7 +326,7 @@ ncclResult_t progressRecv(GinCollComm* c, int peer) {
     if (!copied && deliveryDeadline(h.sendNs) > nowNs()) return ncclSuccess;
     // The payload is in place (copies are synchronous, or the sender saw its copies complete):
     // now the signal may become visible.
-    if (p.rsig) ML_CHECK(ginApplySignal(c, p.rsig, h.sigOff, h.op, h.sigValue));
+    if (p.rsig) ML_CHECK(ginQueueSignal(c, p.rsig, h.sigOff, h.op, h.sigValue));
     counters().ginBytesApplied.fetch_add(h.size, std::memory_order_relaxed);
     peerStatsOnApply(peer, (int)h.context, h.size, p.rsig != nullptr);
     if (copied && h.sentNs != 0 && p.rhdrNs >= h.sentNs) {
@@ -366,9 +366,11 @@ ncclResult_t ginFail(GinCollComm* c, ncclResult_t res) {
   return res;
 }
 
-ncclResult_t ginApplySignal(GinCollComm* c, GinRegistration* sig, uint64_t sigOff, uint32_t op,
-                            uint64_t value) {
-  uint64_t add = (op & kGinOpSignalInc) ? 1 : value;
+namespace {
+
+uint64_t signalAddOf(uint32_t op, uint64_t value) { return (op & kGinOpSignalInc) ? 1 : value; }
+
+ncclResult_t addToSignal(GinCollComm* c, GinRegistration* sig, uint64_t sigOff, uint64_t add) {
   uint64_t* word = (uint64_t*)(sig->base + sigOff);
   if (sig->type == NCCL_PTR_CUDA && !sig->sigShadow.empty()) {
     ML_CHECK(ginDeviceAddShadowed(&c->cuda, word, &sig->sigShadow[sigOff / sizeof(uint64_t)], add));
@@ -377,7 +379,37 @@ ncclResult_t ginApplySignal(GinCollComm* c, GinRegistration* sig, uint64_t sigOf
   } else {
     __atomic_fetch_add(word, add, __ATOMIC_SEQ_CST);
   }
+  return ncclSuccess;
+}
+
+}  // namespace
+
+ncclResult_t ginFlushSignal(GinCollComm* c) {
+  if (c->pendingSig == nullptr) return ncclSuccess;
+  GinRegistration* sig = c->pendingSig;
+  c->pendingSig = nullptr;
+  return addToSignal(c, sig, c->pendingSigOff, c->pendingSigAdd);
+}
+
+ncclResult_t ginApplySignal(GinCollComm* c, GinRegistration* sig, uint64_t sigOff, uint32_t op,
+                            uint64_t value) {
+  ML_CHECK(ginFlushSignal(c));
+  ML_CHECK(addToSignal(c, sig, sigOff, signalAddOf(op, value)));
   counters().ginSignals.fetch_add(1, std::memory_order_relaxed);
+  return ncclSuccess;
+}
+
+ncclResult_t ginQueueSignal(GinCollComm* c, GinRegistration* sig, uint64_t sigOff, uint32_t op,
+                            uint64_t value) {
+  counters().ginSignals.fetch_add(1, std::memory_order_relaxed);
+  if (c->pendingSig == sig && c->pendingSigOff == sigOff) {
+    c->pendingSigAdd += signalAddOf(op, value);
+    return ncclSuccess;
+  }
+  ML_CHECK(ginFlushSignal(c));
+  c->pendingSig = sig;
+  c->pendingSigOff = sigOff;
+  c->pendingSigAdd = signalAddOf(op, value);
   return ncclSuccess;
 }
 
@@ -410,7 +442,8 @@ ncclResult_t ginProgressLocked(GinCollComm* c) {
     ncclResult_t res = progressRecv(c, peer);
     if (res != ncclSuccess) return ginFail(c, res);
   }
-  return ncclSuccess;
+  ncclResult_t res = ginFlushSignal(c);  // the pass's last update: visible before it returns
+  return res == ncclSuccess ? res : ginFail(c, res);
 }
 
 ncclResult_t ginConnectMesh(GinCollComm* c, GinListenComm* l, void* handles[]) {

@@ -168,6 +168,36 @@ TEST(PluginSignalUpdate, ConcurrentAddsLoseNothing) {
   EXPECT_EQ(word, 2u * kAdds);
 }
 
+// Signal updates received in one progress pass: consecutive ones of a word become one write of
+// their sum, written before an update of another word and at the flush (host-memory words here;
+// on a GPU each write is a copy). Every update still counts as a signal.
+TEST(PluginSignalUpdate, ConsecutiveUpdatesOfAWordAreWrittenOnce) {
+  uint64_t words[2] = {0, 0};
+  moeloop::GinCollComm c;
+  moeloop::GinRegistration reg;
+  reg.base = (char*)words;
+  reg.size = sizeof(words);
+  reg.type = NCCL_PTR_HOST;
+  const uint64_t signalsBefore = moeloop::counters().ginSignals.load();
+  ASSERT_EQ(moeloop::ginQueueSignal(&c, &reg, 0, moeloop::kGinOpSignalAdd, 5), ncclSuccess);
+  ASSERT_EQ(moeloop::ginQueueSignal(&c, &reg, 0, moeloop::kGinOpSignalInc, 0), ncclSuccess);
+  ASSERT_EQ(moeloop::ginQueueSignal(&c, &reg, 0, moeloop::kGinOpSignalAdd, 10), ncclSuccess);
+  EXPECT_EQ(words[0], 0u) << "written before the pass ended or another word came";
+  ASSERT_EQ(moeloop::ginQueueSignal(&c, &reg, 8, moeloop::kGinOpSignalAdd, 2), ncclSuccess);
+  EXPECT_EQ(words[0], 16u);  // 5 + 1 + 10, in one write, before word 1's update
+  EXPECT_EQ(words[1], 0u);
+  ASSERT_EQ(moeloop::ginQueueSignal(&c, &reg, 0, moeloop::kGinOpSignalInc, 0), ncclSuccess);
+  EXPECT_EQ(words[1], 2u);  // word 0 again: word 1's update goes first, order kept
+  EXPECT_EQ(words[0], 16u);
+  // A directly applied update (a put to the own rank) writes the pending one first.
+  ASSERT_EQ(moeloop::ginApplySignal(&c, &reg, 8, moeloop::kGinOpSignalAdd, 1), ncclSuccess);
+  EXPECT_EQ(words[0], 17u);
+  EXPECT_EQ(words[1], 3u);
+  ASSERT_EQ(moeloop::ginFlushSignal(&c), ncclSuccess);  // nothing pending: nothing changes
+  EXPECT_EQ(words[0], 17u);
+  EXPECT_EQ(moeloop::counters().ginSignals.load() - signalsBefore, 6u);
+}
+
 // Needs 2 GPUs: a copy for a comm of device 0 from a thread on device 1 leaves it on device 1.
 TEST(PluginGinCuda, CopyRestoresTheCallersDevice) {
   int n = 0;
