@@ -31,7 +31,8 @@ typedef struct {
   // polled by progress), release = -> header written (shaping latency, then the next progress
   // pass). As target, per put applied (hopRecvPuts): wire = header written -> fully read here (the
   // socket and the time until this process's next progress pass), apply = -> its signal update
-  // issued (or queued: updates of one word within a pass are written once, at its end). Not inside the plugin: the GPU's put -> NCCL's proxy calls iput, and the signal's
+  // issued (or queued: updates of one word within a pass are written once, at its end). Not
+  // inside the plugin: the GPU's put -> NCCL's proxy calls iput, and the signal's
   // copy to the GPU -> the kernel sees it.
   uint64_t hopSentPuts, hopQueueNs, hopCopyNs, hopReleaseNs;
   uint64_t hopRecvPuts, hopWireNs, hopApplyNs;
