@@ -208,6 +208,7 @@ struct GinPeer {
   // copy: cudaStream_t of our copies to this peer, used round robin by put (a copy engine's
   // round trip, issue -> event seen complete, is several us: one stream would serialise them)
   void* streams[kGinCopyStreams] = {};
+  GinRequest* lastOnStream[kGinCopyStreams] = {};  // the latest put issued on each stream
   int nextStream = 0;
   size_t issuedCount = 0;            // copy: leading sendQueue entries whose copies are all issued
   std::vector<GinRemoteRegistration> remote;  // copy: the peer's registrations by id

@@ -138,17 +138,34 @@ bool overlaps(const GinRequest& a, const GinRequest& b) {
 }
 
 // Picks put r's stream (the next one, round robin) and makes it wait for the events of the puts
-// in flight (p.sendQueue[0, p.issuedCount)) on other streams that write bytes r writes.
+// in flight (p.sendQueue[0, p.issuedCount)) on other streams that write bytes r writes. With more
+// than kOverlapScanLimit in flight (thousands for per-token puts) it does not look: it waits for
+// the latest put of every other stream instead (stronger, and O(streams) per put).
+constexpr size_t kOverlapScanLimit = 64;
 ncclResult_t chooseStream(GinCollComm* c, GinPeer& p, GinRequest* r) {
   r->stream = p.nextStream;
   p.nextStream = (p.nextStream + 1) % kGinCopyStreams;
   if (p.streams[r->stream] == nullptr) ML_CHECK(ginStreamCreate(&c->cuda, &p.streams[r->stream]));
+  void* stream = p.streams[r->stream];
+  if (p.issuedCount > kOverlapScanLimit) {
+    // Requests are pooled, so the pointers stay valid; one reused since is either not recorded
+    // yet (its earlier copy is done: nothing to wait for) or recorded for a later put (a stronger
+    // wait).
+    for (int k = 0; k < kGinCopyStreams; k++) {
+      const GinRequest* q = p.lastOnStream[k];
+      if (k != r->stream && q != nullptr && q->recorded && q->event != nullptr)
+        ML_CHECK(ginStreamWaitEvent(&c->cuda, stream, q->event));
+    }
+    p.lastOnStream[r->stream] = r;
+    return ncclSuccess;
+  }
+  p.lastOnStream[r->stream] = r;
   for (size_t i = 0; i < p.issuedCount && i < p.sendQueue.size(); i++) {
     const GinRequest* q = p.sendQueue[i];
     if (q->kind != GinReqKind::kPut || q->path != GinPath::kCopy || q->hdr.size == 0 || !q->recorded ||
         q->stream == r->stream || !overlaps(*q, *r))
       continue;
-    ML_CHECK(ginStreamWaitEvent(&c->cuda, p.streams[r->stream], q->event));
+    ML_CHECK(ginStreamWaitEvent(&c->cuda, stream, q->event));
   }
   return ncclSuccess;
 }
@@ -330,6 +347,7 @@ void ginCopyTeardown(GinCollComm* c) {
       ginStreamDestroy(&c->cuda, s);  // waits for copies in flight first
       s = nullptr;
     }
+    for (GinRequest*& q : p.lastOnStream) q = nullptr;
     for (GinRemoteRegistration& rr : p.remote) cumemUnmap(c->cuda.dev, &rr.map);
     p.remote.clear();
     closeFds(&p.fds);
