@@ -1,0 +1,35 @@
+// A host simulation of the internode high-throughput dispatch (INTERNODE.md §3, the dense-slot
+// mirror; the record and regions of net/ht_regions.h), step by step as the kernels will run it:
+// layout (per-rank positions, per-node dense lists), records staged at dense slots and landed at
+// the same slot on the rail peer, counts rows beside them, bases learned from the own node's
+// layouts and from the counts rows the node's rail peers hold, then placement (own-node tokens
+// direct, landed records forwarded to every rank of the node they name). Its outputs must equal
+// moe_ref::dispatch on every rank for any node count, which checks the protocol's arithmetic
+// (slots, positions, bases) on the CPU before a kernel exists, and it is the oracle the GPU tests
+// of the internode kernels will use for the per-stage contents. CPU only.
+#pragma once
+#include <stdint.h>
+#include <vector>
+#include "reference.h"
+
+namespace moe_net {
+
+struct HtSimDispatch {
+  std::vector<moe_ref::Received> recv;  // [R]: each rank's outputs, as moe_ref::dispatch
+  std::vector<long long> recordsOut;    // [R]: records staged (one per token and remote node)
+  std::vector<long long> recordsIn;     // [R]: records landed here (from rail peers)
+  std::vector<long long> forwarded;     // [R]: rows this rank stored into other ranks of its node
+                                        //      from landed records
+  std::vector<int> unfilled;            // [R]: output rows no step wrote (must be 0)
+  std::vector<int> misplaced;           // [R]: stores outside the rows or onto a written row
+                                        //      (must be 0; such a store is dropped)
+};
+
+// routing[s], xs[s] ([T][rowBytes]), scales[s] ([T][hidden/128] or empty) as moe_ref::dispatch;
+// the R ranks form R / gpusPerNode nodes of consecutive ranks.
+HtSimDispatch htSimulateDispatch(int gpusPerNode, const std::vector<moe_ref::Routing>& routing,
+                                 const std::vector<std::vector<uint8_t>>& xs,
+                                 const std::vector<std::vector<float>>& scales, int rowBytes,
+                                 int hidden, int numExperts);
+
+}  // namespace moe_net

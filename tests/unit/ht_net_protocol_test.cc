@@ -1,0 +1,124 @@
+// The internode high-throughput protocol, simulated on the CPU (testing/ht_net_protocol.h): on
+// every node count its outputs equal the single-domain reference (moe_ref::dispatch) on every
+// rank, no output row is left unwritten or written twice, and the records it stages and lands
+// are the traffic model's (testing/ht_net_model.h).
+#include <gtest/gtest.h>
+
+#include <stdint.h>
+#include <vector>
+
+#include "testing/ht_net_model.h"
+#include "testing/ht_net_protocol.h"
+#include "testing/reference.h"
+
+namespace {
+
+struct Case {
+  int R, E, K, hidden;
+  bool fp8;
+  int route;  // 0 random with -1s, 1 all to one remote node, 2 at most two nodes per token
+};
+
+uint64_t next(uint64_t* x) {
+  *x = *x * 6364136223846793005ull + 1442695040888963407ull;
+  return *x >> 17;
+}
+
+// Each rank's routing (rank 1 has no tokens), rows and scales.
+void makeInputs(const Case& c, int G, uint64_t seed, std::vector<moe_ref::Routing>* rt,
+                std::vector<std::vector<uint8_t>>* xs, std::vector<std::vector<float>>* scales) {
+  const int L = c.E / c.R, rowBytes = c.hidden * (c.fp8 ? 1 : 2);
+  uint64_t x = seed;
+  for (int s = 0; s < c.R; s++) {
+    const int T = s == 1 ? 0 : 5 + (int)(next(&x) % 40);
+    std::vector<std::vector<int64_t>> idx;
+    std::vector<std::vector<float>> w;
+    for (int t = 0; t < T; t++) {
+      std::vector<int64_t> row;
+      const int n0 = (int)(next(&x) % (c.R / G)), n1 = (int)(next(&x) % (c.R / G));
+      // Distinct experts from the case's pool; a pool smaller than K leaves -1s.
+      for (int draw = 0; draw < 64 * c.K && (int)row.size() < c.K; draw++) {
+        int64_t e = (int64_t)(next(&x) % c.E);
+        if (c.route == 1) e = (int64_t)((c.R / G - 1) * G * L + next(&x) % (G * L));  // the last node
+        if (c.route == 2) e = (int64_t)(((row.size() % 2 ? n1 : n0) * G) * L + next(&x) % (G * L));
+        bool dup = false;
+        for (int64_t f : row) dup |= f == e;
+        if (!dup) row.push_back(e);
+      }
+      while ((int)row.size() < c.K) row.push_back(-1);
+      if (c.route == 0 && next(&x) % 4 == 0) row[next(&x) % c.K] = -1;
+      idx.push_back(row);
+      std::vector<float> wr;
+      for (int k = 0; k < c.K; k++) wr.push_back((float)(next(&x) % 1000) / 997.0f);
+      w.push_back(wr);
+    }
+    rt->push_back(moe_ref::makeRouting(c.K, idx, w));
+    std::vector<uint8_t> rows((size_t)T * rowBytes);
+    for (uint8_t& b : rows) b = (uint8_t)next(&x);
+    xs->push_back(rows);
+    std::vector<float> sc;
+    if (c.fp8)
+      for (int i = 0; i < T * c.hidden / 128; i++) sc.push_back((float)(next(&x) % 100) / 7.0f);
+    scales->push_back(sc);
+  }
+}
+
+void checkCase(const Case& c, int G, uint64_t seed) {
+  std::vector<moe_ref::Routing> rt;
+  std::vector<std::vector<uint8_t>> xs;
+  std::vector<std::vector<float>> scales;
+  makeInputs(c, G, seed, &rt, &xs, &scales);
+  const int rowBytes = c.hidden * (c.fp8 ? 1 : 2);
+  const moe_net::HtSimDispatch sim = moe_net::htSimulateDispatch(G, rt, xs, scales, rowBytes, c.hidden, c.E);
+  moe_net::HtNetShape shape;
+  shape.nRanks = c.R;
+  shape.gpusPerNode = G;
+  shape.numExperts = c.E;
+  shape.hidden = c.hidden;
+  shape.topK = c.K;
+  shape.fp8 = c.fp8;
+  for (int d = 0; d < c.R; d++) {
+    SCOPED_TRACE(testing::Message() << c.R / G << " x " << G << ", route " << c.route << ", rank " << d);
+    const moe_ref::Received want = moe_ref::dispatch(d, rt, xs, scales, rowBytes, c.hidden, c.E);
+    const moe_ref::Received& got = sim.recv[d];
+    EXPECT_EQ(sim.unfilled[d], 0);
+    EXPECT_EQ(sim.misplaced[d], 0);
+    ASSERT_EQ(got.numRows, want.numRows);
+    EXPECT_EQ(got.srcRank, want.srcRank);
+    EXPECT_EQ(got.srcToken, want.srcToken);
+    EXPECT_EQ(got.x, want.x);
+    EXPECT_EQ(got.scales, want.scales);
+    EXPECT_EQ(got.topkIdx, want.topkIdx);
+    EXPECT_EQ(got.topkWeights, want.topkWeights);
+    EXPECT_EQ(got.expertCounts, want.expertCounts);
+    const moe_net::HtNetTraffic t = moe_net::htNetTraffic(shape, rt, d);
+    EXPECT_EQ(sim.recordsOut[d], t.recordsOut);
+    EXPECT_EQ(sim.recordsIn[d], t.recordsIn);
+    if (G == c.R) {
+      EXPECT_EQ(sim.recordsOut[d] + sim.recordsIn[d], 0);  // one node: no records
+    }
+  }
+}
+
+TEST(HtNetProtocol, OutputsEqualOneDomainOnEveryNodeCount) {
+  const Case cases[] = {{4, 16, 4, 256, false, 0}, {4, 16, 4, 256, true, 0}, {8, 32, 6, 128, false, 0},
+                        {8, 32, 8, 256, true, 1}, {8, 32, 4, 128, false, 2}, {8, 64, 8, 128, true, 2}};
+  uint64_t seed = 1;
+  for (const Case& c : cases)
+    for (int G = c.R; G >= 1; G /= 2) checkCase(c, G, seed++);
+}
+
+TEST(HtNetProtocol, AllToOneRemoteNodeLandsEverythingOnTheRailPeers) {
+  const Case c{8, 32, 4, 128, false, 1};  // 4 nodes x 2: every token's experts on node 3
+  std::vector<moe_ref::Routing> rt;
+  std::vector<std::vector<uint8_t>> xs;
+  std::vector<std::vector<float>> scales;
+  makeInputs(c, 2, 99, &rt, &xs, &scales);
+  const moe_net::HtSimDispatch sim = moe_net::htSimulateDispatch(2, rt, xs, scales, 256, 128, 32);
+  for (int s = 0; s < 6; s++) EXPECT_EQ(sim.recordsOut[s], rt[s].numTokens) << "rank " << s;  // once each
+  EXPECT_EQ(sim.recordsIn[6] + sim.recordsIn[7], rt[0].numTokens + rt[1].numTokens + rt[2].numTokens +
+                                                     rt[3].numTokens + rt[4].numTokens + rt[5].numTokens);
+  for (int f = 0; f < 6; f++) EXPECT_EQ(sim.recordsIn[f], 0) << "rank " << f;  // nodes 0-2 receive nothing
+}
+
+}  // namespace
