@@ -22,7 +22,74 @@ struct CountsRow {  // per (source, destination node): rows for each rank j of i
   int records = 0;
 };
 
+// a * b rounded to float, never fused with the next add (as moe_ref::combine).
+float product(float a, float b) {
+  volatile float p = a * b;
+  return p;
+}
+
 }  // namespace
+
+std::vector<std::vector<uint16_t>> htSimulateCombine(int G, const std::vector<moe_ref::Routing>& rt,
+                                                     const std::vector<std::vector<uint16_t>>& expertOut,
+                                                     int H, int E, bool weighted) {
+  const int R = (int)rt.size(), N = R / G, L = E / R, K = rt[0].topK;
+  auto node = [&](int r) { return r / G; };
+  // Rows: rank d's rows from source s start at base[d][s], in s's token order (the dispatch).
+  std::vector<std::vector<int>> base(R, std::vector<int>(R + 1, 0));
+  std::vector<std::vector<std::vector<int>>> row(R);  // [s][t][d]: row on d, -1 = none
+  for (int s = 0; s < R; s++) {
+    row[s].assign(rt[s].numTokens, std::vector<int>(R, -1));
+    std::vector<int> n(R, 0);
+    for (int t = 0; t < rt[s].numTokens; t++)
+      for (int d = 0; d < R; d++)
+        for (int k = 0; k < K; k++) {
+          const int64_t e = rt[s].topkIdx[(size_t)t * K + k];
+          if (e >= 0 && e < E && e / L == d) {
+            row[s][t][d] = n[d]++;
+            break;
+          }
+        }
+    for (int d = 0; d < R; d++) base[d][s + 1] = base[d][s] + n[d];
+  }
+  auto weightOn = [&](int s, int t, int d) {
+    if (!weighted) return 1.0f;
+    float w = 0.0f;
+    for (int k = 0; k < K; k++) {
+      const int64_t e = rt[s].topkIdx[(size_t)t * K + k];
+      if (e >= 0 && e < E && e / L == d) w += rt[s].topkWeights[(size_t)t * K + k];
+    }
+    return w;
+  };
+  // The FP32 sum over node b's ranks in rank order of token t of source s (false: none there).
+  auto nodeSum = [&](int s, int t, int b, std::vector<float>* acc) {
+    bool any = false;
+    std::fill(acc->begin(), acc->end(), 0.0f);
+    for (int d = b * G; d < (b + 1) * G; d++) {
+      if (row[s][t][d] < 0) continue;
+      any = true;
+      const float w = weightOn(s, t, d);
+      const uint16_t* y = expertOut[d].data() + (size_t)(base[d][s] + row[s][t][d]) * H;
+      for (int h = 0; h < H; h++) (*acc)[h] += product(w, moe_ref::bf16ToFloat(y[h]));
+    }
+    return any;
+  };
+  std::vector<std::vector<uint16_t>> out(R);
+  std::vector<float> acc(H), part(H);
+  for (int s = 0; s < R; s++) {
+    out[s].assign((size_t)rt[s].numTokens * H, 0);
+    for (int t = 0; t < rt[s].numTokens; t++) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int b = 0; b < N; b++) {
+        if (!nodeSum(s, t, b, &part)) continue;
+        for (int h = 0; h < H; h++)  // a remote node's partial comes back as BF16
+          acc[h] += b == node(s) ? part[h] : moe_ref::bf16ToFloat(moe_ref::floatToBf16(part[h]));
+      }
+      for (int h = 0; h < H; h++) out[s][(size_t)t * H + h] = moe_ref::floatToBf16(acc[h]);
+    }
+  }
+  return out;
+}
 
 HtSimDispatch htSimulateDispatch(int G, const std::vector<moe_ref::Routing>& rt,
                                  const std::vector<std::vector<uint8_t>>& xs,

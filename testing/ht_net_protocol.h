@@ -32,4 +32,17 @@ HtSimDispatch htSimulateDispatch(int gpusPerNode, const std::vector<moe_ref::Rou
                                  const std::vector<std::vector<float>>& scales, int rowBytes,
                                  int hidden, int numExperts);
 
+// The combine mirror and its rounding contract. expertOut[r]: rank r's BF16 rows [rows][H] in
+// its dispatch order (moe_ref::dispatch's). For source s and token t: on each remote node B that
+// t went to, s's rail peer there sums the rows of B's ranks in rank order, each w(t, r) * y in
+// FP32 (w as moe_ref::combine: the sum of t's weights on r, or 1), rounds the sum to BF16 once
+// and returns it at t's slot; s then accumulates over nodes in node order, in FP32, its own
+// node's rank-ordered FP32 sum (not rounded) or the remote node's BF16 partial, and rounds once.
+// On one node this is moe_ref::combine bit for bit; across nodes it adds one BF16 rounding per
+// remote node and regroups the FP32 sum by node. Returns [R][T][H] BF16.
+std::vector<std::vector<uint16_t>> htSimulateCombine(int gpusPerNode,
+                                                     const std::vector<moe_ref::Routing>& routing,
+                                                     const std::vector<std::vector<uint16_t>>& expertOut,
+                                                     int hidden, int numExperts, bool weighted);
+
 }  // namespace moe_net

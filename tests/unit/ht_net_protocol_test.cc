@@ -4,6 +4,7 @@
 // are the traffic model's (testing/ht_net_model.h).
 #include <gtest/gtest.h>
 
+#include <math.h>
 #include <stdint.h>
 #include <vector>
 
@@ -119,6 +120,63 @@ TEST(HtNetProtocol, AllToOneRemoteNodeLandsEverythingOnTheRailPeers) {
   EXPECT_EQ(sim.recordsIn[6] + sim.recordsIn[7], rt[0].numTokens + rt[1].numTokens + rt[2].numTokens +
                                                      rt[3].numTokens + rt[4].numTokens + rt[5].numTokens);
   for (int f = 0; f < 6; f++) EXPECT_EQ(sim.recordsIn[f], 0) << "rank " << f;  // nodes 0-2 receive nothing
+}
+
+// Expert outputs: each rank's BF16 rows [rows][H] in its dispatch order, values in [-1, 1].
+std::vector<std::vector<uint16_t>> expertOutputs(const Case& c, const std::vector<moe_ref::Routing>& rt,
+                                                 const std::vector<std::vector<uint8_t>>& xs,
+                                                 const std::vector<std::vector<float>>& scales, uint64_t seed) {
+  std::vector<std::vector<uint16_t>> y;
+  uint64_t x = seed;
+  for (int d = 0; d < c.R; d++) {
+    const moe_ref::Received r = moe_ref::dispatch(d, rt, xs, scales, c.hidden * (c.fp8 ? 1 : 2), c.hidden, c.E);
+    std::vector<uint16_t> rows((size_t)r.numRows * c.hidden);
+    for (uint16_t& v : rows) v = moe_ref::floatToBf16((float)((int)(next(&x) % 2001) - 1000) / 1000.0f);
+    y.push_back(rows);
+  }
+  return y;
+}
+
+// The combine contract: bit for bit moe_ref::combine on one node and wherever a token's ranks are
+// all on one node; elsewhere within one BF16 rounding per remote node of it.
+TEST(HtNetProtocol, CombineRoundsOncePerRemoteNode) {
+  const Case cases[] = {{8, 32, 8, 128, false, 0}, {8, 32, 4, 128, false, 1}, {8, 32, 4, 128, false, 2}};
+  uint64_t seed = 500;
+  for (const Case& c : cases)
+    for (int G = c.R; G >= 1; G /= 2)
+      for (bool weighted : {false, true}) {
+        SCOPED_TRACE(testing::Message() << c.R / G << " x " << G << ", route " << c.route << ", weighted " << weighted);
+        std::vector<moe_ref::Routing> rt;
+        std::vector<std::vector<uint8_t>> xs;
+        std::vector<std::vector<float>> scales;
+        makeInputs(c, G, seed++, &rt, &xs, &scales);
+        const std::vector<std::vector<uint16_t>> y = expertOutputs(c, rt, xs, scales, seed++);
+        const std::vector<std::vector<uint16_t>> got = moe_net::htSimulateCombine(G, rt, y, c.hidden, c.E, weighted);
+        for (int s = 0; s < c.R; s++) {
+          const std::vector<uint16_t> want = moe_ref::combine(s, rt, y, c.hidden, c.E, weighted);
+          ASSERT_EQ(got[s].size(), want.size());
+          for (int t = 0; t < rt[s].numTokens; t++) {
+            // Nodes token t went to: one node (or the own node only) means no regrouping.
+            std::vector<char> nodes(c.R / G, 0);
+            for (int k = 0; k < c.K; k++) {
+              const int64_t e = rt[s].topkIdx[(size_t)t * c.K + k];
+              if (e >= 0) nodes[(e / (c.E / c.R)) / G] = 1;
+            }
+            int count = 0;
+            for (char n : nodes) count += n;
+            for (int h = 0; h < c.hidden; h++) {
+              const size_t i = (size_t)t * c.hidden + h;
+              const float a = moe_ref::bf16ToFloat(got[s][i]), b = moe_ref::bf16ToFloat(want[i]);
+              if (count <= 1) {
+                ASSERT_EQ(got[s][i], want[i]) << "rank " << s << " token " << t << " channel " << h;
+              } else {
+                // Each partial's BF16 rounding (2^-9 relative) and the final one; |w * y| <= K.
+                ASSERT_LE(std::fabs(a - b), (count + 1) * (float)c.K / 256.0f) << "rank " << s << " token " << t;
+              }
+            }
+          }
+        }
+      }
 }
 
 }  // namespace
