@@ -5,9 +5,12 @@ Megatron's _DeepepManager calls three names that megatron/core/transformer/moe/t
 imports from fused_a2a.py: fused_dispatch, fused_combine and set_deepep_num_sms (it refuses to
 start when fused_dispatch is None, i.e. DeepEP is absent). patch() rebinds those names in both
 modules to the functions below, which keep Megatron's signatures and return shapes, and replaces
-_DeepepManager._indices_to_multihot (the step after dispatch that turns the received top-k ids
-into Megatron's multi-hot map) with indices_to_multihot: same values and gradients, no host
-synchronisation.
+_DeepepManager's step after dispatch: get_permuted_hidden_states_by_experts (multi-hot map, then
+an argsort permute) by permute_by_experts (one stable argsort of the received top-k ids) and
+get_restored_hidden_states_by_experts by restore_by_experts — same order, values and gradients
+in fewer operations, no host synchronisation — and, where Megatron's own permute still runs
+(fused permute or routing-map padding configured), _indices_to_multihot by indices_to_multihot
+(no host synchronisation).
 
 fused_dispatch / fused_combine are torch.autograd.Function pairs (nccl_moe.torch.autograd, as
 Megatron's FusedDispatch / FusedCombine; not the torch.library custom ops, whose dispatcher and
@@ -35,6 +38,8 @@ _BUFFERS: Dict[tuple, object] = {}     # (group, hidden, experts, top-k) -> Buff
 _BY_GROUP: Dict[tuple, object] = {}    # (group, hidden) -> that Buffer, for fused_combine
 _max_tokens_per_rank: Optional[int] = None
 _megatron_multihot = None              # Megatron's _DeepepManager._indices_to_multihot, once patched
+_megatron_permute = None               # Megatron's get_permuted_hidden_states_by_experts, once patched
+_megatron_restore = None               # Megatron's get_restored_hidden_states_by_experts, once patched
 _Dispatch = _Combine = None            # nccl_moe.torch.autograd's Functions, imported by _buffer
 
 
@@ -107,6 +112,47 @@ def indices_to_multihot(manager, indices, probs):
     return routing[:, :local].contiguous(), dense[:, :local].contiguous()
 
 
+def permute_by_experts(manager, hidden_states):
+    """_DeepepManager.get_permuted_hidden_states_by_experts in fewer operations, for patch().
+
+    hidden_states [rows][H] as fused_dispatch delivered them; manager.dispatched_indices [rows][K]
+    int64 (local expert ids, -1 = none, distinct per row), dispatched_probs [rows][K] FP32,
+    tokens_per_expert [L] int64 on the CPU. Returns (rows grouped by local expert, each expert's
+    rows in received order [n][H], their probabilities [n]) with n = sum(tokens_per_expert): the
+    order, values and gradients of Megatron's multi-hot map + argsort permute, from one stable
+    argsort over the [rows][K] ids instead (no multi-hot map, a K-wide sort instead of an L-wide
+    one). Sets what Megatron's restore reads (here: restore_by_experts). With Megatron's fused
+    permute or routing-map padding configured, Megatron's own method runs instead."""
+    import torch
+
+    if manager.permute_fusion or manager.config.moe_router_padding_for_quantization:
+        return _megatron_permute(manager, hidden_states)
+    indices, probs = manager.dispatched_indices, manager.dispatched_probs
+    rows, topk = indices.shape
+    keys = torch.where(indices >= 0, indices, manager.num_local_experts).view(-1)  # -1 sorts last
+    order = torch.argsort(keys, stable=True)[:int(manager.tokens_per_expert.sum())]
+    token = torch.div(order, topk, rounding_mode="floor")
+    manager.hidden_shape_before_permute = hidden_states.shape
+    manager.reversed_mapping_for_combine = token
+    manager.pad_offsets = None
+    permuted_probs = probs.reshape(-1).index_select(0, order)
+    if manager.router_dtype == "fp64":
+        permuted_probs = permuted_probs.to(torch.float64)
+    return hidden_states.index_select(0, token), permuted_probs
+
+
+def restore_by_experts(manager, hidden_states):
+    """_DeepepManager.get_restored_hidden_states_by_experts after permute_by_experts: Megatron's
+    unpermute (sum of each row's expert outputs back into its place, no probabilities) over the
+    row of every permuted entry; Megatron's own method after its own permute."""
+    if manager.permute_fusion or manager.config.moe_router_padding_for_quantization:
+        return _megatron_restore(manager, hidden_states)
+    from megatron.core.transformer.moe.moe_utils import unpermute
+
+    return unpermute(hidden_states, manager.reversed_mapping_for_combine,
+                     restore_shape=manager.hidden_shape_before_permute)
+
+
 def set_deepep_num_sms(num_sms: int) -> None:
     """Megatron's set_deepep_num_sms: CTAs per HT kernel for Buffers created afterwards."""
     from .torch import Buffer
@@ -123,12 +169,16 @@ def destroy() -> None:
     _BY_GROUP.clear()
 
 
-def patch(max_tokens_per_rank: Optional[int] = None, sync_free_multihot: bool = True) -> None:
+def patch(max_tokens_per_rank: Optional[int] = None, sync_free_multihot: bool = True,
+          direct_permute: bool = True) -> None:
     """Rebinds megatron-core's DeepEP entry points to nccl-moe (idempotent). Call it before the
     model is built. max_tokens_per_rank: fixes the Buffers' token bound (default: measured).
     sync_free_multihot: _DeepepManager._indices_to_multihot becomes indices_to_multihot (True) or
-    stays / becomes Megatron's own again (False; for A/B timing)."""
-    global _max_tokens_per_rank, _megatron_multihot
+    stays / becomes Megatron's own again (False). direct_permute: the manager's
+    get_permuted / get_restored_hidden_states_by_experts become permute_by_experts /
+    restore_by_experts (True; no multi-hot map at all) or Megatron's own (False). Both False:
+    Megatron's path unchanged after fused_dispatch (for A/B timing)."""
+    global _max_tokens_per_rank, _megatron_multihot, _megatron_permute, _megatron_restore
     from megatron.core.transformer.moe import fused_a2a, token_dispatcher
 
     _max_tokens_per_rank = max_tokens_per_rank
@@ -140,4 +190,8 @@ def patch(max_tokens_per_rank: Optional[int] = None, sync_free_multihot: bool = 
     manager = token_dispatcher._DeepepManager
     if _megatron_multihot is None:
         _megatron_multihot = manager._indices_to_multihot
+        _megatron_permute = manager.get_permuted_hidden_states_by_experts
+        _megatron_restore = manager.get_restored_hidden_states_by_experts
     manager._indices_to_multihot = indices_to_multihot if sync_free_multihot else _megatron_multihot
+    manager.get_permuted_hidden_states_by_experts = permute_by_experts if direct_permute else _megatron_permute
+    manager.get_restored_hidden_states_by_experts = restore_by_experts if direct_permute else _megatron_restore

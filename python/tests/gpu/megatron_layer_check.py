@@ -26,7 +26,8 @@ a = alltoall, b = flex (worst over the ranks). Rank 0 prints "PASS <name> ..." /
 "ALL PASSED" at the end, and "TIME alltoall <ms> flex-nccl_moe <ms>" (forward + backward: per
 measurement the mean of MOE_MEGATRON_ITERS (10) steps after 3 warm-up, max over ranks; the median
 of MOE_MEGATRON_ROUNDS (1) measurements taken in turn with the other dispatchers); flex is also
-timed with Megatron's own _indices_to_multihot put back (patch(sync_free_multihot=False)), and
+timed with Megatron's own steps after the dispatch put back (its multi-hot map and permute:
+patch(sync_free_multihot=False, direct_permute=False)), and
 every timing prints the host's time per step and per library call. Any failure: non-zero exit on
 every rank.
 MOE_PROFILE_DIR=<dir>: also one profiled step per dispatcher (operator tables on rank 0, Chrome
@@ -273,15 +274,15 @@ def main():
     guarded("profile flex-nccl_moe", profile, "flex_nccl_moe", layer_b, xb, g)
 
     # Timing, ROUNDS times in turn (a machine's state drifts within a lease): alltoall, flex on
-    # nccl-moe, and the same flex layer with Megatron's own _indices_to_multihot (six host
-    # synchronisations) as an A/B. Each value: the slowest rank's mean ms per step.
+    # nccl-moe, and the same flex layer with Megatron's own multi-hot map (six host
+    # synchronisations) and permute as an A/B. Each value: the slowest rank's mean ms per step.
     import nccl_moe.megatron as nm
     ms_a, ms_b, ms_c = [], [], []
     for _ in range(ROUNDS):
         ms_a.append(max(guarded("time alltoall", time_ms, layer_a, xa, g)))
         ms_b.append(max(guarded("time flex-nccl_moe", time_ms, layer_b, xb, g)))
-        nm.patch(max_tokens_per_rank=S * B, sync_free_multihot=False)
-        ms_c.append(max(guarded("time flex-nccl_moe, Megatron's multihot", time_ms, layer_b, xb, g)))
+        nm.patch(max_tokens_per_rank=S * B, sync_free_multihot=False, direct_permute=False)
+        ms_c.append(max(guarded("time flex-nccl_moe, Megatron's permute", time_ms, layer_b, xb, g)))
         nm.patch(max_tokens_per_rank=S * B)
 
     # Compare: output, input gradient, every parameter gradient (router and 32 local experts).
@@ -300,7 +301,7 @@ def main():
     med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
     say(f"# ms per forward+backward (slowest rank), {ROUNDS} round(s) of {ITERS} steps: alltoall "
         f"{[round(t, 3) for t in ms_a]}, flex-nccl_moe {[round(t, 3) for t in ms_b]}, with Megatron's "
-        f"multihot {[round(t, 3) for t in ms_c]}")
+        f"multihot and permute {[round(t, 3) for t in ms_c]}")
     say(f"TIME alltoall {med(ms_a):.3f} flex-nccl_moe {med(ms_b):.3f} (medians)")
 
     torch.cuda.synchronize()
