@@ -1,5 +1,5 @@
-// A host simulation of the internode high-throughput dispatch (INTERNODE.md §3, the dense-slot
-// mirror; the record and regions of net/ht_regions.h), step by step as the kernels will run it:
+// A host simulation of the internode high-throughput dispatch and combine (INTERNODE.md §3, the
+// dense-slot mirror; the record and regions of net/ht_regions.h), step by step as the kernels will run it:
 // layout (per-rank positions, per-node dense lists), records staged at dense slots and landed at
 // the same slot on the rail peer, counts rows beside them, bases learned from the own node's
 // layouts and from the counts rows the node's rail peers hold, then placement (own-node tokens
@@ -32,11 +32,12 @@ HtSimDispatch htSimulateDispatch(int gpusPerNode, const std::vector<moe_ref::Rou
                                  const std::vector<std::vector<float>>& scales, int rowBytes,
                                  int hidden, int numExperts);
 
-// The combine mirror and its rounding contract. expertOut[r]: rank r's BF16 rows [rows][H] in
-// its dispatch order (moe_ref::dispatch's). For source s and token t: on each remote node B that
-// t went to, s's rail peer there sums the rows of B's ranks in rank order, each w(t, r) * y in
-// FP32 (w as moe_ref::combine: the sum of t's weights on r, or 1), rounds the sum to BF16 once
-// and returns it at t's slot; s then accumulates over nodes in node order, in FP32, its own
+// The combine mirror and its rounding contract, through the dispatch's landed records and slots.
+// expertOut[r]: rank r's BF16 rows [rows][H] in its dispatch order (moe_ref::dispatch's). For
+// source s and token t: on each remote node B that t went to, s's rail peer there, from the record
+// landed at t's slot (its pos[] and top-k weights), sums the rows of B's ranks in rank order, each
+// w(t, r) * y in FP32 (w as moe_ref::combine: the sum of t's weights on r, or 1), rounds the sum
+// to BF16 once and puts it back at the same slot of s's landing region for B; s then accumulates over nodes in node order, in FP32, its own
 // node's rank-ordered FP32 sum (not rounded) or the remote node's BF16 partial, and rounds once.
 // On one node this is moe_ref::combine bit for bit; across nodes it adds one BF16 rounding per
 // remote node and regroups the FP32 sum by node. Returns [R][T][H] BF16.
