@@ -1,9 +1,9 @@
 // A host simulation of the internode high-throughput dispatch and combine (INTERNODE.md §3, the
-// dense-slot mirror; the record and regions of net/ht_regions.h), step by step as the kernels will run it:
-// layout (per-rank positions, per-node dense lists), records staged at dense slots and landed at
-// the same slot on the rail peer, counts rows beside them, bases learned from the own node's
-// layouts and from the counts rows the node's rail peers hold, then placement (own-node tokens
-// direct, landed records forwarded to every rank of the node they name). Its outputs must equal
+// dense-slot mirror; the record and regions of net/ht_regions.h), step by step as the kernels
+// will run it: layout (per-rank positions, per-node dense lists), records staged at dense slots
+// and landed at the same slot on the rail peer, counts rows beside them, bases learned from the
+// own node's layouts and from the counts rows the node's rail peers hold, then placement
+// (own-node tokens direct, landed records forwarded to every rank of the node they name). Its outputs must equal
 // moe_ref::dispatch on every rank for any node count, which checks the protocol's arithmetic
 // (slots, positions, bases) on the CPU before a kernel exists, and it is the oracle the GPU tests
 // of the internode kernels will use for the per-stage contents. CPU only.
