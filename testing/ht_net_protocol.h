@@ -3,10 +3,10 @@
 // will run it: layout (per-rank positions, per-node dense lists), records staged at dense slots
 // and landed at the same slot on the rail peer, counts rows beside them, bases learned from the
 // own node's layouts and from the counts rows the node's rail peers hold, then placement
-// (own-node tokens direct, landed records forwarded to every rank of the node they name). Its outputs must equal
-// moe_ref::dispatch on every rank for any node count, which checks the protocol's arithmetic
-// (slots, positions, bases) on the CPU before a kernel exists, and it is the oracle the GPU tests
-// of the internode kernels will use for the per-stage contents. CPU only.
+// (own-node tokens direct, landed records forwarded to every rank of the node they name). Its
+// outputs must equal moe_ref::dispatch on every rank for any node count, which checks the
+// protocol's arithmetic (slots, positions, bases) on the CPU before a kernel exists, and it is the
+// oracle the GPU tests of the internode kernels will use for the per-stage contents. CPU only.
 #pragma once
 #include <stdint.h>
 #include <vector>
@@ -37,8 +37,9 @@ HtSimDispatch htSimulateDispatch(int gpusPerNode, const std::vector<moe_ref::Rou
 // source s and token t: on each remote node B that t went to, s's rail peer there, from the record
 // landed at t's slot (its pos[] and top-k weights), sums the rows of B's ranks in rank order, each
 // w(t, r) * y in FP32 (w as moe_ref::combine: the sum of t's weights on r, or 1), rounds the sum
-// to BF16 once and puts it back at the same slot of s's landing region for B; s then accumulates over nodes in node order, in FP32, its own
-// node's rank-ordered FP32 sum (not rounded) or the remote node's BF16 partial, and rounds once.
+// to BF16 once and puts it back at the same slot of s's landing region for B; s then accumulates
+// over nodes in node order, in FP32, its own node's rank-ordered FP32 sum (not rounded) or the
+// remote node's BF16 partial, and rounds once.
 // On one node this is moe_ref::combine bit for bit; across nodes it adds one BF16 rounding per
 // remote node and regroups the FP32 sum by node. Returns [R][T][H] BF16.
 std::vector<std::vector<uint16_t>> htSimulateCombine(int gpusPerNode,
