@@ -18,14 +18,13 @@ std::string pluginHopLine(const moeloopStats_t& before, const moeloopStats_t& af
   const unsigned long long sent = after.hopSentPuts - before.hopSentPuts;
   const unsigned long long recv = after.hopRecvPuts - before.hopRecvPuts;
   if (sent == 0 && recv == 0) return "";
-  auto per = [](unsigned long long ns, unsigned long long n) { return n ? ns * 1e-3 / n : 0.0; };
+  double h[5];
+  moeloopHopAverages(&before, &after, h);
   char line[320];
   snprintf(line, sizeof(line),
            "#   plugin hops (rank 0): %llu puts sent, per put queue %.1f copy %.1f release %.1f us; "
            "%llu applied, per put wire %.1f apply %.1f us\n",
-           sent, per(after.hopQueueNs - before.hopQueueNs, sent), per(after.hopCopyNs - before.hopCopyNs, sent),
-           per(after.hopReleaseNs - before.hopReleaseNs, sent), recv,
-           per(after.hopWireNs - before.hopWireNs, recv), per(after.hopApplyNs - before.hopApplyNs, recv));
+           sent, h[0], h[1], h[2], recv, h[3], h[4]);
   return line;
 }
 

@@ -38,6 +38,19 @@ typedef struct {
   uint64_t hopRecvPuts, hopWireNs, hopApplyNs;
 } moeloopStats_t;
 
+// The hops between two snapshots of the counters, in microseconds per put: out[0..2] = queue,
+// copy, release per put sent, out[3..4] = wire, apply per put applied; -1 where no put was timed.
+static inline void moeloopHopAverages(const moeloopStats_t* before, const moeloopStats_t* after,
+                                      double out[5]) {
+  const uint64_t sent = after->hopSentPuts - before->hopSentPuts;
+  const uint64_t recv = after->hopRecvPuts - before->hopRecvPuts;
+  out[0] = sent ? (double)(after->hopQueueNs - before->hopQueueNs) * 1e-3 / (double)sent : -1;
+  out[1] = sent ? (double)(after->hopCopyNs - before->hopCopyNs) * 1e-3 / (double)sent : -1;
+  out[2] = sent ? (double)(after->hopReleaseNs - before->hopReleaseNs) * 1e-3 / (double)sent : -1;
+  out[3] = recv ? (double)(after->hopWireNs - before->hopWireNs) * 1e-3 / (double)recv : -1;
+  out[4] = recv ? (double)(after->hopApplyNs - before->hopApplyNs) * 1e-3 / (double)recv : -1;
+}
+
 // Copies min(outSize, sizeof(moeloopStats_t)) bytes of the process-wide counters to `out`.
 // Returns the number of bytes copied.
 size_t moeloopGetStats(moeloopStats_t* out, size_t outSize);

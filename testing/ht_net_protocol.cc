@@ -27,6 +27,7 @@ struct CountsRow {  // per (source, destination node): rows for each rank j of i
 // beside them and every rank's bases.
 struct Plan {
   int R, G, N, L, K;
+  bool withScales, withWeights;  // some rank has FP8 scales / top-k weights
   std::vector<std::vector<std::vector<int>>> sendPos;  // [s][t][d]: index among s's rows for d, -1
   std::vector<std::vector<int>> cnt;                   // [s][d]
   std::vector<std::vector<std::vector<int>>> list;     // [s][B]: slot -> token, remote nodes B
@@ -48,9 +49,10 @@ Plan makePlan(int G, const std::vector<moe_ref::Routing>& rt, const std::vector<
   p.K = rt[0].topK;
   const int R = p.R, N = p.N, L = p.L, K = p.K;
   assert(R % G == 0 && E % R == 0);
-  bool withScales = false, withWeights = false;
-  for (const std::vector<float>& sc : scales) withScales |= !sc.empty();
-  for (const moe_ref::Routing& r : rt) withWeights |= !r.topkWeights.empty();
+  p.withScales = p.withWeights = false;
+  for (const std::vector<float>& sc : scales) p.withScales |= !sc.empty();
+  for (const moe_ref::Routing& r : rt) p.withWeights |= !r.topkWeights.empty();
+  const bool withScales = p.withScales, withWeights = p.withWeights;
   auto idx = [&](const moe_ref::Routing& r, int t, int k) { return r.topkIdx[(size_t)t * K + k]; };
 
   // 1. Layout on each source s.
@@ -130,9 +132,7 @@ HtSimDispatch htSimulateDispatch(int G, const std::vector<moe_ref::Routing>& rt,
   const int groups = hidden / 128;
   const Plan p = makePlan(G, rt, xs, scales, rowBytes, groups, E);
   const int R = p.R, N = p.N, L = p.L, K = p.K;
-  bool withScales = false, withWeights = false;
-  for (const std::vector<float>& sc : scales) withScales |= !sc.empty();
-  for (const moe_ref::Routing& r : rt) withWeights |= !r.topkWeights.empty();
+  const bool withScales = p.withScales, withWeights = p.withWeights;
 
   HtSimDispatch out;
   out.recordsOut.assign(R, 0);

@@ -112,6 +112,11 @@ def indices_to_multihot(manager, indices, probs):
     return routing[:, :local].contiguous(), dense[:, :local].contiguous()
 
 
+def _megatrons_permute_configured(manager) -> bool:
+    """Megatron's fused permute or routing-map padding: its own permute and restore then run."""
+    return bool(manager.permute_fusion or manager.config.moe_router_padding_for_quantization)
+
+
 def permute_by_experts(manager, hidden_states):
     """_DeepepManager.get_permuted_hidden_states_by_experts in fewer operations, for patch().
 
@@ -125,7 +130,7 @@ def permute_by_experts(manager, hidden_states):
     permute or routing-map padding configured, Megatron's own method runs instead."""
     import torch
 
-    if manager.permute_fusion or manager.config.moe_router_padding_for_quantization:
+    if _megatrons_permute_configured(manager):
         return _megatron_permute(manager, hidden_states)
     indices, probs = manager.dispatched_indices, manager.dispatched_probs
     rows, topk = indices.shape
@@ -145,7 +150,7 @@ def restore_by_experts(manager, hidden_states):
     """_DeepepManager.get_restored_hidden_states_by_experts after permute_by_experts: Megatron's
     unpermute (sum of each row's expert outputs back into its place, no probabilities) over the
     row of every permuted entry; Megatron's own method after its own permute."""
-    if manager.permute_fusion or manager.config.moe_router_padding_for_quantization:
+    if _megatrons_permute_configured(manager):
         return _megatron_restore(manager, hidden_states)
     from megatron.core.transformer.moe.moe_utils import unpermute
 

@@ -4,7 +4,6 @@
 // an 8-byte put before: see roundKernel) and a signal-only SignalInc to every other rank, and waits
 // for its signals; every byte is checked on the GPU and again on the host. Also a bulk put for the
 // bandwidth measurement and a signal-only ping-pong for the GIN signal round-trip time.
-#include <cmath>
 #include <dlfcn.h>
 #include <nccl.h>
 #include <nccl_device.h>
@@ -333,24 +332,6 @@ bool bulkBandwidth(const RankInfo& r, ncclComm_t comm, const ncclDevComm& dc, nc
   return barrier(r);
 }
 
-// out[0..4] = per-put us of the hops between two snapshots of the plugin's counters: queue, copy,
-// release (as sender), wire, apply (as target); NaN where no put was timed or before is NULL.
-void recordHops(const moeloopStats_t* before, const moeloopStats_t* after, double* out) {
-  for (int i = 0; i < 5; i++) out[i] = NAN;
-  if (before == nullptr) return;
-  const uint64_t sent = after->hopSentPuts - before->hopSentPuts;
-  const uint64_t recv = after->hopRecvPuts - before->hopRecvPuts;
-  if (sent > 0) {
-    out[0] = (after->hopQueueNs - before->hopQueueNs) * 1e-3 / sent;
-    out[1] = (after->hopCopyNs - before->hopCopyNs) * 1e-3 / sent;
-    out[2] = (after->hopReleaseNs - before->hopReleaseNs) * 1e-3 / sent;
-  }
-  if (recv > 0) {
-    out[3] = (after->hopWireNs - before->hopWireNs) * 1e-3 / recv;
-    out[4] = (after->hopApplyNs - before->hopApplyNs) * 1e-3 / recv;
-  }
-}
-
 // Rank 0 and the first rank of node B bounce a signal-only SignalInc kPingIters times (after a
 // warm-up of the same length); rank 0 reports the mean round trip.
 bool signalRoundTrip(const RankInfo& r, ncclComm_t comm, const ncclDevComm& dc, cudaStream_t s,
@@ -376,7 +357,12 @@ bool signalRoundTrip(const RankInfo& r, ncclComm_t comm, const ncclDevComm& dc, 
         PT_CUDA(cudaMemcpy(&ns, dElapsed, sizeof(ns), cudaMemcpyDeviceToHost));
         r.shared->ginSignalRttUs[slot] = (double)ns / kPingIters * 1e-3;
         hops = hops && readPluginStats(&hopsAfter);
-        recordHops(hops ? &hopsBefore : nullptr, &hopsAfter, r.shared->ginHopUs[slot]);
+        double* out = r.shared->ginHopUs[slot];
+        if (hops) {
+          moeloopHopAverages(&hopsBefore, &hopsAfter, out);
+        } else {
+          for (int i = 0; i < 5; i++) out[i] = -1;
+        }
       }
     }
   }

@@ -35,7 +35,7 @@ struct Shared {
   double ginSignalRttUs[kSlots];
   double ginCopiedShare[kSlots];
   // Where rank 0's measured ping-pong time went inside the plugin (moeloopStats_t hops), in us
-  // per put: as sender (queue, copy, release), as target (wire, apply); NaN when not measured.
+  // per put: as sender (queue, copy, release), as target (wire, apply); -1 when not measured.
   double ginHopUs[kSlots][5];
 };
 

@@ -9,7 +9,7 @@
 #include "config_fixture.h"
 #include "error_message_match.h"
 #include "net/ht_regions.h"
-#include "net/node_map.h"
+#include "node_map_fixture.h"
 #include "testing/ht_net_model.h"
 #include "testing/reference.h"
 
@@ -17,13 +17,7 @@ using namespace nccl_moe;
 
 namespace {
 
-NodeMap mapOf(int nNodes, int G) {
-  std::vector<RankPlacement> p;
-  for (int r = 0; r < nNodes * G; ++r) p.push_back(RankPlacement{(uint64_t)(r / G + 1), r % G, G});
-  NodeMap m;
-  EXPECT_EQ(buildNodeMap(p.data(), (int)p.size(), &m), ncclSuccess) << ncclMoeGetLastError();
-  return m;
-}
+using node_map_fixture::mapOf;
 
 ncclMoeConfig_t resolved(int R, int hidden, int topK, ncclMoeDtype_t dtype) {
   ncclMoeConfig_t c = config_fixture::goodConfig(), r;

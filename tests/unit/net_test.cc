@@ -14,17 +14,14 @@
 #include "net/gin_setup.h"
 #include "net/node_map.h"
 #include "net/regions.h"
+#include "node_map_fixture.h"
 
 using namespace nccl_moe;
 
 namespace {
 
-// nNodes x G ranks in node order: host key n + 1, LSA rank r % G of G.
-std::vector<RankPlacement> placement(int nNodes, int G) {
-  std::vector<RankPlacement> p;
-  for (int r = 0; r < nNodes * G; ++r) p.push_back(RankPlacement{(uint64_t)(r / G + 1), r % G, G});
-  return p;
-}
+using node_map_fixture::mapOf;
+using node_map_fixture::placement;
 
 // Expects buildNodeMap to fail with ncclInvalidUsage and a message containing every word.
 void expectRejected(const std::vector<RankPlacement>& p, std::vector<std::string> words) {
@@ -42,13 +39,6 @@ ncclMoeConfig_t llConfig() {
   c.dispatchDtype = ncclMoeFp8E4m3;
   c.numBufferSlots = 2;
   return c;
-}
-
-NodeMap mapOf(int nNodes, int G) {
-  NodeMap m;
-  const std::vector<RankPlacement> p = placement(nNodes, G);
-  EXPECT_EQ(buildNodeMap(p.data(), (int)p.size(), &m), ncclSuccess) << ncclMoeGetLastError();
-  return m;
 }
 
 }  // namespace
