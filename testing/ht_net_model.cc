@@ -17,15 +17,23 @@ size_t htRecordBytes(const HtNetShape& s) {
   return align16(data + row + scales);
 }
 
-size_t htCountsRowBytes(const HtNetShape& s) { return align16(4 * ((size_t)s.gpusPerNode + 1)); }
+size_t htCountsRowBytes(const HtNetShape& s) {
+  const size_t L = s.nRanks > 0 ? (size_t)(s.numExperts / s.nRanks) : 0;
+  return align16(4 * ((size_t)s.nRanks + 1 + (size_t)s.gpusPerNode * L));
+}
 
 HtNetTraffic htNetTraffic(const HtNetShape& s, const std::vector<moe_ref::Routing>& rt, int me) {
   const int R = s.nRanks, G = s.gpusPerNode, N = R / G, L = s.numExperts / R;
   const int myNode = me / G, myIndex = me % G;
-  const double record = (double)htRecordBytes(s), partial = 2.0 * s.hidden;
+  const double record = (double)htRecordBytes(s), counts = (double)htCountsRowBytes(s);
+  const double partial = 2.0 * s.hidden, weights = s.weightedCombine ? 4.0 * G : 0.0;
   const double row = (double)s.hidden * (s.fp8 ? 1 : 2) + (s.fp8 ? s.hidden / 128 * 4.0 : 0.0);
   HtNetTraffic t;
-  t.dispatchRdmaOut = t.dispatchRdmaIn = (double)(N - 1) * (double)htCountsRowBytes(s);
+  t.dispatchOutTo.assign(R, 0.0);
+  t.combineOutTo.assign(R, 0.0);
+  for (int b = 0; b < N; b++)
+    if (b != myNode) t.dispatchOutTo[b * G + myIndex] += counts;
+  t.dispatchRdmaOut = t.dispatchRdmaIn = (double)(N - 1) * counts;
   std::vector<char> ranks(R);
   for (int src = 0; src < R; src++) {
     const moe_ref::Routing& ro = rt[src];
@@ -49,12 +57,17 @@ HtNetTraffic htNetTraffic(const HtNetShape& s, const std::vector<moe_ref::Routin
           for (int j = b * G; j < (b + 1) * G; j++) needs = needs || ranks[j];
           if (!needs) continue;
           t.dispatchRdmaOut += record;
+          t.dispatchOutTo[b * G + myIndex] += record;
+          t.combineRdmaOut += weights;  // the combine weights go out with the record's slot
+          t.combineOutTo[b * G + myIndex] += weights;
           t.combineRdmaIn += partial;
           t.recordsOut++;
         }
       } else if (needsMyNode) {  // a rail peer's record: lands here, is forwarded, returns a partial
         t.dispatchRdmaIn += record;
+        t.combineRdmaIn += weights;
         t.combineRdmaOut += partial;
+        t.combineOutTo[src] += partial;
         t.recordsIn++;
       } else {
         continue;

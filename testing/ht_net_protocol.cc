@@ -205,9 +205,22 @@ HtSimDispatch htSimulateDispatch(int G, const std::vector<moe_ref::Routing>& rt,
   return out;
 }
 
-std::vector<std::vector<uint16_t>> htSimulateCombine(int G, const std::vector<moe_ref::Routing>& rt,
+std::vector<std::vector<uint16_t>> htSimulateCombine(int G, const std::vector<moe_ref::Routing>& routing,
                                                      const std::vector<std::vector<uint16_t>>& expertOut,
-                                                     int H, int E, bool weighted) {
+                                                     int H, int E, bool weighted,
+                                                     const std::vector<std::vector<float>>& combineWeights) {
+  // Combine-time weights: the plan's records and the own-node sums read them in place of the
+  // routing's (the rail peer's per-rank weight is the same k-ordered FP32 sum either way).
+  std::vector<moe_ref::Routing> replaced;
+  if (!combineWeights.empty()) {
+    assert(combineWeights.size() == routing.size());
+    replaced = routing;
+    for (size_t s = 0; s < routing.size(); s++) {
+      assert(combineWeights[s].size() == (size_t)routing[s].numTokens * routing[s].topK);
+      replaced[s].topkWeights = combineWeights[s];
+    }
+  }
+  const std::vector<moe_ref::Routing>& rt = combineWeights.empty() ? routing : replaced;
   const Plan p = makePlan(G, rt, {}, {}, 0, 0, E);
   const int R = p.R, N = p.N, L = p.L, K = p.K;
   // Rank d's FP32 sum w * y, in rank order over the ranks of node b, of the rows a record (or a

