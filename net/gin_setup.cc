@@ -7,12 +7,21 @@ namespace nccl_moe {
 
 ncclResult_t planGinSignals(const ncclMoeConfig_t& c, const NodeMap& nodes, GinSignalPlan* plan) {
   GinSignalPlan p;
-  p.slots = c.numBufferSlots;
+  p.highThroughput = c.mode == ncclMoeHighThroughput;
+  p.slots = p.highThroughput ? 0 : c.numBufferSlots;
+  p.channels = p.highThroughput ? c.numSms : 0;
   p.nRanks = nodes.nRanks;
-  if ((long long)2 * p.slots * p.nRanks + 1 > kMaxGinSignals)
+  const long long need = p.highThroughput ? 3LL * p.nRanks * p.channels + 3LL * p.nRanks + 1
+                                          : 2LL * p.slots * p.nRanks + 1;
+  if (need > kMaxGinSignals) {
+    if (p.highThroughput)
+      return setError(ncclInvalidArgument,
+                      "config.numSms = %d on %d ranks needs %lld GIN signals across nodes; at most %d are "
+                      "addressable: use fewer SMs", c.numSms, p.nRanks, need, kMaxGinSignals);
     return setError(ncclInvalidArgument,
                     "config.numBufferSlots = %d on %d ranks needs %lld GIN signals; at most %d are addressable",
-                    p.slots, p.nRanks, (long long)2 * p.slots * p.nRanks + 1, kMaxGinSignals);
+                    p.slots, p.nRanks, need, kMaxGinSignals);
+  }
   *plan = p;
   return ncclSuccess;
 }

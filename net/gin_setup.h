@@ -20,16 +20,28 @@ constexpr int kGinContexts = 4;      // asked for; NCCL may give fewer (2.28.9: 
 constexpr int kMaxGinSignals = 65536;
 
 struct GinSignalPlan {
-  int slots = 0;   // numBufferSlots
-  int nRanks = 0;  // world ranks
+  bool highThroughput = false;  // the config's mode
+  int slots = 0;     // low latency: numBufferSlots
+  int channels = 0;  // high throughput: numSms (CTAs of every HT kernel; chunk k -> channel k % channels)
+  int nRanks = 0;    // world ranks
+  // Low latency, per (buffer slot, source rank s): what s's dispatch / combine put here.
   int dispatch(int slot, int src) const { return slot * nRanks + src; }
   int combine(int slot, int src) const { return (slots + slot) * nRanks + src; }
+  // High throughput, per (source s, its channel): records, combine weight rows and partials of
+  // s's channel landed here (count, then 2^32 once the channel's last one has); per source s:
+  // its counts row landed here, and its dispatch / combine done (one each per operation).
+  int htData(int src, int ch) const { return src * channels + ch; }
+  int htWeights(int src, int ch) const { return (nRanks + src) * channels + ch; }
+  int htPartials(int src, int ch) const { return (2 * nRanks + src) * channels + ch; }
+  int htCounts(int src) const { return 3 * nRanks * channels + src; }
+  int htDispatchDone(int src) const { return 3 * nRanks * channels + nRanks + src; }
+  int htCombineDone(int src) const { return 3 * nRanks * channels + 2 * nRanks + src; }
   // Creation's handshake (launchGinHandshake): one put with this signal from every remote rank.
-  int handshake() const { return 2 * slots * nRanks; }
-  int count() const { return 2 * slots * nRanks + 1; }
+  int handshake() const { return highThroughput ? 3 * nRanks * channels + 3 * nRanks : 2 * slots * nRanks; }
+  int count() const { return handshake() + 1; }
 };
 
-// The signal plan of a resolved low-latency config on `nodes`. Fails with ncclInvalidArgument
+// The signal plan of a resolved config on `nodes` (either mode). Fails with ncclInvalidArgument
 // naming the sizes when it would need kMaxGinSignals signals or more.
 ncclResult_t planGinSignals(const ncclMoeConfig_t& resolved, const NodeMap& nodes, GinSignalPlan* plan);
 

@@ -27,13 +27,19 @@ ncclResult_t computeHtNetRegions(const ncclMoeConfig_t& c, const NodeMap& nodes,
   const size_t remote = nodes.nNodes > 1 ? (size_t)(nodes.nNodes - 1) : 0;
   const size_t slots = m.mul(remote, (size_t)c.maxTokensPerRank);
   const size_t records = m.mul(slots, s.record.bytes), partials = m.mul(m.mul(slots, (size_t)c.hidden), 2);
-  s.countsBytes = align16(sizeof(int) * ((size_t)nodes.gpusPerNode + 1));
+  const size_t weights = m.mul(m.mul(slots, (size_t)nodes.gpusPerNode), sizeof(float));
+  const size_t L = (size_t)(c.numExperts / nodes.nRanks);
+  s.countsBytes = align16(sizeof(int) * ((size_t)nodes.nRanks + 1 + (size_t)nodes.gpusPerNode * L));
   s.dispatchStage = m.take(records, 256);
   s.dispatchLand = m.take(records, 256);
   s.countsStage = m.take(m.mul(remote, s.countsBytes), 256);
   s.countsLand = m.take(m.mul(remote, s.countsBytes), 256);
   s.combineStage = m.take(partials, 256);
   s.combineLand = m.take(partials, 256);
+  s.weightStage = m.take(weights, 256);
+  s.weightLand = m.take(weights, 256);
+  s.handshakeStage = m.take(m.mul((size_t)nodes.nRanks, kHtHandshakeBytes), 256);
+  s.handshakeLand = m.take(m.mul((size_t)nodes.nRanks, kHtHandshakeBytes), 256);
   s.bytes = remote == 0 ? 0 : m.alignedEnd(m.off, NCCL_WIN_REQUIRED_ALIGNMENT);
   if (m.overflow)
     return setError(ncclInvalidArgument,

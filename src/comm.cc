@@ -28,6 +28,36 @@ WindowView windowView(const ncclMoeComm* c) {
   return w;
 }
 
+HtNetArgs htNetArgs(const ncclMoeComm* c) {
+  HtNetArgs n;
+  memset(&n, 0, sizeof(n));
+  const HtNetRegions& r = c->htNet;
+  n.devComm = c->devComm;
+  n.maxTokens = c->cfg.maxTokensPerRank;
+  n.recordBytes = (int)r.record.bytes;
+  n.recordPos = (int)r.record.pos;
+  n.recordExpert = (int)r.record.expert;
+  n.recordWeight = (int)r.record.weight;
+  n.recordData = (int)r.record.data;
+  n.recordScales = (int)r.record.scales;
+  n.countsBytes = (int)r.countsBytes;
+  n.dispatchStage = c->htNetOff + r.dispatchStage;
+  n.dispatchLand = c->htNetOff + r.dispatchLand;
+  n.countsStage = c->htNetOff + r.countsStage;
+  n.countsLand = c->htNetOff + r.countsLand;
+  n.combineStage = c->htNetOff + r.combineStage;
+  n.combineLand = c->htNetOff + r.combineLand;
+  n.weightStage = c->htNetOff + r.weightStage;
+  n.weightLand = c->htNetOff + r.weightLand;
+  n.sigData0 = c->gin.htData(0, 0);
+  n.sigWeights0 = c->gin.htWeights(0, 0);
+  n.sigPartials0 = c->gin.htPartials(0, 0);
+  n.sigCounts0 = c->gin.htCounts(0);
+  n.sigDispatchDone0 = c->gin.htDispatchDone(0);
+  n.sigCombineDone0 = c->gin.htCombineDone(0);
+  return n;
+}
+
 ncclResult_t checkComm(const ncclMoeComm* c, const char* fn) {
   if (c == nullptr) return setError(ncclInvalidArgument, "%s: moeComm is NULL", fn);
   // The registry first: a destroyed or unknown pointer is never read.
@@ -173,7 +203,7 @@ static ncclResult_t agree(ncclMoeComm* c, ncclResult_t local, bool withConfig, c
   std::vector<CreateVote> all;
   MOE_CHECK(exchangeVotes(c, mine, &all));
   MOE_CHECK(decideCreate(all.data(), c->nRanks, step));
-  return withConfig ? decideNodes(all.data(), c->nRanks, c->cfg.mode, &c->nodes) : ncclSuccess;
+  return withConfig ? decideNodes(all.data(), c->nRanks, &c->nodes) : ncclSuccess;
 }
 
 // NCCL_MOE_HT_COMBINE = pull (default, also when unset or empty) | tma: the HT combine kernel of
@@ -216,13 +246,17 @@ static ncclResult_t allocateLocally(ncclMoeComm* c) {
   MOE_CHECK(computeWindowLayout(c->cfg, c->nRanks, &c->layout));
   if (c->nodes.nNodes > 1) {
     MOE_CHECK(planGinSignals(c->cfg, c->nodes, &c->gin));
-    MOE_CHECK(computeLlNetRegions(c->cfg, c->nodes, &c->llNet));
     CheckedBytes m;
     m.off = c->layout.total;
-    c->llNetOff = m.take(m.mul((size_t)c->cfg.numBufferSlots, c->llNet.bytes), NCCL_WIN_REQUIRED_ALIGNMENT);
+    if (c->cfg.mode == ncclMoeLowLatency) {
+      MOE_CHECK(computeLlNetRegions(c->cfg, c->nodes, &c->llNet));
+      c->llNetOff = m.take(m.mul((size_t)c->cfg.numBufferSlots, c->llNet.bytes), NCCL_WIN_REQUIRED_ALIGNMENT);
+    } else {
+      MOE_CHECK(computeHtNetRegions(c->cfg, c->nodes, &c->htNet));
+      c->htNetOff = m.take(c->htNet.bytes, NCCL_WIN_REQUIRED_ALIGNMENT);
+    }
     if (m.overflow)
-      return setError(ncclInvalidArgument, "the EP window with the internode regions of %d slots exceeds the "
-                      "address space", c->cfg.numBufferSlots);
+      return setError(ncclInvalidArgument, "the EP window with its internode regions exceeds the address space");
     c->layout.total = m.off;
   }
   void* base = nullptr;
@@ -262,8 +296,8 @@ static ncclResult_t allocateLocally(ncclMoeComm* c) {
   return ncclSuccess;
 }
 
-// Loads the low-latency kernels of the multi-node form now (loadLl*NetKernels), before this
-// rank's first GIN kernel. Why: under lazy loading (CUDA's default since 12.2) a kernel is loaded
+// Loads the internode kernels of the context's mode now (loadLl*NetKernels, loadHt*NetKernel),
+// before this rank's first GIN kernel. Why: under lazy loading (CUDA's default since 12.2) a kernel is loaded
 // at its first launch, under the context's lock and after every running kernel of the context
 // has finished; other threads' CUDA calls wait for that lock meanwhile. A send waits in
 // gin.flush, and a completion for its peers' signals, on NCCL's GIN proxy thread, and a GIN
@@ -272,17 +306,24 @@ static ncclResult_t allocateLocally(ncclMoeComm* c) {
 // launched right behind the send) hung on both ranks of 2 fake nodes. Contract: called while no
 // GIN kernel of this rank runs. Kernels the caller loads for the first time while an operation
 // is in flight remain a hazard with such a plugin (plugin/README.md).
-static ncclResult_t loadLowLatencyKernels() {
-  MOE_CUDA(loadLlDispatchNetKernels());
-  MOE_CUDA(loadLlCombineNetKernels());
+static ncclResult_t loadNetKernels(ncclMoeMode_t mode) {
+  if (mode == ncclMoeLowLatency) {
+    MOE_CUDA(loadLlDispatchNetKernels());
+    MOE_CUDA(loadLlCombineNetKernels());
+  } else {
+    MOE_CUDA(loadHtDispatchNetKernel());
+    MOE_CUDA(loadHtCombineNetKernel());
+    MOE_CUDA(loadLayoutKernel());     // launched behind a running internode kernel: a layout
+    MOE_CUDA(loadCopyRowsKernels());  // while a combine waits, a row copy while a dispatch does
+  }
   return ncclSuccess;
 }
 
-// This rank's part of the multi-node setup before any GIN traffic: the low-latency kernels
-// loaded (loadLowLatencyKernels), then its GIN signals of the context's plan zeroed on every GIN
+// This rank's part of the multi-node setup before any GIN traffic: the mode's internode kernels
+// loaded (loadNetKernels), then its GIN signals of the context's plan zeroed on every GIN
 // context (launchGinSignalReset).
 static ncclResult_t prepareGin(ncclMoeComm* c) {
-  MOE_CHECK(loadLowLatencyKernels());
+  MOE_CHECK(loadNetKernels(c->cfg.mode));
   MOE_CUDA(launchGinSignalReset(c->devComm, c->gin.count(), 0));
   MOE_CUDA(cudaDeviceSynchronize());
   return ncclSuccess;
@@ -301,11 +342,18 @@ static ncclResult_t ginHandshake(ncclMoeComm* c) {
   a.devComm = c->devComm;
   a.win = c->win;
   a.peers = c->nodes.peerMap(c->rank);
-  const size_t rec = c->llNet.record.bytes;
-  a.stageOff = c->llNetOff + c->llNet.dispatchStage;  // slot 0: rows of M records per remote rank
-  a.landOff = c->llNetOff + c->llNet.dispatchLand;
-  a.rowBytes = (size_t)c->cfg.maxTokensPerRank * rec;
-  a.bytes = rec;
+  if (c->cfg.mode == ncclMoeLowLatency) {
+    const size_t rec = c->llNet.record.bytes;
+    a.stageOff = c->llNetOff + c->llNet.dispatchStage;  // slot 0: rows of M records per remote rank
+    a.landOff = c->llNetOff + c->llNet.dispatchLand;
+    a.rowBytes = (size_t)c->cfg.maxTokensPerRank * rec;
+    a.bytes = rec;
+  } else {
+    a.stageOff = c->htNetOff + c->htNet.handshakeStage;  // a row per rank
+    a.landOff = c->htNetOff + c->htNet.handshakeLand;
+    a.rowBytes = kHtHandshakeBytes;
+    a.bytes = kHtHandshakeBytes;
+  }
   a.signal = c->gin.handshake();
   a.timeoutNs = (long long)c->cfg.timeoutMs * 1000000LL;
   cudaError_t err = cudaHostGetDevicePointer((void**)&a.arrived, host, 0);
@@ -353,7 +401,7 @@ static ncclResult_t createComm(ncclComm_t nccl, const ncclMoeConfig_t* config, n
                     c->devComm.lsaSize, c->nodes.gpusPerNode);
   if (c->nodes.nNodes > 1 && c->devComm.ginContextCount < 1)
     return ginUnavailableError(ncclInvalidUsage, c->nodes);
-  // Before this rank's first GIN kernel: its low-latency kernels loaded (loadLowLatencyKernels
+  // Before this rank's first GIN kernel: its internode kernels loaded (loadNetKernels
   // says why). The LL kernels wait for exact signal values counted from 0 (epoch * 2^32), but
   // NCCL 2.28 hands a new device communicator the GIN signal ids a destroyed one freed, with the
   // values it left (a second EP context on the same ncclComm_t saw its first wait "ahead" and

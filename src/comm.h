@@ -9,6 +9,7 @@
 #include "pointer_check.h"
 #include "net/gin_setup.h"
 #include "net/regions.h"
+#include "net/ht_regions.h"
 
 namespace nccl_moe {
 // Magic words of the live objects (object_registry.h says why they are checked after the
@@ -67,13 +68,16 @@ struct ncclMoeComm {
   // that owns it; an output struct that does not match is stale, reused or forged.
   unsigned long long llSlotSequence[nccl_moe::kMaxBufferSlots] = {};
   int llSlotTokens[nccl_moe::kMaxBufferSlots] = {};
-  // Where the ranks are (net/node_map.h; one node: nNodes 1). On several nodes (low-latency mode
-  // only) also the GIN signal plan and each slot's internode regions: numBufferSlots of
-  // llNet.bytes from window offset llNetOff (after the intranode slots).
+  // Where the ranks are (net/node_map.h; one node: nNodes 1). On several nodes also the GIN
+  // signal plan and the internode regions after the intranode ones: low latency, each slot's
+  // (numBufferSlots of llNet.bytes from window offset llNetOff); high throughput, htNet.bytes
+  // from htNetOff (net/ht_regions.h, offsets relative to htNetOff).
   nccl_moe::NodeMap nodes{};
   nccl_moe::GinSignalPlan gin{};
   nccl_moe::LlNetSlotRegions llNet{};
   size_t llNetOff = 0;
+  nccl_moe::HtNetRegions htNet{};
+  size_t htNetOff = 0;
 };
 
 struct ncclMoeHandle {
@@ -92,6 +96,9 @@ namespace nccl_moe {
 
 // The view of the window and sync state that every HT kernel takes.
 WindowView windowView(const ncclMoeComm* comm);
+
+// The internode part of the HT kernels' arguments (several nodes; device/kernel_args.h).
+HtNetArgs htNetArgs(const ncclMoeComm* comm);
 
 // Fails with ncclInvalidArgument (message names `fn`) unless `c` is a live EP context / a live
 // handle: NULL, never created and destroyed pointers are rejected without being dereferenced.

@@ -38,7 +38,7 @@ RankPlacement localPlacement(int lsaRank, int lsaSize) {
   return RankPlacement{h, lsaRank, lsaSize};
 }
 
-ncclResult_t decideNodes(const CreateVote* votes, int nRanks, int mode, NodeMap* map) {
+ncclResult_t decideNodes(const CreateVote* votes, int nRanks, NodeMap* map) {
   std::vector<RankPlacement> ranks(nRanks);
   for (int r = 0; r < nRanks; ++r) ranks[r] = votes[r].placement;
   NodeMap m;
@@ -47,12 +47,6 @@ ncclResult_t decideNodes(const CreateVote* votes, int nRanks, int mode, NodeMap*
     const std::string why = ncclMoeGetLastError();  // setError rewrites that buffer
     return setError(res, "ncclMoeCommCreate: %s", why.c_str());
   }
-  if (m.nNodes > 1 && mode != ncclMoeLowLatency)
-    return setError(ncclInvalidUsage,
-                    "ncclMoeCommCreate: the communicator spans %d nodes x %d GPUs; high-throughput mode works "
-                    "within one NVLink domain only until the high-throughput internode path lands (the HT "
-                    "internode issue): use config.mode = ncclMoeLowLatency across nodes, or one EP context "
-                    "per node", m.nNodes, m.gpusPerNode);
   *map = m;
   return ncclSuccess;
 }

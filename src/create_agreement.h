@@ -33,11 +33,9 @@ void fillVote(CreateVote* vote, ncclResult_t code, const char* message, const nc
 RankPlacement localPlacement(int lsaRank, int lsaSize);
 
 // The node map of the communicator from the first vote's placements (all nRanks votes succeeded
-// and carry configs), the same on every rank: buildNodeMap's checks, and several nodes only in
-// low-latency mode. `mode` is the agreed config's mode. On error (recorded as the last error):
-// buildNodeMap's ncclInvalidUsage, or ncclInvalidUsage naming the high-throughput internode
-// issue for HT mode on several nodes.
-ncclResult_t decideNodes(const CreateVote* votes, int nRanks, int mode, NodeMap* map);
+// and carry configs), the same on every rank: buildNodeMap's checks. On error (recorded as the
+// last error): buildNodeMap's ncclInvalidUsage.
+ncclResult_t decideNodes(const CreateVote* votes, int nRanks, NodeMap* map);
 
 // The result every rank returns, from all nRanks votes (rank order), for the step `step` of the
 // creation ("checking the configuration", "allocating"):

@@ -15,8 +15,12 @@ static size_t align256(size_t v) { return (v + 255) / 256 * 256; }
 // memory pools, so that ncclMoeHandleRelease can free it without synchronising.
 static ncclResult_t createHandle(ncclMoeComm* c, cudaStream_t stream, ncclMoeHandle** out) {
   const size_t T = c->cfg.maxTokensPerRank, R = c->nRanks, E = c->cfg.numExperts, K = c->cfg.topK;
+  // Several nodes also: nodeSlot, nodeList, tokensPerNode, netRows, netRecords (RoutingView).
+  const size_t N = c->nodes.nNodes > 1 ? c->nodes.nNodes : 0, G = c->nodes.gpusPerNode;
   const size_t sizes[] = {T * R * sizeof(int), T * K * sizeof(int64_t), R * sizeof(int),
-                          E * sizeof(int), R * sizeof(int), (1 + E / R) * sizeof(int), sizeof(int)};
+                          E * sizeof(int), R * sizeof(int), (1 + E / R) * sizeof(int), sizeof(int),
+                          T * N * sizeof(int), N * T * sizeof(int), N * sizeof(int), N * T * G * sizeof(int),
+                          N * sizeof(int)};
   size_t total = 0;
   for (size_t s : sizes) total += align256(s);
   int pools = 0;
@@ -43,6 +47,13 @@ static ncclResult_t createHandle(ncclMoeComm* c, cudaStream_t stream, ncclMoeHan
   h->routing.sendOffset = (int*)take(sizes[4]);
   h->routing.recvCounts = (int*)take(sizes[5]);
   h->routing.dispatchEmpty = (int*)take(sizes[6]);
+  if (N > 0) {
+    h->routing.nodeSlot = (int*)take(sizes[7]);
+    h->routing.nodeList = (int*)take(sizes[8]);
+    h->routing.tokensPerNode = (int*)take(sizes[9]);
+    h->routing.netRows = (int*)take(sizes[10]);
+    h->routing.netRecords = (int*)take(sizes[11]);
+  }
   c->liveHandles++;
   h->magic = kHandleMagic;
   registerObject(h, ObjectKind::Handle);
@@ -210,6 +221,10 @@ extern "C" ncclResult_t ncclMoeDispatch(ncclMoeComm_t c, const void* x, const fl
     la.topkIdxCopy = h->routing.topkIdx;
     la.tokensPerRank = h->routing.tokensPerRank;
     la.tokensPerExpert = h->routing.tokensPerExpert;
+    la.tokensPerNode = h->routing.tokensPerNode;  // NULL on one node, as the two below
+    la.nodeSlot = h->routing.nodeSlot;
+    la.nodeList = h->routing.nodeList;
+    la.maxTokens = cfg.maxTokensPerRank;
     la.error = c->errorDev + kErrorLocal;  // bad ids: local, non-fatal
     la.state = c->state;
     la.scratch = c->layoutScratch;
@@ -241,7 +256,14 @@ extern "C" ncclResult_t ncclMoeDispatch(ncclMoeComm_t c, const void* x, const fl
     a.hostCounts = c->countsDev;
     a.hostSeq = c->countsSeq;
   }
-  MOE_CUDA(launchDispatchHtIntranode(a, cfg.numSms, stream));
+  if (c->nodes.nNodes > 1) {
+    DispatchNetArgs na;
+    na.d = a;
+    na.net = htNetArgs(c);
+    MOE_CUDA(launchDispatchHtNet(na, cfg.numSms, stream));
+  } else {
+    MOE_CUDA(launchDispatchHtIntranode(a, cfg.numSms, stream));
+  }
   // Host state advances only once every kernel of the call is enqueued.
   if (newRouting) {
     h->numTokens = numTokens;

@@ -32,8 +32,10 @@ struct RankSet {
 // Signal kinds of the high-throughput kernels (rows of the window's signals region, each
 // [kMaxRanks] uint64 indexed by the writing rank). kSigCombineSource is not a counter: rank s
 // stores there the window offset of its expert outputs, before its kSigCombineReady signal.
+// kSigNetCounts (several nodes): rank r stores the dispatch's sequence number there once the
+// counts rows of its rail peers on every other node have landed in its window.
 enum SignalKind { kSigDispatchCounts = 0, kSigDispatchDone = 1, kSigCombineReady = 2,
-                  kSigCombineDone = 3, kSigCombineSource = 4, kSignalKinds = 5 };
+                  kSigCombineDone = 3, kSigCombineSource = 4, kSigNetCounts = 5, kSignalKinds = 6 };
 
 // Kernel-detected failures, written once (first error wins) into host-mapped memory so that a
 // later API call reports them without synchronising. code: one of DeviceErrorCode.
@@ -116,6 +118,15 @@ struct RoutingView {
   int* recvCounts;       // [1 + E/R]: rows received, then rows per local expert (dispatch)
   int* dispatchEmpty;    // [1]: 1 when the routing's last dispatch delivered no row (overflow,
                          // or a wait that failed): its counts are 0 and its combine reads nothing
+  // Several nodes only (NULL on one node; N nodes of G ranks, INTERNODE.md §3):
+  int* nodeSlot;         // [maxTokens][N]: t's slot in the dense list of this rank's tokens that
+                         // need node n (token order), -1 if none (layout)
+  int* nodeList;         // [N][maxTokens]: slot -> token of those lists (layout)
+  int* tokensPerNode;    // [N]: length of each list: records to node n (layout)
+  int* netRows;          // [N][maxTokens][G]: for the records that landed here from node a's rail
+                         // peer of this rank (slot order), the row on each rank j of this node
+                         // (-1: none); written by the dispatch, read by the combine
+  int* netRecords;       // [N]: records landed from each node (0 for this node; dispatch)
 };
 
 struct LayoutArgs {
@@ -129,12 +140,16 @@ struct LayoutArgs {
   uint8_t* isTokenInRank;  // [T][R] or NULL
   int* tokensPerNode;      // [N] or NULL
   uint8_t* isTokenInNode;  // [T][N] or NULL
+  int* nodeSlot;           // [T][N] or NULL: t's index among the tokens to node n, -1 if none
+  int* nodeList;           // [N][maxTokens] or NULL: nodeList[n][nodeSlot[t][n]] = t
+  int maxTokens;           // row stride of nodeList
   DeviceError* error;      // the local record: ids outside [-1, E)
   DeviceState* state;      // layoutTicket / layoutEpoch
   LayoutScratch scratch;
 };
 // ceil(T / kLayoutTileTokens) CTAs (at least one), one token per thread.
 cudaError_t launchLayout(const LayoutArgs& args, cudaStream_t stream);
+cudaError_t loadLayoutKernel();  // loads it without running it (see loadLlDispatchNetKernels)
 
 // Where the ranks of the EP communicator are, as the kernels see them (the peer abstraction;
 // device helpers in device/common/peers.cuh). A node is a run of lsaSize consecutive world
@@ -215,9 +230,62 @@ constexpr int kTmaStages = 12;
 constexpr int kTmaChunkBytes = 14336;
 cudaError_t launchCombineHtTma(const CombineArgs& args, int numCtas, cudaStream_t stream);
 
+// The internode part of the high-throughput kernels (several nodes; INTERNODE.md §3, the
+// dense-slot mirror; host side net/ht_regions.h and net/gin_setup.h). Regions are byte offsets
+// in the window; "remote node index" counts the other nodes in node order, this rank's skipped.
+// Work is cut into chunks of kHtNetChunk slots of one dense per-node list; chunk k belongs to
+// channel (CTA) k % numCtas on every rank, which is why every rank launches numSms CTAs: the
+// puts of one channel to one peer land in order, and the channel's GIN signal at the receiver
+// counts the records (partials, weight rows) landed so far, plus 2^32 once the channel's last
+// one has (HtGinSignals). Both sides derive the chunks from the same counts.
+struct HtNetArgs {
+  ncclDevComm devComm;     // with GIN contexts and the HT signal plan's signals
+  int maxTokens;           // M: slots per remote node (config.maxTokensPerRank)
+  int recordBytes;         // record layout (net/ht_regions.h HtRecordLayout), multiples of 16
+  int recordPos, recordExpert, recordWeight, recordData, recordScales;
+  int countsBytes;         // one counts row: int32 [R] rows to every rank, int32 records, int32
+                           // [G][L] rows per expert of the destination node's ranks; padded to 16
+  size_t dispatchStage;    // [N-1][M][record] this rank's records, by remote node, dense slots
+  size_t dispatchLand;     // [N-1][M][record] records from the rail peer on each remote node
+  size_t countsStage;      // [N-1][countsBytes]
+  size_t countsLand;       // [N-1][countsBytes] the rail peers' counts rows for this node
+  size_t combineStage;     // [N-1][M][H] BF16 partials returned to each remote node's rail peer
+  size_t combineLand;      // [N-1][M][H] BF16 partials of this rank's records, by remote node
+  size_t weightStage;      // [N-1][M][G] FP32 combine weights of this rank's records, per rank of
+                           // the remote node (weighted combine only)
+  size_t weightLand;       // [N-1][M][G] the rail peers' combine weights for their records
+  int sigData0;            // GIN signal ids (HtGinSignals): + src * numCtas + channel
+  int sigWeights0;
+  int sigPartials0;
+  int sigCounts0;          // + src
+  int sigDispatchDone0;    // + src
+  int sigCombineDone0;     // + src
+};
+constexpr int kHtNetChunk = 32;  // slots per chunk: records (or partials) per GIN put
+
+struct DispatchNetArgs {
+  DispatchArgs d;
+  HtNetArgs net;
+};
+// numCtas must be the config's numSms on every rank (the channel map). Same outputs as the
+// intranode dispatch; also fills routing.netRows / netRecords for the combine.
+cudaError_t launchDispatchHtNet(const DispatchNetArgs& args, int numCtas, cudaStream_t stream);
+
+struct CombineNetArgs {
+  CombineArgs c;
+  HtNetArgs net;
+};
+// numCtas: as launchDispatchHtNet. outTopkWeights must be NULL (no per-row values across nodes).
+cudaError_t launchCombineHtNet(const CombineNetArgs& args, int numCtas, cudaStream_t stream);
+// Load the internode HT kernels now (see loadLlDispatchNetKernels for why).
+cudaError_t loadHtDispatchNetKernel();
+cudaError_t loadHtCombineNetKernel();
+
 // Copies rows [0, *numRows) of src ([*][rowBytes]) to dst with numCtas CTAs (rowBytes % 16 == 0).
 cudaError_t launchCopyRows(void* dst, const void* src, const int* numRows, int rowBytes,
                            int numCtas, cudaStream_t stream);
+// Loads both copy kernels without running them (see loadLlDispatchNetKernels).
+cudaError_t loadCopyRowsKernels();
 // Copies rows [0, *numRows) of src ([*][topK] FP32) to dst with numCtas CTAs.
 cudaError_t launchCopyTopkRows(float* dst, const float* src, const int* numRows, int topK,
                                int numCtas, cudaStream_t stream);

@@ -1,5 +1,5 @@
 // CPU tests of the multi-node low-latency creation: the node decision of the first creation vote
-// (create_agreement.h decideNodes: one node, several nodes in LL mode, HT refused, the map's own
+// (create_agreement.h decideNodes: one node, several nodes in either mode, the map's own
 // errors prefixed for ncclMoeCommCreate), the placement key, and the window arithmetic of the
 // internode regions the kernels use (counts rows, sendIndex, destCount; remoteIndexAt).
 #include <gtest/gtest.h>
@@ -43,7 +43,7 @@ ncclMoeConfig_t llConfig(int R) {
 TEST(LlInternodeCreate, OneNodeGivesTheSingleNodeMap) {
   const std::vector<CreateVote> v = votesOf(1, 4);
   NodeMap m;
-  ASSERT_EQ(decideNodes(v.data(), 4, ncclMoeHighThroughput, &m), ncclSuccess);
+  ASSERT_EQ(decideNodes(v.data(), 4, &m), ncclSuccess);
   EXPECT_EQ(m.nNodes, 1);
   EXPECT_EQ(m.gpusPerNode, 4);
   const PeerMap p = m.peerMap(2);
@@ -51,30 +51,28 @@ TEST(LlInternodeCreate, OneNodeGivesTheSingleNodeMap) {
   EXPECT_EQ(p.lsaSize, 4);
 }
 
-TEST(LlInternodeCreate, SeveralNodesInLowLatencyMode) {
+TEST(LlInternodeCreate, SeveralNodes) {
   const std::vector<CreateVote> v = votesOf(2, 2);
   NodeMap m;
-  ASSERT_EQ(decideNodes(v.data(), 4, ncclMoeLowLatency, &m), ncclSuccess) << ncclMoeGetLastError();
+  ASSERT_EQ(decideNodes(v.data(), 4, &m), ncclSuccess) << ncclMoeGetLastError();
   EXPECT_EQ(m.nNodes, 2);
   EXPECT_EQ(m.gpusPerNode, 2);
   EXPECT_EQ(m.peerMap(3).lsaBase, 2);
 }
 
-TEST(LlInternodeCreate, HighThroughputAcrossNodesIsRefused) {
+TEST(LlInternodeCreate, HighThroughputAcrossNodesGetsTheMapToo) {
   const std::vector<CreateVote> v = votesOf(2, 1);
   NodeMap m;
-  EXPECT_EQ(decideNodes(v.data(), 2, ncclMoeHighThroughput, &m), ncclInvalidUsage);
-  const std::string e = ncclMoeGetLastError();
-  EXPECT_TRUE(containsWord(e, "high-throughput")) << e;
-  EXPECT_TRUE(containsWord(e, "ncclMoeLowLatency")) << e;
-  EXPECT_TRUE(containsWord(e, "2 nodes")) << e;
+  ASSERT_EQ(decideNodes(v.data(), 2, &m), ncclSuccess) << ncclMoeGetLastError();
+  EXPECT_EQ(m.nNodes, 2);
+  EXPECT_EQ(m.gpusPerNode, 1);
 }
 
 TEST(LlInternodeCreate, MapErrorsNameTheCall) {
   std::vector<CreateVote> v = votesOf(2, 2);
   std::swap(v[1].placement, v[2].placement);  // node 0, 1, 0, 1: not contiguous
   NodeMap m;
-  EXPECT_EQ(decideNodes(v.data(), 4, ncclMoeLowLatency, &m), ncclInvalidUsage);
+  EXPECT_EQ(decideNodes(v.data(), 4, &m), ncclInvalidUsage);
   const std::string e = ncclMoeGetLastError();
   EXPECT_EQ(e.rfind("ncclMoeCommCreate: ", 0), 0u) << e;
   EXPECT_TRUE(containsWord(e, "node-contiguous")) << e;
@@ -82,7 +80,7 @@ TEST(LlInternodeCreate, MapErrorsNameTheCall) {
   v = votesOf(1, 3);
   v.push_back(v[0]);
   v[3].placement = RankPlacement{0x2000u, 0, 1};  // 3 GPUs on one node, 1 on the other
-  EXPECT_EQ(decideNodes(v.data(), 4, ncclMoeLowLatency, &m), ncclInvalidUsage);
+  EXPECT_EQ(decideNodes(v.data(), 4, &m), ncclInvalidUsage);
   EXPECT_TRUE(containsWord(ncclMoeGetLastError(), "same number")) << ncclMoeGetLastError();
 }
 

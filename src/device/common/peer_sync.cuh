@@ -187,32 +187,37 @@ __device__ __forceinline__ bool lastCtaToArrive(unsigned int* arrived) {
   return isLast;
 }
 
-// Each thread i < nRanks waits for signals[kind][i] == target (perOp: see waitSeq); then the CTA
-// agrees on success.
+// Each thread i < lsaSize waits for signals[kind][lsaBase + i] == target (perOp: see waitSeq):
+// every rank of this node (all ranks on one node); then the CTA agrees on success.
 __device__ __forceinline__ bool ctaWaitAllPeers(const WindowView& w, int kind, uint64_t target,
                                                 uint64_t perOp = 1) {
   bool ok = true;
-  for (int src = threadIdx.x; src < w.peers.nRanks; src += blockDim.x) ok &= waitSignal(w, kind, src, target, perOp);
+  for (int i = threadIdx.x; i < w.peers.lsaSize; i += blockDim.x)
+    ok &= waitSignal(w, kind, w.peers.lsaBase + i, target, perOp);
   return __syncthreads_and(ok) != 0;
 }
 
-// Every CTA calls this once at its end. Signals `kind` (+1) to every peer, then the last CTA to
-// arrive waits for all peers' CTAs (target numCtas * seq) and publishes seq as completed.
+// Every CTA calls this once at its end. Signals `kind` (+1) to every rank of this node, then the
+// last CTA to arrive waits for all their CTAs (target numCtas * seq); unless kDeferPublish, it
+// publishes seq as completed. Returns true in that CTA (false elsewhere) once the wait is over.
 // `arrived` counts finished CTAs of this launch; `seqSlot` is the context's sequence counter.
-__device__ __forceinline__ void finishAndWaitPeers(const WindowView& w, int kind, uint64_t seq,
+template <bool kDeferPublish = false>
+__device__ __forceinline__ bool finishAndWaitPeers(const WindowView& w, int kind, uint64_t seq,
                                                    unsigned int* arrived,
                                                    unsigned long long* seqSlot) {
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence_system();
-    for (int p = 0; p < w.peers.nRanks; ++p) signalAdd(w, p, kind, 1);
+    for (int i = 0; i < w.peers.lsaSize; ++i) signalAdd(w, w.peers.lsaBase + i, kind, 1);
   }
-  if (!lastCtaToArrive(arrived)) return;
+  if (!lastCtaToArrive(arrived)) return false;
   ctaWaitAllPeers(w, kind, (uint64_t)gridDim.x * seq, gridDim.x);
+  if (kDeferPublish) return true;
   if (threadIdx.x == 0) {
     *(volatile unsigned long long*)seqSlot = seq;
     __threadfence();
   }
+  return true;
 }
 
 }  // namespace nccl_moe

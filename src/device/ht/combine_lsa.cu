@@ -159,6 +159,12 @@ __global__ void copyTopkRowsKernel(float* dst, const float* src, const int* numR
     dst[i] = src[i];
 }
 
+cudaError_t loadCopyRowsKernels() {
+  cudaFuncAttributes attr;
+  cudaError_t e = cudaFuncGetAttributes(&attr, copyRowsKernel);
+  return e == cudaSuccess ? cudaFuncGetAttributes(&attr, copyTopkRowsKernel) : e;
+}
+
 cudaError_t launchCopyTopkRows(float* dst, const float* src, const int* numRows, int topK, int numCtas,
                                cudaStream_t stream) {
   copyTopkRowsKernel<<<numCtas, 512, 0, stream>>>(dst, src, numRows, topK);

@@ -6,28 +6,31 @@
 
 namespace nccl_moe {
 
-// Called by every thread of every CTA, after peer[r] (rank r's window, LSA) is filled and the
-// CTA synchronised. CTA 0 publishes inOff (bytes from the window base to this rank's expert
-// output rows) into every peer's kSigCombineSource row, then raises kSigCombineReady = seq
-// (release: the offset is visible before the signal). Every CTA then waits for the ready signal
-// of every peer (timeouts recorded) and fills rows[r] = peer[r] + the offset rank r published.
+// Called by every thread of every CTA, after peer[r] (rank r's window, LSA; indexed by world
+// rank) is filled and the CTA synchronised. CTA 0 publishes inOff (bytes from the window base to
+// this rank's expert output rows) into the kSigCombineSource row of every rank of this node, then
+// raises kSigCombineReady = seq (release: the offset is visible before the signal). Every CTA
+// then waits for the ready signal of every rank of the node (timeouts recorded) and fills
+// rows[r] = peer[r] + the offset rank r published, for those ranks r (all ranks on one node).
 // Returns false when a wait failed (rows[] is then not filled). Ends with a CTA barrier.
 // A peer rewrites its offset only in its next combine, after this kernel's done signals.
 __device__ __forceinline__ bool publishSourceAndAwaitPeers(const WindowView& w, size_t inOff, uint64_t seq,
                                                            char* const* peer, const char** rows) {
-  const int R = w.peers.nRanks;
+  const int G = w.peers.lsaSize, base = w.peers.lsaBase;
   if (blockIdx.x == 0) {
     if (threadIdx.x == 0) __threadfence_system();
     __syncthreads();
-    for (int d = threadIdx.x; d < R; d += blockDim.x) {
-      *signalPtr(w, d, kSigCombineSource, w.peers.rank) = inOff;  // ordered by the release below
-      signalStore(w, d, kSigCombineReady, seq);
+    for (int i = threadIdx.x; i < G; i += blockDim.x) {
+      *signalPtr(w, base + i, kSigCombineSource, w.peers.rank) = inOff;  // ordered by the release below
+      signalStore(w, base + i, kSigCombineReady, seq);
     }
   }
   const bool ready = ctaWaitAllPeers(w, kSigCombineReady, seq);
-  // Thread r acquired rank r's ready signal in the wait, so it sees the offset stored before it.
-  if (ready && threadIdx.x < R)
-    rows[threadIdx.x] = peer[threadIdx.x] + loadAcquire(signalPtr(w, w.peers.rank, kSigCombineSource, threadIdx.x));
+  // Thread i acquired rank base + i's ready signal in the wait, so it sees the offset stored before it.
+  if (ready && threadIdx.x < G) {
+    const int r = base + threadIdx.x;
+    rows[r] = peer[r] + loadAcquire(signalPtr(w, w.peers.rank, kSigCombineSource, r));
+  }
   __syncthreads();
   return ready;
 }

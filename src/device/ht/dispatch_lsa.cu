@@ -17,11 +17,11 @@
 #include "device/kernel_args.h"
 #include "device/common/peer_sync.cuh"
 #include "device/common/vec_io.cuh"
+#include "device/ht/store_row.cuh"
 
 namespace nccl_moe {
 
 constexpr int kDispatchThreads = 512;
-constexpr int kDispatchUnroll = 8;  // 16-byte vectors in flight per lane
 
 // Phase 1 helper: CTA 0 publishes this rank's counts row to every peer.
 __device__ void publishCounts(const DispatchArgs& a, char* const* peer, uint64_t seq) {
@@ -43,66 +43,12 @@ __device__ void publishCounts(const DispatchArgs& a, char* const* peer, uint64_t
 // is t's row in rank d's output.
 __device__ __forceinline__ void sendToken(const DispatchArgs& a, char* const* peer, int t,
                                           unsigned destMask, int rowIndex, int lane) {
-  const int rowVecs = a.rowBytes / 16;
+  const int K = a.topK;
   const uint4* src = (const uint4*)((const char*)a.x + (size_t)t * a.rowBytes);
-  for (int base = 0; base < rowVecs; base += 32 * kDispatchUnroll) {
-    uint4 v[kDispatchUnroll];
-#pragma unroll
-    for (int u = 0; u < kDispatchUnroll; ++u) {
-      const int idx = base + u * 32 + lane;
-      if (idx < rowVecs) v[u] = loadStreaming(src + idx);
-    }
-    for (unsigned m = destMask; m != 0; m &= m - 1) {
-      const int d = __ffs(m) - 1;
-      const int row = __shfl_sync(0xffffffffu, rowIndex, d);
-      uint4* dst = (uint4*)(peer[d] + a.recvXOff + (size_t)row * a.rowBytes);
-#pragma unroll
-      for (int u = 0; u < kDispatchUnroll; ++u) {
-        const int idx = base + u * 32 + lane;
-        if (idx < rowVecs) storeNoAllocate(dst + idx, v[u]);
-      }
-    }
-  }
-  // Scales (FP8), expert ids and weights: small rows. NVLink carries every store as its own
-  // transaction, so they go as 16-byte vectors wherever the row sizes allow (the window regions
-  // are 256-byte aligned): four scales, two ids or four weights per store.
-  const int expertsPerRank = a.numExperts / a.w.peers.nRanks, K = a.topK;
-  const float* scalesIn = a.xScales + (size_t)t * a.scaleCols;
-  const bool vecScales = a.scaleCols % 4 == 0 && (uintptr_t)scalesIn % 16 == 0;
   const int64_t e = lane < K ? a.routing.topkIdx[(size_t)t * K + lane] : -1;
   const float weight = (a.topkWeights && lane < K) ? a.topkWeights[(size_t)t * K + lane] : 0.0f;
-  for (unsigned m = destMask; m != 0; m &= m - 1) {
-    const int d = __ffs(m) - 1;
-    const int row = __shfl_sync(0xffffffffu, rowIndex, d);
-    if (a.scaleCols > 0) {
-      float* dst = (float*)(peer[d] + a.recvScalesOff) + (size_t)row * a.scaleCols;
-      if (vecScales) {
-        for (int j = lane; j < a.scaleCols / 4; j += 32) ((float4*)dst)[j] = ((const float4*)scalesIn)[j];
-      } else {
-        for (int j = lane; j < a.scaleCols; j += 32) dst[j] = scalesIn[j];
-      }
-    }
-    const bool local = e >= 0 && (int)e / expertsPerRank == d;  // ids < E: 32-bit division
-    const long long id = local ? e - (long long)d * expertsPerRank : -1;
-    const float wt = local ? weight : 0.0f;
-    const long long id1 = __shfl_down_sync(0xffffffffu, id, 1);
-    const float wt1 = __shfl_down_sync(0xffffffffu, wt, 1), wt2 = __shfl_down_sync(0xffffffffu, wt, 2),
-                wt3 = __shfl_down_sync(0xffffffffu, wt, 3);
-    long long* ids = (long long*)(peer[d] + a.recvTopkIdxOff) + (size_t)row * K;
-    if (K % 2 == 0) {
-      if (lane < K && lane % 2 == 0) *(longlong2*)(ids + lane) = make_longlong2(id, id1);
-    } else if (lane < K) {
-      ids[lane] = id;
-    }
-    if (a.topkWeights) {
-      float* wts = (float*)(peer[d] + a.recvTopkWeightsOff) + (size_t)row * K;
-      if (K % 4 == 0) {
-        if (lane < K && lane % 4 == 0) *(float4*)(wts + lane) = make_float4(wt, wt1, wt2, wt3);
-      } else if (lane < K) {
-        wts[lane] = wt;
-      }
-    }
-  }
+  storeRowToRanks<true>(a, peer, src, a.xScales + (size_t)t * a.scaleCols, e, weight, a.topkWeights != nullptr,
+                        destMask, rowIndex, lane);
 }
 
 __global__ void __launch_bounds__(kDispatchThreads, 1) dispatchHtIntranodeKernel(DispatchArgs a) {

@@ -1,5 +1,6 @@
 // Layout kernel: routing statistics of one dispatch and each token's row among the tokens sent
-// to each rank (token order is preserved per destination).
+// to each rank (token order is preserved per destination); for the internode path also each
+// token's slot among the tokens sent to each node and the inverse lists.
 //
 // Destinations: the R ranks, then the N nodes (node n = ranks n*G .. n*G+G-1). A token goes to a
 // node when it has an expert on any rank of that node, once however many (the per-node dedup of
@@ -132,6 +133,17 @@ __global__ void __launch_bounds__(kLayoutTileTokens) layoutKernel(LayoutArgs a) 
   }
   if (a.isTokenInNode && t < a.numTokens)
     for (int n = 0; n < N; ++n) a.isTokenInNode[(size_t)t * N + n] = (dest >> (R + n)) & 1u;
+  if (a.nodeSlot) {  // the same ranking for the nodes: slots of the internode path's dense lists
+    for (int n = 0; n < N; ++n) {
+      const bool in = (dest >> (R + n)) & 1u;
+      const unsigned b = __ballot_sync(0xffffffffu, in);
+      if (t < a.numTokens) {
+        const int slot = in ? sBase[R + n] + sWarpCount[warp * D + R + n] + __popc(b & laneBelow) : -1;
+        a.nodeSlot[(size_t)t * N + n] = slot;
+        if (in) a.nodeList[(size_t)n * a.maxTokens + slot] = t;
+      }
+    }
+  }
 
   if (tileIdx != (int)gridDim.x - 1) return;
   // The highest tile: every lower tile has published (the look-back waited for all of them).
@@ -147,6 +159,11 @@ __global__ void __launch_bounds__(kLayoutTileTokens) layoutKernel(LayoutArgs a) 
     a.state->layoutTicket = 0;
     *(volatile unsigned long long*)&a.state->layoutEpoch = epoch;
   }
+}
+
+cudaError_t loadLayoutKernel() {
+  cudaFuncAttributes attr;
+  return cudaFuncGetAttributes(&attr, layoutKernel);
 }
 
 cudaError_t launchLayout(const LayoutArgs& a, cudaStream_t stream) {

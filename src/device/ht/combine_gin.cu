@@ -1,0 +1,280 @@
+// High-throughput combine across nodes: the mirror of dispatch_gin.cu (INTERNODE.md §3). GIN has
+// no get, so a remote node's rows come back pushed, one BF16 partial per (token, node): the rank
+// that forwarded a record (the source's rail peer) sums that record's rows on the ranks of its
+// node and puts the sum back at the record's slot; the source adds the partials of the nodes and
+// its own node's rows, which it pulls over NVLink as intranode.
+//
+// One launch of numSms CTAs (channels, net_channels.cuh), every CTA:
+//  1. ready: this rank's expert-output offset to the ranks of its node (combine_sync.cuh).
+//  2. weights out: for each remote node B, the CTA's chunks of this rank's dense list for B: per
+//     record slot the combine weight w(t, r) of each rank r of B (the sum of t's topkWeights whose
+//     expert is on r, k order, from 0; 1 when unweighted) into weightStage, put to the rail peer
+//     on B at the same slots (htWeights(me, channel)).
+//  3. partials: for each remote node A, the CTA's chunks of the records that A's rail peer sent in
+//     the dispatch (routing.netRows: their rows on the ranks of this node): once the chunk's
+//     weights have landed, each record's rows in rank order, w * y in FP32, rounded once to BF16,
+//     into combineStage at the slot, the chunk put back to the source's combineLand
+//     (htPartials(me, channel)).
+//  4. tokens: warps over this rank's tokens; out[t] = nodes in node order, in FP32: this node's
+//     rank-ordered sum (not rounded) when t has rows here, each remote node's BF16 partial (waited
+//     for by its chunk's channel signal) when t went there; rounded once to BF16.
+//  5. every channel signal of the operation exact, then the node barrier and the rail barrier
+//     (htCombineDone), so that no rank's next operation overwrites rows or regions still read.
+// Rounding contract (nccl_moe.h, testing/ht_net_protocol.h): on one node the intranode combine's
+// result; across nodes one BF16 rounding per remote node and the FP32 sum regrouped by node.
+// Deterministic. After a dispatch that delivered nothing every output row is zero.
+#include "device/kernel_args.h"
+#include "device/common/peer_sync.cuh"
+#include "device/common/vec_io.cuh"
+#include "device/ht/combine_sync.cuh"
+#include "device/ht/net_channels.cuh"
+
+namespace nccl_moe {
+
+constexpr int kNetCombineThreads = 512;
+constexpr int kNetCombineUnroll = 4;  // 16-byte vectors (8 BF16) per lane per rank in flight
+
+namespace {
+
+// acc[u] += sum over the ranks of srcMask in increasing order of weight(lane r) * rows[r][row of
+// lane r] for the vectors base + u * 32 + lane (one warp; srcMask warp-uniform).
+__device__ __forceinline__ void sumRanks(const char* const* rows, unsigned srcMask, int rowIndex, float weight,
+                                         int hidden, int base, int lane, float (&acc)[kNetCombineUnroll][8]) {
+  const int rowVecs = hidden / 8;
+  const size_t rowBytes = (size_t)hidden * 2;
+  for (unsigned m = srcMask; m != 0; m &= m - 1) {
+    const int r = __ffs(m) - 1;
+    const int row = __shfl_sync(0xffffffffu, rowIndex, r);
+    const float scale = __shfl_sync(0xffffffffu, weight, r);
+    const uint4* src = (const uint4*)(rows[r] + (size_t)row * rowBytes);
+    uint4 v[kNetCombineUnroll];
+#pragma unroll
+    for (int u = 0; u < kNetCombineUnroll; ++u) {
+      const int idx = base + u * 32 + lane;
+      v[u] = idx < rowVecs ? loadPeer(src + idx) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kNetCombineUnroll; ++u) accumulateBf16x8(acc[u], v[u], scale);
+  }
+}
+
+__device__ __forceinline__ void zero(float (&acc)[kNetCombineUnroll][8]) {
+#pragma unroll
+  for (int u = 0; u < kNetCombineUnroll; ++u)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[u][i] = 0.0f;
+}
+
+// w(t, r) for rank r = lane (0 where t has no expert on r), or 1 unweighted: intranode's rule.
+__device__ __forceinline__ float combineWeight(const CombineArgs& a, int t, int r) {
+  if (!a.topkWeights) return 1.0f;
+  const int expertsPerRank = a.numExperts / a.w.peers.nRanks;
+  float weight = 0.0f;
+  for (int k = 0; k < a.topK; ++k) {
+    const int64_t e = a.routing.topkIdx[(size_t)t * a.topK + k];
+    if (e >= 0 && (int)e / expertsPerRank == r) weight += a.topkWeights[(size_t)t * a.topK + k];
+  }
+  return weight;
+}
+
+// Phase 2: this CTA's chunks of every remote node's list: weights staged and put.
+__device__ void sendWeights(const CombineNetArgs& a, bool empty, int warp, int warps, int lane) {
+  const CombineArgs& c = a.c;
+  const WindowView& w = c.w;
+  const PeerMap& p = w.peers;
+  const int G = p.lsaSize, N = p.nodes(), n0 = p.node(p.rank), M = a.net.maxTokens;
+  const size_t row = (size_t)G * sizeof(float);
+  const int sig = a.net.sigWeights0 + p.rank * gridDim.x + blockIdx.x;
+  for (int B = 0; B < N; ++B) {
+    if (B == n0) continue;
+    const int f = railPeer(p, B);
+    const ChannelChunks ch{empty ? 0 : c.routing.tokensPerNode[B], (int)blockIdx.x, (int)gridDim.x};
+    const size_t stage = a.net.weightStage + (size_t)remoteNodeIndex(p, B) * M * row;
+    const size_t land = a.net.weightLand + (size_t)myNodeIndexAt(p, B) * M * row;
+    for (int k = ch.c; k < ch.chunks(); k += ch.S) {
+      const int first = k * kHtNetChunk, n = ch.size(k);
+      for (int i = warp; i < n; i += warps) {
+        const int slot = first + i, t = c.routing.nodeList[(size_t)B * M + slot];
+        if (lane < G) ((float*)windowLocal(w, stage + (size_t)slot * row))[lane] = combineWeight(c, t, B * G + lane);
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        __threadfence_system();
+        putChunk(a.net, w.win, f, land + (size_t)first * row, stage + (size_t)first * row, (size_t)n * row, sig, ch, k);
+      }
+    }
+    if (threadIdx.x == 0 && ch.last() < 0) signalEmptyChannel(a.net, f, sig);
+  }
+}
+
+// Phase 3: this CTA's chunks of the records every remote node's rail peer sent here.
+__device__ bool sendPartials(const CombineNetArgs& a, const char* const* rows, uint64_t seq, int warp, int warps,
+                             int lane) {
+  const CombineArgs& c = a.c;
+  const WindowView& w = c.w;
+  const PeerMap& p = w.peers;
+  const int G = p.lsaSize, N = p.nodes(), n0 = p.node(p.rank), li = p.localIndex(p.rank), M = a.net.maxTokens;
+  const size_t wrow = (size_t)G * sizeof(float), prow = (size_t)c.hidden * 2;
+  const int rowVecs = c.hidden / 8;
+  __shared__ bool chunkOk;
+  for (int A = 0; A < N; ++A) {
+    if (A == n0) continue;
+    const int s = A * G + li, ai = remoteNodeIndex(p, A);
+    const ChannelChunks ch{c.routing.netRecords[A], (int)blockIdx.x, (int)gridDim.x};
+    const int wsig = a.net.sigWeights0 + s * gridDim.x + blockIdx.x;
+    const int psig = a.net.sigPartials0 + p.rank * gridDim.x + blockIdx.x;
+    const char* weights = windowLocal(w, a.net.weightLand + (size_t)ai * M * wrow);
+    const size_t stage = a.net.combineStage + (size_t)ai * M * prow;
+    const size_t land = a.net.combineLand + (size_t)myNodeIndexAt(p, A) * M * prow;
+    const int* netRows = c.routing.netRows + (size_t)A * M * G;
+    for (int k = ch.c; k < ch.chunks(); k += ch.S) {
+      if (threadIdx.x == 0) chunkOk = waitChannelAtLeast(w, a.net, wsig, seq, ch.through(k), s);
+      __syncthreads();
+      if (!chunkOk) return false;
+      const int first = k * kHtNetChunk, n = ch.size(k);
+      for (int i = warp; i < n; i += warps) {
+        const int slot = first + i, j = lane - p.lsaBase;
+        const bool mine = j >= 0 && j < G;
+        const int row = mine ? netRows[(size_t)slot * G + j] : -1;
+        const float weight = row >= 0 ? __int_as_float(loadPeerInt((const int*)(weights + slot * wrow) + j)) : 0.0f;
+        const unsigned srcMask = __ballot_sync(0xffffffffu, row >= 0);
+        uint4* dst = (uint4*)(windowLocal(w, stage) + (size_t)slot * prow);
+        for (int base = 0; base < rowVecs; base += 32 * kNetCombineUnroll) {
+          float acc[kNetCombineUnroll][8];
+          zero(acc);
+          sumRanks(rows, srcMask, row, weight, c.hidden, base, lane, acc);
+#pragma unroll
+          for (int u = 0; u < kNetCombineUnroll; ++u) {
+            const int idx = base + u * 32 + lane;
+            if (idx < rowVecs) dst[idx] = packBf16x8(acc[u]);
+          }
+        }
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        __threadfence_system();
+        putChunk(a.net, w.win, s, land + (size_t)first * prow, stage + (size_t)first * prow, (size_t)n * prow, psig,
+                 ch, k);
+      }
+    }
+    if (threadIdx.x == 0 && ch.last() < 0) signalEmptyChannel(a.net, s, psig);
+  }
+  return true;
+}
+
+// Phase 4, one warp: token t.
+__device__ void reduceTokenNet(const CombineNetArgs& a, const char* const* rows, bool empty, uint64_t seq, int t,
+                               int lane, bool* ok) {
+  const CombineArgs& c = a.c;
+  const WindowView& w = c.w;
+  const PeerMap& p = w.peers;
+  const int R = p.nRanks, G = p.lsaSize, N = p.nodes(), n0 = p.node(p.rank), M = a.net.maxTokens;
+  const size_t prow = (size_t)c.hidden * 2;
+  const int rowVecs = c.hidden / 8;
+  // Lane b < N: t's slot in node b's list (-1: none); lane 0 waits for each remote partial.
+  const int slot = !empty && lane < N && lane != n0 ? c.routing.nodeSlot[(size_t)t * N + lane] : -1;
+  const unsigned remote = __ballot_sync(0xffffffffu, slot >= 0);
+  bool arrived = true;
+  for (unsigned m = remote; m != 0; m &= m - 1) {
+    const int b = __ffs(m) - 1;
+    const int sb = __shfl_sync(0xffffffffu, slot, b);
+    if (lane == 0 && arrived) {
+      const int k = sb / kHtNetChunk;
+      const ChannelChunks ch{c.routing.tokensPerNode[b], k % (int)gridDim.x, (int)gridDim.x};
+      const int f = railPeer(p, b);
+      arrived = waitChannelAtLeast(w, a.net, a.net.sigPartials0 + f * gridDim.x + ch.c, seq, ch.through(k), f);
+    }
+  }
+  arrived = __shfl_sync(0xffffffffu, arrived, 0);
+  if (!arrived) *ok = false;
+  const bool inNode = lane >= p.lsaBase && lane < p.lsaBase + G;
+  const int pos = inNode && !empty ? c.routing.sendPos[(size_t)t * R + lane] : -1;
+  const unsigned ownMask = __ballot_sync(0xffffffffu, pos >= 0);
+  const float weight = pos >= 0 ? combineWeight(c, t, lane) : 0.0f;
+  const int rowIndex = pos >= 0 ? c.routing.sendOffset[lane] + pos : 0;
+  uint4* dst = (uint4*)(c.out + (size_t)t * c.hidden);
+  for (int base = 0; base < rowVecs; base += 32 * kNetCombineUnroll) {
+    float acc[kNetCombineUnroll][8];
+    zero(acc);
+    for (int b = 0; b < N; ++b) {
+      if (b == n0) {
+        if (ownMask == 0) continue;
+        float part[kNetCombineUnroll][8];
+        zero(part);
+        sumRanks(rows, ownMask, rowIndex, weight, c.hidden, base, lane, part);
+#pragma unroll
+        for (int u = 0; u < kNetCombineUnroll; ++u)
+#pragma unroll
+          for (int i = 0; i < 8; ++i) acc[u][i] = __fadd_rn(acc[u][i], part[u][i]);
+      } else if (((remote >> b) & 1u) && arrived) {
+        const int sb = __shfl_sync(0xffffffffu, slot, b);
+        const uint4* partial =
+            (const uint4*)(windowLocal(w, a.net.combineLand + (size_t)remoteNodeIndex(p, b) * M * prow) + (size_t)sb * prow);
+#pragma unroll
+        for (int u = 0; u < kNetCombineUnroll; ++u) {
+          const int idx = base + u * 32 + lane;
+          if (idx < rowVecs) accumulateBf16x8(acc[u], loadPeer(partial + idx), 1.0f);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kNetCombineUnroll; ++u) {
+      const int idx = base + u * 32 + lane;
+      if (idx < rowVecs) dst[idx] = packBf16x8(acc[u]);
+    }
+  }
+}
+
+}  // namespace
+
+__global__ void __launch_bounds__(kNetCombineThreads, 1) combineHtNetKernel(CombineNetArgs a) {
+  const CombineArgs& c = a.c;
+  const WindowView& w = c.w;
+  const PeerMap& p = w.peers;
+  const int R = p.nRanks, G = p.lsaSize, N = p.nodes(), n0 = p.node(p.rank), li = p.localIndex(p.rank);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  __shared__ char* peer[kMaxHtRanks];
+  __shared__ const char* rows[kMaxHtRanks];  // node ranks' expert outputs, at the offsets they published
+  const uint64_t seq = *(volatile unsigned long long*)&w.state->combineSeq + 1;
+  const bool empty = *(volatile int*)c.routing.dispatchEmpty != 0;
+  if (threadIdx.x < R) peer[threadIdx.x] = peerWindow(w, threadIdx.x, 0);
+  __syncthreads();
+  const bool ready = publishSourceAndAwaitPeers(w, c.inOff, seq, peer, rows);
+
+  bool ok = ready;
+  if (ready) {
+    sendWeights(a, empty, warp, warps, lane);
+    ok = __syncthreads_and(sendPartials(a, rows, seq, warp, warps, lane)) != 0;
+  }
+  if (ok) {
+    bool tokensOk = true;
+    for (int t = blockIdx.x * warps + warp; t < c.numTokens; t += gridDim.x * warps)
+      reduceTokenNet(a, rows, empty, seq, t, lane, &tokensOk);
+    ok = __syncthreads_and(tokensOk) != 0;
+  }
+  // Phase 5: every channel of this CTA exact (weights in as a rail peer, partials in as a source).
+  if (ok && threadIdx.x < N && threadIdx.x != n0) {
+    const int A = threadIdx.x, s = A * G + li, f = railPeer(p, A);
+    if (waitChannelDone(w, a.net, a.net.sigWeights0 + s * gridDim.x + blockIdx.x, seq, s))
+      waitChannelDone(w, a.net, a.net.sigPartials0 + f * gridDim.x + blockIdx.x, seq, f);
+  }
+  if (threadIdx.x == 0) flushRailPuts(w, a.net);
+  if (!finishAndWaitPeers<true>(w, kSigCombineDone, seq, &w.state->combineArrived, &w.state->combineSeq)) return;
+  railBarrier(w, a.net, a.net.sigCombineDone0, seq);
+  if (threadIdx.x == 0) {
+    *(volatile unsigned long long*)&w.state->combineSeq = seq;
+    __threadfence();
+  }
+}
+
+cudaError_t loadHtCombineNetKernel() {
+  cudaFuncAttributes attr;
+  return cudaFuncGetAttributes(&attr, combineHtNetKernel);
+}
+
+cudaError_t launchCombineHtNet(const CombineNetArgs& args, int numCtas, cudaStream_t stream) {
+  combineHtNetKernel<<<numCtas, kNetCombineThreads, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+}  // namespace nccl_moe

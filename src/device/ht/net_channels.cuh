@@ -1,0 +1,123 @@
+// What the internode high-throughput kernels share (dispatch_gin.cu, combine_gin.cu): the chunk
+// and channel arithmetic of the dense per-node lists, the waits on a channel's GIN signal, and
+// the end-of-operation barrier with the rail peers. Device code.
+//
+// Channels (HtNetArgs): a dense list of `total` slots is cut into chunks of kHtNetChunk slots;
+// chunk k belongs to channel k % S (S = CTAs = config.numSms, the same on every rank). A channel
+// puts its chunks to one peer in increasing k on one GIN context, each put adding its slot count
+// to the channel's signal at the peer, the last one also 2^32 minus the channel's total (a
+// channel without chunks sends the 2^32 alone). The signal therefore reads
+// (epoch - 1) * 2^32 + slots landed during operation `epoch`, and exactly epoch * 2^32 once all
+// have: no reset, no count exchange before the first put.
+#pragma once
+#include <stdint.h>
+#include "device/kernel_args.h"
+#include "device/common/peer_sync.cuh"
+#include "net/device/gin.cuh"
+#include "net/device/rail.h"
+
+namespace nccl_moe {
+
+constexpr uint64_t kHtNetDone = 1ull << 32;  // channel signal steps per operation
+
+// Index of node n among the nodes other than this rank's (regions [N-1][...]). Contract: n is not
+// this rank's node. As seen from any rank of this node (the same node).
+__device__ __forceinline__ int remoteNodeIndex(const PeerMap& p, int n) {
+  return n < p.node(p.rank) ? n : n - 1;
+}
+// Index of this rank's node among the nodes other than node n (where n's ranks keep our rows).
+__device__ __forceinline__ int myNodeIndexAt(const PeerMap& p, int n) {
+  const int mine = p.node(p.rank);
+  return mine < n ? mine : mine - 1;
+}
+
+__device__ __forceinline__ char* windowLocal(const WindowView& w, size_t off) {
+  return (char*)ncclGetLocalPointer(w.win, off);
+}
+
+// The chunks of one dense list of `total` slots that channel c of S owns: k = c, c + S, ...
+struct ChannelChunks {
+  int total, c, S;
+  __device__ int chunks() const { return (total + kHtNetChunk - 1) / kHtNetChunk; }
+  __device__ int size(int k) const { return min(kHtNetChunk, total - k * kHtNetChunk); }
+  // Slots of the channel's chunks up to and including its chunk k: all chunks before k are full
+  // (only the list's last chunk may be short, and it has the highest k).
+  __device__ uint64_t through(int k) const { return (uint64_t)((k - c) / S) * kHtNetChunk + size(k); }
+  // The channel's last chunk, or -1 when it owns none.
+  __device__ int last() const { return c < chunks() ? c + (chunks() - 1 - c) / S * S : -1; }
+  __device__ uint64_t channelTotal() const { return last() < 0 ? 0 : through(last()); }
+  // What the put of chunk k adds to the channel's signal at the peer.
+  __device__ uint64_t signalAddFor(int k) const {
+    return (uint64_t)size(k) + (k == last() ? kHtNetDone - channelTotal() : 0);
+  }
+};
+
+// Puts `bytes` of chunk k (window offsets) to `peer` adding ch.signalAddFor(k) to `sig` there, on
+// context ginContextOf(peer). One thread.
+__device__ __forceinline__ void putChunk(const HtNetArgs& net, ncclWindow_t win, int peer, size_t dstOff,
+                                         size_t srcOff, size_t bytes, int sig, const ChannelChunks& ch, int k) {
+  const ncclGin gin(net.devComm, ginContextOf(net.devComm, peer));
+  putWithSignal(gin, win, peer, dstOff, srcOff, bytes, (ncclGinSignal_t)sig, ch.signalAddFor(k), ncclCoopThread());
+}
+
+// A channel that owns no chunk of its list still ends its operation at the peer: 2^32 alone.
+__device__ __forceinline__ void signalEmptyChannel(const HtNetArgs& net, int peer, int sig) {
+  const ncclGin gin(net.devComm, ginContextOf(net.devComm, peer));
+  gin.signal(ncclTeamWorld(gin.comm), peer, ncclGin_SignalAdd{(ncclGinSignal_t)sig, kHtNetDone}, ncclCoopThread());
+}
+
+// One thread: waits until channel signal `sig` here (from rank src) counts at least `need` slots
+// of operation `epoch`. Timeouts and failures as waitGinSignal (fatal, recorded); a value past
+// the threshold is simply "arrived" (the exact end is checked by waitChannelDone).
+__device__ __forceinline__ bool waitChannelAtLeast(const WindowView& w, const HtNetArgs& net, int sig,
+                                                   uint64_t epoch, uint64_t need, int src) {
+  const ncclGin gin(net.devComm, ginContextOf(net.devComm, w.peers.rank));
+  const uint64_t target = (epoch - 1) * kHtNetDone + need;
+  return waitSeqOn<0>(w, [&] {
+    const uint64_t v = gin.readSignal((ncclGinSignal_t)sig);
+    return (int64_t)(v - target) > 0 ? target : v;
+  }, target, kWaitGinSignal, src, nullptr, kHtNetDone);
+}
+
+// One thread: waits until channel signal `sig` here holds exactly epoch * 2^32 (every slot of the
+// channel landed; a value past it is a peer ahead: protocol error).
+__device__ __forceinline__ bool waitChannelDone(const WindowView& w, const HtNetArgs& net, int sig, uint64_t epoch,
+                                                int src) {
+  const ncclGin gin(net.devComm, ginContextOf(net.devComm, w.peers.rank));
+  return waitGinSignal(w, gin, (ncclGinSignal_t)sig, epoch * kHtNetDone, src, kHtNetDone);
+}
+
+// The end of an internode operation, in the last CTA of the kernel after the node barrier
+// (finishAndWaitPeers): thread i < N (i != this node) adds 1 to signal doneSig0 + rank at the
+// rail peer on node i, then waits until doneSig0 + (that rail peer) holds exactly `epoch` here.
+// When it returns (CTA barrier included), every rank of every rail peer's node has finished the
+// operation, so no put of the next operation can land in a region still read. Returns false if a
+// wait failed.
+__device__ __forceinline__ bool railBarrier(const WindowView& w, const HtNetArgs& net, int doneSig0, uint64_t epoch) {
+  const PeerMap& p = w.peers;
+  bool ok = true;
+  for (int n = threadIdx.x; n < p.nodes(); n += blockDim.x) {
+    if (n == p.node(p.rank)) continue;
+    const int f = railPeer(p, n);
+    const ncclGin out(net.devComm, ginContextOf(net.devComm, f));
+    out.signal(ncclTeamWorld(out.comm), f, ncclGin_SignalAdd{(ncclGinSignal_t)(doneSig0 + p.rank), 1},
+               ncclCoopThread());
+    const ncclGin in(net.devComm, ginContextOf(net.devComm, p.rank));
+    ok &= waitGinSignal(w, in, (ncclGinSignal_t)(doneSig0 + f), epoch, f);
+    out.flush(ncclCoopThread());
+  }
+  return __syncthreads_and(ok) != 0;
+}
+
+// Thread 0 of a CTA that posted puts to the rail peers: every put it posted has been read from
+// its source (gin.flush on each context it used), so the regions may be rewritten.
+__device__ __forceinline__ void flushRailPuts(const WindowView& w, const HtNetArgs& net) {
+  const PeerMap& p = w.peers;
+  for (int n = 0; n < p.nodes(); ++n) {
+    if (n == p.node(p.rank)) continue;
+    const ncclGin gin(net.devComm, ginContextOf(net.devComm, railPeer(p, n)));
+    gin.flush(ncclCoopThread());
+  }
+}
+
+}  // namespace nccl_moe
