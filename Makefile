@@ -1,7 +1,7 @@
 # nccl-moe build. Variables as nccl-tests has them:
 #   CUDA_HOME (default /usr/local/cuda), NCCL_HOME (see below), MPI=1 + MPI_HOME for
 #   mpirun-launched perf and GPU tests, BUILDDIR (default build), NVCC_GENCODE (default sm_90).
-# Targets: all (library, tests, perf, plugin), lib, test (CPU tests), gputest NGPUS=n, nettest, llnettest,
+# Targets: all (library, tests, perf, plugin), lib, test (CPU tests), gputest NGPUS=n, nettest, llnettest, htnettest,
 #          perf, plugin, deps, python (library into python/nccl_moe/lib), install PREFIX=...,
 #          clean (keeps .deps).
 #
@@ -83,7 +83,7 @@ ifneq ($(filter-out deps clean,$(if $(MAKECMDGOALS),$(MAKECMDGOALS),all)),)
   endif
 endif
 
-.PHONY: all lib test gputest llnettest perf plugin deps python install clean
+.PHONY: all lib test gputest llnettest htnettest perf plugin deps python install clean
 all: lib $(UNIT_BIN) $(GPU_BIN) perf plugin
 lib: $(LIB_SO) $(LIB_A)
 perf: $(PERF_BINS)
@@ -163,6 +163,36 @@ llnettest: $(GPU_BIN) $(PLUGIN_SO)
 	  done; \
 	else \
 	  echo "llnettest: 2 x 2 and 4 x 1 fake nodes skipped: $(LLNET_GPUS) GPU(s) here, they need 4"; \
+	fi
+
+# High-throughput mode across fake nodes (needs 2 GPUs and the plugin; tests/gpu/ht_net_test.cc,
+# ht_net_bytes_test.cc, ht_topology_test.cc): the HtNet suite and the cross-topology digests
+# (HtTopology, MOE_HT_DIGEST_DIR) on 1 node x 2 GPUs, then the HT suites on 2 fake nodes x 1 GPU
+# (HtNet, HtNetBytes, HtTopology against the first run's digests, and the intranode HtDispatch,
+# HtCombine and HtReliability suites, whose combine reference follows the node count), then the
+# digests again through a plugin shaped as a ConnectX-7 (the same bits). With 4 GPUs or more
+# (HTNET_GPUS, counted by nvidia-smi) also 1 x 4, then 2 x 2 and 4 x 1 against it; with fewer, a
+# line says they were skipped.
+HT_DIGEST_DIR := $(abspath $(BUILDDIR))/htdigest
+HTNET_GPUS ?= $(LLNET_GPUS)
+HTNET_FILTER := HtNet*:HtTopology.*:HtDispatch.*:HtCombine*:HtReliability.*
+htnettest: $(GPU_BIN) $(PLUGIN_SO)
+	rm -rf $(HT_DIGEST_DIR) && mkdir -p $(HT_DIGEST_DIR)
+	NCCL_NVLS_ENABLE=0 MOE_HT_DIGEST_DIR=$(HT_DIGEST_DIR) $(GPU_BIN) --ngpus=2 --gtest_filter='HtTopology.*:HtNet.*'
+	LD_LIBRARY_PATH=$(abspath $(BUILDDIR)/lib):$$LD_LIBRARY_PATH NCCL_NVLS_ENABLE=0 MOE_FAKE_NODES=2 \
+	  MOE_HT_DIGEST_DIR=$(HT_DIGEST_DIR) $(GPU_BIN) --ngpus=2 --gtest_filter='$(HTNET_FILTER)'
+	LD_LIBRARY_PATH=$(abspath $(BUILDDIR)/lib):$$LD_LIBRARY_PATH NCCL_NVLS_ENABLE=0 MOE_FAKE_NODES=2 \
+	  NCCL_MOELOOP_GBPS=50 NCCL_MOELOOP_LATENCY_US=3 \
+	  MOE_HT_DIGEST_DIR=$(HT_DIGEST_DIR) $(GPU_BIN) --ngpus=2 --gtest_filter='HtTopology.*'
+	@if [ "$(HTNET_GPUS)" -ge 4 ]; then \
+	  set -e; rm -rf $(HT_DIGEST_DIR)4 && mkdir -p $(HT_DIGEST_DIR)4; \
+	  NCCL_NVLS_ENABLE=0 MOE_HT_DIGEST_DIR=$(HT_DIGEST_DIR)4 $(GPU_BIN) --ngpus=4 --gtest_filter='HtTopology.*:HtNet.*'; \
+	  for n in 2 4; do \
+	    LD_LIBRARY_PATH=$(abspath $(BUILDDIR)/lib):$$LD_LIBRARY_PATH NCCL_NVLS_ENABLE=0 MOE_FAKE_NODES=$$n \
+	      MOE_HT_DIGEST_DIR=$(HT_DIGEST_DIR)4 $(GPU_BIN) --ngpus=4 --gtest_filter='$(HTNET_FILTER)'; \
+	  done; \
+	else \
+	  echo "htnettest: 1 x 4, 2 x 2 and 4 x 1 fake nodes skipped: $(HTNET_GPUS) GPU(s) here, they need 4"; \
 	fi
 
 # NCCL headers and libnccl.so.2 from PyPI (no root needed); see scripts/install_nccl.sh.

@@ -3,12 +3,13 @@
 # LL perf binaries for the issues' benchmarks and the moeloop plugin's GPU test (all GPUs as 2
 # fake nodes), and print a short table. Every step has a time limit; full logs go to $OUT (or
 # /tmp/nccl-moe-out).
-# Usage: scripts/gpu_check.sh [build|tests|perf|shapes|sanitize|plugin|net|python|all] [extra gtest args...]
+# Usage: scripts/gpu_check.sh [build|tests|perf|shapes|sanitize|plugin|net|htnet|python|all] [extra gtest args...]
 # (build: only that; sanitize: compute-sanitizer memcheck over the GPU suite at 2 ranks (mpirun),
 # SANITIZE_FILTER narrows it; shapes: HT and LL sweeps over token counts for the model shapes
 # of DeepSeek-V3, Qwen3-235B-A22B and Mixtral-8x7B, not part of all; net: the internode tests
 # across 2 fake nodes (make nettest, make llnettest), each under NET_TIMEOUT s, with every
-# thread's state of a process still running at 80 % of it (a hang leaves its picture); python:
+# thread's state of a process still running at 80 % of it (a hang leaves its picture); htnet: the
+# same for the high-throughput internode tests (make htnettest) under HTNET_TIMEOUT s; python:
 # the package's GPU checks under torchrun, and megatron-core's MoE layer when MCORE_WHEEL names
 # a megatron-core wheel (unpacked onto PYTHONPATH; MOE_PROFILE_DIR profiles it)). The perf binaries write
 # their rows to $OUT/nccl<version>/*.csv (--output); with matplotlib, perf/plot_results.py
@@ -156,12 +157,15 @@ if [ "$what" = plugin ] || [ "$what" = all ]; then
   grep -E "^(==|PASSED|FAILED|SKIPPED|NOTE|ALL|SOME|   )" "$OUT/plugintest.log" | tail -14
   summary+=("plugintest PLUGIN_NGPUS=$NGPU rc=$rc (${SECONDS}s)")
 fi
-if [ "$what" = net ]; then
+if [ "$what" = net ] || [ "$what" = htnet ]; then
   # One process tree per target; a watcher prints the threads (name, state, wchan, CPUs, gdb stack) of every
   # gpu_tests / net_gpu_test process left at 80 % of the limit, then the limit ends it.
-  for target in nettest llnettest; do
+  # net: nettest, llnettest (NET_TIMEOUT each); htnet: htnettest (HTNET_TIMEOUT, default 480 s).
+  targets="nettest llnettest"; [ "$what" = htnet ] && targets=htnettest
+  for target in $targets; do
     SECONDS=0
     limit=${NET_TIMEOUT:-150}
+    [ "$target" = htnettest ] && limit=${HTNET_TIMEOUT:-480}
     ( sleep $((limit * 4 / 5))
       for pid in $(pgrep -f "(gpu_tests|net_gpu_test)"); do
         echo "--- still running at $((limit * 4 / 5)) s: pid $pid allowed CPUs $(grep Cpus_allowed_list /proc/$pid/status | cut -f2)"

@@ -6,6 +6,7 @@
 // fuse multiply-adds) and the CPU reference then round identically as long as both add the
 // per-rank terms in rank order, and combine can be compared bitwise.
 #include "gpu_env.h"
+#include "../../testing/ht_net_protocol.h"
 #include "../../testing/rng.h"
 
 #include <stdio.h>
@@ -45,6 +46,74 @@ void pickDistinct(Rng& rng, int n, int base, int range, int64_t* row) {
   }
 }
 
+// Picks min(n, |nodes| * perNode) distinct experts into row[0..), each draw a node of `nodes`
+// and an expert of its perNode experts (node b's: b * perNode ..).
+void pickFromNodes(Rng& rng, int n, const std::vector<int>& nodes, int perNode, int64_t* row) {
+  n = std::min(n, (int)nodes.size() * perNode);
+  for (int k = 0; k < n; k++) {
+    int64_t e;
+    do {
+      e = (int64_t)nodes[rng.below((int)nodes.size())] * perNode + rng.below(perNode);
+    } while (std::find(row, row + k, e) != row + k);
+    row[k] = e;
+  }
+}
+
+// Entries k >= first become -1 with probability p (as Random's drops).
+void dropEntries(Rng& rng, double p, int first, int K, int64_t* row) {
+  for (int k = first; k < K; k++)
+    if (rng.uniform() < p) row[k] = -1;
+}
+
+// The node routes (see Route): their tokens' top-k, on `nodes` nodes of the R ranks.
+void nodeRoute(Rng& rng, const Shape& s, const GenSpec& g, int r, int64_t* row) {
+  const int E = s.numExperts(), K = s.topK, R = nRanks();
+  const int nodes = g.nodes >= 1 && R % g.nodes == 0 ? g.nodes : 1, G = R / nodes;
+  const int perNode = G * (E / R), myNode = r / G;
+  std::vector<int> pool;
+  switch (g.route) {
+    case Route::NodeLimited: {
+      std::vector<int> all(nodes);
+      for (int b = 0; b < nodes; b++) all[b] = b;
+      for (int i = 0; i < std::min(g.nodesPerToken, nodes); i++) {  // partial Fisher-Yates
+        const int j = i + rng.below(nodes - i);
+        std::swap(all[i], all[j]);
+        pool.push_back(all[i]);
+      }
+      break;
+    }
+    case Route::OwnNode:
+      pool.push_back(myNode);
+      break;
+    case Route::RemoteNode:
+      pool.push_back((myNode + 1) % nodes);
+      break;
+    case Route::AvoidLastNode: {
+      const int range = E - (nodes > 1 ? perNode : E / R);
+      if (range > 0) pickDistinct(rng, std::min(K, range), 0, range, row);
+      dropEntries(rng, g.dropProb, 0, K, row);
+      return;
+    }
+    case Route::EveryNode: {
+      const int forced = std::min(K, nodes);
+      for (int b = 0; b < forced; b++) row[b] = (int64_t)b * perNode + rng.below(perNode);
+      for (int k = forced; k < std::min(K, E); k++) {
+        int64_t e;
+        do {
+          e = rng.below(E);
+        } while (std::find(row, row + k, e) != row + k);
+        row[k] = e;
+      }
+      dropEntries(rng, g.dropProb, forced, K, row);
+      return;
+    }
+    default:
+      return;
+  }
+  pickFromNodes(rng, K, pool, perNode, row);
+  dropEntries(rng, g.dropProb, 0, K, row);
+}
+
 moe_ref::Routing makeRouting(const Shape& s, const GenSpec& g, int r) {
   const int E = s.numExperts(), K = s.topK, local = E / nRanks();
   moe_ref::Routing rt;
@@ -66,6 +135,9 @@ moe_ref::Routing makeRouting(const Shape& s, const GenSpec& g, int r) {
         break;
       case Route::RankZeroOnly:
         pickDistinct(rng, std::min(K, local), 0, local, row);
+        break;
+      default:
+        nodeRoute(rng, s, g, r, row);
         break;
     }
     // Weights of -1 entries are random too: combine must ignore them.
@@ -208,9 +280,24 @@ Reference makeReference(const Problem& p) {
   return ref;
 }
 
-std::vector<uint16_t> referenceCombine(const Problem& p, const Reference& ref, bool weighted) {
-  return moe_ref::combine(rank(), p.routing, ref.expertOut, p.shape.hidden,
-                          p.shape.numExperts(), weighted);
+int nodeCount() {
+  const int n = moe_ranks::fakeNodes();
+  return n >= 1 && nRanks() % n == 0 ? n : 1;
+}
+
+int gpusPerNode() { return nRanks() / nodeCount(); }
+
+std::vector<uint16_t> referenceCombine(const Problem& p, const Reference& ref, bool weighted,
+                                       const std::vector<std::vector<float>>& combineWeights) {
+  if (nodeCount() > 1)
+    return moe_net::htSimulateCombine(gpusPerNode(), p.routing, ref.expertOut, p.shape.hidden,
+                                      p.shape.numExperts(), weighted, combineWeights)[rank()];
+  if (combineWeights.empty())
+    return moe_ref::combine(rank(), p.routing, ref.expertOut, p.shape.hidden,
+                            p.shape.numExperts(), weighted);
+  std::vector<moe_ref::Routing> rt = p.routing;
+  for (size_t r = 0; r < rt.size(); r++) rt[r].topkWeights = combineWeights[r];
+  return moe_ref::combine(rank(), rt, ref.expertOut, p.shape.hidden, p.shape.numExperts(), weighted);
 }
 
 long checkDispatch(const ncclMoeDispatchOutput_t& out, const Problem& p,

@@ -130,10 +130,23 @@ inline Shape smallShape() {
   return s;
 }
 
+// The node routes below see the R ranks as GenSpec::nodes nodes of G = R / nodes consecutive
+// ranks (node n: ranks n*G .. n*G+G-1, experts n*G*L .. (n+1)*G*L-1, L = E / R), whatever the
+// run's real topology: a test passes nodeCount() to route by the real nodes, a fixed number to
+// get the same routing on every topology. Each entry not forced by the route is -1 with
+// probability dropProb, as Random.
 enum class Route {
-  Random,       // K distinct experts per token, each entry -1 with probability dropProb
-  OneExpert,    // expert 0 for every token, the other K-1 entries -1
-  RankZeroOnly  // min(K, E/R) distinct experts of rank 0, the rest -1
+  Random,        // K distinct experts per token, each entry -1 with probability dropProb
+  OneExpert,     // expert 0 for every token, the other K-1 entries -1
+  RankZeroOnly,  // min(K, E/R) distinct experts of rank 0, the rest -1
+  NodeLimited,   // per token min(nodesPerToken, nodes) distinct random nodes, then min(K, pool)
+                 // distinct experts of those nodes' ranks
+  OwnNode,       // experts of the sending rank's own node only
+  RemoteNode,    // experts of node (own node + 1) % nodes only (one node: the own node)
+  AvoidLastNode, // experts of every rank but those of the last node (one node: but the last
+                 // rank), which then receives nothing
+  EveryNode      // entry n < min(K, nodes) is an expert of node n (never dropped), the others
+                 // distinct random experts: every token goes to every node
 };
 
 struct GenSpec {
@@ -143,7 +156,14 @@ struct GenSpec {
   int numTokens = -1;      // >= 0: every rank sends this many; -1: maxTokens minus a per-rank
                            // amount (different T on every rank, same for every seed)
   int zeroTokenRank = -1;  // this rank (if it exists) sends no tokens
+  int nodes = 1;           // node routes: the node count they assume (must divide R; else 1)
+  int nodesPerToken = 2;   // NodeLimited: at most this many nodes per token
 };
+
+// The nodes the ranks of this run form: MOE_FAKE_NODES (moe_ranks::fakeNodes(), 1 on one node;
+// initComm refuses a count that does not divide R), and the ranks per node, R / nodeCount().
+int nodeCount();
+int gpusPerNode();
 // The usual spec: a seed, a routing kind and (default -1: per rank, the same for every seed,
 // as a CUDA graph needs) the token count.
 GenSpec spec(uint64_t seed, Route route = Route::Random, int numTokens = -1);
@@ -168,7 +188,13 @@ struct Reference {
   std::vector<std::vector<uint16_t>> expertOut;    // [R][rows][H]
 };
 Reference makeReference(const Problem& p);
-std::vector<uint16_t> referenceCombine(const Problem& p, const Reference& ref, bool weighted);
+// This rank's expected combine output. One node: moe_ref::combine. Across fake nodes
+// (nodeCount() > 1) the HT internode rounding contract, moe_net::htSimulateCombine with
+// G = gpusPerNode() (one BF16 rounding per remote node's partial). combineWeights ([R][T * K]):
+// the topkWeights each rank passes to combine when they are not the routing's (empty: the
+// routing's, as the runners pass them).
+std::vector<uint16_t> referenceCombine(const Problem& p, const Reference& ref, bool weighted,
+                                       const std::vector<std::vector<float>>& combineWeights = {});
 
 // This rank's inputs in device memory, sized for maxTokens (same buffers reused by uploads).
 struct DeviceInputs {
