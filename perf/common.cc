@@ -30,7 +30,8 @@ const char* timingName(Timing t) {
 }
 
 // The run's parameters: where, what shape, how timed; then the binary's own.
-Params runParams(const PerfTest& test, const Options& opt, const moe_ranks::RankEnv& env) {
+Params runParams(const PerfTest& test, const Options& opt, const Context& ctx) {
+  const moe_ranks::RankEnv& env = ctx.env;
   int ncclVersion = 0, moeVersion = 0;
   cudaDeviceProp prop;
   PERF_CUDA(cudaGetDeviceProperties(&prop, env.localRank));
@@ -45,6 +46,7 @@ Params runParams(const PerfTest& test, const Options& opt, const moe_ranks::Rank
       {"binary", test.name},
       {"card", prop.name},
       {"ranks", std::to_string(env.nRanks)},
+      {"nodes", std::to_string(ctx.nNodes)},
       {"nccl", ncclGetVersion(&ncclVersion) == ncclSuccess ? versionString(ncclVersion) : "?"},
       {"nccl_moe", ncclMoeGetVersion(&moeVersion) == ncclSuccess ? versionString(moeVersion) : "?"},
       {"launch", moe_ranks::isMpiMode() ? "mpirun" : "fork"},
@@ -63,6 +65,12 @@ Params runParams(const PerfTest& test, const Options& opt, const moe_ranks::Rank
       {"seed", seed},
       {"date", date},
   };
+  if (ctx.nNodes > 1) {  // the loopback plugin's shaping (plugin/README.md)
+    const char* gbps = getenv("NCCL_MOELOOP_GBPS");            // GB/s per direction
+    const char* latency = getenv("NCCL_MOELOOP_LATENCY_US");   // us per message
+    p.push_back({"moeloop_gbps", gbps && *gbps ? gbps : "unset"});
+    p.push_back({"moeloop_latency_us", latency && *latency ? latency : "unset"});
+  }
   if (test.params)
     for (auto& kv : test.params()) p.push_back(kv);
   return p;
@@ -70,7 +78,8 @@ Params runParams(const PerfTest& test, const Options& opt, const moe_ranks::Rank
 
 // Collective. Rank 0 prints the parameters, then every rank its line (in rank order), then the
 // legend and the column names.
-void printHeader(const PerfTest& test, const Params& params, const moe_ranks::RankEnv& env) {
+void printHeader(const PerfTest& test, const Params& params, const moe_ranks::RankEnv& env,
+                 bool net) {
   if (env.rank == 0) {
     std::string line = "#";
     for (size_t i = 0; i < params.size(); i++) {
@@ -107,8 +116,12 @@ void printHeader(const PerfTest& test, const Params& params, const moe_ranks::Ra
   printf("# algbw: bytes a rank receives, its own share included / its time; busbw: bytes that "
          "crossed NVLink / its time;\n#        both the slowest rank's (min), GB/s = 1e9 B/s "
          "(README: Bandwidth definitions)\n"
-         "# #wrong: wrong elements summed over ranks (N/A: not checked, -c 0 or no check)\n#\n");
-  printf("%s", tableHeader().c_str());
+         "# #wrong: wrong elements summed over ranks (N/A: not checked, -c 0 or no check)\n");
+  if (net)
+    printf("# rdmabw: bytes a rank's NIC sends / its time; nvlbw: bytes it moves over NVLink in the\n"
+           "#        internode path / its time; both the busiest rank's (max), from the binary's\n"
+           "#        network model (ht_perf: testing/ht_net_model.h)\n");
+  printf("#\n%s", tableHeader(net).c_str());
   fflush(stdout);
 }
 
@@ -169,7 +182,7 @@ std::vector<double> timeEachCall(const Context& ctx, const PerfOp& op, bool hold
 }
 
 // Collective: times, checks and reduces one operation at size T into a row.
-Row measure(const Context& ctx, Timing timing, const PerfOp& op, long T) {
+Row measure(const Context& ctx, Timing timing, const PerfOp& op, long T, bool net) {
   if (op.init) op.init(T);
   quiesce(ctx);
   Row row;
@@ -193,6 +206,14 @@ Row measure(const Context& ctx, Timing timing, const PerfOp& op, long T) {
     row.hasBw = true;
     row.algbw = moe_ranks::minOverRanks(algBytes / ns);
     row.busbw = moe_ranks::minOverRanks(busBytes / ns);
+  }
+  if (net && op.netBytes) {
+    double rdmaBytes = 0, nvlinkBytes = 0;
+    op.netBytes(T, &rdmaBytes, &nvlinkBytes);
+    const double ns = localUs > 0 ? localUs * 1e3 : 1e-30;
+    row.hasNet = true;
+    row.rdmabw = moe_ranks::maxOverRanks(rdmaBytes / ns);
+    row.nvlinkbw = moe_ranks::maxOverRanks(nvlinkBytes / ns);
   }
   if (op.check && ctx.opt->check) {
     const long long wrong = op.check(T);
@@ -251,13 +272,16 @@ int perfMain(int argc, char** argv, Options opt, PerfTest* test) {
   cfg.numSms = opt.numSms;
   if (test->configure) test->configure(&cfg);
   PERF_MOE(ncclMoeCommCreate(ctx.comm, &cfg, &ctx.moe));
+  PERF_MOE(ncclMoeCommNodeCount(ctx.moe, &ctx.nNodes));
 
   std::vector<PerfOp> ops = test->setup(ctx);
-  const Params params = runParams(*test, opt, env);
+  bool net = false;  // the network columns: several nodes and an operation that models them
+  for (const PerfOp& op : ops) net = net || (ctx.nNodes > 1 && op.netBytes);
+  const Params params = runParams(*test, opt, ctx);
   ResultFile file;
-  if (env.rank == 0 && !opt.output.empty() && !file.open(opt.output, params))
+  if (env.rank == 0 && !opt.output.empty() && !file.open(opt.output, params, net))
     fail(__FILE__, __LINE__, "fopen(--output)", strerror(errno));
-  printHeader(*test, params, env);
+  printHeader(*test, params, env, net);
 
   std::vector<Row> rows;
   bool fileOk = true;
@@ -267,9 +291,9 @@ int perfMain(int argc, char** argv, Options opt, PerfTest* test) {
     for (const PerfOp& op : ops) {
       moeloopStats_t before{}, after{};
       const bool hops = env.rank == 0 && readPluginStats(&before);
-      rows.push_back(measure(ctx, test->timing, op, T));
+      rows.push_back(measure(ctx, test->timing, op, T, net));
       if (env.rank != 0) continue;
-      printf("%s", tableLine(rows.back()).c_str());
+      printf("%s", tableLine(rows.back(), net).c_str());
       if (hops && readPluginStats(&after)) printf("%s", pluginHopLine(before, after).c_str());
       fflush(stdout);
       if (!opt.output.empty()) fileOk = file.add(rows.back()) && fileOk;

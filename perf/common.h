@@ -4,7 +4,9 @@
 // (options.h), ranks (testing/ranks.h: fork mode or mpirun), the EP context, the header,
 // the sweep over token counts, timing with CUDA events, reductions over ranks, one table line
 // per (size, operation) as soon as it is measured, the --output file (report.h), nccl-tests'
-// summary lines and the exit code (non-zero when any checked value was wrong).
+// summary lines and the exit code (non-zero when any checked value was wrong). Across nodes the
+// table and the file get the rdmabw / nvlbw columns (PerfOp::netBytes) and, with the loopback
+// plugin loaded, a line per operation with its puts' hop times (plugin_hops.h).
 //
 // Conventions: token counts are tokens per rank (T); sizes in bytes unless a name says
 // elements; times in microseconds; bandwidths in GB/s with 1 GB = 1e9 bytes.
@@ -53,6 +55,9 @@ struct PerfOp {
   // Optional: bytes this rank counts at size T for algbw (received, its own share included) and
   // busbw (bytes that crossed NVLink). Empty: the row has a time only.
   std::function<void(long T, double* algBytes, double* busBytes)> bytes;
+  // Optional, used only when the EP context spans several nodes: bytes this rank's NIC sends
+  // (rdmabw) and bytes it moves over NVLink in the internode path (nvlbw) at size T.
+  std::function<void(long T, double* rdmaBytes, double* nvlinkBytes)> netBytes;
   // Optional: runs the operation once more on poisoned outputs, compares with what the host
   // expects and returns this rank's wrong elements. Empty: #wrong is N/A.
   std::function<long long(long T)> check;
@@ -64,6 +69,7 @@ struct Context {
   const Options* opt = nullptr;
   ncclComm_t comm = nullptr;
   ncclMoeComm_t moe = nullptr;
+  int nNodes = 1;                 // nodes the EP context spans (ncclMoeCommNodeCount)
   cudaStream_t stream = nullptr;  // non-blocking; every operation runs on it
 };
 

@@ -20,13 +20,32 @@
 //   busbw = the same with only the rows that come from (dispatch) / go back to (combine) other
 //           ranks, i.e. the bytes that cross NVLink;
 //   time  = max over ranks of each rank's average time per call.
+// Across nodes (the EP context spans N > 1 nodes of G = R/N GPUs: MOE_FAKE_NODES or real ones),
+// from testing/ht_net_model.h's htNetTraffic for every rank's routing, two more columns:
+//   rdmabw = max over ranks of (bytes this rank's NIC sends / this rank's time): dispatch, one
+//            record per (own token, remote node it needs) plus one counts row per remote node;
+//            combine, one BF16 partial (H*2 bytes) per record this rank received. DeepEP's RDMA
+//            bandwidth, per NIC: compare with the line rate (NCCL_MOELOOP_GBPS, GB/s);
+//   nvlbw  = max over ranks of (NVLink bytes of the internode path / this rank's time): dispatch,
+//            rows placed on the other ranks of its node (own tokens and forwarded records);
+//            combine, BF16 rows summed from them. 0 with one GPU per node;
+// and before each size rank 0 prints the model: the bytes of the busiest fake NIC and, shaped,
+// its time at line rate (one message latency + the busier direction's bytes / GB/s), a lower
+// bound to read the measured times against. busbw keeps its definition (rows from / to other
+// ranks, whichever path they take).
+// Routing (--routing): random, skew (first expert on rank 0), or group: each token's experts
+// drawn from --group-nodes nodes picked at random per token (DeepSeek-V3's node-limited routing).
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include <algorithm>
+#include <string>
 #include <vector>
 
 #include "common.h"
+#include "../testing/ht_net_model.h"
+#include "../testing/ll_net_model.h"
 #include "../testing/reference.h"
 
 
@@ -35,6 +54,7 @@ namespace {
 // Sizes of one run. Counts are elements unless the name says bytes.
 struct Problem {
   int nRanks = 0, rank = 0;
+  int nNodes = 1, groupNodes = 1;  // nodes of the EP context; --routing group: nodes per token
   int numExperts = 0, expertsPerRank = 0, hidden = 0, topK = 0;
   ncclMoeDtype_t dtype = ncclMoeBf16;
   moe_perf::Routing routing = moe_perf::Routing::kRandom;
@@ -50,22 +70,35 @@ struct HostRouting {
 };
 
 // Routing of rank `src` for T tokens: topK distinct experts per token drawn uniformly (skew: the
-// first one among rank 0's experts), then about 1 entry in 16 replaced by -1 (skew: never the
-// first one, so every token reaches rank 0).
+// first one among rank 0's experts; group: among the experts of p.groupNodes distinct nodes
+// drawn for the token), then about 1 entry in 16 replaced by -1 (skew: never the first one, so
+// every token reaches rank 0).
 HostRouting makeRouting(const Problem& p, int src, long T) {
   moe_perf::Rng rng(moe_perf::mixSeed(p.seed, (uint64_t)src, (uint64_t)T, 1));
   HostRouting r;
   r.idx.resize((size_t)T * p.topK);
   r.weights.resize((size_t)T * p.topK);
+  const bool group = p.routing == moe_perf::Routing::kGroup;
+  const int expertsPerNode = p.numExperts / p.nNodes;
+  std::vector<int> nodes;  // group: the token's nodes
   for (long t = 0; t < T; t++) {
     int64_t* row = &r.idx[(size_t)t * p.topK];
+    nodes.clear();
+    while (group && (int)nodes.size() < p.groupNodes) {
+      const int n = rng.below(p.nNodes);
+      if (std::find(nodes.begin(), nodes.end(), n) == nodes.end()) nodes.push_back(n);
+    }
     for (int k = 0; k < p.topK; k++) {
       bool skewFirst = p.routing == moe_perf::Routing::kSkew && k == 0;
       int64_t e;
       bool duplicate;
       do {
-        e = skewFirst ? (int64_t)rng.below((uint32_t)p.expertsPerRank)
-                      : (int64_t)rng.below((uint32_t)p.numExperts);
+        if (group)
+          e = (int64_t)nodes[rng.below((int)nodes.size())] * expertsPerNode +
+              rng.below(expertsPerNode);
+        else
+          e = skewFirst ? (int64_t)rng.below((uint32_t)p.expertsPerRank)
+                        : (int64_t)rng.below((uint32_t)p.numExperts);
         duplicate = false;
         for (int j = 0; j < k; j++) duplicate |= (row[j] == e || row[j] == -2 - e);
       } while (duplicate);
@@ -315,6 +348,7 @@ struct Bench {
   std::vector<float> ownScales;
   ReceivePlan plan;
   std::vector<uint16_t> combineIn;  // FP8: the identity expert's BF16 rows (makeCombineInput)
+  moe_net::HtNetTraffic traffic;    // this rank's network / NVLink bytes at T (several nodes)
   ncclMoeHandle_t handle = nullptr;
   ncclMoeDispatchOutput_t out;
 
@@ -352,8 +386,13 @@ struct Bench {
     p.hidden = opt.hidden;
     p.topK = opt.topK;
     p.dtype = opt.fp8 ? ncclMoeFp8E4m3 : ncclMoeBf16;
+    p.nNodes = c.nNodes;
+    p.groupNodes = std::min(opt.groupNodes, c.nNodes);
     p.routing = opt.routing;
     p.seed = opt.seed;
+    if (p.routing == moe_perf::Routing::kGroup && p.groupNodes * (p.numExperts / p.nNodes) < p.topK)
+      moe_perf::fail(__FILE__, __LINE__, "--routing group",
+                     "fewer experts on --group-nodes nodes than -k");
     p.rowDataBytes = (size_t)opt.hidden * (opt.fp8 ? 1 : 2);
     p.scalesPerRow = opt.fp8 ? opt.hidden / 128 : 0;
     capacityRows = (long)p.nRanks * opt.maxTokensPerRank;
@@ -380,12 +419,63 @@ struct Bench {
     PERF_CUDA(cudaMemcpy(d.idx, own.idx.data(), own.idx.size() * 8, cudaMemcpyHostToDevice));
     PERF_CUDA(cudaMemcpy(d.weights, own.weights.data(), own.weights.size() * 4, cudaMemcpyHostToDevice));
     plan = planReceive(p, T);
+    if (p.nNodes > 1) netModel();
     combineIn.clear();
     if (p.dtype == ncclMoeFp8E4m3) combineIn = makeCombineInput(p, plan);
     memset(&out, 0, sizeof(out));
     dispatch();  // creates the handle and tells where the outputs are
     moe_perf::quiesce(ctx);
     poison();
+  }
+
+  // Across nodes: this rank's traffic at T (testing/ht_net_model.h) and, on rank 0, the model
+  // line: the busiest NIC's bytes per direction and, with the plugin shaped, its time at line
+  // rate (ll_net_model.h's llNetModelUs: one message latency + the busier direction's bytes).
+  void netModel() {
+    moe_net::HtNetShape s;
+    s.nRanks = p.nRanks;
+    s.gpusPerNode = p.nRanks / p.nNodes;
+    s.numExperts = p.numExperts;
+    s.hidden = p.hidden;
+    s.topK = p.topK;
+    s.fp8 = p.dtype == ncclMoeFp8E4m3;
+    std::vector<moe_ref::Routing> rt(p.nRanks);
+    for (int r = 0; r < p.nRanks; r++) {
+      rt[r].numTokens = (int)T;
+      rt[r].topK = p.topK;
+      rt[r].topkIdx = plan.routing[r].idx;
+      rt[r].topkWeights = plan.routing[r].weights;
+    }
+    traffic = moe_net::htNetTraffic(s, rt, p.rank);
+    if (p.rank != 0) return;
+    const moe_net::NicShape nic = moe_net::nicShapeFromEnv();
+    double dispUs = 0, combUs = 0;  // the busiest NIC's time at line rate
+    double dispOut = 0, dispIn = 0, combOut = 0, combIn = 0, dispNvl = 0, combNvl = 0;  // bytes
+    for (int r = 0; r < p.nRanks; r++) {
+      const moe_net::HtNetTraffic t = r == p.rank ? traffic : moe_net::htNetTraffic(s, rt, r);
+      dispUs = std::max(dispUs, moe_net::llNetModelUs(nic, t.dispatchRdmaOut, t.dispatchRdmaIn));
+      combUs = std::max(combUs, moe_net::llNetModelUs(nic, t.combineRdmaOut, t.combineRdmaIn));
+      dispOut = std::max(dispOut, t.dispatchRdmaOut);
+      dispIn = std::max(dispIn, t.dispatchRdmaIn);
+      combOut = std::max(combOut, t.combineRdmaOut);
+      combIn = std::max(combIn, t.combineRdmaIn);
+      dispNvl = std::max(dispNvl, t.dispatchNvlinkOut);
+      combNvl = std::max(combNvl, t.combineNvlinkIn);
+    }
+    char shape[96] = "NIC unshaped";
+    if (nic.gbps > 0)
+      snprintf(shape, sizeof(shape), "NIC %g GB/s + %g us per message", nic.gbps, nic.latencyUs);
+    auto op = [&](double us, double out, double in, double nvl) {
+      char buf[160];
+      int n = snprintf(buf, sizeof(buf), "busiest NIC %.3f MB out, %.3f MB in, NVLink %.3f MB",
+                       out / 1e6, in / 1e6, nvl / 1e6);
+      if (nic.gbps > 0) snprintf(buf + n, sizeof(buf) - n, ": >= %.1f us", us);
+      return std::string(buf);
+    };
+    printf("# net model, %ld tokens (%d nodes x %d GPUs, %s): dispatch %s; combine %s\n", T,
+           p.nNodes, s.gpusPerNode, shape, op(dispUs, dispOut, dispIn, dispNvl).c_str(),
+           op(combUs, combOut, combIn, combNvl).c_str());
+    fflush(stdout);
   }
 
   // Operations in run order. Checks: one more call on poisoned outputs, compared on the host.
@@ -405,6 +495,10 @@ struct Bench {
       *alg = plan.rows * p.bwRowBytes();
       *bus = (plan.rows - plan.selfRows) * p.bwRowBytes();
     };
+    disp.netBytes = [this](long, double* rdma, double* nvl) {
+      *rdma = traffic.dispatchRdmaOut;
+      *nvl = traffic.dispatchNvlinkOut;
+    };
     disp.check = [this](long) {
       poison();
       dispatch();
@@ -417,6 +511,10 @@ struct Bench {
     comb.bytes = [this](long, double* alg, double* bus) {
       *alg = plan.rows * 2.0 * p.hidden;
       *bus = (plan.rows - plan.selfRows) * 2.0 * p.hidden;
+    };
+    comb.netBytes = [this](long, double* rdma, double* nvl) {
+      *rdma = traffic.combineRdmaOut;
+      *nvl = traffic.combineNvlinkIn;
     };
     comb.check = [this](long) {
       poison();
@@ -445,8 +543,12 @@ int main(int argc, char** argv) {
   test.name = "ht_perf";
   test.mode = ncclMoeHighThroughput;
   test.timing = moe_perf::Timing::kBackToBack;
-  test.params = [] { const char* k = getenv("NCCL_MOE_HT_COMBINE");  // the combine kernel
-                         return moe_perf::Params{{"combine", k && *k ? k : "pull"}}; };
+  test.params = [] {
+    const char* k = getenv("NCCL_MOE_HT_COMBINE");  // the combine kernel
+    const bool group = bench.p.routing == moe_perf::Routing::kGroup;
+    return moe_perf::Params{{"combine", k && *k ? k : "pull"},
+                            {"group_nodes", group ? std::to_string(bench.p.groupNodes) : "-"}};
+  };
   test.setup = [](const moe_perf::Context& ctx) {
     bench.setup(ctx);
     return bench.ops();

@@ -397,6 +397,7 @@ int main(int argc, char** argv) {
        }},
   };
   test.validate = [](const moe_perf::Options& opt) -> std::string {
+    if (opt.routing == moe_perf::Routing::kGroup) return "--routing group is ht_perf's (here: random|skew)";
     if (opt.fp8 && bench.fmt == ncclMoeScaleUe8m0 && opt.hidden % 512 != 0)
       return "--scales ue8m0 needs -H a multiple of 512";
     return "";

@@ -12,7 +12,9 @@ namespace moe_perf {
 namespace {
 
 // getopt_long values of the long-only options (above every char).
-enum LongOnly { kRanks = 256, kMaxTokensPerRank, kRouting, kSeed, kOutput, kFirstExtra = 512 };
+enum LongOnly {
+  kRanks = 256, kMaxTokensPerRank, kRouting, kGroupNodes, kSeed, kOutput, kFirstExtra = 512
+};
 
 struct CommonOption {
   const char* name;
@@ -95,9 +97,12 @@ void printUsage(const char* prog, const Options& d, const std::vector<ExtraOptio
   line('E', "experts", "<E>", h);
   line(0, "ranks", "<n>", "ranks, one GPU each (default: all local GPUs; mpirun: the world)");
   line(0, "max-tokens-per-rank", "<T>", "maxTokensPerRank of the EP context (default: -e)");
-  snprintf(h, sizeof(h), "uniform top-k, or every token's first expert on rank 0 (default %s)",
-           routingName(d.routing));
-  line(0, "routing", "random|skew", h);
+  snprintf(h, sizeof(h), "uniform top-k; skew: first expert on rank 0; group: experts of "
+           "--group-nodes random nodes per token (default %s)", routingName(d.routing));
+  line(0, "routing", "random|skew|group", h);
+  snprintf(h, sizeof(h), "nodes each token's experts come from with --routing group (default %d)",
+           d.groupNodes);
+  line(0, "group-nodes", "<g>", h);
   snprintf(h, sizeof(h), "seed of the generated routing and data (default 0x%llx)",
            (unsigned long long)d.seed);
   line(0, "seed", "<n>", h);
@@ -164,7 +169,9 @@ void reportUnknown(const char* prog, int letter, const char* arg) {
 }  // namespace
 
 const char* dtypeName(bool fp8) { return fp8 ? "fp8" : "bf16"; }
-const char* routingName(Routing r) { return r == Routing::kSkew ? "skew" : "random"; }
+const char* routingName(Routing r) {
+  return r == Routing::kSkew ? "skew" : r == Routing::kGroup ? "group" : "random";
+}
 
 int parseOptions(int argc, char** argv, const char* progName,
                  const std::vector<ExtraOption>& extras, Options* opt) {
@@ -174,8 +181,8 @@ int parseOptions(int argc, char** argv, const char* progName,
       {"check", 'c', true},        {"datatype", 'd', true},    {"sms", 's', true},
       {"hidden", 'H', true},       {"topk", 'k', true},        {"experts", 'E', true},
       {"ranks", kRanks, true},     {"max-tokens-per-rank", kMaxTokensPerRank, true},
-      {"routing", kRouting, true}, {"seed", kSeed, true},      {"output", kOutput, true},
-      {"help", 'h', false},
+      {"routing", kRouting, true}, {"group-nodes", kGroupNodes, true},
+      {"seed", kSeed, true},       {"output", kOutput, true},  {"help", 'h', false},
   };
   std::string shortOpts = ":";  // leading ':': a missing value returns ':' (not '?')
   std::vector<struct option> longOpts;
@@ -238,9 +245,11 @@ int parseOptions(int argc, char** argv, const char* progName,
         maxPerRankGiven = true;
         break;
       case kRouting:
-        ok = !strcmp(v, "random") || !strcmp(v, "skew");
-        opt->routing = !strcmp(v, "skew") ? Routing::kSkew : Routing::kRandom;
+        ok = false;
+        for (Routing r : {Routing::kRandom, Routing::kSkew, Routing::kGroup})
+          if (!strcmp(v, routingName(r))) opt->routing = r, ok = true;
         break;
+      case kGroupNodes: ok = parseInt(v, 1, INT_MAX, &opt->groupNodes); break;
       case kSeed: {
         char* end = nullptr;
         errno = 0;

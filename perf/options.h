@@ -16,7 +16,11 @@
 
 namespace moe_perf {
 
-enum class Routing { kRandom, kSkew };
+// How the perf binaries draw each token's top-k experts (ht_perf takes all three, ll_perf the
+// first two): uniform over all experts; skew: the first one among rank 0's experts; group: from
+// the experts of groupNodes nodes of the EP context drawn at random per token (DeepSeek-V3's
+// node-limited routing; on one node the same distribution as random).
+enum class Routing { kRandom, kSkew, kGroup };
 
 struct Options {
   long minTokens = 128;     // -b --min-tokens: first token count of the sweep (tokens per rank)
@@ -33,7 +37,8 @@ struct Options {
   int numExperts = 256;     // -E --experts: experts in total
   int nRanks = 0;           // --ranks: ranks, one GPU each; 0 = all local GPUs (mpirun: world)
   long maxTokensPerRank = 0;  // --max-tokens-per-rank: the EP context's; 0 = maxTokens
-  Routing routing = Routing::kRandom;  // --routing random|skew
+  Routing routing = Routing::kRandom;  // --routing random|skew|group
+  int groupNodes = 2;       // --group-nodes: nodes per token with --routing group (at most N)
   uint64_t seed = 0x5eed;   // --seed: seed of the generated routing and data
   std::string output;       // --output FILE: rows as CSV (*.csv) or JSON (*.json); "" = none
 };

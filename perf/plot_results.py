@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Draws the perf binaries' results (ht_perf / ll_perf --output FILE.csv|.json) as PNG files.
 
-    python3 perf/plot_results.py [--outdir DIR] [--metric algbw|busbw|time] FILE...
+    python3 perf/plot_results.py [--outdir DIR] [--metric algbw|busbw|nvlink|rdma|time] FILE...
 
 Every FILE holds rows in the --output format: the run's parameters (impl, card, ranks, hidden,
 topk, experts, sms, dtype, ...) and the columns tokens, op, time_us, p99_us, algbw_gbps,
-busbw_gbps, wrong. Peers' numbers (NCCL EP, DeepEP) are CSV rows in the same format with their
+busbw_gbps, wrong (across nodes also rdma_gbps, nvlink_gbps). Peers' numbers (NCCL EP, DeepEP) are CSV rows in the same format with their
 own `impl`; missing columns are allowed. For each operation it writes
-    <metric>_vs_tokens_<op>.png  one line per series (impl, dtype, sms, shape, ranks, card)
+    <metric>_vs_tokens_<op>.png  one line per series (impl, dtype, sms, shape, ranks, nodes,
+                                 routing, NIC shaping, card)
     <metric>_vs_sms_<op>.png     one line per series (the same without sms, with tokens)
 where a series has at least one point; peers (impl other than nccl-moe) are dashed. The legend names only what differs between the series
 of a figure; the title names what they share. Where one series has several rows at the same x
@@ -21,10 +22,12 @@ import sys
 
 METRICS = {"algbw": ("algbw_gbps", "algbw (GB/s)"),
            "busbw": ("busbw_gbps", "busbw (GB/s)"),
-           "time": ("time_us", "time per call (µs)")}
+           "time": ("time_us", "time per call (µs)"),
+           "rdma": ("rdma_gbps", "RDMA GB/s, busiest NIC (across nodes)"),
+           "nvlink": ("nvlink_gbps", "NVLink GB/s of the internode path, busiest rank")}
 # Parameters that tell series apart, in legend order.
-SERIES_KEYS = ["impl", "dtype", "sms", "tokens", "hidden", "topk", "experts", "ranks", "card",
-               "nccl", "timing"]
+SERIES_KEYS = ["impl", "dtype", "sms", "tokens", "hidden", "topk", "experts", "ranks", "nodes",
+               "routing", "group_nodes", "moeloop_gbps", "card", "nccl", "timing"]
 
 
 def read_rows(path):

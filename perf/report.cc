@@ -8,8 +8,13 @@
 namespace moe_perf {
 namespace {
 
-const char* const kColumns[] = {"tokens", "op", "time_us", "p99_us", "algbw_gbps", "busbw_gbps",
-                                "wrong"};
+// Column names of the --output file, in order; `net` adds the two network columns.
+std::vector<const char*> columns(bool net) {
+  std::vector<const char*> c = {"tokens", "op", "time_us", "p99_us", "algbw_gbps", "busbw_gbps"};
+  if (net) c.insert(c.end(), {"rdma_gbps", "nvlink_gbps"});
+  c.push_back("wrong");
+  return c;
+}
 
 std::string format(const char* fmt, double v) {
   char buf[64];
@@ -45,35 +50,53 @@ std::string jsonString(const std::string& s) {
   return q + "\"";
 }
 
-// The row's values in kColumns order; "" where not measured.
-std::vector<std::string> rowValues(const Row& r) {
-  return {std::to_string(r.tokens),
-          r.op,
-          format("%.3f", r.timeUs),
-          r.p99Us >= 0 ? format("%.3f", r.p99Us) : "",
-          r.hasBw ? format("%.3f", r.algbw) : "",
-          r.hasBw ? format("%.3f", r.busbw) : "",
-          r.checked ? std::to_string(r.wrong) : ""};
+// The row's values in columns(net) order; "" where not measured.
+std::vector<std::string> rowValues(const Row& r, bool net) {
+  std::vector<std::string> v = {std::to_string(r.tokens),
+                                r.op,
+                                format("%.3f", r.timeUs),
+                                r.p99Us >= 0 ? format("%.3f", r.p99Us) : "",
+                                r.hasBw ? format("%.3f", r.algbw) : "",
+                                r.hasBw ? format("%.3f", r.busbw) : ""};
+  if (net)
+    v.insert(v.end(), {r.hasNet ? format("%.3f", r.rdmabw) : "",
+                       r.hasNet ? format("%.3f", r.nvlinkbw) : ""});
+  v.push_back(r.checked ? std::to_string(r.wrong) : "");
+  return v;
 }
 
 }  // namespace
 
-std::string tableHeader() {
-  char buf[256];
-  snprintf(buf, sizeof(buf), "#%9s  %-18s %10s %10s %10s %10s %8s\n#%9s  %-18s %10s %10s %10s %10s %8s\n",
-           "tokens", "op", "time", "p99", "algbw", "busbw", "#wrong", "", "", "(us)", "(us)",
-           "(GB/s)", "(GB/s)", "");
+std::string tableHeader(bool net) {
+  char buf[320];
+  if (!net) {
+    snprintf(buf, sizeof(buf), "#%9s  %-18s %10s %10s %10s %10s %8s\n#%9s  %-18s %10s %10s %10s %10s %8s\n",
+             "tokens", "op", "time", "p99", "algbw", "busbw", "#wrong", "", "", "(us)", "(us)",
+             "(GB/s)", "(GB/s)", "");
+  } else {
+    snprintf(buf, sizeof(buf),
+             "#%9s  %-18s %10s %10s %10s %10s %10s %10s %8s\n#%9s  %-18s %10s %10s %10s %10s %10s %10s %8s\n",
+             "tokens", "op", "time", "p99", "algbw", "busbw", "rdmabw", "nvlbw", "#wrong", "", "",
+             "(us)", "(us)", "(GB/s)", "(GB/s)", "(GB/s)", "(GB/s)", "");
+  }
   return buf;
 }
 
-std::string tableLine(const Row& r) {
+std::string tableLine(const Row& r, bool net) {
   const std::string p99 = r.p99Us >= 0 ? format("%.2f", r.p99Us) : "-";
   const std::string alg = r.hasBw ? format("%.2f", r.algbw) : "-";
   const std::string bus = r.hasBw ? format("%.2f", r.busbw) : "-";
   const std::string wrong = r.checked ? std::to_string(r.wrong) : "N/A";
-  char buf[256];
-  snprintf(buf, sizeof(buf), " %9ld  %-18s %10.2f %10s %10s %10s %8s\n", r.tokens, r.op.c_str(),
-           r.timeUs, p99.c_str(), alg.c_str(), bus.c_str(), wrong.c_str());
+  const std::string rdma = r.hasNet ? format("%.2f", r.rdmabw) : "-";
+  const std::string nvl = r.hasNet ? format("%.2f", r.nvlinkbw) : "-";
+  char buf[320];
+  if (!net)
+    snprintf(buf, sizeof(buf), " %9ld  %-18s %10.2f %10s %10s %10s %8s\n", r.tokens, r.op.c_str(),
+             r.timeUs, p99.c_str(), alg.c_str(), bus.c_str(), wrong.c_str());
+  else
+    snprintf(buf, sizeof(buf), " %9ld  %-18s %10.2f %10s %10s %10s %10s %10s %8s\n", r.tokens,
+             r.op.c_str(), r.timeUs, p99.c_str(), alg.c_str(), bus.c_str(), rdma.c_str(),
+             nvl.c_str(), wrong.c_str());
   return buf;
 }
 
@@ -98,19 +121,20 @@ std::string summaryLines(const std::vector<Row>& rows) {
 
 ResultFile::~ResultFile() { close(); }
 
-bool ResultFile::open(const std::string& path, const Params& params) {
+bool ResultFile::open(const std::string& path, const Params& params, bool net) {
   close();
   file_ = fopen(path.c_str(), "w");
   if (!file_) return false;
   json_ = endsWith(path, ".json");
+  net_ = net;
   ok_ = true;
   params_ = params;
   rows_.clear();
   if (!json_) {
     std::string line;
     for (const auto& p : params_) line += csvField(p.first) + ",";
-    for (size_t i = 0; i < sizeof(kColumns) / sizeof(kColumns[0]); i++)
-      line += std::string(i ? "," : "") + kColumns[i];
+    const std::vector<const char*> names = columns(net_);
+    for (size_t i = 0; i < names.size(); i++) line += std::string(i ? "," : "") + names[i];
     ok_ = fprintf(file_, "%s\n", line.c_str()) > 0 && fflush(file_) == 0;
   }
   return true;
@@ -124,7 +148,7 @@ bool ResultFile::add(const Row& row) {
   }
   std::string line;
   for (const auto& p : params_) line += csvField(p.second) + ",";
-  const std::vector<std::string> values = rowValues(row);
+  const std::vector<std::string> values = rowValues(row, net_);
   for (size_t i = 0; i < values.size(); i++) line += (i ? "," : "") + csvField(values[i]);
   ok_ = ok_ && fprintf(file_, "%s\n", line.c_str()) > 0 && fflush(file_) == 0;
   return ok_;
@@ -137,11 +161,12 @@ bool ResultFile::close() {
     for (size_t i = 0; i < params_.size(); i++)
       text += (i ? ", " : "") + jsonString(params_[i].first) + ": " + jsonString(params_[i].second);
     text += "},\n  \"rows\": [";
+    const std::vector<const char*> names = columns(net_);
     for (size_t r = 0; r < rows_.size(); r++) {
-      const std::vector<std::string> values = rowValues(rows_[r]);
+      const std::vector<std::string> values = rowValues(rows_[r], net_);
       text += r ? ",\n    {" : "\n    {";
       for (size_t i = 0; i < values.size(); i++) {
-        text += std::string(i ? ", " : "") + "\"" + kColumns[i] + "\": ";
+        text += std::string(i ? ", " : "") + "\"" + names[i] + "\": ";
         if (i == 1) text += jsonString(values[i]);  // op
         else text += values[i].empty() ? "null" : values[i];
       }

@@ -23,6 +23,9 @@ struct Row {
   bool hasBw = false;    // false: time only
   double algbw = 0;      // GB/s, min over ranks (when hasBw)
   double busbw = 0;      // GB/s, min over ranks (when hasBw)
+  bool hasNet = false;   // several nodes and an operation with a network model (else false)
+  double rdmabw = 0;     // GB/s, max over ranks of network bytes sent / time (when hasNet)
+  double nvlinkbw = 0;   // GB/s, max over ranks of the internode path's NVLink bytes / time
   bool checked = false;  // false: #wrong is N/A
   long long wrong = 0;   // wrong elements summed over ranks (when checked)
 };
@@ -32,10 +35,11 @@ struct Row {
 using Params = std::vector<std::pair<std::string, std::string>>;
 
 // The two header lines of the table on stdout (each starting with "#", ending with '\n').
-std::string tableHeader();
+// `net`: with the rdmabw and nvlbw columns after busbw (runs across nodes).
+std::string tableHeader(bool net = false);
 // One table line for a row (ending with '\n'): "-" where a value was not measured, N/A for an
-// unchecked #wrong.
-std::string tableLine(const Row& row);
+// unchecked #wrong; `net` as for tableHeader.
+std::string tableLine(const Row& row, bool net = false);
 
 // nccl-tests' closing lines: "# Out of bounds values : N OK|FAILED" and
 // "# Avg bus bandwidth    : X" (X = mean busbw over the rows that have one; 0 without any),
@@ -45,7 +49,8 @@ long long totalWrong(const std::vector<Row>& rows);
 
 // The --output file. CSV (name ends in .csv): one header line, then one line per row, written
 // and flushed as each row arrives; columns = the parameters' names, then tokens, op, time_us,
-// p99_us, algbw_gbps, busbw_gbps, wrong (empty where not measured / not checked).
+// p99_us, algbw_gbps, busbw_gbps, [rdma_gbps, nvlink_gbps: opened with `net`], wrong (empty where
+// not measured / not checked).
 // JSON (.json): {"params": {name: "value", ...}, "rows": [{...}, ...]} written by close(): the
 // parameters as strings, the rows with the same column names, numbers as numbers, null where
 // not measured.
@@ -55,8 +60,9 @@ class ResultFile {
   ResultFile(const ResultFile&) = delete;
   ResultFile& operator=(const ResultFile&) = delete;
   ~ResultFile();
-  // Opens (truncates) `path`. False (errno set) when it cannot be opened.
-  bool open(const std::string& path, const Params& params);
+  // Opens (truncates) `path`; `net` adds the columns rdma_gbps and nvlink_gbps. False (errno
+  // set) when it cannot be opened.
+  bool open(const std::string& path, const Params& params, bool net = false);
   // Adds one row. False when writing failed.
   bool add(const Row& row);
   // Writes what is left and closes. False when writing failed. Called by the destructor too.
@@ -65,6 +71,7 @@ class ResultFile {
  private:
   FILE* file_ = nullptr;
   bool json_ = false;
+  bool net_ = false;
   bool ok_ = true;
   Params params_;
   std::vector<Row> rows_;  // JSON only: written by close()
