@@ -26,7 +26,7 @@ HtNetTraffic htNetTraffic(const HtNetShape& s, const std::vector<moe_ref::Routin
   const int R = s.nRanks, G = s.gpusPerNode, N = R / G, L = s.numExperts / R;
   const int myNode = me / G, myIndex = me % G;
   const double record = (double)htRecordBytes(s), counts = (double)htCountsRowBytes(s);
-  const double partial = 2.0 * s.hidden, weights = s.weightedCombine ? 4.0 * G : 0.0;
+  const double partial = 2.0 * s.hidden, weights = 4.0 * G;
   const double row = (double)s.hidden * (s.fp8 ? 1 : 2) + (s.fp8 ? s.hidden / 128 * 4.0 : 0.0);
   HtNetTraffic t;
   t.dispatchOutTo.assign(R, 0.0);

@@ -15,8 +15,8 @@
 //              its rail peers' records bring (forwarded).
 // Completion and credit signals carry no payload bytes.
 // In one combine, the mirror: rdmaOut = one BF16 partial (H * 2 bytes) per record received back
-// to its source, plus, for a weighted combine only, G FP32 combine weights (one per rank of B)
-// per record sent to B's rail peer; rdmaIn = the same seen from the other end. nvlinkIn = one BF16
+// to its source, plus G FP32 combine weights (one per rank of B; 1 or 0 for an unweighted combine,
+// which takes the same path) per record sent to B's rail peer; rdmaIn = the same seen from the other end. nvlinkIn = one BF16
 // row per (token, other rank of node n) that `me` sums for its own tokens and for the partials it
 // returns. The record's size is the library's (net/ht_regions.h), computed here on its own so the
 // unit test can compare the two.
@@ -29,8 +29,7 @@ namespace moe_net {
 
 struct HtNetShape {
   int nRanks = 0, gpusPerNode = 0, numExperts = 0, hidden = 0, topK = 0;
-  bool fp8 = false;              // FP8 rows carry hidden / 128 FP32 scales
-  bool weightedCombine = false;  // combine given topkWeights: G FP32 weights per record go out
+  bool fp8 = false;  // FP8 rows carry hidden / 128 FP32 scales
 };
 
 struct HtNetTraffic {  // bytes

@@ -261,7 +261,7 @@ struct HtNetArgs {
   int sigDispatchDone0;    // + src
   int sigCombineDone0;     // + src
 };
-constexpr int kHtNetChunk = 32;  // slots per chunk: records (or partials) per GIN put
+constexpr int kHtNetChunk = 64;  // slots per chunk: records (or partials) per GIN put
 
 struct DispatchNetArgs {
   DispatchArgs d;

@@ -65,7 +65,6 @@ void bytesScenario(const Shape& s, uint64_t seed, Route route, Route route2, boo
   ns.hidden = s.hidden;
   ns.topK = s.topK;
   ns.fp8 = s.dtype != ncclMoeBf16;
-  ns.weightedCombine = weighted;
   DeviceInputs in;
   for (int round = 0; round < 2; round++) {
     GenSpec g = netSpec(seed + 1000003ull * round, round ? route2 : route);

@@ -171,15 +171,16 @@ TEST(HtNetModel, OneRecordPerTokenAndRemoteNode) {
   EXPECT_DOUBLE_EQ(t0.dispatchRdmaOut, counts + 2 * rec);
   EXPECT_DOUBLE_EQ(t0.dispatchRdmaIn, counts + rec);
   EXPECT_DOUBLE_EQ(t0.dispatchNvlinkOut, 2 * row);  // own t1 to rank 1, forwarded rank 2's t0 to rank 1
-  EXPECT_DOUBLE_EQ(t0.combineRdmaOut, partial);
-  EXPECT_DOUBLE_EQ(t0.combineRdmaIn, 2 * partial);
+  const double w = 2 * 4;  // a record's combine weights: one FP32 per rank of its node (G = 2)
+  EXPECT_DOUBLE_EQ(t0.combineRdmaOut, partial + 2 * w);  // rank 2's t0 back; weights of t0, t2
+  EXPECT_DOUBLE_EQ(t0.combineRdmaIn, 2 * partial + w);
   EXPECT_DOUBLE_EQ(t0.combineNvlinkIn, 2 * partial);
   // Per peer: everything goes to the rail peer on node 1 (rank 2), nothing to rank 1 or rank 3.
   EXPECT_EQ(t0.dispatchOutTo, (std::vector<double>{0, 0, counts + 2 * rec, 0}));
-  EXPECT_EQ(t0.combineOutTo, (std::vector<double>{0, 0, partial, 0}));  // rank 2's t0 back
+  EXPECT_EQ(t0.combineOutTo, (std::vector<double>{0, 0, partial + 2 * w, 0}));
   moe_net::HtNetTraffic t3 = moe_net::htNetTraffic(s, rt, 3);
   EXPECT_EQ(t3.dispatchOutTo, (std::vector<double>{0, counts + rec, 0, 0}));
-  EXPECT_EQ(t3.combineOutTo, (std::vector<double>{0, partial, 0, 0}));  // rank 1's t0 back
+  EXPECT_EQ(t3.combineOutTo, (std::vector<double>{0, partial + w, 0, 0}));  // rank 1's t0 back, t0's weights
   EXPECT_EQ(t3.recordsOut, 1);  // t0 to node 0 (rank 1); its expert 7 is its own
   EXPECT_EQ(t3.recordsIn, 1);   // rank 1's t0, for rank 2: forwarded over NVLink
   EXPECT_DOUBLE_EQ(t3.dispatchNvlinkOut, row);
@@ -223,28 +224,22 @@ TEST(HtNetModel, WhatLeavesArrivesAndOwnNodeOnlyIsFree) {
   EXPECT_DOUBLE_EQ(out, in);
   EXPECT_DOUBLE_EQ(cOut, cIn);
   // Every token on its own node (experts of ranks 0, 1 from node 0, 4..7 from node 1): only the
-  // counts rows cross (one to the rail peer on the other node), and nothing in a combine,
-  // weighted or not.
+  // counts rows cross (one to the rail peer on the other node), and nothing in a combine.
   const std::vector<moe_ref::Routing> local = {moe_ref::makeRouting(2, {{0, 3}}), moe_ref::makeRouting(2, {{1, 2}}),
                                                moe_ref::makeRouting(2, {{4, 7}}), moe_ref::makeRouting(2, {})};
-  for (bool weighted : {false, true}) {
-    moe_net::HtNetShape sw = s;
-    sw.weightedCombine = weighted;
-    for (int me = 0; me < 4; me++) {
-      const moe_net::HtNetTraffic t = moe_net::htNetTraffic(sw, local, me);
-      EXPECT_EQ(t.recordsOut + t.recordsIn, 0) << "rank " << me;
-      EXPECT_DOUBLE_EQ(t.dispatchRdmaOut, (double)moe_net::htCountsRowBytes(s));
-      EXPECT_DOUBLE_EQ(t.dispatchOutTo[(me + 2) % 4], (double)moe_net::htCountsRowBytes(s));
-      EXPECT_DOUBLE_EQ(t.combineRdmaOut + t.combineRdmaIn, 0.0);
-    }
+  for (int me = 0; me < 4; me++) {
+    const moe_net::HtNetTraffic t = moe_net::htNetTraffic(s, local, me);
+    EXPECT_EQ(t.recordsOut + t.recordsIn, 0) << "rank " << me;
+    EXPECT_DOUBLE_EQ(t.dispatchRdmaOut, (double)moe_net::htCountsRowBytes(s));
+    EXPECT_DOUBLE_EQ(t.dispatchOutTo[(me + 2) % 4], (double)moe_net::htCountsRowBytes(s));
+    EXPECT_DOUBLE_EQ(t.combineRdmaOut + t.combineRdmaIn, 0.0);
   }
 }
 
-// A weighted combine also sends, per record, one FP32 combine weight for each rank of the
-// destination node (G = 2 here) to the rail peer; the partials coming back are unchanged.
-TEST(HtNetModel, WeightedCombineSendsWeightsPerRecord) {
+// A combine also sends, per record, one FP32 combine weight for each rank of the destination
+// node (G = 2 here) to the rail peer (weighted or not: an unweighted one sends 1s and 0s).
+TEST(HtNetModel, CombineSendsWeightsPerRecord) {
   moe_net::HtNetShape s = smallShape(false);
-  s.weightedCombine = true;
   const std::vector<moe_ref::Routing> rt = handRouting();
   const double partial = 256, w = 2 * 4;
   const moe_net::HtNetTraffic t0 = moe_net::htNetTraffic(s, rt, 0);
@@ -254,12 +249,7 @@ TEST(HtNetModel, WeightedCombineSendsWeightsPerRecord) {
   // Rank 1: the weights of its t0 (for rank 2) to rank 3, and rank 3's t0's partial back to it.
   const moe_net::HtNetTraffic t1 = moe_net::htNetTraffic(s, rt, 1);
   EXPECT_EQ(t1.combineOutTo, (std::vector<double>{0, 0, 0, partial + w}));
-  // Dispatch bytes do not depend on the combine's weights.
-  s.weightedCombine = false;
-  EXPECT_DOUBLE_EQ(moe_net::htNetTraffic(s, rt, 0).dispatchRdmaOut, t0.dispatchRdmaOut);
-  EXPECT_EQ(moe_net::htNetTraffic(s, rt, 1).combineOutTo, (std::vector<double>{0, 0, 0, partial}));
   // Sums over ranks: what leaves arrives, per peer and in total.
-  s.weightedCombine = true;
   std::vector<double> sentTo(4, 0);
   double out = 0, in = 0;
   for (int me = 0; me < 4; me++) {

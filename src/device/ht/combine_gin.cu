@@ -103,7 +103,7 @@ __device__ void sendWeights(const CombineNetArgs& a, bool empty, int warp, int w
         putChunk(a.net, w.win, f, land + (size_t)first * row, stage + (size_t)first * row, (size_t)n * row, sig, ch, k);
       }
     }
-    if (threadIdx.x == 0 && ch.last() < 0) signalEmptyChannel(a.net, f, sig);
+    if (threadIdx.x == 0 && ch.last() < 0) signalEmptyChannel(a.net, f, sig, ch);
   }
 }
 
@@ -128,7 +128,7 @@ __device__ bool sendPartials(const CombineNetArgs& a, const char* const* rows, u
     const size_t land = a.net.combineLand + (size_t)myNodeIndexAt(p, A) * M * prow;
     const int* netRows = c.routing.netRows + (size_t)A * M * G;
     for (int k = ch.c; k < ch.chunks(); k += ch.S) {
-      if (threadIdx.x == 0) chunkOk = waitChannelAtLeast(w, a.net, wsig, seq, ch.through(k), s);
+      if (threadIdx.x == 0) chunkOk = waitChannelAtLeast(w, a.net, wsig, ch.c, seq, ch.through(k), s);
       __syncthreads();
       if (!chunkOk) return false;
       const int first = k * kHtNetChunk, n = ch.size(k);
@@ -157,36 +157,38 @@ __device__ bool sendPartials(const CombineNetArgs& a, const char* const* rows, u
                  ch, k);
       }
     }
-    if (threadIdx.x == 0 && ch.last() < 0) signalEmptyChannel(a.net, s, psig);
+    if (threadIdx.x == 0 && ch.last() < 0) signalEmptyChannel(a.net, s, psig, ch);
   }
   return true;
 }
 
-// Phase 4, one warp: token t.
-__device__ void reduceTokenNet(const CombineNetArgs& a, const char* const* rows, bool empty, uint64_t seq, int t,
-                               int lane, bool* ok) {
+// Phase 4, before the tokens: thread b < N (b != this node) waits until every channel of the
+// rail peer on node b has returned all its partials (exactly seq * 2^32 each; one poller per
+// remote node and CTA, the channels in turn). Returns false if a wait failed.
+__device__ bool awaitPartials(const CombineNetArgs& a, uint64_t seq) {
+  const WindowView& w = a.c.w;
+  const PeerMap& p = w.peers;
+  bool ok = true;
+  for (int b = threadIdx.x; b < p.nodes(); b += blockDim.x) {
+    if (b == p.node(p.rank)) continue;
+    const int f = railPeer(p, b);
+    for (int ch = 0; ch < (int)gridDim.x && ok; ++ch)
+      ok = waitChannelDone(w, a.net, a.net.sigPartials0 + f * gridDim.x + ch, ch, seq, f);
+  }
+  return __syncthreads_and(ok) != 0;
+}
+
+// Phase 4, one warp: token t, once awaitPartials has returned.
+__device__ void reduceTokenNet(const CombineNetArgs& a, const char* const* rows, bool empty, int t, int lane) {
   const CombineArgs& c = a.c;
   const WindowView& w = c.w;
   const PeerMap& p = w.peers;
   const int R = p.nRanks, G = p.lsaSize, N = p.nodes(), n0 = p.node(p.rank), M = a.net.maxTokens;
   const size_t prow = (size_t)c.hidden * 2;
   const int rowVecs = c.hidden / 8;
-  // Lane b < N: t's slot in node b's list (-1: none); lane 0 waits for each remote partial.
+  // Lane b < N: t's slot in node b's list (-1: none).
   const int slot = !empty && lane < N && lane != n0 ? c.routing.nodeSlot[(size_t)t * N + lane] : -1;
   const unsigned remote = __ballot_sync(0xffffffffu, slot >= 0);
-  bool arrived = true;
-  for (unsigned m = remote; m != 0; m &= m - 1) {
-    const int b = __ffs(m) - 1;
-    const int sb = __shfl_sync(0xffffffffu, slot, b);
-    if (lane == 0 && arrived) {
-      const int k = sb / kHtNetChunk;
-      const ChannelChunks ch{c.routing.tokensPerNode[b], k % (int)gridDim.x, (int)gridDim.x};
-      const int f = railPeer(p, b);
-      arrived = waitChannelAtLeast(w, a.net, a.net.sigPartials0 + f * gridDim.x + ch.c, seq, ch.through(k), f);
-    }
-  }
-  arrived = __shfl_sync(0xffffffffu, arrived, 0);
-  if (!arrived) *ok = false;
   const bool inNode = lane >= p.lsaBase && lane < p.lsaBase + G;
   const int pos = inNode && !empty ? c.routing.sendPos[(size_t)t * R + lane] : -1;
   const unsigned ownMask = __ballot_sync(0xffffffffu, pos >= 0);
@@ -206,7 +208,7 @@ __device__ void reduceTokenNet(const CombineNetArgs& a, const char* const* rows,
         for (int u = 0; u < kNetCombineUnroll; ++u)
 #pragma unroll
           for (int i = 0; i < 8; ++i) acc[u][i] = __fadd_rn(acc[u][i], part[u][i]);
-      } else if (((remote >> b) & 1u) && arrived) {
+      } else if ((remote >> b) & 1u) {
         const int sb = __shfl_sync(0xffffffffu, slot, b);
         const uint4* partial =
             (const uint4*)(windowLocal(w, a.net.combineLand + (size_t)remoteNodeIndex(p, b) * M * prow) + (size_t)sb * prow);
@@ -246,19 +248,16 @@ __global__ void __launch_bounds__(kNetCombineThreads, 1) combineHtNetKernel(Comb
     sendWeights(a, empty, warp, warps, lane);
     ok = __syncthreads_and(sendPartials(a, rows, seq, warp, warps, lane)) != 0;
   }
-  if (ok) {
-    bool tokensOk = true;
+  if (ok) ok = awaitPartials(a, seq);
+  if (ok)
     for (int t = blockIdx.x * warps + warp; t < c.numTokens; t += gridDim.x * warps)
-      reduceTokenNet(a, rows, empty, seq, t, lane, &tokensOk);
-    ok = __syncthreads_and(tokensOk) != 0;
-  }
-  // Phase 5: every channel of this CTA exact (weights in as a rail peer, partials in as a source).
+      reduceTokenNet(a, rows, empty, t, lane);
+  // Phase 5: the weights this CTA's channel received as a rail peer, exact.
   if (ok && threadIdx.x < N && threadIdx.x != n0) {
-    const int A = threadIdx.x, s = A * G + li, f = railPeer(p, A);
-    if (waitChannelDone(w, a.net, a.net.sigWeights0 + s * gridDim.x + blockIdx.x, seq, s))
-      waitChannelDone(w, a.net, a.net.sigPartials0 + f * gridDim.x + blockIdx.x, seq, f);
+    const int s = threadIdx.x * G + li;
+    waitChannelDone(w, a.net, a.net.sigWeights0 + s * gridDim.x + blockIdx.x, blockIdx.x, seq, s);
   }
-  if (threadIdx.x == 0) flushRailPuts(w, a.net);
+  if (threadIdx.x == 0) flushChannelPuts(a.net, blockIdx.x);
   if (!finishAndWaitPeers<true>(w, kSigCombineDone, seq, &w.state->combineArrived, &w.state->combineSeq)) return;
   railBarrier(w, a.net, a.net.sigCombineDone0, seq);
   if (threadIdx.x == 0) {

@@ -134,7 +134,7 @@ __device__ void sendRecords(const DispatchNetArgs& a, int warp, int warps, int l
         putChunk(a.net, w.win, f, land + (size_t)first * rec, stage + (size_t)first * rec, (size_t)n * rec, sig, ch, k);
       }
     }
-    if (threadIdx.x == 0 && ch.last() < 0) signalEmptyChannel(a.net, f, sig);
+    if (threadIdx.x == 0 && ch.last() < 0) signalEmptyChannel(a.net, f, sig, ch);
   }
 }
 
@@ -242,7 +242,7 @@ __global__ void __launch_bounds__(kNetDispatchThreads, 1) dispatchHtNetKernel(Di
     const char* land = windowLocal(w, a.net.dispatchLand + (size_t)ai * maxTokens * rec);
     int* netRows = d.routing.netRows + (size_t)A * maxTokens * G;
     for (int k = ch.c; k < ch.chunks() && !empty; k += ch.S) {
-      if (threadIdx.x == 0) chunkOk = waitChannelAtLeast(w, a.net, sig, seq, ch.through(k), s);
+      if (threadIdx.x == 0) chunkOk = waitChannelAtLeast(w, a.net, sig, ch.c, seq, ch.through(k), s);
       __syncthreads();
       if (!chunkOk) {
         ok = false;
@@ -265,11 +265,11 @@ __global__ void __launch_bounds__(kNetDispatchThreads, 1) dispatchHtNetKernel(Di
       }
       __syncthreads();  // chunkOk is rewritten for the next chunk only after every thread read it
     }
-    if (threadIdx.x == 0 && ok) ok = waitChannelDone(w, a.net, sig, seq, s);
+    if (threadIdx.x == 0 && ok) ok = waitChannelDone(w, a.net, sig, ch.c, seq, s);
   }
   (void)ok;  // failures are recorded; the barriers below give up at once after one
 
-  if (threadIdx.x == 0) flushRailPuts(w, a.net);
+  if (threadIdx.x == 0) flushChannelPuts(a.net, blockIdx.x);
   if (!finishAndWaitPeers<true>(w, kSigDispatchDone, seq, &w.state->dispatchArrived, &w.state->dispatchSeq)) return;
   railBarrier(w, a.net, a.net.sigDispatchDone0, seq);
   if (threadIdx.x == 0) {

@@ -4,7 +4,9 @@
 //
 // Channels (HtNetArgs): a dense list of `total` slots is cut into chunks of kHtNetChunk slots;
 // chunk k belongs to channel k % S (S = CTAs = config.numSms, the same on every rank). A channel
-// puts its chunks to one peer in increasing k on one GIN context, each put adding its slot count
+// puts its chunks to one peer in increasing k on its GIN context (channelContext: channels spread
+// over the contexts NCCL gave, so that a NIC, or the plugin, works on several streams at once; the
+// waiter reads the signal on the same context), each put adding its slot count
 // to the channel's signal at the peer, the last one also 2^32 minus the channel's total (a
 // channel without chunks sends the 2^32 alone). The signal therefore reads
 // (epoch - 1) * 2^32 + slots landed during operation `epoch`, and exactly epoch * 2^32 once all
@@ -52,39 +54,52 @@ struct ChannelChunks {
   }
 };
 
+// The GIN context of channel c, on both ends.
+__device__ __forceinline__ int channelContext(const HtNetArgs& net, int c) {
+  return c % (int)net.devComm.ginContextCount;
+}
+
 // Puts `bytes` of chunk k (window offsets) to `peer` adding ch.signalAddFor(k) to `sig` there, on
-// context ginContextOf(peer). One thread.
+// the channel's context. One thread.
 __device__ __forceinline__ void putChunk(const HtNetArgs& net, ncclWindow_t win, int peer, size_t dstOff,
                                          size_t srcOff, size_t bytes, int sig, const ChannelChunks& ch, int k) {
-  const ncclGin gin(net.devComm, ginContextOf(net.devComm, peer));
+  const ncclGin gin(net.devComm, channelContext(net, ch.c));
   putWithSignal(gin, win, peer, dstOff, srcOff, bytes, (ncclGinSignal_t)sig, ch.signalAddFor(k), ncclCoopThread());
 }
 
 // A channel that owns no chunk of its list still ends its operation at the peer: 2^32 alone.
-__device__ __forceinline__ void signalEmptyChannel(const HtNetArgs& net, int peer, int sig) {
-  const ncclGin gin(net.devComm, ginContextOf(net.devComm, peer));
+__device__ __forceinline__ void signalEmptyChannel(const HtNetArgs& net, int peer, int sig, const ChannelChunks& ch) {
+  const ncclGin gin(net.devComm, channelContext(net, ch.c));
   gin.signal(ncclTeamWorld(gin.comm), peer, ncclGin_SignalAdd{(ncclGinSignal_t)sig, kHtNetDone}, ncclCoopThread());
 }
 
-// One thread: waits until channel signal `sig` here (from rank src) counts at least `need` slots
-// of operation `epoch`. Timeouts and failures as waitGinSignal (fatal, recorded); a value past
-// the threshold is simply "arrived" (the exact end is checked by waitChannelDone).
-__device__ __forceinline__ bool waitChannelAtLeast(const WindowView& w, const HtNetArgs& net, int sig,
+// A channel signal read for a polling thread: GIN signals are read by the NIC's (or the proxy's)
+// writer too, so pollers back off between reads instead of hammering the word.
+__device__ __forceinline__ uint64_t readChannelSignal(const ncclGin& gin, int sig) {
+  __nanosleep(128);
+  return gin.readSignal((ncclGinSignal_t)sig);
+}
+
+// One thread: waits until signal `sig` of channel c here (from rank src) counts at least `need`
+// slots of operation `epoch`. Timeouts and failures as waitGinSignal (fatal, recorded); a value
+// past the threshold is simply "arrived" (the exact end is checked by waitChannelDone).
+__device__ __forceinline__ bool waitChannelAtLeast(const WindowView& w, const HtNetArgs& net, int sig, int c,
                                                    uint64_t epoch, uint64_t need, int src) {
-  const ncclGin gin(net.devComm, ginContextOf(net.devComm, w.peers.rank));
+  const ncclGin gin(net.devComm, channelContext(net, c));
   const uint64_t target = (epoch - 1) * kHtNetDone + need;
   return waitSeqOn<0>(w, [&] {
-    const uint64_t v = gin.readSignal((ncclGinSignal_t)sig);
+    const uint64_t v = readChannelSignal(gin, sig);
     return (int64_t)(v - target) > 0 ? target : v;
   }, target, kWaitGinSignal, src, nullptr, kHtNetDone);
 }
 
-// One thread: waits until channel signal `sig` here holds exactly epoch * 2^32 (every slot of the
-// channel landed; a value past it is a peer ahead: protocol error).
-__device__ __forceinline__ bool waitChannelDone(const WindowView& w, const HtNetArgs& net, int sig, uint64_t epoch,
-                                                int src) {
-  const ncclGin gin(net.devComm, ginContextOf(net.devComm, w.peers.rank));
-  return waitGinSignal(w, gin, (ncclGinSignal_t)sig, epoch * kHtNetDone, src, kHtNetDone);
+// One thread: waits until signal `sig` of channel c here holds exactly epoch * 2^32 (every slot
+// of the channel landed; a value past it is a peer ahead: protocol error).
+__device__ __forceinline__ bool waitChannelDone(const WindowView& w, const HtNetArgs& net, int sig, int c,
+                                                uint64_t epoch, int src) {
+  const ncclGin gin(net.devComm, channelContext(net, c));
+  return waitSeqOn<0>(w, [&] { return readChannelSignal(gin, sig); }, epoch * kHtNetDone, kWaitGinSignal, src,
+                      nullptr, kHtNetDone);
 }
 
 // The end of an internode operation, in the last CTA of the kernel after the node barrier
@@ -109,15 +124,11 @@ __device__ __forceinline__ bool railBarrier(const WindowView& w, const HtNetArgs
   return __syncthreads_and(ok) != 0;
 }
 
-// Thread 0 of a CTA that posted puts to the rail peers: every put it posted has been read from
-// its source (gin.flush on each context it used), so the regions may be rewritten.
-__device__ __forceinline__ void flushRailPuts(const WindowView& w, const HtNetArgs& net) {
-  const PeerMap& p = w.peers;
-  for (int n = 0; n < p.nodes(); ++n) {
-    if (n == p.node(p.rank)) continue;
-    const ncclGin gin(net.devComm, ginContextOf(net.devComm, railPeer(p, n)));
-    gin.flush(ncclCoopThread());
-  }
+// Thread 0 of a CTA (channel c) that posted puts: every put it posted has been read from its
+// source (gin.flush on the channel's context), so the regions may be rewritten.
+__device__ __forceinline__ void flushChannelPuts(const HtNetArgs& net, int c) {
+  const ncclGin gin(net.devComm, channelContext(net, c));
+  gin.flush(ncclCoopThread());
 }
 
 }  // namespace nccl_moe
