@@ -11,7 +11,7 @@ ncclResult_t planGinSignals(const ncclMoeConfig_t& c, const NodeMap& nodes, GinS
   p.slots = p.highThroughput ? 0 : c.numBufferSlots;
   p.channels = p.highThroughput ? c.numSms : 0;
   p.nRanks = nodes.nRanks;
-  const long long need = p.highThroughput ? 3LL * p.nRanks * p.channels + 3LL * p.nRanks + 1
+  const long long need = p.highThroughput ? 2LL * p.nRanks * p.channels + 4LL * p.nRanks + 1
                                           : 2LL * p.slots * p.nRanks + 1;
   if (need > kMaxGinSignals) {
     if (p.highThroughput)

@@ -27,17 +27,17 @@ struct GinSignalPlan {
   // Low latency, per (buffer slot, source rank s): what s's dispatch / combine put here.
   int dispatch(int slot, int src) const { return slot * nRanks + src; }
   int combine(int slot, int src) const { return (slots + slot) * nRanks + src; }
-  // High throughput, per (source s, its channel): records, combine weight rows and partials of
-  // s's channel landed here (count, then 2^32 once the channel's last one has); per source s:
-  // its counts row landed here, and its dispatch / combine done (one each per operation).
+  // High throughput, per (source s, its channel): records and partials of s's channel landed
+  // here (count, then 2^32 once the channel's last one has); per source s: its combine weights
+  // (2^32 once all landed), its counts row, its dispatch / combine done (one each per operation).
   int htData(int src, int ch) const { return src * channels + ch; }
-  int htWeights(int src, int ch) const { return (nRanks + src) * channels + ch; }
-  int htPartials(int src, int ch) const { return (2 * nRanks + src) * channels + ch; }
-  int htCounts(int src) const { return 3 * nRanks * channels + src; }
-  int htDispatchDone(int src) const { return 3 * nRanks * channels + nRanks + src; }
-  int htCombineDone(int src) const { return 3 * nRanks * channels + 2 * nRanks + src; }
+  int htPartials(int src, int ch) const { return (nRanks + src) * channels + ch; }
+  int htWeights(int src) const { return 2 * nRanks * channels + src; }
+  int htCounts(int src) const { return 2 * nRanks * channels + nRanks + src; }
+  int htDispatchDone(int src) const { return 2 * nRanks * channels + 2 * nRanks + src; }
+  int htCombineDone(int src) const { return 2 * nRanks * channels + 3 * nRanks + src; }
   // Creation's handshake (launchGinHandshake): one put with this signal from every remote rank.
-  int handshake() const { return highThroughput ? 3 * nRanks * channels + 3 * nRanks : 2 * slots * nRanks; }
+  int handshake() const { return highThroughput ? 2 * nRanks * channels + 4 * nRanks : 2 * slots * nRanks; }
   int count() const { return handshake() + 1; }
 };
 

@@ -50,7 +50,7 @@ HtNetArgs htNetArgs(const ncclMoeComm* c) {
   n.weightStage = c->htNetOff + r.weightStage;
   n.weightLand = c->htNetOff + r.weightLand;
   n.sigData0 = c->gin.htData(0, 0);
-  n.sigWeights0 = c->gin.htWeights(0, 0);
+  n.sigWeights0 = c->gin.htWeights(0);
   n.sigPartials0 = c->gin.htPartials(0, 0);
   n.sigCounts0 = c->gin.htCounts(0);
   n.sigDispatchDone0 = c->gin.htDispatchDone(0);

@@ -254,9 +254,9 @@ struct HtNetArgs {
   size_t weightStage;      // [N-1][M][G] FP32 combine weights of this rank's records, per rank of
                            // the remote node (weighted combine only)
   size_t weightLand;       // [N-1][M][G] the rail peers' combine weights for their records
-  int sigData0;            // GIN signal ids (HtGinSignals): + src * numCtas + channel
-  int sigWeights0;
+  int sigData0;            // GIN signal ids (GinSignalPlan): + src * numCtas + channel
   int sigPartials0;
+  int sigWeights0;         // + src (one put per source and operation, on channel 0's context)
   int sigCounts0;          // + src
   int sigDispatchDone0;    // + src
   int sigCombineDone0;     // + src

@@ -6,12 +6,12 @@
 //
 // One launch of numSms CTAs (channels, net_channels.cuh), every CTA:
 //  1. ready: this rank's expert-output offset to the ranks of its node (combine_sync.cuh).
-//  2. weights out: for each remote node B, the CTA's chunks of this rank's dense list for B: per
-//     record slot the combine weight w(t, r) of each rank r of B (the sum of t's topkWeights whose
-//     expert is on r, k order, from 0; 1 when unweighted) into weightStage, put to the rail peer
-//     on B at the same slots (htWeights(me, channel)).
+//  2. weights out: for each remote node B, one CTA writes, per slot of this rank's dense list for
+//     B, the combine weight w(t, r) of each rank r of B (the sum of t's topkWeights whose expert is
+//     on r, k order, from 0; 1 when unweighted) into weightStage and puts the list to the rail
+//     peer on B at the same slots in one put (htWeights(me)).
 //  3. partials: for each remote node A, the CTA's chunks of the records that A's rail peer sent in
-//     the dispatch (routing.netRows: their rows on the ranks of this node): once the chunk's
+//     the dispatch (routing.netRows: their rows on the ranks of this node): once the source's
 //     weights have landed, each record's rows in rank order, w * y in FP32, rounded once to BF16,
 //     into combineStage at the slot, the chunk put back to the source's combineLand
 //     (htPartials(me, channel)).
@@ -77,33 +77,35 @@ __device__ __forceinline__ float combineWeight(const CombineArgs& a, int t, int 
   return weight;
 }
 
-// Phase 2: this CTA's chunks of every remote node's list: weights staged and put.
+// Phase 2: CTA bi % numCtas (bi: remote node index of B) stages the weights of this rank's whole
+// list for node B and puts them to B's rail peer in one put, adding 2^32 to htWeights(me) there
+// (channel 0's context): one message per node, instead of a small one per chunk, because every
+// message costs the NIC (or the plugin) a fixed overhead.
 __device__ void sendWeights(const CombineNetArgs& a, bool empty, int warp, int warps, int lane) {
   const CombineArgs& c = a.c;
   const WindowView& w = c.w;
   const PeerMap& p = w.peers;
   const int G = p.lsaSize, N = p.nodes(), n0 = p.node(p.rank), M = a.net.maxTokens;
   const size_t row = (size_t)G * sizeof(float);
-  const int sig = a.net.sigWeights0 + p.rank * gridDim.x + blockIdx.x;
   for (int B = 0; B < N; ++B) {
-    if (B == n0) continue;
-    const int f = railPeer(p, B);
-    const ChannelChunks ch{empty ? 0 : c.routing.tokensPerNode[B], (int)blockIdx.x, (int)gridDim.x};
+    if (B == n0 || remoteNodeIndex(p, B) % (int)gridDim.x != (int)blockIdx.x) continue;
+    const int f = railPeer(p, B), total = empty ? 0 : c.routing.tokensPerNode[B];
     const size_t stage = a.net.weightStage + (size_t)remoteNodeIndex(p, B) * M * row;
     const size_t land = a.net.weightLand + (size_t)myNodeIndexAt(p, B) * M * row;
-    for (int k = ch.c; k < ch.chunks(); k += ch.S) {
-      const int first = k * kHtNetChunk, n = ch.size(k);
-      for (int i = warp; i < n; i += warps) {
-        const int slot = first + i, t = c.routing.nodeList[(size_t)B * M + slot];
-        if (lane < G) ((float*)windowLocal(w, stage + (size_t)slot * row))[lane] = combineWeight(c, t, B * G + lane);
-      }
-      __syncthreads();
-      if (threadIdx.x == 0) {
-        __threadfence_system();
-        putChunk(a.net, w.win, f, land + (size_t)first * row, stage + (size_t)first * row, (size_t)n * row, sig, ch, k);
-      }
+    for (int slot = warp; slot < total; slot += warps) {
+      const int t = c.routing.nodeList[(size_t)B * M + slot];
+      if (lane < G) ((float*)windowLocal(w, stage + (size_t)slot * row))[lane] = combineWeight(c, t, B * G + lane);
     }
-    if (threadIdx.x == 0 && ch.last() < 0) signalEmptyChannel(a.net, f, sig, ch);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      __threadfence_system();
+      const ncclGin gin(a.net.devComm, channelContext(a.net, 0));
+      const ncclGinSignal_t sig = (ncclGinSignal_t)(a.net.sigWeights0 + p.rank);
+      if (total > 0)
+        putWithSignal(gin, w.win, f, land, stage, (size_t)total * row, sig, kHtNetDone, ncclCoopThread());
+      else
+        gin.signal(ncclTeamWorld(gin.comm), f, ncclGin_SignalAdd{sig, kHtNetDone}, ncclCoopThread());
+    }
   }
 }
 
@@ -121,16 +123,16 @@ __device__ bool sendPartials(const CombineNetArgs& a, const char* const* rows, u
     if (A == n0) continue;
     const int s = A * G + li, ai = remoteNodeIndex(p, A);
     const ChannelChunks ch{c.routing.netRecords[A], (int)blockIdx.x, (int)gridDim.x};
-    const int wsig = a.net.sigWeights0 + s * gridDim.x + blockIdx.x;
     const int psig = a.net.sigPartials0 + p.rank * gridDim.x + blockIdx.x;
     const char* weights = windowLocal(w, a.net.weightLand + (size_t)ai * M * wrow);
     const size_t stage = a.net.combineStage + (size_t)ai * M * prow;
     const size_t land = a.net.combineLand + (size_t)myNodeIndexAt(p, A) * M * prow;
     const int* netRows = c.routing.netRows + (size_t)A * M * G;
+    if (ch.chunks() > ch.c) {  // this CTA has records from A: their weights first (all in one put)
+      if (threadIdx.x == 0) chunkOk = waitChannelDone(w, a.net, a.net.sigWeights0 + s, 0, seq, s);
+      if (!__syncthreads_and(chunkOk)) return false;
+    }
     for (int k = ch.c; k < ch.chunks(); k += ch.S) {
-      if (threadIdx.x == 0) chunkOk = waitChannelAtLeast(w, a.net, wsig, ch.c, seq, ch.through(k), s);
-      __syncthreads();
-      if (!chunkOk) return false;
       const int first = k * kHtNetChunk, n = ch.size(k);
       for (int i = warp; i < n; i += warps) {
         const int slot = first + i, j = lane - p.lsaBase;
@@ -252,10 +254,11 @@ __global__ void __launch_bounds__(kNetCombineThreads, 1) combineHtNetKernel(Comb
   if (ok)
     for (int t = blockIdx.x * warps + warp; t < c.numTokens; t += gridDim.x * warps)
       reduceTokenNet(a, rows, empty, t, lane);
-  // Phase 5: the weights this CTA's channel received as a rail peer, exact.
-  if (ok && threadIdx.x < N && threadIdx.x != n0) {
+  // Phase 5: CTA 0 checks that every remote source's weights arrived, as a rail peer (CTAs
+  // without records from a source never waited for them).
+  if (ok && blockIdx.x == 0 && threadIdx.x < N && threadIdx.x != n0) {
     const int s = threadIdx.x * G + li;
-    waitChannelDone(w, a.net, a.net.sigWeights0 + s * gridDim.x + blockIdx.x, blockIdx.x, seq, s);
+    waitChannelDone(w, a.net, a.net.sigWeights0 + s, 0, seq, s);
   }
   if (threadIdx.x == 0) flushChannelPuts(a.net, blockIdx.x);
   if (!finishAndWaitPeers<true>(w, kSigCombineDone, seq, &w.state->combineArrived, &w.state->combineSeq)) return;
