@@ -130,7 +130,8 @@ __device__ bool sendPartials(const CombineNetArgs& a, const char* const* rows, u
     const int* netRows = c.routing.netRows + (size_t)A * M * G;
     if (ch.chunks() > ch.c) {  // this CTA has records from A: their weights first (all in one put)
       if (threadIdx.x == 0) chunkOk = waitChannelDone(w, a.net, a.net.sigWeights0 + s, 0, seq, s);
-      if (!__syncthreads_and(chunkOk)) return false;
+      __syncthreads();  // chunkOk is read after thread 0 wrote it (and rewritten after the next barrier)
+      if (!chunkOk) return false;
     }
     for (int k = ch.c; k < ch.chunks(); k += ch.S) {
       const int first = k * kHtNetChunk, n = ch.size(k);
