@@ -149,21 +149,29 @@ typedef struct ncclMoeHandle* ncclMoeHandle_t; /* routing of one dispatch, reuse
  * only: NULL arguments, and a loaded NCCL of another major.minor (every rank loads the same NCCL:
  * it fails on all of them). Failures inside NCCL's own collectives (window registration, device
  * communicator) are NCCL's and behave as NCCL documents.
- * Several nodes (low-latency mode only): comm may span several nodes (NVLink domains) when its
- * ranks are node-contiguous (ranks n*G..n*G+G-1 on node n, as NCCL forms NVLink teams) with the
- * same G on every node. Peers on this rank's node are reached over NVLink as on one node, the
- * others by GPU-initiated networking (NCCL GIN): NCCL needs a NET plugin that provides GIN (an
- * RDMA NIC whose GIN it supports, or the repository's plugin/ on one host). The window then also
- * holds, per slot, staging and landing rows for the remote ranks (about
- * 2*(R-G)*maxTokensPerRank*(record + 2*H) bytes, record = H*dtype + scales + 8*K + 16), which
- * ncclMoeGetWindowSize does not count. Outputs are the same, bit for bit, as on one node.
+ * Several nodes (both modes): comm may span several nodes (NVLink domains) when its ranks are
+ * node-contiguous (ranks n*G..n*G+G-1 on node n, as NCCL forms NVLink teams) with the same G on
+ * every node. Peers on this rank's node are reached over NVLink as on one node, the others by
+ * GPU-initiated networking (NCCL GIN): NCCL needs a NET plugin that provides GIN (an RDMA NIC
+ * whose GIN it supports, or the repository's plugin/ on one host).
+ *   Low latency: the window also holds, per slot, staging and landing rows for the remote ranks
+ *   (about 2*(R-G)*maxTokensPerRank*(record + 2*H) bytes, record = H*dtype + scales + 8*K + 16).
+ *   Outputs are the same, bit for bit, as on one node.
+ *   High throughput: a token crosses the network at most once per remote node, as one record to
+ *   the rank with the sender's local index there, which forwards it over NVLink to every rank of
+ *   its node that owns one of its experts. The window also holds, per remote node, staging and
+ *   landing rows of maxTokensPerRank records and BF16 partials (about
+ *   (N-1)*maxTokensPerRank*(2*record + 4*H + 8*G) bytes, record = H*dtype + scales + 8*K + 4*G +
+ *   16). Dispatch outputs are the same, bit for bit, as on one node; the combine's rounding
+ *   differs (ncclMoeCombine). Every rank must pass the same numSms (it is part of the config): the
+ *   kernels' work is cut into numSms channels that pair up across ranks.
+ * ncclMoeGetWindowSize does not count the internode rows.
  * Creation then clears the context's GIN signals and proves GIN between every pair of nodes (one
  * put with a signal from every rank to every remote rank, within timeoutMs); a path that does
  * not deliver fails creation on every rank (ncclSystemError, saying how many remote ranks'
  * puts arrived).
- * Errors: ncclInvalidArgument for a bad config (message names the field); ncclInvalidUsage when
- * comm spans several nodes in high-throughput mode (not available yet), when its ranks are not
- * node-contiguous or the nodes differ in GPUs (the message names the ranks), or when the NCCL
+ * Errors: ncclInvalidArgument for a bad config (message names the field; also numSms too large
+ * for the GIN signals across nodes); ncclInvalidUsage when its ranks are not node-contiguous or the nodes differ in GPUs (the message names the ranks), or when the NCCL
  * loaded is not the major.minor the library was built against (ncclMoeGetNcclVersion); when GIN
  * is unavailable across nodes, NCCL's error with a message saying what is missing. */
 ncclResult_t ncclMoeCommCreate(ncclComm_t comm, const ncclMoeConfig_t* config, ncclMoeComm_t* moeComm);
@@ -289,6 +297,11 @@ ncclResult_t ncclMoeDispatch(ncclMoeComm_t moeComm, const void* x, const float* 
  *                signal and every rank reads each peer's rows where that peer put them.
  *   topkWeights  [T][K] FP32 device on this (source) rank, or NULL for unweighted
  *   out          [T][H] BF16 device on this rank, 16-byte aligned; T is the handle's numTokens
+ * Across nodes (ncclMoeCommNodeCount > 1) each remote node that received t returns one partial:
+ * its ranks' terms in rank order, summed in FP32 and rounded once to BF16; the source then sums in
+ * FP32, in node order, its own node's terms (rank order, not rounded) and those partials, and
+ * rounds once. So there is one extra BF16 rounding per remote node, and the FP32 sum is grouped by
+ * node; on one node the result is the formula above, bit for bit. Still deterministic.
  * Must follow the dispatch that filled `handle`. expertOut inside the window must be exactly
  * out->combineInput or (BF16) out->x; any other in-window address is refused
  * (ncclInvalidArgument).
@@ -324,7 +337,8 @@ ncclResult_t ncclMoeCombine(ncclMoeComm_t moeComm, ncclMoeHandle_t handle, const
  * that dispatch is the latest); any other memory is first copied into that window region, which
  * overwrites the latest dispatch's out->topkWeights. Another in-window address:
  * ncclInvalidArgument. Every rank must make this call (not ncclMoeCombine) for the operation.
- * outTopkWeights may be NULL when T is 0; recvTopkWeights is never NULL. */
+ * outTopkWeights may be NULL when T is 0; recvTopkWeights is never NULL. Not available across
+ * nodes yet (ncclInvalidUsage when the EP context spans several nodes). */
 ncclResult_t ncclMoeCombineWithWeights(ncclMoeComm_t moeComm, ncclMoeHandle_t handle,
                                        const void* expertOut, const float* topkWeights,
                                        const float* recvTopkWeights, float* outTopkWeights,
