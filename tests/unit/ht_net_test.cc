@@ -122,17 +122,23 @@ TEST(HtNetRegions, RegionsPerRemoteNodeAlignedAndDisjoint) {
     // In order, each at least its size after the previous one (and, between these six, less than
     // 4 KiB of padding), 256-aligned; further regions (if any) may follow combineLand before the
     // end, so the end is only checked to hold it.
-    const size_t starts[] = {s.dispatchStage, s.dispatchLand, s.countsStage, s.countsLand, s.combineStage, s.combineLand};
-    const size_t sizes[] = {records, records, counts, counts, partials, partials};
+    const size_t weights = slots * G * sizeof(float), handshake = (size_t)R * kHtHandshakeBytes;
+    // In order, each at least its size after the previous one (and less than 4 KiB of padding
+    // between them), 256-aligned, the end holding the last.
+    const size_t starts[] = {s.dispatchStage, s.dispatchLand, s.countsStage, s.countsLand, s.combineStage,
+                             s.combineLand, s.weightStage, s.weightLand, s.handshakeStage, s.handshakeLand};
+    const size_t sizes[] = {records, records, counts, counts, partials, partials, weights, weights, handshake, handshake};
+    const int n = (int)(sizeof(starts) / sizeof(starts[0]));
     EXPECT_EQ(s.dispatchStage, 0u);
-    for (int i = 0; i < 6; i++) {
-      if (i < 5) {
+    for (int i = 0; i < n; i++) {
+      if (i + 1 < n) {
         EXPECT_GE(starts[i + 1], starts[i] + sizes[i]) << "region " << i;
         EXPECT_LT(starts[i + 1], starts[i] + sizes[i] + 4096) << "region " << i;
       }
       EXPECT_EQ(starts[i] % 256, 0u) << "region " << i;
     }
-    EXPECT_GE(s.bytes, s.combineLand + partials);
+    EXPECT_GE(s.bytes, s.handshakeLand + handshake);
+    EXPECT_LT(s.bytes, s.handshakeLand + handshake + 4096);
     EXPECT_EQ(s.bytes % 4096, 0u);
   }
   HtNetRegions one;

@@ -156,6 +156,39 @@ TEST(NetGin, SignalPlanAndRequirements) {
   EXPECT_LT(plan.handshake(), kMaxGinSignals);
 }
 
+// High throughput: per (source, channel) records and partials, per source weights, counts and
+// the two done signals, then the handshake; every id once, numSms channels; too many SMs for the
+// 16-bit ids is a config error naming numSms.
+TEST(NetGin, HighThroughputSignalPlan) {
+  ncclMoeConfig_t c = config_fixture::goodConfig(), r;
+  c.numSms = 24;
+  ASSERT_EQ(validateConfig(&c, 16, config_fixture::kSms, &r), ncclSuccess) << ncclMoeGetLastError();
+  ASSERT_EQ(r.mode, ncclMoeHighThroughput);
+  GinSignalPlan plan;
+  ASSERT_EQ(planGinSignals(r, mapOf(2, 8), &plan), ncclSuccess) << ncclMoeGetLastError();
+  EXPECT_TRUE(plan.highThroughput);
+  EXPECT_EQ(plan.channels, 24);
+  EXPECT_EQ(plan.count(), 2 * 16 * 24 + 4 * 16 + 1);
+  std::vector<int> seen(plan.count(), 0);
+  for (int s = 0; s < 16; ++s) {
+    for (int ch = 0; ch < 24; ++ch) {
+      seen[plan.htData(s, ch)]++;
+      seen[plan.htPartials(s, ch)]++;
+    }
+    seen[plan.htWeights(s)]++;
+    seen[plan.htCounts(s)]++;
+    seen[plan.htDispatchDone(s)]++;
+    seen[plan.htCombineDone(s)]++;
+  }
+  seen[plan.handshake()]++;
+  for (int v : seen) EXPECT_EQ(v, 1);
+  EXPECT_EQ(ginRequirements(mapOf(2, 8), plan).ginSignalCount, plan.count());
+  r.numSms = 1100;  // 2 * 32 * 1100 + 4 * 32 + 1 > 65536: not addressable
+  EXPECT_EQ(planGinSignals(r, mapOf(4, 8), &plan), ncclInvalidArgument);
+  EXPECT_NE(std::string(ncclMoeGetLastError()).find("config.numSms = 1100"), std::string::npos)
+      << ncclMoeGetLastError();
+}
+
 TEST(NetGin, UnavailableErrorSaysWhatIsMissing) {
   EXPECT_EQ(ginUnavailableError(ncclInvalidUsage, mapOf(2, 1)), ncclInvalidUsage);
   const std::string msg = ncclMoeGetLastError();
