@@ -169,13 +169,13 @@ llnettest: $(GPU_BIN) $(PLUGIN_SO)
 # ht_net_bytes_test.cc, ht_topology_test.cc): the HtNet suite and the cross-topology digests
 # (HtTopology, MOE_HT_DIGEST_DIR) on 1 node x 2 GPUs, then the HT suites on 2 fake nodes x 1 GPU
 # (HtNet, HtNetBytes, HtTopology against the first run's digests, and the intranode HtDispatch,
-# HtCombine and HtReliability suites, whose combine reference follows the node count), then the
+# HtCombine, HtReliability and HtTraining suites, whose combine references follow the node count), then the
 # digests again through a plugin shaped as a ConnectX-7 (the same bits). With 4 GPUs or more
 # (HTNET_GPUS, counted by nvidia-smi) also 1 x 4, then 2 x 2 and 4 x 1 against it; with fewer, a
 # line says they were skipped.
 HT_DIGEST_DIR := $(abspath $(BUILDDIR))/htdigest
 HTNET_GPUS ?= $(LLNET_GPUS)
-HTNET_FILTER := HtNet*:HtTopology.*:HtDispatch.*:HtCombine*:HtReliability.*
+HTNET_FILTER := HtNet*:HtTopology.*:HtDispatch.*:HtCombine*:HtReliability.*:HtTraining.*
 htnettest: $(GPU_BIN) $(PLUGIN_SO)
 	rm -rf $(HT_DIGEST_DIR) && mkdir -p $(HT_DIGEST_DIR)
 	NCCL_NVLS_ENABLE=0 MOE_HT_DIGEST_DIR=$(HT_DIGEST_DIR) $(GPU_BIN) --ngpus=2 --gtest_filter='HtTopology.*:HtNet.*'

@@ -161,7 +161,7 @@ typedef struct ncclMoeHandle* ncclMoeHandle_t; /* routing of one dispatch, reuse
  *   the rank with the sender's local index there, which forwards it over NVLink to every rank of
  *   its node that owns one of its experts. The window also holds, per remote node, staging and
  *   landing rows of maxTokensPerRank records and BF16 partials (about
- *   (N-1)*maxTokensPerRank*(2*record + 4*H + 8*G) bytes, record = H*dtype + scales + 8*K + 4*G +
+ *   (N-1)*maxTokensPerRank*(2*record + 4*H + 8*K + 8*G) bytes, record = H*dtype + scales + 8*K + 4*G +
  *   16). Dispatch outputs are the same, bit for bit, as on one node; the combine's rounding
  *   differs (ncclMoeCombine). Every rank must pass the same numSms (it is part of the config): the
  *   kernels' work is cut into numSms channels that pair up across ranks.
@@ -337,8 +337,10 @@ ncclResult_t ncclMoeCombine(ncclMoeComm_t moeComm, ncclMoeHandle_t handle, const
  * that dispatch is the latest); any other memory is first copied into that window region, which
  * overwrites the latest dispatch's out->topkWeights. Another in-window address:
  * ncclInvalidArgument. Every rank must make this call (not ncclMoeCombine) for the operation.
- * outTopkWeights may be NULL when T is 0; recvTopkWeights is never NULL. Not available across
- * nodes yet (ncclInvalidUsage when the EP context spans several nodes). */
+ * outTopkWeights may be NULL when T is 0; recvTopkWeights is never NULL. Across nodes the rows
+ * follow ncclMoeCombine's contract and the values are grouped the same way: each remote node
+ * sums its ranks' values in rank order (FP32, not rounded), the source adds its own node's sum
+ * and those in node order; on one node exactly the formula above. */
 ncclResult_t ncclMoeCombineWithWeights(ncclMoeComm_t moeComm, ncclMoeHandle_t handle,
                                        const void* expertOut, const float* topkWeights,
                                        const float* recvTopkWeights, float* outTopkWeights,

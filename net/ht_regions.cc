@@ -26,7 +26,8 @@ ncclResult_t computeHtNetRegions(const ncclMoeConfig_t& c, const NodeMap& nodes,
   CheckedBytes m;
   const size_t remote = nodes.nNodes > 1 ? (size_t)(nodes.nNodes - 1) : 0;
   const size_t slots = m.mul(remote, (size_t)c.maxTokensPerRank);
-  const size_t records = m.mul(slots, s.record.bytes), partials = m.mul(m.mul(slots, (size_t)c.hidden), 2);
+  s.partialRow = align16((size_t)c.hidden * 2 + (size_t)c.topK * sizeof(float));
+  const size_t records = m.mul(slots, s.record.bytes), partials = m.mul(slots, s.partialRow);
   const size_t weights = m.mul(m.mul(slots, (size_t)nodes.gpusPerNode), sizeof(float));
   const size_t L = (size_t)(c.numExperts / nodes.nRanks);
   s.countsBytes = align16(sizeof(int) * ((size_t)nodes.nRanks + 1 + (size_t)nodes.gpusPerNode * L));

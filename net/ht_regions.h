@@ -44,9 +44,11 @@ struct HtNetRegions {
   size_t dispatchLand;   // [N-1][M][record]: records from the rail peer on each other node
   size_t countsStage;    // [N-1][countsBytes]: this rank's counts row for each remote node
   size_t countsLand;     // [N-1][countsBytes]: the rail peers' counts rows for this node
-  size_t combineStage;   // [N-1][M][H] BF16: partials returned to each remote node's rail peer,
-                         // at that peer's slots
-  size_t combineLand;    // [N-1][M][H] BF16: partials received for this rank's records, by
+  size_t partialRow;     // bytes of a partial row with per-row values: align16(H * 2 + K * 4)
+                         // (a combine without values uses H * 2 of it)
+  size_t combineStage;   // [N-1][M][partialRow]: partials returned to each remote node's rail
+                         // peer, at that peer's slots
+  size_t combineLand;    // [N-1][M][partialRow]: partials received for this rank's records, by
                          // remote node, at this rank's slots
   size_t weightStage;    // [N-1][M][G] FP32: a weighted combine's w(t, r) of this rank's records
                          // for each rank r of the remote node, at the records' slots

@@ -50,9 +50,6 @@ static ncclResult_t combine(ncclMoeComm* c, ncclMoeHandle* h, const void* expert
     return setError(ncclInvalidArgument, "%s: outTopkWeights is NULL", fn);
   if (c->cfg.mode != ncclMoeHighThroughput)
     return setError(ncclInvalidUsage, "%s: the EP context is in low-latency mode; use ncclMoeLowLatency*", fn);
-  if (values && c->nodes.nNodes > 1)
-    return setError(ncclInvalidUsage, "%s: per-row top-k values are not returned across nodes (the EP context spans "
-                    "%d nodes); use ncclMoeCombine", fn, c->nodes.nNodes);
   MOE_CHECK(checkDeviceErrors(c));
   const ncclMoeConfig_t& cfg = c->cfg;
   // Only the documented in-window sources: out->combineInput and, for a BF16 dispatch, out->x;
@@ -99,6 +96,8 @@ static ncclResult_t combine(ncclMoeComm* c, ncclMoeHandle* h, const void* expert
     CombineNetArgs na;
     na.c = a;
     na.net = htNetArgs(c);
+    na.withValues = values ? 1 : 0;
+    if (values) na.net.partialBytes = (int)c->htNet.partialRow;
     MOE_CUDA(launchCombineHtNet(na, cfg.numSms, stream));
   } else if (c->htCombineTma && !values)
     MOE_CUDA(launchCombineHtTma(a, cfg.numSms, stream));

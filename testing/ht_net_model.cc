@@ -27,6 +27,9 @@ HtNetTraffic htNetTraffic(const HtNetShape& s, const std::vector<moe_ref::Routin
   const int myNode = me / G, myIndex = me % G;
   const double record = (double)htRecordBytes(s), counts = (double)htCountsRowBytes(s);
   const double partial = 2.0 * s.hidden, weights = 4.0 * G;
+  // What crosses the NIC per partial: the BF16 row, and with per-row values their K FP32 sums in
+  // the same 16-byte-aligned row.
+  const double partialNet = s.combineValues ? (double)((2 * (size_t)s.hidden + 4 * (size_t)s.topK + 15) / 16 * 16) : partial;
   const double row = (double)s.hidden * (s.fp8 ? 1 : 2) + (s.fp8 ? s.hidden / 128 * 4.0 : 0.0);
   HtNetTraffic t;
   t.dispatchOutTo.assign(R, 0.0);
@@ -60,14 +63,14 @@ HtNetTraffic htNetTraffic(const HtNetShape& s, const std::vector<moe_ref::Routin
           t.dispatchOutTo[b * G + myIndex] += record;
           t.combineRdmaOut += weights;  // the combine weights go out with the record's slot
           t.combineOutTo[b * G + myIndex] += weights;
-          t.combineRdmaIn += partial;
+          t.combineRdmaIn += partialNet;
           t.recordsOut++;
         }
       } else if (needsMyNode) {  // a rail peer's record: lands here, is forwarded, returns a partial
         t.dispatchRdmaIn += record;
         t.combineRdmaIn += weights;
-        t.combineRdmaOut += partial;
-        t.combineOutTo[src] += partial;
+        t.combineRdmaOut += partialNet;
+        t.combineOutTo[src] += partialNet;
         t.recordsIn++;
       } else {
         continue;

@@ -14,7 +14,8 @@
 //              experts) that `me` places: its own tokens (direct, as intranode) and the tokens
 //              its rail peers' records bring (forwarded).
 // Completion and credit signals carry no payload bytes.
-// In one combine, the mirror: rdmaOut = one BF16 partial (H * 2 bytes) per record received back
+// In one combine, the mirror: rdmaOut = one BF16 partial (H * 2 bytes; with per-row values
+// align16(H * 2 + K * 4)) per record received back
 // to its source, plus G FP32 combine weights (one per rank of B; 1 or 0 for an unweighted combine,
 // which takes the same path) per record sent to B's rail peer; rdmaIn = the same seen from the other end. nvlinkIn = one BF16
 // row per (token, other rank of node n) that `me` sums for its own tokens and for the partials it
@@ -29,7 +30,8 @@ namespace moe_net {
 
 struct HtNetShape {
   int nRanks = 0, gpusPerNode = 0, numExperts = 0, hidden = 0, topK = 0;
-  bool fp8 = false;  // FP8 rows carry hidden / 128 FP32 scales
+  bool fp8 = false;            // FP8 rows carry hidden / 128 FP32 scales
+  bool combineValues = false;  // ncclMoeCombineWithWeights: partials carry K FP32 sums each
 };
 
 struct HtNetTraffic {  // bytes

@@ -287,4 +287,32 @@ std::vector<std::vector<uint16_t>> htSimulateCombine(int G, const std::vector<mo
   return out;
 }
 
+std::vector<std::vector<float>> htSimulateCombineTopkValues(int G, const std::vector<moe_ref::Routing>& rt,
+                                                            const std::vector<std::vector<float>>& recvValues,
+                                                            int E) {
+  const Plan p = makePlan(G, rt, {}, {}, 0, 0, E);
+  const int R = p.R, N = p.N, K = p.K;
+  std::vector<std::vector<float>> out(R);
+  for (int s = 0; s < R; s++) {
+    out[s].assign((size_t)rt[s].numTokens * K, 0.0f);
+    for (int t = 0; t < rt[s].numTokens; t++)
+      for (int k = 0; k < K; k++) {
+        float acc = 0.0f;
+        for (int b = 0; b < N; b++) {
+          float part = 0.0f;
+          bool any = false;
+          for (int j = 0; j < G; j++) {
+            const int d = b * G + j, pos = p.sendPos[s][t][d];
+            if (pos < 0) continue;
+            any = true;
+            part += recvValues[d][(size_t)(p.base[d][s] + pos) * K + k];
+          }
+          if (any) acc += part;
+        }
+        out[s][(size_t)t * K + k] = acc;
+      }
+  }
+  return out;
+}
+
 }  // namespace moe_net

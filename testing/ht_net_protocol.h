@@ -52,4 +52,16 @@ std::vector<std::vector<uint16_t>> htSimulateCombine(int gpusPerNode,
                                                      int hidden, int numExperts, bool weighted,
                                                      const std::vector<std::vector<float>>& combineWeights = {});
 
+// The per-row top-k values of ncclMoeCombineWithWeights across nodes, through the same plan:
+// recvValues[r] is rank r's [rows][K] FP32 values (rows in its dispatch order). For source s and
+// token t: each remote node B that t went to sums, in FP32 from +0.0f, its ranks' values of t's
+// rows in rank order (s's rail peer there does, and returns the K sums with t's partial); s sums in
+// FP32 from +0.0f, in node order, its own node's rank-ordered sum (when t has rows there) and those
+// of the remote nodes. On one node this is moe_ref::combineTopkValues bit for bit; across nodes the
+// FP32 sum is grouped by node. Returns [R][T * K].
+std::vector<std::vector<float>> htSimulateCombineTopkValues(int gpusPerNode,
+                                                            const std::vector<moe_ref::Routing>& routing,
+                                                            const std::vector<std::vector<float>>& recvValues,
+                                                            int numExperts);
+
 }  // namespace moe_net

@@ -243,14 +243,16 @@ struct HtNetArgs {
   int maxTokens;           // M: slots per remote node (config.maxTokensPerRank)
   int recordBytes;         // record layout (net/ht_regions.h HtRecordLayout), multiples of 16
   int recordPos, recordExpert, recordWeight, recordData, recordScales;
+  int partialBytes;        // one combine partial row in this call: H BF16, then (per-row values,
+                           // ncclMoeCombineWithWeights) K FP32 sums; a multiple of 16
   int countsBytes;         // one counts row: int32 [R] rows to every rank, int32 records, int32
                            // [G][L] rows per expert of the destination node's ranks; padded to 16
   size_t dispatchStage;    // [N-1][M][record] this rank's records, by remote node, dense slots
   size_t dispatchLand;     // [N-1][M][record] records from the rail peer on each remote node
   size_t countsStage;      // [N-1][countsBytes]
   size_t countsLand;       // [N-1][countsBytes] the rail peers' counts rows for this node
-  size_t combineStage;     // [N-1][M][H] BF16 partials returned to each remote node's rail peer
-  size_t combineLand;      // [N-1][M][H] BF16 partials of this rank's records, by remote node
+  size_t combineStage;     // [N-1][M][partialBytes] partials returned to each remote node's rail peer
+  size_t combineLand;      // [N-1][M][partialBytes] partials of this rank's records, by remote node
   size_t weightStage;      // [N-1][M][G] FP32 combine weights of this rank's records, per rank of
                            // the remote node (weighted combine only)
   size_t weightLand;       // [N-1][M][G] the rail peers' combine weights for their records
@@ -274,8 +276,10 @@ cudaError_t launchDispatchHtNet(const DispatchNetArgs& args, int numCtas, cudaSt
 struct CombineNetArgs {
   CombineArgs c;
   HtNetArgs net;
+  int withValues;  // ncclMoeCombineWithWeights on every rank (c.outTopkWeights may be NULL when
+                   // this rank has no tokens); net.partialBytes must include the K values
 };
-// numCtas: as launchDispatchHtNet. outTopkWeights must be NULL (no per-row values across nodes).
+// numCtas: as launchDispatchHtNet.
 cudaError_t launchCombineHtNet(const CombineNetArgs& args, int numCtas, cudaStream_t stream);
 // Load the internode HT kernels now (see loadLlDispatchNetKernels for why).
 cudaError_t loadHtDispatchNetKernel();

@@ -300,6 +300,12 @@ std::vector<uint16_t> referenceCombine(const Problem& p, const Reference& ref, b
   return moe_ref::combine(rank(), rt, ref.expertOut, p.shape.hidden, p.shape.numExperts(), weighted);
 }
 
+std::vector<float> referenceTopkValues(const Problem& p, const std::vector<std::vector<float>>& values) {
+  if (nodeCount() > 1)
+    return moe_net::htSimulateCombineTopkValues(gpusPerNode(), p.routing, values, p.shape.numExperts())[rank()];
+  return moe_ref::combineTopkValues(rank(), p.routing, values, p.shape.numExperts());
+}
+
 long checkDispatch(const ncclMoeDispatchOutput_t& out, const Problem& p,
                    const moe_ref::Received& ref, const DispatchChecks& what, const char* tag) {
   const Shape& s = p.shape;

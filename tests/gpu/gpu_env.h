@@ -195,6 +195,10 @@ Reference makeReference(const Problem& p);
 // routing's, as the runners pass them).
 std::vector<uint16_t> referenceCombine(const Problem& p, const Reference& ref, bool weighted,
                                        const std::vector<std::vector<float>>& combineWeights = {});
+// This rank's expected per-row top-k values of ncclMoeCombineWithWeights (values[r]: rank r's
+// [rows][K]). One node: moe_ref::combineTopkValues; across fake nodes the FP32 sum grouped by
+// node (moe_net::htSimulateCombineTopkValues).
+std::vector<float> referenceTopkValues(const Problem& p, const std::vector<std::vector<float>>& values);
 
 // This rank's inputs in device memory, sized for maxTokens (same buffers reused by uploads).
 struct DeviceInputs {

@@ -1,6 +1,7 @@
 // Issue 14 item 1, the HT calls a training framework needs, against the CPU reference:
 //  - ncclMoeCombineWithWeights: rows (weighted / unweighted) and per-row top-k values returned
-//    to their token, bitwise equal to moe_ref::combine / moe_ref::combineTopkValues, for random
+//    to their token, bitwise equal to moe_ref::combine / moe_ref::combineTopkValues (across fake
+//    nodes to the internode contract: referenceCombine, referenceTopkValues), for random
 //    and skewed routing, BF16 and FP8 dispatch, values from caller memory or in place;
 //  - two operations in flight: dispatch A, dispatch B, combine A (caller memory), combine B give
 //    the reference results of each;
@@ -81,7 +82,7 @@ void combineWithWeightsAndCheck(Ep& ep, ncclMoeHandle_t handle, const ncclMoeDis
                   (tag + ": combined rows").c_str());
   std::vector<float> got((size_t)T * K);
   download(got.data(), outVals.get(), got.size() * 4);
-  const std::vector<float> want = moe_ref::combineTopkValues(me, p.routing, values, s.numExperts());
+  const std::vector<float> want = referenceTopkValues(p, values);
   agreeMismatches(compareFloats(got, want, tag.c_str()), (tag + ": top-k values").c_str());
   MOE_AGREE_OR_RETURN(MOE_OK(ncclMoeCheckErrors(ep.comm)), "ncclMoeCheckErrors");
 }

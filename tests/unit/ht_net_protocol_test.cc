@@ -204,9 +204,40 @@ TEST(HtNetProtocol, CombineWeightsReplaceTheRoutings) {
     EXPECT_NE(got, moe_net::htSimulateCombine(G, rt, y, c.hidden, c.E, true));
     EXPECT_EQ(moe_net::htSimulateCombine(G, rt, y, c.hidden, c.E, false, cw),
               moe_net::htSimulateCombine(G, rt, y, c.hidden, c.E, false));
-    if (G == c.R)
+    if (G == c.R) {
       for (int s = 0; s < c.R; s++) EXPECT_EQ(got[s], moe_ref::combine(s, rtCw, y, c.hidden, c.E, true)) << "rank " << s;
+    }
   }
+}
+
+// The per-row top-k values across nodes: with values whose sums are exact (small integers) the
+// grouping by node cannot show, so every node count gives moe_ref::combineTopkValues; a hand case
+// where it shows (ranks 0 | 2, 3 on 2 nodes of 2) sums node 1's two values first.
+TEST(HtNetProtocol, TopkValuesGroupedByNode) {
+  const Case c{8, 32, 4, 128, false, 0};
+  uint64_t seed = 1200;
+  for (int G = c.R; G >= 1; G /= 2) {
+    SCOPED_TRACE(testing::Message() << c.R / G << " x " << G);
+    std::vector<moe_ref::Routing> rt;
+    std::vector<std::vector<uint8_t>> xs;
+    std::vector<std::vector<float>> scales;
+    makeInputs(c, G, seed++, &rt, &xs, &scales);
+    std::vector<std::vector<float>> values(c.R);
+    uint64_t x = seed++;
+    for (int r = 0; r < c.R; r++) {
+      const moe_ref::Received got = moe_ref::dispatch(r, rt, xs, scales, c.hidden * 2, c.hidden, c.E);
+      for (int i = 0; i < got.numRows * c.K; i++) values[r].push_back((float)(int)(next(&x) % 64) - 32.0f);
+    }
+    const auto got = moe_net::htSimulateCombineTopkValues(G, rt, values, c.E);
+    for (int s = 0; s < c.R; s++) EXPECT_EQ(got[s], moe_ref::combineTopkValues(s, rt, values, c.E)) << "rank " << s;
+  }
+  // 4 ranks, 2 nodes of 2, 2 experts each; rank 0's token 0 goes to ranks 0, 2 and 3.
+  std::vector<moe_ref::Routing> rt = {moe_ref::makeRouting(3, {{0, 4, 6}}), moe_ref::makeRouting(3, {}),
+                                      moe_ref::makeRouting(3, {}), moe_ref::makeRouting(3, {})};
+  const std::vector<std::vector<float>> values = {{1.0f, 0, 0}, {}, {1e8f, 0, 0}, {-1e8f, 0, 0}};
+  EXPECT_EQ(moe_ref::combineTopkValues(0, rt, values, 8)[0], 0.0f);                 // (1 + 1e8) - 1e8
+  EXPECT_EQ(moe_net::htSimulateCombineTopkValues(2, rt, values, 8)[0][0], 1.0f);    // 1 + (1e8 - 1e8)
+  EXPECT_EQ(moe_net::htSimulateCombineTopkValues(4, rt, values, 8)[0][0], 0.0f);    // one node: flat
 }
 
 }  // namespace

@@ -117,7 +117,8 @@ TEST(HtNetRegions, RegionsPerRemoteNodeAlignedAndDisjoint) {
     HtNetRegions s;
     ASSERT_EQ(computeHtNetRegions(r, mapOf(N, G), &s), ncclSuccess) << ncclMoeGetLastError();
     const size_t slots = (size_t)(N - 1) * r.maxTokensPerRank;
-    const size_t records = slots * s.record.bytes, partials = slots * r.hidden * 2;
+    EXPECT_EQ(s.partialRow, (size_t)(r.hidden * 2 + r.topK * 4 + 15) / 16 * 16);  // room for per-row values
+    const size_t records = slots * s.record.bytes, partials = slots * s.partialRow;
     const size_t counts = (size_t)(N - 1) * s.countsBytes;
     // In order, each at least its size after the previous one (and, between these six, less than
     // 4 KiB of padding), 256-aligned; further regions (if any) may follow combineLand before the
@@ -267,4 +268,19 @@ TEST(HtNetModel, CombineSendsWeightsPerRecord) {
     EXPECT_DOUBLE_EQ(perPeer, t.combineRdmaOut + t.dispatchRdmaOut) << "rank " << me;
   }
   EXPECT_DOUBLE_EQ(out, in);
+}
+
+// ncclMoeCombineWithWeights: each partial row also carries the K FP32 sums (16-aligned row);
+// dispatch bytes, weights and NVLink bytes do not change.
+TEST(HtNetModel, PartialsWithValuesCarryKSums) {
+  moe_net::HtNetShape s = smallShape(false);  // H 128, K 2
+  const std::vector<moe_ref::Routing> rt = handRouting();
+  const moe_net::HtNetTraffic plain = moe_net::htNetTraffic(s, rt, 0);
+  s.combineValues = true;
+  const moe_net::HtNetTraffic values = moe_net::htNetTraffic(s, rt, 0);
+  const double extra = (256 + 2 * 4 + 15) / 16 * 16 - 256;  // 264 -> 272: 16 bytes per partial
+  EXPECT_DOUBLE_EQ(values.combineRdmaOut, plain.combineRdmaOut + 1 * extra);  // one partial back
+  EXPECT_DOUBLE_EQ(values.combineRdmaIn, plain.combineRdmaIn + 2 * extra);    // t0, t2 returned
+  EXPECT_DOUBLE_EQ(values.dispatchRdmaOut, plain.dispatchRdmaOut);
+  EXPECT_DOUBLE_EQ(values.combineNvlinkIn, plain.combineNvlinkIn);
 }

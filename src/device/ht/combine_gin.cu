@@ -22,6 +22,8 @@
 //     (htCombineDone), so that no rank's next operation overwrites rows or regions still read.
 // Rounding contract (nccl_moe.h, testing/ht_net_protocol.h): on one node the intranode combine's
 // result; across nodes one BF16 rounding per remote node and the FP32 sum regrouped by node.
+// kValues (ncclMoeCombineWithWeights): each partial row also carries the K FP32 sums of the
+// record's per-row values over the node's ranks, and the source groups the values the same way.
 // Deterministic. After a dispatch that delivered nothing every output row is zero.
 #include "device/kernel_args.h"
 #include "device/common/peer_sync.cuh"
@@ -109,14 +111,29 @@ __device__ void sendWeights(const CombineNetArgs& a, bool empty, int warp, int w
   }
 }
 
+// kValues: the K sums of the record's per-row values (recvWeightsOff on the ranks of this node,
+// peer[]: their windows), FP32 from +0.0f in rank order, after the BF16 partial in its row.
+__device__ __forceinline__ float sumNodeValues(const CombineArgs& c, char* const* peer, unsigned srcMask, int rowIndex,
+                                               int lane) {
+  float sum = 0.0f;
+  for (unsigned m = srcMask; m != 0; m &= m - 1) {  // warp-uniform
+    const int r = __ffs(m) - 1;
+    const int row = __shfl_sync(0xffffffffu, rowIndex, r);
+    if (lane < c.topK) sum = __fadd_rn(sum, __int_as_float(loadPeerInt((const int*)(peer[r] + c.recvWeightsOff) +
+                                                                        (size_t)row * c.topK + lane)));
+  }
+  return sum;
+}
+
 // Phase 3: this CTA's chunks of the records every remote node's rail peer sent here.
-__device__ bool sendPartials(const CombineNetArgs& a, const char* const* rows, uint64_t seq, int warp, int warps,
-                             int lane) {
+template <bool kValues>
+__device__ bool sendPartials(const CombineNetArgs& a, char* const* peer, const char* const* rows, uint64_t seq,
+                             int warp, int warps, int lane) {
   const CombineArgs& c = a.c;
   const WindowView& w = c.w;
   const PeerMap& p = w.peers;
   const int G = p.lsaSize, N = p.nodes(), n0 = p.node(p.rank), li = p.localIndex(p.rank), M = a.net.maxTokens;
-  const size_t wrow = (size_t)G * sizeof(float), prow = (size_t)c.hidden * 2;
+  const size_t wrow = (size_t)G * sizeof(float), prow = (size_t)a.net.partialBytes;
   const int rowVecs = c.hidden / 8;
   __shared__ bool chunkOk;
   for (int A = 0; A < N; ++A) {
@@ -152,6 +169,10 @@ __device__ bool sendPartials(const CombineNetArgs& a, const char* const* rows, u
             if (idx < rowVecs) dst[idx] = packBf16x8(acc[u]);
           }
         }
+        if constexpr (kValues) {
+          const float v = sumNodeValues(c, peer, srcMask, row, lane);
+          if (lane < c.topK) ((float*)((char*)dst + (size_t)c.hidden * 2))[lane] = v;
+        }
       }
       __syncthreads();
       if (threadIdx.x == 0) {
@@ -182,12 +203,14 @@ __device__ bool awaitPartials(const CombineNetArgs& a, uint64_t seq) {
 }
 
 // Phase 4, one warp: token t, once awaitPartials has returned.
-__device__ void reduceTokenNet(const CombineNetArgs& a, const char* const* rows, bool empty, int t, int lane) {
+template <bool kValues>
+__device__ void reduceTokenNet(const CombineNetArgs& a, char* const* peer, const char* const* rows, bool empty, int t,
+                               int lane) {
   const CombineArgs& c = a.c;
   const WindowView& w = c.w;
   const PeerMap& p = w.peers;
   const int R = p.nRanks, G = p.lsaSize, N = p.nodes(), n0 = p.node(p.rank), M = a.net.maxTokens;
-  const size_t prow = (size_t)c.hidden * 2;
+  const size_t prow = (size_t)a.net.partialBytes;
   const int rowVecs = c.hidden / 8;
   // Lane b < N: t's slot in node b's list (-1: none).
   const int slot = !empty && lane < N && lane != n0 ? c.routing.nodeSlot[(size_t)t * N + lane] : -1;
@@ -228,10 +251,25 @@ __device__ void reduceTokenNet(const CombineNetArgs& a, const char* const* rows,
       if (idx < rowVecs) dst[idx] = packBf16x8(acc[u]);
     }
   }
+  if constexpr (kValues) {  // the same grouping for the K values (lane k): nodes in node order
+    float acc = 0.0f;
+    for (int b = 0; b < N; ++b) {
+      if (b == n0) {
+        if (ownMask != 0) acc = __fadd_rn(acc, sumNodeValues(c, peer, ownMask, rowIndex, lane));
+      } else if ((remote >> b) & 1u) {
+        const int sb = __shfl_sync(0xffffffffu, slot, b);
+        const char* partial = windowLocal(w, a.net.combineLand + (size_t)remoteNodeIndex(p, b) * M * prow) +
+                              (size_t)sb * prow + (size_t)c.hidden * 2;
+        if (lane < c.topK) acc = __fadd_rn(acc, __int_as_float(loadPeerInt((const int*)partial + lane)));
+      }
+    }
+    if (lane < c.topK) c.outTopkWeights[(size_t)t * c.topK + lane] = acc;
+  }
 }
 
 }  // namespace
 
+template <bool kValues>
 __global__ void __launch_bounds__(kNetCombineThreads, 1) combineHtNetKernel(CombineNetArgs a) {
   const CombineArgs& c = a.c;
   const WindowView& w = c.w;
@@ -249,12 +287,12 @@ __global__ void __launch_bounds__(kNetCombineThreads, 1) combineHtNetKernel(Comb
   bool ok = ready;
   if (ready) {
     sendWeights(a, empty, warp, warps, lane);
-    ok = __syncthreads_and(sendPartials(a, rows, seq, warp, warps, lane)) != 0;
+    ok = __syncthreads_and(sendPartials<kValues>(a, peer, rows, seq, warp, warps, lane)) != 0;
   }
   if (ok) ok = awaitPartials(a, seq);
   if (ok)
     for (int t = blockIdx.x * warps + warp; t < c.numTokens; t += gridDim.x * warps)
-      reduceTokenNet(a, rows, empty, t, lane);
+      reduceTokenNet<kValues>(a, peer, rows, empty, t, lane);
   // Phase 5: CTA 0 checks that every remote source's weights arrived, as a rail peer (CTAs
   // without records from a source never waited for them).
   if (ok && blockIdx.x == 0 && threadIdx.x < N && threadIdx.x != n0) {
@@ -272,11 +310,15 @@ __global__ void __launch_bounds__(kNetCombineThreads, 1) combineHtNetKernel(Comb
 
 cudaError_t loadHtCombineNetKernel() {
   cudaFuncAttributes attr;
-  return cudaFuncGetAttributes(&attr, combineHtNetKernel);
+  const cudaError_t e = cudaFuncGetAttributes(&attr, combineHtNetKernel<false>);
+  return e == cudaSuccess ? cudaFuncGetAttributes(&attr, combineHtNetKernel<true>) : e;
 }
 
 cudaError_t launchCombineHtNet(const CombineNetArgs& args, int numCtas, cudaStream_t stream) {
-  combineHtNetKernel<<<numCtas, kNetCombineThreads, 0, stream>>>(args);
+  if (args.withValues)
+    combineHtNetKernel<true><<<numCtas, kNetCombineThreads, 0, stream>>>(args);
+  else
+    combineHtNetKernel<false><<<numCtas, kNetCombineThreads, 0, stream>>>(args);
   return cudaGetLastError();
 }
 
