@@ -1,7 +1,10 @@
 // The version-neutral GIN core of the moeloop plugin (moeloop_gin_api.h): comms, registrations,
 // context sets, puts and requests. See moeloop_gin.h for how puts and signals travel.
 #include <cuda_runtime.h>
+#include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+#include <atomic>
 #include "moeloop_gin.h"
 #include "moeloop_gin_api.h"
 #include "moeloop_log.h"
@@ -173,12 +176,59 @@ void ginFreeRequest(GinCollComm* c, GinRequest* r) {
   c->freeList.push_back(r);
 }
 
+// --- switches (NCCL_MOELOOP_COALESCE, NCCL_MOELOOP_OVERLAP_SCAN) --------------------------------
+
+namespace {
+std::atomic<const GinTuning*> gTuningOverride{nullptr};
+}  // namespace
+
+GinTuning ginTuningFrom(const char* coalesce, const char* overlapScan) {
+  GinTuning t;
+  if (coalesce != nullptr && *coalesce != '\0') {
+    if (strcmp(coalesce, "0") == 0)
+      t.coalesceSignals = false;
+    else if (strcmp(coalesce, "1") != 0)
+      ML_WARN("ignoring NCCL_MOELOOP_COALESCE=%s: expected 0 or 1; using 1", coalesce);
+  }
+  if (overlapScan != nullptr && *overlapScan != '\0') {
+    char* end = nullptr;
+    unsigned long long n = strtoull(overlapScan, &end, 10);
+    if (strcasecmp(overlapScan, "all") == 0)
+      t.overlapScanLimit = 0;
+    else if (end != overlapScan && *end == '\0' && overlapScan[0] != '-')
+      t.overlapScanLimit = (size_t)n;
+    else
+      ML_WARN("ignoring NCCL_MOELOOP_OVERLAP_SCAN=%s: expected a count of puts, 0 or all; using %zu",
+              overlapScan, t.overlapScanLimit);
+  }
+  return t;
+}
+
+const GinTuning& ginTuning() {
+  const GinTuning* o = gTuningOverride.load(std::memory_order_acquire);
+  if (o != nullptr) return *o;
+  static const GinTuning env = [] {
+    GinTuning t = ginTuningFrom(getenv("NCCL_MOELOOP_COALESCE"), getenv("NCCL_MOELOOP_OVERLAP_SCAN"));
+    ML_INFO(MOELOOP_LOG_INIT | MOELOOP_LOG_ENV,
+            "GIN: signal updates %s (NCCL_MOELOOP_COALESCE=%d), overlap scan of copies %s%zu puts in "
+            "flight (NCCL_MOELOOP_OVERLAP_SCAN=%zu)",
+            t.coalesceSignals ? "summed per word and progress pass" : "written one by one",
+            t.coalesceSignals ? 1 : 0, t.overlapScanLimit ? "up to " : "unbounded, ",
+            t.overlapScanLimit, t.overlapScanLimit);
+    return t;
+  }();
+  return env;
+}
+
+void setGinTuningForTesting(const GinTuning* t) { gTuningOverride.store(t, std::memory_order_release); }
+
 // --- init, devices, listen, connect ----------------------------------------------------------------
 
 ncclResult_t ginInit(void** ctx, uint64_t commId, ncclDebugLogger_t logFunction) {
   if (ctx == nullptr) return ML_ERROR(ncclInvalidArgument, "GIN init with ctx == NULL");
   setLogger(logFunction);
   (void)shapingConfig();
+  (void)ginTuning();  // the switches are read once, here
   *ctx = new GinContext{kGinContextMagic, commId};
   counters().ginInits.fetch_add(1, std::memory_order_relaxed);
   ML_INFO(MOELOOP_LOG_INIT | MOELOOP_LOG_NET, "GIN (proxy) initialised for comm %llx",

@@ -21,13 +21,15 @@
 //    (regMrSym is collective and in the same order everywhere), copies a socket payload into place
 //    (pinned bounce -> GPU, synchronously) and only then applies the signal (read-modify-write of
 //    the 64-bit word through the copy engine: no SM is needed, so it never waits for a busy GPU;
-//    consecutive updates of one word within a progress pass are summed into one write).
+//    consecutive updates of one word within a progress pass are summed into one write, unless
+//    NCCL_MOELOOP_COALESCE=0).
 //    Messages from one sender are applied strictly in order, so a signal is visible only after
 //    the payload of its put and of every earlier put of that collComm (any context) to that rank.
 //  - puts to the own rank are applied at once, inside iput.
 // Errors are sticky per collComm: logged, returned by every later call, seen by queryLastError.
 #pragma once
 #include <deque>
+#include <functional>
 #include <mutex>
 #include <poll.h>
 #include <stddef.h>
@@ -260,6 +262,10 @@ struct GinCollComm {
   // payload they follow is already in place (see ginQueueSignal).
   GinRegistration* pendingSig = nullptr;
   uint64_t pendingSigOff = 0, pendingSigAdd = 0;
+  // Hop timing of the timed puts folded into the pending update (recorded when it is written, so
+  // the apply hop includes the wait for the end of the pass): count, summed wire ns, summed
+  // header-read times (rhdrNs).
+  uint64_t pendingHopPuts = 0, pendingHopWireNs = 0, pendingHopHdrNs = 0;
   bool copyWanted = false;                 // this rank offers the copy transport (hello flag)
   uint64_t lastProgressNs = 0;             // nowNs() at the last ginProgressLocked (test throttling)
   bool importWarned = false;               // one warning per comm for a failed import
@@ -298,6 +304,26 @@ ncclResult_t ginConnectMesh(GinCollComm* c, GinListenComm* l, void* handles[]);
 ncclResult_t ginProgressLocked(GinCollComm* c);
 double registrationWaitSec();  // NCCL_MOELOOP_CONNECT_TIMEOUT_S (regMrSym does not synchronise)
 void setRegistrationWaitForTesting(double sec);  // 0: back to the default
+// Switches read once per process from the environment (at the first GIN init; logged there), so
+// that a GPU session can A/B the behaviours of the fourth session's plugin commits:
+//  - NCCL_MOELOOP_COALESCE=1 (default) | 0: signal updates received in one progress pass are
+//    summed per word and written at the end of the pass (4bc4d5d), or each written as soon as
+//    its header is read (before 4bc4d5d).
+//  - NCCL_MOELOOP_OVERLAP_SCAN=64 (default) | N | 0: a new copy-transport put scans at most N puts
+//    in flight to its peer for overlapping destinations; with more in flight its stream waits for
+//    the latest put of every other stream instead (fedde70). 0 (or `all`): always scan (before
+//    fedde70).
+struct GinTuning {
+  bool coalesceSignals = true;
+  size_t overlapScanLimit = 64;  // 0: no limit
+};
+const GinTuning& ginTuning();
+// The switches as the environment would set them (nullptr: unset); a malformed value warns and
+// keeps the default.
+GinTuning ginTuningFrom(const char* coalesce, const char* overlapScan);
+// Unit tests: use *t instead of the environment's switches (nullptr: back to the environment).
+void setGinTuningForTesting(const GinTuning* t);
+
 // Records a sticky error on `c` (first one wins) and returns it.
 ncclResult_t ginFail(GinCollComm* c, ncclResult_t res);
 // Applies a signal operation to a local registration (after the payload it follows is in place),
@@ -307,9 +333,10 @@ ncclResult_t ginApplySignal(GinCollComm* c, GinRegistration* sig, uint64_t sigOf
 // The same for a put received in a progress pass: summed into the pending update when it is for
 // the same word, else queued after writing the pending one (GinCollComm::pendingSig). Payloads are
 // in place before their headers are read, so a later write shows nothing early; writes of
-// different words keep their order.
+// different words keep their order. hdrNs != 0: a timed put (header fully read at hdrNs, wireNs
+// on the wire), whose wire and apply hops are recorded when the update is written.
 ncclResult_t ginQueueSignal(GinCollComm* c, GinRegistration* sig, uint64_t sigOff, uint32_t op,
-                            uint64_t value);
+                            uint64_t value, uint64_t hdrNs = 0, uint64_t wireNs = 0);
 // Writes the pending update, if any (the end of every progress pass).
 ncclResult_t ginFlushSignal(GinCollComm* c);
 void ginCloseMesh(GinCollComm* c);
@@ -333,6 +360,12 @@ ncclResult_t ginCopyIssue(GinCollComm* c, int peer);
 // Whether the header of `r` (front of peer's queue, not a socket-path put) may be sent now: its
 // copies completed and the shaped latency has passed since.
 ncclResult_t ginCopyFrontReady(GinCollComm* c, GinRequest* r, bool* ready);
+// The puts in flight to p (p.sendQueue[0, p.issuedCount)) that put r, its stream chosen, must
+// wait for before its copies, each passed to `wait` (its event is recorded): with at most
+// scanLimit in flight (0: any number) those on other streams writing bytes r writes; with more,
+// the latest put of every other stream (p.lastOnStream).
+ncclResult_t ginCopyWaitsFor(const GinPeer& p, const GinRequest& r, size_t scanLimit,
+                             const std::function<ncclResult_t(const GinRequest*)>& wait);
 // Called once `r`'s header is sent: releases what the message held (an exported fd).
 void ginCopySent(GinCollComm* c, GinRequest* r);
 // An announcement or retirement from `peer` (its header is `h`).

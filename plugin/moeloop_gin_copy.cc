@@ -23,6 +23,7 @@
 #include <strings.h>
 #include <unistd.h>
 #include <atomic>
+#include <functional>
 #include <mutex>
 #include <string>
 #include "moeloop_gin.h"
@@ -137,36 +138,17 @@ bool overlaps(const GinRequest& a, const GinRequest& b) {
          b.hdr.dstOff < a.hdr.dstOff + a.hdr.size;
 }
 
-// Picks put r's stream (the next one, round robin) and makes it wait for the events of the puts
-// in flight (p.sendQueue[0, p.issuedCount)) on other streams that write bytes r writes. With more
-// than kOverlapScanLimit in flight (thousands for per-token puts) it does not look: it waits for
-// the latest put of every other stream instead (stronger, and O(streams) per put).
-constexpr size_t kOverlapScanLimit = 64;
+// Picks put r's stream (the next one, round robin) and makes it wait for the puts
+// ginCopyWaitsFor names.
 ncclResult_t chooseStream(GinCollComm* c, GinPeer& p, GinRequest* r) {
   r->stream = p.nextStream;
   p.nextStream = (p.nextStream + 1) % kGinCopyStreams;
   if (p.streams[r->stream] == nullptr) ML_CHECK(ginStreamCreate(&c->cuda, &p.streams[r->stream]));
   void* stream = p.streams[r->stream];
-  if (p.issuedCount > kOverlapScanLimit) {
-    // Requests are pooled, so the pointers stay valid; one reused since is either not recorded
-    // yet (its earlier copy is done: nothing to wait for) or recorded for a later put (a stronger
-    // wait).
-    for (int k = 0; k < kGinCopyStreams; k++) {
-      const GinRequest* q = p.lastOnStream[k];
-      if (k != r->stream && q != nullptr && q->recorded && q->event != nullptr)
-        ML_CHECK(ginStreamWaitEvent(&c->cuda, stream, q->event));
-    }
-    p.lastOnStream[r->stream] = r;
-    return ncclSuccess;
-  }
+  ML_CHECK(ginCopyWaitsFor(p, *r, ginTuning().overlapScanLimit, [&](const GinRequest* q) {
+    return ginStreamWaitEvent(&c->cuda, stream, q->event);
+  }));
   p.lastOnStream[r->stream] = r;
-  for (size_t i = 0; i < p.issuedCount && i < p.sendQueue.size(); i++) {
-    const GinRequest* q = p.sendQueue[i];
-    if (q->kind != GinReqKind::kPut || q->path != GinPath::kCopy || q->hdr.size == 0 || !q->recorded ||
-        q->stream == r->stream || !overlaps(*q, *r))
-      continue;
-    ML_CHECK(ginStreamWaitEvent(&c->cuda, stream, q->event));
-  }
   return ncclSuccess;
 }
 
@@ -207,6 +189,30 @@ void closeFds(std::vector<int>* fds) {
 }
 
 }  // namespace
+
+// With more than scanLimit puts in flight (thousands for per-token puts) it does not look at
+// them: it names the latest put of every other stream instead (stronger, and O(streams) per put,
+// but it orders the streams' copies one after the other). Requests are pooled, so those pointers
+// stay valid; one reused since is either not recorded yet (its earlier copy is done: nothing to
+// wait for) or recorded for a later put (a stronger wait).
+ncclResult_t ginCopyWaitsFor(const GinPeer& p, const GinRequest& r, size_t scanLimit,
+                             const std::function<ncclResult_t(const GinRequest*)>& wait) {
+  if (scanLimit != 0 && p.issuedCount > scanLimit) {
+    for (int k = 0; k < kGinCopyStreams; k++) {
+      const GinRequest* q = p.lastOnStream[k];
+      if (k != r.stream && q != nullptr && q->recorded && q->event != nullptr) ML_CHECK(wait(q));
+    }
+    return ncclSuccess;
+  }
+  for (size_t i = 0; i < p.issuedCount && i < p.sendQueue.size(); i++) {
+    const GinRequest* q = p.sendQueue[i];
+    if (q->kind != GinReqKind::kPut || q->path != GinPath::kCopy || q->hdr.size == 0 || !q->recorded ||
+        q->stream == r.stream || !overlaps(*q, r))
+      continue;
+    ML_CHECK(wait(q));
+  }
+  return ncclSuccess;
+}
 
 bool ginCopyWanted() {
   int o = gCopyOverride.load();

@@ -89,6 +89,15 @@ void recordSentHops(const GinRequest& r) {
   k.hopReleaseNs.fetch_add(h.sentNs - r.readyNs, std::memory_order_relaxed);
 }
 
+// Target side of `puts` timed puts (moeloopStats_t: wire, apply), their signal written now (or
+// none to write): wireNs summed, hdrNsSum = the sum of their header-read times.
+void recordRecvHops(uint64_t puts, uint64_t wireNs, uint64_t hdrNsSum) {
+  Counters& k = counters();
+  k.hopRecvPuts.fetch_add(puts, std::memory_order_relaxed);
+  k.hopWireNs.fetch_add(wireNs, std::memory_order_relaxed);
+  k.hopApplyNs.fetch_add(puts * nowNs() - hdrNsSum, std::memory_order_relaxed);
+}
+
 // The front request is complete on the wire: counters, then done (a put) or freed (internal).
 void finishFront(GinCollComm* c, GinPeer& p, int peer) {
   GinRequest* r = p.sendQueue.front();
@@ -325,16 +334,18 @@ ncclResult_t progressRecv(GinCollComm* c, int peer) {
     // Latency shaping (the sender has applied it to copied puts).
     if (!copied && deliveryDeadline(h.sendNs) > nowNs()) return ncclSuccess;
     // The payload is in place (copies are synchronous, or the sender saw its copies complete):
-    // now the signal may become visible.
-    if (p.rsig) ML_CHECK(ginQueueSignal(c, p.rsig, h.sigOff, h.op, h.sigValue));
+    // now the signal may become visible. Coalesced (NCCL_MOELOOP_COALESCE=1): written at the
+    // latest at the end of this pass, and the put's hops are recorded then.
+    const bool timed = copied && h.sentNs != 0 && p.rhdrNs >= h.sentNs;
+    if (p.rsig && ginTuning().coalesceSignals) {
+      ML_CHECK(ginQueueSignal(c, p.rsig, h.sigOff, h.op, h.sigValue, timed ? p.rhdrNs : 0,
+                              timed ? p.rhdrNs - h.sentNs : 0));
+    } else {
+      if (p.rsig) ML_CHECK(ginApplySignal(c, p.rsig, h.sigOff, h.op, h.sigValue));
+      if (timed) recordRecvHops(1, p.rhdrNs - h.sentNs, p.rhdrNs);
+    }
     counters().ginBytesApplied.fetch_add(h.size, std::memory_order_relaxed);
     peerStatsOnApply(peer, (int)h.context, h.size, p.rsig != nullptr);
-    if (copied && h.sentNs != 0 && p.rhdrNs >= h.sentNs) {
-      Counters& k = counters();
-      k.hopRecvPuts.fetch_add(1, std::memory_order_relaxed);
-      k.hopWireNs.fetch_add(p.rhdrNs - h.sentNs, std::memory_order_relaxed);
-      k.hopApplyNs.fetch_add(nowNs() - p.rhdrNs, std::memory_order_relaxed);
-    }
     p.inMessage = false;
     p.rhdrGot = 0;
     p.recvSeq++;
@@ -387,8 +398,13 @@ ncclResult_t addToSignal(GinCollComm* c, GinRegistration* sig, uint64_t sigOff, 
 ncclResult_t ginFlushSignal(GinCollComm* c) {
   if (c->pendingSig == nullptr) return ncclSuccess;
   GinRegistration* sig = c->pendingSig;
+  const uint64_t puts = c->pendingHopPuts, wireNs = c->pendingHopWireNs, hdrNs = c->pendingHopHdrNs;
   c->pendingSig = nullptr;
-  return addToSignal(c, sig, c->pendingSigOff, c->pendingSigAdd);
+  c->pendingHopPuts = c->pendingHopWireNs = c->pendingHopHdrNs = 0;
+  ML_CHECK(addToSignal(c, sig, c->pendingSigOff, c->pendingSigAdd));
+  counters().ginSignalWrites.fetch_add(1, std::memory_order_relaxed);
+  if (puts > 0) recordRecvHops(puts, wireNs, hdrNs);
+  return ncclSuccess;
 }
 
 ncclResult_t ginApplySignal(GinCollComm* c, GinRegistration* sig, uint64_t sigOff, uint32_t op,
@@ -396,20 +412,25 @@ ncclResult_t ginApplySignal(GinCollComm* c, GinRegistration* sig, uint64_t sigOf
   ML_CHECK(ginFlushSignal(c));
   ML_CHECK(addToSignal(c, sig, sigOff, signalAddOf(op, value)));
   counters().ginSignals.fetch_add(1, std::memory_order_relaxed);
+  counters().ginSignalWrites.fetch_add(1, std::memory_order_relaxed);
   return ncclSuccess;
 }
 
 ncclResult_t ginQueueSignal(GinCollComm* c, GinRegistration* sig, uint64_t sigOff, uint32_t op,
-                            uint64_t value) {
+                            uint64_t value, uint64_t hdrNs, uint64_t wireNs) {
   counters().ginSignals.fetch_add(1, std::memory_order_relaxed);
-  if (c->pendingSig == sig && c->pendingSigOff == sigOff) {
-    c->pendingSigAdd += signalAddOf(op, value);
-    return ncclSuccess;
+  if (c->pendingSig != sig || c->pendingSigOff != sigOff) {
+    ML_CHECK(ginFlushSignal(c));
+    c->pendingSig = sig;
+    c->pendingSigOff = sigOff;
+    c->pendingSigAdd = 0;
   }
-  ML_CHECK(ginFlushSignal(c));
-  c->pendingSig = sig;
-  c->pendingSigOff = sigOff;
-  c->pendingSigAdd = signalAddOf(op, value);
+  c->pendingSigAdd += signalAddOf(op, value);
+  if (hdrNs != 0) {
+    c->pendingHopPuts++;
+    c->pendingHopWireNs += wireNs;
+    c->pendingHopHdrNs += hdrNs;
+  }
   return ncclSuccess;
 }
 

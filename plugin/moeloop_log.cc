@@ -78,6 +78,7 @@ extern "C" __attribute__((visibility("default"))) size_t moeloopGetStats(moeloop
   s.hopRecvPuts = c.hopRecvPuts.load();
   s.hopWireNs = c.hopWireNs.load();
   s.hopApplyNs = c.hopApplyNs.load();
+  s.ginSignalWrites = c.ginSignalWrites.load();
   size_t n = outSize < sizeof(s) ? outSize : sizeof(s);
   memcpy(out, &s, n);
   return n;

@@ -30,12 +30,15 @@ typedef struct {
   // waits for earlier puts and for the egress bucket), copy = -> its copies seen complete (event
   // polled by progress), release = -> header written (shaping latency, then the next progress
   // pass). As target, per put applied (hopRecvPuts): wire = header written -> fully read here (the
-  // socket and the time until this process's next progress pass), apply = -> its signal update
-  // issued (or queued: updates of one word within a pass are written once, at its end). Not
-  // inside the plugin: the GPU's put -> NCCL's proxy calls iput, and the signal's
-  // copy to the GPU -> the kernel sees it.
+  // socket and the time until this process's next progress pass), apply = -> its signal's write
+  // issued (with NCCL_MOELOOP_COALESCE=1 the write of the pass's sum for that word, at the latest
+  // at the end of the pass). Not inside the plugin: the GPU's put -> NCCL's proxy calls iput, and
+  // the signal's copy to the GPU -> the kernel sees it.
   uint64_t hopSentPuts, hopQueueNs, hopCopyNs, hopReleaseNs;
   uint64_t hopRecvPuts, hopWireNs, hopApplyNs;
+  // Writes of signal words at this rank (as target): ginSignals less the updates summed into
+  // another update's write (NCCL_MOELOOP_COALESCE=1). Appended: older readers copy less.
+  uint64_t ginSignalWrites;
 } moeloopStats_t;
 
 // The hops between two snapshots of the counters, in microseconds per put: out[0..2] = queue,

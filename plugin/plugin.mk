@@ -15,8 +15,10 @@ PLUGIN_GPU_OBJS := $(patsubst %.cc,$(OBJ)/%.o,$(wildcard tests/plugin_gpu/*.cc))
 PLUGIN_GPU_BIN := $(BUILDDIR)/test/plugin_gpu_test
 PLUGIN_NGPUS ?= 4
 
-# The CPU unit tests exercise the NET transport and the GIN tables on host memory.
-UNIT_EXTRA_OBJS += $(PLUGIN_CORE_OBJS) $(PLUGIN_GIN_OBJS)
+# The CPU unit tests exercise the NET transport and the GIN tables on host memory
+# (tests/unit/plugin_*_test.cc); plugin/tests/*.cc are CPU tests kept with the plugin (its switches).
+PLUGIN_UNIT_OBJS := $(patsubst %.cc,$(OBJ)/%.o,$(wildcard plugin/tests/*.cc))
+UNIT_EXTRA_OBJS += $(PLUGIN_CORE_OBJS) $(PLUGIN_GIN_OBJS) $(PLUGIN_UNIT_OBJS)
 
 # Plugin objects: only the plugin entry symbols and moeloopGetStats are exported from the .so.
 $(OBJ)/plugin/%.o: plugin/%.cc
