@@ -24,4 +24,17 @@ __host__ __device__ inline int remoteIndexAt(const PeerMap& p, int at, int r) {
   return r < base ? r : r - p.lsaSize;
 }
 
+// Index of node n among the nodes other than this rank's (per-remote-node regions [N-1][...]); the
+// same for every rank of this node. Contract: n is not this rank's node.
+__host__ __device__ inline int remoteNodeIndex(const PeerMap& p, int n) {
+  return n < p.node(p.rank) ? n : n - 1;
+}
+
+// Index of this rank's node among the nodes other than node n: where the ranks of node n keep what
+// this rank sends them (the region they read as remoteNodeIndex(their map, this rank's node)).
+__host__ __device__ inline int myNodeIndexAt(const PeerMap& p, int n) {
+  const int mine = p.node(p.rank);
+  return mine < n ? mine : mine - 1;
+}
+
 }  // namespace nccl_moe

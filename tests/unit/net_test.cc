@@ -115,6 +115,31 @@ TEST(NetRail, RailPeersAndRemoteRows) {
   EXPECT_EQ(railPeer(last, 7), 7);
 }
 
+// The HT internode regions per remote node: what rank s puts to its rail peer f on node B lands
+// in f's region myNodeIndexAt(s's map, B), which f reads as remoteNodeIndex(f's map, node(s)); both
+// in 0..N-2 and, for a fixed reader, distinct over the other nodes (N = 3, 4, 5; G = 1, 2, 8).
+TEST(NetRail, RemoteNodeIndicesPairUp) {
+  for (int N : {2, 3, 4, 5})
+    for (int G : {1, 2, 8}) {
+      const NodeMap m = mapOf(N, G);
+      for (int s = 0; s < N * G; ++s) {
+        const PeerMap ps = m.peerMap(s);
+        std::vector<int> seen(N - 1, 0);
+        for (int B = 0; B < N; ++B) {
+          if (B == ps.node(s)) continue;
+          const int f = railPeer(ps, B), at = myNodeIndexAt(ps, B);
+          ASSERT_EQ(m.node(f), B);
+          ASSERT_EQ(m.localIndex(f), m.localIndex(s));
+          EXPECT_EQ(at, remoteNodeIndex(m.peerMap(f), ps.node(s))) << N << " x " << G << " rank " << s << " node " << B;
+          ASSERT_GE(remoteNodeIndex(ps, B), 0);
+          ASSERT_LT(remoteNodeIndex(ps, B), N - 1);
+          seen[remoteNodeIndex(ps, B)]++;
+        }
+        for (int v : seen) EXPECT_EQ(v, 1);
+      }
+    }
+}
+
 TEST(NetGin, SignalPlanAndRequirements) {
   ncclMoeConfig_t c = llConfig(), r;
   ASSERT_EQ(validateConfig(&c, 16, config_fixture::kSms, &r), ncclSuccess) << ncclMoeGetLastError();

@@ -135,7 +135,6 @@ __device__ bool sendPartials(const CombineNetArgs& a, char* const* peer, const c
   const int G = p.lsaSize, N = p.nodes(), n0 = p.node(p.rank), li = p.localIndex(p.rank), M = a.net.maxTokens;
   const size_t wrow = (size_t)G * sizeof(float), prow = (size_t)a.net.partialBytes;
   const int rowVecs = c.hidden / 8;
-  __shared__ bool chunkOk;
   for (int A = 0; A < N; ++A) {
     if (A == n0) continue;
     const int s = A * G + li, ai = remoteNodeIndex(p, A);
@@ -146,9 +145,9 @@ __device__ bool sendPartials(const CombineNetArgs& a, char* const* peer, const c
     const size_t land = a.net.combineLand + (size_t)myNodeIndexAt(p, A) * M * prow;
     const int* netRows = c.routing.netRows + (size_t)A * M * G;
     if (ch.chunks() > ch.c) {  // this CTA has records from A: their weights first (all in one put)
-      if (threadIdx.x == 0) chunkOk = waitChannelDone(w, a.net, a.net.sigWeights0 + s, 0, seq, s);
-      __syncthreads();  // chunkOk is read after thread 0 wrote it (and rewritten after the next barrier)
-      if (!chunkOk) return false;
+      // Thread 0 waits; the barrier hands every thread the same answer.
+      if (!__syncthreads_and(threadIdx.x != 0 || waitChannelDone(w, a.net, a.net.sigWeights0 + s, 0, seq, s)))
+        return false;
     }
     for (int k = ch.c; k < ch.chunks(); k += ch.S) {
       const int first = k * kHtNetChunk, n = ch.size(k);

@@ -233,7 +233,6 @@ __global__ void __launch_bounds__(kNetDispatchThreads, 1) dispatchHtNetKernel(Di
 
   // Phase 5: forward the records of this CTA's chunks from every remote node's rail peer.
   bool ok = arrived;
-  __shared__ bool chunkOk;
   for (int A = 0; A < N && arrived; ++A) {
     if (A == n0) continue;
     const int s = A * G + li, ai = remoteNodeIndex(p, A);
@@ -242,9 +241,8 @@ __global__ void __launch_bounds__(kNetDispatchThreads, 1) dispatchHtNetKernel(Di
     const char* land = windowLocal(w, a.net.dispatchLand + (size_t)ai * maxTokens * rec);
     int* netRows = d.routing.netRows + (size_t)A * maxTokens * G;
     for (int k = ch.c; k < ch.chunks() && !empty; k += ch.S) {
-      if (threadIdx.x == 0) chunkOk = waitChannelAtLeast(w, a.net, sig, ch.c, seq, ch.through(k), s);
-      __syncthreads();
-      if (!chunkOk) {
+      // Thread 0 waits; the barrier hands every thread the same answer (no shared flag to race on).
+      if (!__syncthreads_and(threadIdx.x != 0 || waitChannelAtLeast(w, a.net, sig, ch.c, seq, ch.through(k), s))) {
         ok = false;
         break;
       }
@@ -263,7 +261,6 @@ __global__ void __launch_bounds__(kNetDispatchThreads, 1) dispatchHtNetKernel(Di
         storeRowToRanks<false>(d, peer, (const uint4*)(r + a.net.recordData), (const float*)(r + a.net.recordScales),
                                e, wt, withWeights, destMask, row < 0 ? 0 : row, lane);
       }
-      __syncthreads();  // chunkOk is rewritten for the next chunk only after every thread read it
     }
     if (threadIdx.x == 0 && ok) ok = waitChannelDone(w, a.net, sig, ch.c, seq, s);
   }

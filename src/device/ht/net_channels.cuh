@@ -22,17 +22,6 @@ namespace nccl_moe {
 
 constexpr uint64_t kHtNetDone = 1ull << 32;  // channel signal steps per operation
 
-// Index of node n among the nodes other than this rank's (regions [N-1][...]). Contract: n is not
-// this rank's node. As seen from any rank of this node (the same node).
-__device__ __forceinline__ int remoteNodeIndex(const PeerMap& p, int n) {
-  return n < p.node(p.rank) ? n : n - 1;
-}
-// Index of this rank's node among the nodes other than node n (where n's ranks keep our rows).
-__device__ __forceinline__ int myNodeIndexAt(const PeerMap& p, int n) {
-  const int mine = p.node(p.rank);
-  return mine < n ? mine : mine - 1;
-}
-
 __device__ __forceinline__ char* windowLocal(const WindowView& w, size_t off) {
   return (char*)ncclGetLocalPointer(w.win, off);
 }
