@@ -10,6 +10,7 @@
 #include "config_fixture.h"
 #include "error_message_match.h"
 #include "nccl_compat.h"
+#include "net/device/channels.h"
 #include "net/device/rail.h"
 #include "net/gin_setup.h"
 #include "net/node_map.h"
@@ -137,6 +138,30 @@ TEST(NetRail, RemoteNodeIndicesPairUp) {
         }
         for (int v : seen) EXPECT_EQ(v, 1);
       }
+    }
+}
+
+// The channel arithmetic of the HT internode kernels: over every chunk of every channel the
+// signal advances by exactly 2^32 per operation; through(k) is the running count of the channel's
+// slots; every slot belongs to one chunk of one channel.
+TEST(NetChannels, EveryChannelEndsAtExactly2To32) {
+  for (int total : {0, 1, 63, 64, 65, 128, 4095, 4096})
+    for (int S : {1, 4, 12, 24, 132}) {
+      long long slots = 0;
+      for (int c = 0; c < S; ++c) {
+        const ChannelChunks ch{total, c, S};
+        uint64_t signal = 0, running = 0;
+        for (int k = c; k < ch.chunks(); k += S) {
+          running += (uint64_t)ch.size(k);
+          EXPECT_EQ(ch.through(k), running) << total << " " << S << " " << c << " " << k;
+          signal += ch.signalAddFor(k);
+          slots += ch.size(k);
+        }
+        if (ch.last() < 0) signal += kHtNetDone;  // the empty channel's lone signal
+        EXPECT_EQ(signal, kHtNetDone) << "total " << total << " S " << S << " channel " << c;
+        EXPECT_EQ(ch.channelTotal(), running);
+      }
+      EXPECT_EQ(slots, total);
     }
 }
 

@@ -1,6 +1,6 @@
-// What the internode high-throughput kernels share (dispatch_gin.cu, combine_gin.cu): the chunk
-// and channel arithmetic of the dense per-node lists, the waits on a channel's GIN signal, and
-// the end-of-operation barrier with the rail peers. Device code.
+// What the internode high-throughput kernels share (dispatch_gin.cu, combine_gin.cu): puts and
+// waits of the channels (their arithmetic: net/device/channels.h), and the end-of-operation
+// barrier with the rail peers. Device code.
 //
 // Channels (HtNetArgs): a dense list of `total` slots is cut into chunks of kHtNetChunk slots;
 // chunk k belongs to channel k % S (S = CTAs = config.numSms, the same on every rank). A channel
@@ -16,32 +16,14 @@
 #include "device/kernel_args.h"
 #include "device/common/peer_sync.cuh"
 #include "net/device/gin.cuh"
+#include "net/device/channels.h"
 #include "net/device/rail.h"
 
 namespace nccl_moe {
 
-constexpr uint64_t kHtNetDone = 1ull << 32;  // channel signal steps per operation
-
 __device__ __forceinline__ char* windowLocal(const WindowView& w, size_t off) {
   return (char*)ncclGetLocalPointer(w.win, off);
 }
-
-// The chunks of one dense list of `total` slots that channel c of S owns: k = c, c + S, ...
-struct ChannelChunks {
-  int total, c, S;
-  __device__ int chunks() const { return (total + kHtNetChunk - 1) / kHtNetChunk; }
-  __device__ int size(int k) const { return min(kHtNetChunk, total - k * kHtNetChunk); }
-  // Slots of the channel's chunks up to and including its chunk k: all chunks before k are full
-  // (only the list's last chunk may be short, and it has the highest k).
-  __device__ uint64_t through(int k) const { return (uint64_t)((k - c) / S) * kHtNetChunk + size(k); }
-  // The channel's last chunk, or -1 when it owns none.
-  __device__ int last() const { return c < chunks() ? c + (chunks() - 1 - c) / S * S : -1; }
-  __device__ uint64_t channelTotal() const { return last() < 0 ? 0 : through(last()); }
-  // What the put of chunk k adds to the channel's signal at the peer.
-  __device__ uint64_t signalAddFor(int k) const {
-    return (uint64_t)size(k) + (k == last() ? kHtNetDone - channelTotal() : 0);
-  }
-};
 
 // The GIN context of channel c, on both ends.
 __device__ __forceinline__ int channelContext(const HtNetArgs& net, int c) {
