@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "ht_net_util.h"
-#include "../../plugin/moeloop_stats.h"
+#include "plugin_bytes.h"
 #include "../../testing/ht_net_model.h"
 
 namespace moe_gpu {
@@ -23,15 +23,6 @@ namespace {
 
 class HtNetBytes : public GpuTest {};
 
-// Bytes this process's GIN sent to each world rank so far (every context).
-std::vector<double> bytesSent(moeloopGetPeerStats_t peerStats) {
-  std::vector<double> sent(nRanks(), 0);
-  for (int r = 0; r < nRanks(); r++) {
-    moeloopPeerStats_t st = {};
-    if (peerStats(r, -1, &st, sizeof(st)) == sizeof(st)) sent[r] = (double)st.bytesSent;
-  }
-  return sent;
-}
 
 // Per peer, after - before against `want`; returns the mismatches (each reported).
 long comparePerPeer(const std::vector<double>& before, const std::vector<double>& after,

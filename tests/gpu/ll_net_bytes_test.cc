@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "ll_test_util.h"
-#include "../../plugin/moeloop_stats.h"
+#include "plugin_bytes.h"
 #include "../../testing/ll_net_model.h"
 
 namespace moe_gpu {
@@ -19,15 +19,6 @@ namespace {
 
 class LlNetBytes : public GpuTest {};
 
-// Bytes this process's GIN sent to each world rank so far (every context).
-std::vector<double> bytesSent(moeloopGetPeerStats_t peerStats) {
-  std::vector<double> sent(nRanks(), 0);
-  for (int r = 0; r < nRanks(); r++) {
-    moeloopPeerStats_t st = {};
-    if (peerStats(r, -1, &st, sizeof(st)) == sizeof(st)) sent[r] = (double)st.bytesSent;
-  }
-  return sent;
-}
 
 void countersScenario(const LlShape& s, uint64_t seed, bool split) {
   const int G = ncclTeamLsa(comm()).nRanks, me = rank();
