@@ -237,7 +237,7 @@ cudaError_t launchCombineHtTma(const CombineArgs& args, int numCtas, cudaStream_
 // channel (CTA) k % numCtas on every rank, which is why every rank launches numSms CTAs: the
 // puts of one channel to one peer land in order, and the channel's GIN signal at the receiver
 // counts the records (partials, weight rows) landed so far, plus 2^32 once the channel's last
-// one has (HtGinSignals). Both sides derive the chunks from the same counts.
+// one has (GinSignalPlan, net/device/channels.h). Both sides derive the chunks from the same counts.
 struct HtNetArgs {
   ncclDevComm devComm;     // with GIN contexts and the HT signal plan's signals
   int maxTokens;           // M: slots per remote node (config.maxTokensPerRank)

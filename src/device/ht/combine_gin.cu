@@ -15,10 +15,11 @@
 //     weights have landed, each record's rows in rank order, w * y in FP32, rounded once to BF16,
 //     into combineStage at the slot, the chunk put back to the source's combineLand
 //     (htPartials(me, channel)).
-//  4. tokens: warps over this rank's tokens; out[t] = nodes in node order, in FP32: this node's
-//     rank-ordered sum (not rounded) when t has rows here, each remote node's BF16 partial (waited
-//     for by its chunk's channel signal) when t went there; rounded once to BF16.
-//  5. every channel signal of the operation exact, then the node barrier and the rail barrier
+//  4. tokens: once every partial has landed (awaitPartials: one poller per remote node and CTA),
+//     warps over this rank's tokens; out[t] = nodes in node order, in FP32: this node's
+//     rank-ordered sum (not rounded) when t has rows here, each remote node's BF16 partial when t
+//     went there; rounded once to BF16.
+//  5. the weights' signals exact, then the node barrier and the rail barrier
 //     (htCombineDone), so that no rank's next operation overwrites rows or regions still read.
 // Rounding contract (nccl_moe.h, testing/ht_net_protocol.h): on one node the intranode combine's
 // result; across nodes one BF16 rounding per remote node and the FP32 sum regrouped by node.
