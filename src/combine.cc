@@ -97,7 +97,7 @@ static ncclResult_t combine(ncclMoeComm* c, ncclMoeHandle* h, const void* expert
     na.c = a;
     na.net = htNetArgs(c);
     na.withValues = values ? 1 : 0;
-    if (values) na.net.partialBytes = (int)c->htNet.partialRow;
+    na.net.partialBytes = values ? (int)c->htNet.partialRow : cfg.hidden * 2;
     MOE_CUDA(launchCombineHtNet(na, cfg.numSms, stream));
   } else if (c->htCombineTma && !values)
     MOE_CUDA(launchCombineHtTma(a, cfg.numSms, stream));

@@ -40,7 +40,6 @@ HtNetArgs htNetArgs(const ncclMoeComm* c) {
   n.recordWeight = (int)r.record.weight;
   n.recordData = (int)r.record.data;
   n.recordScales = (int)r.record.scales;
-  n.partialBytes = c->cfg.hidden * 2;  // without per-row values (the combine widens it for them)
   n.countsBytes = (int)r.countsBytes;
   n.dispatchStage = c->htNetOff + r.dispatchStage;
   n.dispatchLand = c->htNetOff + r.dispatchLand;

@@ -29,7 +29,7 @@ HtNetTraffic htNetTraffic(const HtNetShape& s, const std::vector<moe_ref::Routin
   const double partial = 2.0 * s.hidden, weights = 4.0 * G;
   // What crosses the NIC per partial: the BF16 row, and with per-row values their K FP32 sums in
   // the same 16-byte-aligned row.
-  const double partialNet = s.combineValues ? (double)((2 * (size_t)s.hidden + 4 * (size_t)s.topK + 15) / 16 * 16) : partial;
+  const double partialNet = s.combineValues ? (double)align16(2 * (size_t)s.hidden + 4 * (size_t)s.topK) : partial;
   const double row = (double)s.hidden * (s.fp8 ? 1 : 2) + (s.fp8 ? s.hidden / 128 * 4.0 : 0.0);
   HtNetTraffic t;
   t.dispatchOutTo.assign(R, 0.0);

@@ -243,8 +243,8 @@ struct HtNetArgs {
   int maxTokens;           // M: slots per remote node (config.maxTokensPerRank)
   int recordBytes;         // record layout (net/ht_regions.h HtRecordLayout), multiples of 16
   int recordPos, recordExpert, recordWeight, recordData, recordScales;
-  int partialBytes;        // one combine partial row in this call: H BF16, then (per-row values,
-                           // ncclMoeCombineWithWeights) K FP32 sums; a multiple of 16
+  int partialBytes;        // combine only (set per call): one partial row, H BF16, then (per-row
+                           // values, ncclMoeCombineWithWeights) K FP32 sums; a multiple of 16
   int countsBytes;         // one counts row: int32 [R] rows to every rank, int32 records, int32
                            // [G][L] rows per expert of the destination node's ranks; padded to 16
   size_t dispatchStage;    // [N-1][M][record] this rank's records, by remote node, dense slots

@@ -20,20 +20,13 @@
 #include <sstream>
 #include <vector>
 
+#include "digest.h"
 #include "ht_net_util.h"
 
 namespace moe_gpu {
 namespace {
 
 class HtTopology : public GpuTest {};
-
-uint64_t fnv(uint64_t h, const void* p, size_t n) {
-  const unsigned char* b = (const unsigned char*)p;
-  for (size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 1099511628211ull;
-  return h;
-}
-
-const uint64_t kFnvBasis = 1469598103934665603ull;
 
 // One line per field of ep's last dispatch outputs: the counts, then the received rows' fields.
 std::string digest(const Shape& s, const ncclMoeDispatchOutput_t& out, bool weights) {

@@ -16,6 +16,7 @@
 #include <numeric>
 #include <sstream>
 
+#include "digest.h"
 #include "ll_test_util.h"
 
 namespace moe_gpu {
@@ -23,16 +24,11 @@ namespace {
 
 class LlTopology : public GpuTest {};
 
-uint64_t fnv(uint64_t h, const void* p, size_t n) {
-  const unsigned char* b = (const unsigned char*)p;
-  for (size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 1099511628211ull;
-  return h;
-}
 
 // Digest lines of one run: counts, blocks in srcToken order, combine output.
 std::string digest(const LlShape& s, const LlBlocks& got, const std::vector<uint16_t>& combined) {
   std::ostringstream o;
-  uint64_t h = fnv(1469598103934665603ull, got.counts.data(), got.counts.size() * sizeof(int));
+  uint64_t h = fnv(kFnvBasis, got.counts.data(), got.counts.size() * sizeof(int));
   h = fnv(h, got.expertCounts.data(), got.expertCounts.size() * sizeof(int));
   o << "counts " << std::hex << h << "\n";
   for (size_t b = 0; b < got.srcToken.size(); ++b) {
@@ -40,7 +36,7 @@ std::string digest(const LlShape& s, const LlBlocks& got, const std::vector<uint
     std::vector<size_t> order(tok.size());
     std::iota(order.begin(), order.end(), 0);
     std::sort(order.begin(), order.end(), [&](size_t x, size_t y) { return tok[x] < tok[y]; });
-    uint64_t hb = 1469598103934665603ull;
+    uint64_t hb = kFnvBasis;
     for (size_t i : order) {
       hb = fnv(hb, &tok[i], sizeof(int));
       hb = fnv(hb, got.rows[b].data() + i * s.rowBytes(), s.rowBytes());
@@ -48,7 +44,7 @@ std::string digest(const LlShape& s, const LlBlocks& got, const std::vector<uint
     }
     o << "block " << std::dec << b << " " << std::hex << hb << "\n";
   }
-  o << "combine " << std::hex << fnv(1469598103934665603ull, combined.data(), combined.size() * 2) << "\n";
+  o << "combine " << std::hex << fnv(kFnvBasis, combined.data(), combined.size() * 2) << "\n";
   return o.str();
 }
 

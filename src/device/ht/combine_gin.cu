@@ -68,17 +68,6 @@ __device__ __forceinline__ void zero(float (&acc)[kNetCombineUnroll][8]) {
     for (int i = 0; i < 8; ++i) acc[u][i] = 0.0f;
 }
 
-// w(t, r) for rank r = lane (0 where t has no expert on r), or 1 unweighted: intranode's rule.
-__device__ __forceinline__ float combineWeight(const CombineArgs& a, int t, int r) {
-  if (!a.topkWeights) return 1.0f;
-  const int expertsPerRank = a.numExperts / a.w.peers.nRanks;
-  float weight = 0.0f;
-  for (int k = 0; k < a.topK; ++k) {
-    const int64_t e = a.routing.topkIdx[(size_t)t * a.topK + k];
-    if (e >= 0 && (int)e / expertsPerRank == r) weight += a.topkWeights[(size_t)t * a.topK + k];
-  }
-  return weight;
-}
 
 // Phase 2: CTA bi % numCtas (bi: remote node index of B) stages the weights of this rank's whole
 // list for node B and puts them to B's rail peer in one put, adding 2^32 to htWeights(me) there
@@ -112,19 +101,6 @@ __device__ void sendWeights(const CombineNetArgs& a, bool empty, int warp, int w
   }
 }
 
-// kValues: the K sums of the record's per-row values (recvWeightsOff on the ranks of this node,
-// peer[]: their windows), FP32 from +0.0f in rank order, after the BF16 partial in its row.
-__device__ __forceinline__ float sumNodeValues(const CombineArgs& c, char* const* peer, unsigned srcMask, int rowIndex,
-                                               int lane) {
-  float sum = 0.0f;
-  for (unsigned m = srcMask; m != 0; m &= m - 1) {  // warp-uniform
-    const int r = __ffs(m) - 1;
-    const int row = __shfl_sync(0xffffffffu, rowIndex, r);
-    if (lane < c.topK) sum = __fadd_rn(sum, __int_as_float(loadPeerInt((const int*)(peer[r] + c.recvWeightsOff) +
-                                                                        (size_t)row * c.topK + lane)));
-  }
-  return sum;
-}
 
 // Phase 3: this CTA's chunks of the records every remote node's rail peer sent here.
 template <bool kValues>
@@ -170,7 +146,7 @@ __device__ bool sendPartials(const CombineNetArgs& a, char* const* peer, const c
           }
         }
         if constexpr (kValues) {
-          const float v = sumNodeValues(c, peer, srcMask, row, lane);
+          const float v = sumRankValues(c, peer, srcMask, row, lane);
           if (lane < c.topK) ((float*)((char*)dst + (size_t)c.hidden * 2))[lane] = v;
         }
       }
@@ -255,7 +231,7 @@ __device__ void reduceTokenNet(const CombineNetArgs& a, char* const* peer, const
     float acc = 0.0f;
     for (int b = 0; b < N; ++b) {
       if (b == n0) {
-        if (ownMask != 0) acc = __fadd_rn(acc, sumNodeValues(c, peer, ownMask, rowIndex, lane));
+        if (ownMask != 0) acc = __fadd_rn(acc, sumRankValues(c, peer, ownMask, rowIndex, lane));
       } else if ((remote >> b) & 1u) {
         const int sb = __shfl_sync(0xffffffffu, slot, b);
         const char* partial = windowLocal(w, a.net.combineLand + (size_t)remoteNodeIndex(p, b) * M * prow) +
@@ -299,13 +275,8 @@ __global__ void __launch_bounds__(kNetCombineThreads, 1) combineHtNetKernel(Comb
     const int s = threadIdx.x * G + li;
     waitChannelDone(w, a.net, a.net.sigWeights0 + s, 0, seq, s);
   }
-  if (threadIdx.x == 0) flushChannelPuts(a.net, blockIdx.x);
-  if (!finishAndWaitPeers<true>(w, kSigCombineDone, seq, &w.state->combineArrived, &w.state->combineSeq)) return;
-  railBarrier(w, a.net, a.net.sigCombineDone0, seq);
-  if (threadIdx.x == 0) {
-    *(volatile unsigned long long*)&w.state->combineSeq = seq;
-    __threadfence();
-  }
+  finishNetOperation(w, a.net, kSigCombineDone, a.net.sigCombineDone0, seq, &w.state->combineArrived,
+                     &w.state->combineSeq);
 }
 
 cudaError_t loadHtCombineNetKernel() {

@@ -74,21 +74,6 @@ __device__ __forceinline__ void reduceToken(const CombineArgs& a, const char* co
   }
 }
 
-// outTopkWeights[t][k] = sum over the ranks r of srcMask in increasing order of rank r's value
-// [row of t][k] (its window at recvWeightsOff), FP32 from +0.0f: lane k owns column k.
-__device__ __forceinline__ void reduceTopkValues(const CombineArgs& a, char* const* peer, int t,
-                                                 unsigned srcMask, int rowIndex, int lane) {
-  float sum = 0.0f;
-  for (unsigned m = srcMask; m != 0; m &= m - 1) {  // m is warp-uniform
-    const int r = __ffs(m) - 1;
-    const int row = __shfl_sync(0xffffffffu, rowIndex, r);
-    if (lane < a.topK) {
-      const int* src = (const int*)(peer[r] + a.recvWeightsOff) + (size_t)row * a.topK + lane;
-      sum = __fadd_rn(sum, __int_as_float(loadPeerInt(src)));
-    }
-  }
-  if (lane < a.topK) a.outTopkWeights[(size_t)t * a.topK + lane] = sum;
-}
 
 template <bool kTopkValues>
 __global__ void __launch_bounds__(kCombineThreads, 1) combineHtIntranodeKernel(CombineArgs a) {
@@ -109,22 +94,16 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combineHtIntranodeKernel(C
   if (ready) {
     const int lane = threadIdx.x % 32, warpsPerCta = blockDim.x / 32;
     const int totalWarps = gridDim.x * warpsPerCta;
-    const int expertsPerRank = a.numExperts / R;
     for (int t = blockIdx.x * warpsPerCta + threadIdx.x / 32; t < a.numTokens; t += totalWarps) {
       const int pos = lane < R && !empty ? a.routing.sendPos[(size_t)t * R + lane] : -1;
       const unsigned srcMask = __ballot_sync(0xffffffffu, pos >= 0);
-      float weight = 1.0f;
-      if (a.topkWeights) {
-        // w(t, r) for r = lane: the weights of t's experts on rank `lane`, in k order.
-        weight = 0.0f;
-        for (int k = 0; k < a.topK; ++k) {
-          const int64_t e = a.routing.topkIdx[(size_t)t * a.topK + k];
-          if (e >= 0 && (int)e / expertsPerRank == lane) weight += a.topkWeights[(size_t)t * a.topK + k];
-        }
-      }
+      const float weight = combineWeight(a, t, lane);  // w(t, r) for r = lane
       const int rowIndex = pos >= 0 ? sendOffset[lane] + pos : 0;
       reduceToken(a, rows, t, srcMask, rowIndex, weight, lane);
-      if constexpr (kTopkValues) reduceTopkValues(a, peer, t, srcMask, rowIndex, lane);
+      if constexpr (kTopkValues) {  // outTopkWeights[t][k]: rank-ordered sum of the rows' values
+        const float sum = sumRankValues(a, peer, srcMask, rowIndex, lane);
+        if (lane < a.topK) a.outTopkWeights[(size_t)t * a.topK + lane] = sum;
+      }
     }
   }
   finishAndWaitPeers(w, kSigCombineDone, seq, &w.state->combineArrived, &w.state->combineSeq);

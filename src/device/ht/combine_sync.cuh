@@ -3,6 +3,7 @@
 #pragma once
 #include "device/kernel_args.h"
 #include "device/common/peer_sync.cuh"
+#include "device/common/vec_io.cuh"
 
 namespace nccl_moe {
 
@@ -33,6 +34,35 @@ __device__ __forceinline__ bool publishSourceAndAwaitPeers(const WindowView& w, 
   }
   __syncthreads();
   return ready;
+}
+
+// w(t, r): the sum of t's topkWeights whose expert lives on rank r, in k order from 0.0f (0 when t
+// has none there), or 1 for an unweighted combine (a.topkWeights NULL).
+__device__ __forceinline__ float combineWeight(const CombineArgs& a, int t, int r) {
+  if (!a.topkWeights) return 1.0f;
+  const int expertsPerRank = a.numExperts / a.w.peers.nRanks;
+  float weight = 0.0f;
+  for (int k = 0; k < a.topK; ++k) {
+    const int64_t e = a.routing.topkIdx[(size_t)t * a.topK + k];
+    if (e >= 0 && (int)e / expertsPerRank == r) weight += a.topkWeights[(size_t)t * a.topK + k];
+  }
+  return weight;
+}
+
+// One warp, lane k < a.topK: the sum over the ranks r of srcMask (warp-uniform) in increasing
+// order of rank r's per-row value [row][k] (its window, peer[r], at a.recvWeightsOff; row = lane
+// r's rowIndex), FP32 from +0.0f. Other lanes return 0.
+__device__ __forceinline__ float sumRankValues(const CombineArgs& a, char* const* peer, unsigned srcMask,
+                                               int rowIndex, int lane) {
+  float sum = 0.0f;
+  for (unsigned m = srcMask; m != 0; m &= m - 1) {
+    const int r = __ffs(m) - 1;
+    const int row = __shfl_sync(0xffffffffu, rowIndex, r);
+    if (lane < a.topK)
+      sum = __fadd_rn(sum, __int_as_float(loadPeerInt((const int*)(peer[r] + a.recvWeightsOff) +
+                                                      (size_t)row * a.topK + lane)));
+  }
+  return sum;
 }
 
 }  // namespace nccl_moe

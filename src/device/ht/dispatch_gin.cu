@@ -223,11 +223,7 @@ __global__ void __launch_bounds__(kNetDispatchThreads, 1) dispatchHtNetKernel(Di
       const int pos = inNode ? d.routing.sendPos[(size_t)t * R + lane] : -1;
       const unsigned destMask = __ballot_sync(0xffffffffu, pos >= 0);
       if (destMask == 0) continue;
-      const int64_t e = lane < K ? d.routing.topkIdx[(size_t)t * K + lane] : -1;
-      const float wt = (d.topkWeights && lane < K) ? d.topkWeights[(size_t)t * K + lane] : 0.0f;
-      storeRowToRanks<true>(d, peer, (const uint4*)((const char*)d.x + (size_t)t * d.rowBytes),
-                            d.xScales + (size_t)t * d.scaleCols, e, wt, d.topkWeights != nullptr, destMask,
-                            pos >= 0 ? base[n0 * G + lane - p.lsaBase] + pos : 0, lane);
+      storeSourceToken(d, peer, t, destMask, pos >= 0 ? base[n0 * G + lane - p.lsaBase] + pos : 0, lane);
     }
   }
 
@@ -266,13 +262,8 @@ __global__ void __launch_bounds__(kNetDispatchThreads, 1) dispatchHtNetKernel(Di
   }
   (void)ok;  // failures are recorded; the barriers below give up at once after one
 
-  if (threadIdx.x == 0) flushChannelPuts(a.net, blockIdx.x);
-  if (!finishAndWaitPeers<true>(w, kSigDispatchDone, seq, &w.state->dispatchArrived, &w.state->dispatchSeq)) return;
-  railBarrier(w, a.net, a.net.sigDispatchDone0, seq);
-  if (threadIdx.x == 0) {
-    *(volatile unsigned long long*)&w.state->dispatchSeq = seq;
-    __threadfence();
-  }
+  finishNetOperation(w, a.net, kSigDispatchDone, a.net.sigDispatchDone0, seq, &w.state->dispatchArrived,
+                     &w.state->dispatchSeq);
 }
 
 cudaError_t loadHtDispatchNetKernel() {

@@ -39,18 +39,6 @@ __device__ void publishCounts(const DispatchArgs& a, char* const* peer, uint64_t
   for (int d = threadIdx.x; d < R; d += blockDim.x) signalStore(w, d, kSigDispatchCounts, seq);
 }
 
-// Phase 2: copies token t to every destination whose bit is set in destMask. rowIndex (lane d)
-// is t's row in rank d's output.
-__device__ __forceinline__ void sendToken(const DispatchArgs& a, char* const* peer, int t,
-                                          unsigned destMask, int rowIndex, int lane) {
-  const int K = a.topK;
-  const uint4* src = (const uint4*)((const char*)a.x + (size_t)t * a.rowBytes);
-  const int64_t e = lane < K ? a.routing.topkIdx[(size_t)t * K + lane] : -1;
-  const float weight = (a.topkWeights && lane < K) ? a.topkWeights[(size_t)t * K + lane] : 0.0f;
-  storeRowToRanks<true>(a, peer, src, a.xScales + (size_t)t * a.scaleCols, e, weight, a.topkWeights != nullptr,
-                        destMask, rowIndex, lane);
-}
-
 __global__ void __launch_bounds__(kDispatchThreads, 1) dispatchHtIntranodeKernel(DispatchArgs a) {
   const WindowView& w = a.w;
   const int R = w.peers.nRanks, me = w.peers.rank;
@@ -113,7 +101,7 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatchHtIntranodeKernel
       const int pos = lane < R ? a.routing.sendPos[(size_t)t * R + lane] : -1;
       const unsigned destMask = __ballot_sync(0xffffffffu, pos >= 0);
       const int rowIndex = pos >= 0 ? sendOffset[lane] + pos : 0;
-      sendToken(a, peer, t, destMask, rowIndex, lane);
+      storeSourceToken(a, peer, t, destMask, rowIndex, lane);
     }
   }
   finishAndWaitPeers(w, kSigDispatchDone, seq, &w.state->dispatchArrived, &w.state->dispatchSeq);

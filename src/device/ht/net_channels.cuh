@@ -102,4 +102,20 @@ __device__ __forceinline__ void flushChannelPuts(const HtNetArgs& net, int c) {
   gin.flush(ncclCoopThread());
 }
 
+// Every CTA at the end of an internode operation: its channel's puts flushed, the node barrier
+// (`kind`, finishAndWaitPeers), then in the last CTA the rail barrier (doneSig0) and only then
+// seq published in *seqSlot, so the next operation of this rank starts after every rail peer's
+// node has finished this one.
+__device__ __forceinline__ void finishNetOperation(const WindowView& w, const HtNetArgs& net, int kind, int doneSig0,
+                                                   uint64_t seq, unsigned int* arrived,
+                                                   unsigned long long* seqSlot) {
+  if (threadIdx.x == 0) flushChannelPuts(net, blockIdx.x);
+  if (!finishAndWaitPeers<true>(w, kind, seq, arrived, seqSlot)) return;
+  railBarrier(w, net, doneSig0, seq);
+  if (threadIdx.x == 0) {
+    *(volatile unsigned long long*)seqSlot = seq;
+    __threadfence();
+  }
+}
+
 }  // namespace nccl_moe

@@ -78,4 +78,16 @@ __device__ __forceinline__ void storeRowToRanks(const DispatchArgs& a, char* con
   }
 }
 
+// One warp: this rank's token t (a.x, a.xScales, its top-k entries and, when the dispatch has
+// them, weights) into row rowIndex (lane d) of every rank d of destMask.
+__device__ __forceinline__ void storeSourceToken(const DispatchArgs& a, char* const* peer, int t, unsigned destMask,
+                                                 int rowIndex, int lane) {
+  const int K = a.topK;
+  const uint4* src = (const uint4*)((const char*)a.x + (size_t)t * a.rowBytes);
+  const int64_t e = lane < K ? a.routing.topkIdx[(size_t)t * K + lane] : -1;
+  const float weight = (a.topkWeights && lane < K) ? a.topkWeights[(size_t)t * K + lane] : 0.0f;
+  storeRowToRanks<true>(a, peer, src, a.xScales + (size_t)t * a.scaleCols, e, weight, a.topkWeights != nullptr,
+                        destMask, rowIndex, lane);
+}
+
 }  // namespace nccl_moe
