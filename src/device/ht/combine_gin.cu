@@ -15,11 +15,11 @@
 //     weights have landed, each record's rows in rank order, w * y in FP32, rounded once to BF16,
 //     into combineStage at the slot, the chunk put back to the source's combineLand
 //     (htPartials(me, channel)).
-//  4. tokens: once every partial has landed (awaitPartials: one poller per remote node and CTA),
-//     warps over this rank's tokens; out[t] = nodes in node order, in FP32: this node's
-//     rank-ordered sum (not rounded) when t has rows here, each remote node's BF16 partial when t
-//     went there; rounded once to BF16.
-//  5. the weights' signals exact, then the node barrier and the rail barrier
+//  4. tokens (reduceTokensNet: chunk by chunk of the first remote node's list as its partials
+//     land, then the others); out[t] = nodes in node order, in FP32: this node's rank-ordered sum
+//     (not rounded) when t has rows here, each remote node's BF16 partial (waited for by its
+//     chunk's channel signal) when t went there; rounded once to BF16.
+//  5. every channel signal of the operation exact, then the node barrier and the rail barrier
 //     (htCombineDone), so that no rank's next operation overwrites rows or regions still read.
 // Rounding contract (nccl_moe.h, testing/ht_net_protocol.h): on one node the intranode combine's
 // result; across nodes one BF16 rounding per remote node and the FP32 sum regrouped by node.
@@ -162,26 +162,21 @@ __device__ bool sendPartials(const CombineNetArgs& a, char* const* peer, const c
   return true;
 }
 
-// Phase 4, before the tokens: thread b < N (b != this node) waits until every channel of the
-// rail peer on node b has returned all its partials (exactly seq * 2^32 each; one poller per
-// remote node and CTA, the channels in turn). Returns false if a wait failed.
-__device__ bool awaitPartials(const CombineNetArgs& a, uint64_t seq) {
-  const WindowView& w = a.c.w;
-  const PeerMap& p = w.peers;
-  bool ok = true;
-  for (int b = threadIdx.x; b < p.nodes(); b += blockDim.x) {
-    if (b == p.node(p.rank)) continue;
-    const int f = railPeer(p, b);
-    for (int ch = 0; ch < (int)gridDim.x && ok; ++ch)
-      ok = waitChannelDone(w, a.net, a.net.sigPartials0 + f * gridDim.x + ch, ch, seq, f);
-  }
-  return __syncthreads_and(ok) != 0;
+// Lane 0 of a warp: waits until the partial of list slot `slot` of remote node b (from b's rail
+// peer, on the channel of the slot's chunk) has landed here.
+__device__ bool waitPartial(const CombineNetArgs& a, bool empty, uint64_t seq, int b, int slot) {
+  const CombineArgs& c = a.c;
+  const int k = slot / kHtNetChunk, f = railPeer(c.w.peers, b);
+  const ChannelChunks ch{empty ? 0 : c.routing.tokensPerNode[b], k % (int)gridDim.x, (int)gridDim.x};
+  return waitChannelAtLeast(c.w, a.net, a.net.sigPartials0 + f * gridDim.x + ch.c, ch.c, seq, ch.through(k), f);
 }
 
-// Phase 4, one warp: token t, once awaitPartials has returned.
+// Phase 4, one warp: token t. Its partials from the remote nodes other than `waited` (whose chunk
+// the caller waited for) are waited for here by lane 0. Returns false if a wait failed (the row
+// is then not written).
 template <bool kValues>
-__device__ void reduceTokenNet(const CombineNetArgs& a, char* const* peer, const char* const* rows, bool empty, int t,
-                               int lane) {
+__device__ bool reduceTokenNet(const CombineNetArgs& a, char* const* peer, const char* const* rows, bool empty,
+                               uint64_t seq, int t, int waited, int lane) {
   const CombineArgs& c = a.c;
   const WindowView& w = c.w;
   const PeerMap& p = w.peers;
@@ -191,6 +186,13 @@ __device__ void reduceTokenNet(const CombineNetArgs& a, char* const* peer, const
   // Lane b < N: t's slot in node b's list (-1: none).
   const int slot = !empty && lane < N && lane != n0 ? c.routing.nodeSlot[(size_t)t * N + lane] : -1;
   const unsigned remote = __ballot_sync(0xffffffffu, slot >= 0);
+  bool arrived = true;
+  for (unsigned m = remote & ~(1u << waited); m != 0; m &= m - 1) {
+    const int b = __ffs(m) - 1;
+    const int sb = __shfl_sync(0xffffffffu, slot, b);
+    if (lane == 0 && arrived) arrived = waitPartial(a, empty, seq, b, sb);
+  }
+  if (!__shfl_sync(0xffffffffu, arrived, 0)) return false;
   const bool inNode = lane >= p.lsaBase && lane < p.lsaBase + G;
   const int pos = inNode && !empty ? c.routing.sendPos[(size_t)t * R + lane] : -1;
   const unsigned ownMask = __ballot_sync(0xffffffffu, pos >= 0);
@@ -241,6 +243,33 @@ __device__ void reduceTokenNet(const CombineNetArgs& a, char* const* peer, const
     }
     if (lane < c.topK) c.outTopkWeights[(size_t)t * c.topK + lane] = acc;
   }
+  return true;
+}
+
+// Phase 4, every CTA: the tokens of this CTA's chunks of the first remote node's list P, chunk by
+// chunk as their partials land (one poller per CTA), then the tokens outside that list, spread over
+// the grid; partials of other remote nodes are waited for per token. The final sums thus overlap
+// the partials still in flight. Returns false if a wait failed.
+template <bool kValues>
+__device__ bool reduceTokensNet(const CombineNetArgs& a, char* const* peer, const char* const* rows, bool empty, uint64_t seq, int warp,
+                                int warps, int lane) {
+  const CombineArgs& c = a.c;
+  const PeerMap& p = c.w.peers;
+  const int N = p.nodes(), n0 = p.node(p.rank), M = a.net.maxTokens, P = n0 == 0 ? 1 : 0;
+  __shared__ bool chunkOk;
+  bool ok = true;
+  const ChannelChunks ch{empty ? 0 : c.routing.tokensPerNode[P], (int)blockIdx.x, (int)gridDim.x};
+  for (int k = ch.c; k < ch.chunks(); k += ch.S) {
+    if (threadIdx.x == 0) chunkOk = waitPartial(a, empty, seq, P, k * kHtNetChunk + ch.size(k) - 1);
+    __syncthreads();
+    if (!chunkOk) return false;
+    for (int i = warp; i < ch.size(k); i += warps)
+      ok &= reduceTokenNet<kValues>(a, peer, rows, empty, seq, c.routing.nodeList[(size_t)P * M + k * kHtNetChunk + i], P, lane);
+    __syncthreads();  // chunkOk is rewritten only after every thread read it
+  }
+  for (int t = blockIdx.x * warps + warp; t < c.numTokens; t += gridDim.x * warps)
+    if (empty || c.routing.nodeSlot[(size_t)t * N + P] < 0) ok &= reduceTokenNet<kValues>(a, peer, rows, empty, seq, t, P, lane);
+  return __syncthreads_and(ok) != 0;
 }
 
 }  // namespace
@@ -265,15 +294,15 @@ __global__ void __launch_bounds__(kNetCombineThreads, 1) combineHtNetKernel(Comb
     sendWeights(a, empty, warp, warps, lane);
     ok = __syncthreads_and(sendPartials<kValues>(a, peer, rows, seq, warp, warps, lane)) != 0;
   }
-  if (ok) ok = awaitPartials(a, seq);
-  if (ok)
-    for (int t = blockIdx.x * warps + warp; t < c.numTokens; t += gridDim.x * warps)
-      reduceTokenNet<kValues>(a, peer, rows, empty, t, lane);
-  // Phase 5: CTA 0 checks that every remote source's weights arrived, as a rail peer (CTAs
-  // without records from a source never waited for them).
-  if (ok && blockIdx.x == 0 && threadIdx.x < N && threadIdx.x != n0) {
-    const int s = threadIdx.x * G + li;
-    waitChannelDone(w, a.net, a.net.sigWeights0 + s, 0, seq, s);
+  if (ok) ok = reduceTokensNet<kValues>(a, peer, rows, empty, seq, warp, warps, lane);
+  // Phase 5, thread b < N (b != this node): this CTA's channel of partials from the rail peer on
+  // node b ended exactly; in CTA 0 also the weights from b's source arrived (CTAs without records
+  // from a source never waited for them).
+  if (ok && threadIdx.x < N && threadIdx.x != n0) {
+    const int b = threadIdx.x, s = b * G + li, f = railPeer(p, b);
+    if (waitChannelDone(w, a.net, a.net.sigPartials0 + f * gridDim.x + blockIdx.x, blockIdx.x, seq, f) &&
+        blockIdx.x == 0)
+      waitChannelDone(w, a.net, a.net.sigWeights0 + s, 0, seq, s);
   }
   finishNetOperation(w, a.net, kSigCombineDone, a.net.sigCombineDone0, seq, &w.state->combineArrived,
                      &w.state->combineSeq);
