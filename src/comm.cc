@@ -34,6 +34,9 @@ HtNetArgs htNetArgs(const ncclMoeComm* c) {
   const HtNetRegions& r = c->htNet;
   n.devComm = c->devComm;
   n.maxTokens = c->cfg.maxTokensPerRank;
+  n.dispatchChunk = 16;  // every message costs the NIC a fixed overhead: ~1 MiB of records each
+  while (n.dispatchChunk < 256 && (size_t)(2 * n.dispatchChunk) * r.record.bytes <= kHtNetMessageBytes)
+    n.dispatchChunk *= 2;
   n.recordBytes = (int)r.record.bytes;
   n.recordPos = (int)r.record.pos;
   n.recordExpert = (int)r.record.expert;

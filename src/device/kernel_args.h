@@ -241,6 +241,8 @@ cudaError_t launchCombineHtTma(const CombineArgs& args, int numCtas, cudaStream_
 struct HtNetArgs {
   ncclDevComm devComm;     // with GIN contexts and the HT signal plan's signals
   int maxTokens;           // M: slots per remote node (config.maxTokensPerRank)
+  int dispatchChunk;       // records per dispatch put (chunk of the dispatch's channels): about
+                           // kHtNetMessageBytes of records, a power of two in [16, 256]
   int recordBytes;         // record layout (net/ht_regions.h HtRecordLayout), multiples of 16
   int recordPos, recordExpert, recordWeight, recordData, recordScales;
   int partialBytes;        // combine only (set per call): one partial row, H BF16, then (per-row
@@ -263,7 +265,8 @@ struct HtNetArgs {
   int sigDispatchDone0;    // + src
   int sigCombineDone0;     // + src
 };
-constexpr int kHtNetChunk = 64;  // slots per chunk: records (or partials) per GIN put
+constexpr int kHtNetChunk = 64;  // slots per chunk of the combine: partials (or weights) per GIN put
+constexpr size_t kHtNetMessageBytes = 1 << 20;  // the dispatch's records per put, in bytes (about)
 
 struct DispatchNetArgs {
   DispatchArgs d;

@@ -145,11 +145,12 @@ TEST(NetRail, RemoteNodeIndicesPairUp) {
 // signal advances by exactly 2^32 per operation; through(k) is the running count of the channel's
 // slots; every slot belongs to one chunk of one channel.
 TEST(NetChannels, EveryChannelEndsAtExactly2To32) {
+  for (int chunk : {16, 64, 128})
   for (int total : {0, 1, 63, 64, 65, 128, 4095, 4096})
     for (int S : {1, 4, 12, 24, 132}) {
       long long slots = 0;
       for (int c = 0; c < S; ++c) {
-        const ChannelChunks ch{total, c, S};
+        const ChannelChunks ch{total, c, S, chunk};
         uint64_t signal = 0, running = 0;
         for (int k = c; k < ch.chunks(); k += S) {
           running += (uint64_t)ch.size(k);

@@ -118,11 +118,11 @@ __device__ void sendRecords(const DispatchNetArgs& a, int warp, int warps, int l
   for (int B = 0; B < N; ++B) {
     if (B == n0) continue;
     const int bi = remoteNodeIndex(p, B), f = railPeer(p, B);
-    const ChannelChunks ch{d.routing.tokensPerNode[B], (int)blockIdx.x, (int)gridDim.x};
+    const ChannelChunks ch{d.routing.tokensPerNode[B], (int)blockIdx.x, (int)gridDim.x, a.net.dispatchChunk};
     const size_t stage = a.net.dispatchStage + (size_t)bi * maxTokens * rec;
     const size_t land = a.net.dispatchLand + (size_t)myNodeIndexAt(p, B) * maxTokens * rec;
     for (int k = ch.c; k < ch.chunks(); k += ch.S) {
-      const int first = k * kHtNetChunk, n = ch.size(k);
+      const int first = k * ch.chunk, n = ch.size(k);
       for (int i = warp; i < n; i += warps) {
         const int slot = first + i;
         packRecord(a, windowLocal(w, stage + (size_t)slot * rec), d.routing.nodeList[(size_t)B * maxTokens + slot], B,
@@ -233,7 +233,7 @@ __global__ void __launch_bounds__(kNetDispatchThreads, 1) dispatchHtNetKernel(Di
     if (A == n0) continue;
     const int s = A * G + li, ai = remoteNodeIndex(p, A);
     const int sig = a.net.sigData0 + s * gridDim.x + blockIdx.x;
-    const ChannelChunks ch{loadPeerInt(countsRowOf(a, s) + R), (int)blockIdx.x, (int)gridDim.x};
+    const ChannelChunks ch{loadPeerInt(countsRowOf(a, s) + R), (int)blockIdx.x, (int)gridDim.x, a.net.dispatchChunk};
     const char* land = windowLocal(w, a.net.dispatchLand + (size_t)ai * maxTokens * rec);
     int* netRows = d.routing.netRows + (size_t)A * maxTokens * G;
     for (int k = ch.c; k < ch.chunks() && !empty; k += ch.S) {
@@ -242,7 +242,7 @@ __global__ void __launch_bounds__(kNetDispatchThreads, 1) dispatchHtNetKernel(Di
         ok = false;
         break;
       }
-      const int first = k * kHtNetChunk, n = ch.size(k);
+      const int first = k * ch.chunk, n = ch.size(k);
       for (int i = warp; i < n; i += warps) {
         const int slot = first + i;
         const char* r = land + (size_t)slot * rec;
