@@ -72,8 +72,9 @@ __device__ __forceinline__ void zero(float (&acc)[kNetCombineUnroll][8]) {
 // Phase 2: CTA bi % numCtas (bi: remote node index of B) stages the weights of this rank's whole
 // list for node B and puts them to B's rail peer in one put, adding 2^32 to htWeights(me) there
 // (channel 0's context): one message per node, instead of a small one per chunk, because every
-// message costs the NIC (or the plugin) a fixed overhead.
-__device__ void sendWeights(const CombineNetArgs& a, bool empty, int warp, int warps, int lane) {
+// message costs the NIC (or the plugin) a fixed overhead. Every thread of the CTA stages its own
+// (slot, node rank) entries: the remote node's partials wait for this put.
+__device__ void sendWeights(const CombineNetArgs& a, bool empty) {
   const CombineArgs& c = a.c;
   const WindowView& w = c.w;
   const PeerMap& p = w.peers;
@@ -84,10 +85,9 @@ __device__ void sendWeights(const CombineNetArgs& a, bool empty, int warp, int w
     const int f = railPeer(p, B), total = empty ? 0 : c.routing.tokensPerNode[B];
     const size_t stage = a.net.weightStage + (size_t)remoteNodeIndex(p, B) * M * row;
     const size_t land = a.net.weightLand + (size_t)myNodeIndexAt(p, B) * M * row;
-    for (int slot = warp; slot < total; slot += warps) {
-      const int t = c.routing.nodeList[(size_t)B * M + slot];
-      if (lane < G) ((float*)windowLocal(w, stage + (size_t)slot * row))[lane] = combineWeight(c, t, B * G + lane);
-    }
+    float* staged = (float*)windowLocal(w, stage);
+    for (int i = threadIdx.x; i < total * G; i += blockDim.x)
+      staged[i] = combineWeight(c, c.routing.nodeList[(size_t)B * M + i / G], B * G + i % G);
     __syncthreads();
     if (threadIdx.x == 0) {
       __threadfence_system();
@@ -291,7 +291,7 @@ __global__ void __launch_bounds__(kNetCombineThreads, 1) combineHtNetKernel(Comb
 
   bool ok = ready;
   if (ready) {
-    sendWeights(a, empty, warp, warps, lane);
+    sendWeights(a, empty);
     ok = __syncthreads_and(sendPartials<kValues>(a, peer, rows, seq, warp, warps, lane)) != 0;
   }
   if (ok) ok = reduceTokensNet<kValues>(a, peer, rows, empty, seq, warp, warps, lane);
