@@ -15,8 +15,8 @@
 //     weights have landed, each record's rows in rank order, w * y in FP32, rounded once to BF16,
 //     into combineStage at the slot, the chunk put back to the source's combineLand
 //     (htPartials(me, channel)).
-//  4. tokens (reduceTokensNet: chunk by chunk of the first remote node's list as its partials
-//     land, then the others); out[t] = nodes in node order, in FP32: this node's rank-ordered sum
+//  4. tokens (reduceTokensNet: units of 16 slots of the first remote node's list as their chunks'
+//     partials land, spread over the CTAs, then the others); out[t] = nodes in node order, in FP32: this node's rank-ordered sum
 //     (not rounded) when t has rows here, each remote node's BF16 partial (waited for by its
 //     chunk's channel signal) when t went there; rounded once to BF16.
 //  5. every channel signal of the operation exact, then the node barrier and the rail barrier
@@ -36,6 +36,9 @@ namespace nccl_moe {
 
 constexpr int kNetCombineThreads = 512;
 constexpr int kNetCombineUnroll = 4;  // 16-byte vectors (8 BF16) per lane per rank in flight
+// Slots of the first remote node's list per CTA step of the token phase: one token per warp.
+constexpr int kNetReduceUnit = kNetCombineThreads / 32;
+static_assert(kHtNetChunk % kNetReduceUnit == 0, "a reduce unit lies within one chunk of partials");
 
 namespace {
 
@@ -199,9 +202,22 @@ __device__ bool reduceTokenNet(const CombineNetArgs& a, char* const* peer, const
   const float weight = pos >= 0 ? combineWeight(c, t, lane) : 0.0f;
   const int rowIndex = pos >= 0 ? c.routing.sendOffset[lane] + pos : 0;
   uint4* dst = (uint4*)(c.out + (size_t)t * c.hidden);
+  // The first remote node's partial: its loads are issued before the own node's rows are read,
+  // so that both are in flight at once (the sums keep their node order).
+  const int b1 = remote != 0 ? __ffs(remote) - 1 : -1;
+  const uint4* partial1 = nullptr;
+  if (b1 >= 0)
+    partial1 = (const uint4*)(windowLocal(w, a.net.combineLand + (size_t)remoteNodeIndex(p, b1) * M * prow) +
+                              (size_t)__shfl_sync(0xffffffffu, slot, b1) * prow);
   for (int base = 0; base < rowVecs; base += 32 * kNetCombineUnroll) {
     float acc[kNetCombineUnroll][8];
     zero(acc);
+    uint4 first[kNetCombineUnroll];
+#pragma unroll
+    for (int u = 0; u < kNetCombineUnroll; ++u) {
+      const int idx = base + u * 32 + lane;
+      first[u] = b1 >= 0 && idx < rowVecs ? loadPeer(partial1 + idx) : make_uint4(0, 0, 0, 0);
+    }
     for (int b = 0; b < N; ++b) {
       if (b == n0) {
         if (ownMask == 0) continue;
@@ -212,6 +228,9 @@ __device__ bool reduceTokenNet(const CombineNetArgs& a, char* const* peer, const
         for (int u = 0; u < kNetCombineUnroll; ++u)
 #pragma unroll
           for (int i = 0; i < 8; ++i) acc[u][i] = __fadd_rn(acc[u][i], part[u][i]);
+      } else if (b == b1) {
+#pragma unroll
+        for (int u = 0; u < kNetCombineUnroll; ++u) accumulateBf16x8(acc[u], first[u], 1.0f);
       } else if ((remote >> b) & 1u) {
         const int sb = __shfl_sync(0xffffffffu, slot, b);
         const uint4* partial =
@@ -246,26 +265,25 @@ __device__ bool reduceTokenNet(const CombineNetArgs& a, char* const* peer, const
   return true;
 }
 
-// Phase 4, every CTA: the tokens of this CTA's chunks of the first remote node's list P, chunk by
-// chunk as their partials land (one poller per CTA), then the tokens outside that list, spread over
-// the grid; partials of other remote nodes are waited for per token. The final sums thus overlap
-// the partials still in flight. Returns false if a wait failed.
+// Phase 4, every CTA: the first remote node's list P in units of kNetReduceUnit slots, unit u to
+// CTA u % numCtas, each unit once its chunk's partials have landed (one poller per CTA), then the
+// tokens outside that list, spread over the grid; partials of other remote nodes are waited for
+// per token. The final sums thus overlap the partials still in flight, and the chunk that lands
+// last is summed by kHtNetChunk / kNetReduceUnit CTAs, not one. Returns false if a wait failed.
 template <bool kValues>
-__device__ bool reduceTokensNet(const CombineNetArgs& a, char* const* peer, const char* const* rows, bool empty, uint64_t seq, int warp,
-                                int warps, int lane) {
+__device__ bool reduceTokensNet(const CombineNetArgs& a, char* const* peer, const char* const* rows, bool empty,
+                                uint64_t seq, int warp, int warps, int lane) {
   const CombineArgs& c = a.c;
   const PeerMap& p = c.w.peers;
   const int N = p.nodes(), n0 = p.node(p.rank), M = a.net.maxTokens, P = n0 == 0 ? 1 : 0;
-  __shared__ bool chunkOk;
+  const int total = empty ? 0 : c.routing.tokensPerNode[P];
   bool ok = true;
-  const ChannelChunks ch{empty ? 0 : c.routing.tokensPerNode[P], (int)blockIdx.x, (int)gridDim.x};
-  for (int k = ch.c; k < ch.chunks(); k += ch.S) {
-    if (threadIdx.x == 0) chunkOk = waitPartial(a, empty, seq, P, k * kHtNetChunk + ch.size(k) - 1);
-    __syncthreads();
-    if (!chunkOk) return false;
-    for (int i = warp; i < ch.size(k); i += warps)
-      ok &= reduceTokenNet<kValues>(a, peer, rows, empty, seq, c.routing.nodeList[(size_t)P * M + k * kHtNetChunk + i], P, lane);
-    __syncthreads();  // chunkOk is rewritten only after every thread read it
+  for (int first = blockIdx.x * kNetReduceUnit; first < total; first += gridDim.x * kNetReduceUnit) {
+    const int n = min(kNetReduceUnit, total - first);
+    // Thread 0 waits (a unit lies within one chunk); the barrier hands every thread the answer.
+    if (!__syncthreads_and(threadIdx.x != 0 || waitPartial(a, empty, seq, P, first + n - 1))) return false;
+    for (int i = warp; i < n; i += warps)
+      ok &= reduceTokenNet<kValues>(a, peer, rows, empty, seq, c.routing.nodeList[(size_t)P * M + first + i], P, lane);
   }
   for (int t = blockIdx.x * warps + warp; t < c.numTokens; t += gridDim.x * warps)
     if (empty || c.routing.nodeSlot[(size_t)t * N + P] < 0) ok &= reduceTokenNet<kValues>(a, peer, rows, empty, seq, t, P, lane);
