@@ -146,6 +146,28 @@ TEST_F(HtNet, CombineWeightsOtherThanDispatchs) {
   combineAndCheck(ep, p, ref, nullptr, {}, tag + " [again, unweighted]");
 }
 
+// Even ranks combine with weights (other than the dispatch's), odd ranks without: each source's
+// weights decide its own tokens. Across nodes an unweighted rank sums its first chunk of a
+// weighted source's records with weight 1 before the weights land, and must sum it again.
+TEST_F(HtNet, WeightedAndUnweightedRanksInOneCombine) {
+  const Shape s = shapeOf(2048, 64, ncclMoeBf16);
+  Ep ep(s);
+  if (!ep.create()) return;
+  const int me = rank();
+  Problem p = makeProblem(s, netSpec(1325, Route::Random));
+  Reference ref = makeReference(p);
+  DeviceInputs in;
+  DevMem cw((size_t)s.maxTokens * s.topK * sizeof(float));
+  const std::vector<std::vector<float>> w = otherWeights(p, 1326);
+  MOE_AGREE_OR_RETURN(in.upload(p) && upload(cw.get(), w[me].data(), w[me].size() * sizeof(float)), "upload inputs");
+  const std::string tag = s.str() + " " + topologyStr() + " [weighted on even ranks, unweighted on odd]";
+  RunOpts o = opts(true);
+  o.combine = false;
+  if (!runAndCheck(ep, in, p, ref, o, tag.c_str())) return;
+  if (!combineAndCheck(ep, p, ref, me % 2 == 0 ? cw.as<float>() : nullptr, w, tag)) return;
+  combineAndCheck(ep, p, ref, me % 2 == 1 ? cw.as<float>() : nullptr, w, tag + " [swapped]");
+}
+
 // A dispatch with routing, then twice topkIdx = NULL with new x (the device topkIdx buffer then
 // holds invalid ids, so reading it would show) and no dispatch weights; the combines take weights
 // other than the routing's (first) or none (second).

@@ -12,13 +12,14 @@
 //     peer on B at the same slots in one put (htWeights(me)).
 //  3. partials: for each remote node A, the CTA's chunks of the records that A's rail peer sent in
 //     the dispatch (routing.netRows: their rows on the ranks of this node): once the source's
-//     weights have landed, each record's rows in rank order, w * y in FP32, rounded once to BF16,
-//     into combineStage at the slot, the chunk put back to the source's combineLand
-//     (htPartials(me, channel)).
+//     weights have landed (unweighted: the first chunk while they travel, checked after), each
+//     record's rows in rank order, w * y in FP32, rounded once to BF16, into combineStage at the
+//     slot, the chunk put back to the source's combineLand (htPartials(me, channel)).
 //  4. tokens (reduceTokensNet: units of 16 slots of the first remote node's list as their chunks'
-//     partials land, spread over the CTAs, then the others); out[t] = nodes in node order, in FP32: this node's rank-ordered sum
-//     (not rounded) when t has rows here, each remote node's BF16 partial (waited for by its
-//     chunk's channel signal) when t went there; rounded once to BF16.
+//     partials land, spread over the CTAs, then the others); out[t] = nodes in node order, in
+//     FP32: this node's rank-ordered sum (not rounded) when t has rows here, each remote node's
+//     BF16 partial (waited for by its chunk's channel signal) when t went there; rounded once to
+//     BF16.
 //  5. every channel signal of the operation exact, then the node barrier and the rail barrier
 //     (htCombineDone), so that no rank's next operation overwrites rows or regions still read.
 // Rounding contract (nccl_moe.h, testing/ht_net_protocol.h): on one node the intranode combine's
@@ -105,6 +106,37 @@ __device__ void sendWeights(const CombineNetArgs& a, bool empty) {
 }
 
 
+// Phase 3, one warp: record `slot` of node A's list (A's rows here: netRows), its rows on this
+// node's ranks in rank order, w * y in FP32 (w = 1 when unitWeights, else the landed weight),
+// rounded once to BF16, into the stage at the slot; with kValues also the K value sums.
+template <bool kValues>
+__device__ void sumRecord(const CombineNetArgs& a, char* const* peer, const char* const* rows, const int* netRows,
+                          const char* weights, size_t stage, int slot, bool unitWeights, int lane) {
+  const CombineArgs& c = a.c;
+  const PeerMap& p = c.w.peers;
+  const int G = p.lsaSize, rowVecs = c.hidden / 8, j = lane - p.lsaBase;
+  const int row = j >= 0 && j < G ? netRows[(size_t)slot * G + j] : -1;
+  const float weight = row < 0 ? 0.0f
+                       : unitWeights ? 1.0f
+                                     : __int_as_float(loadPeerInt((const int*)(weights + slot * G * sizeof(float)) + j));
+  const unsigned srcMask = __ballot_sync(0xffffffffu, row >= 0);
+  uint4* dst = (uint4*)(windowLocal(c.w, stage) + (size_t)slot * a.net.partialBytes);
+  for (int base = 0; base < rowVecs; base += 32 * kNetCombineUnroll) {
+    float acc[kNetCombineUnroll][8];
+    zero(acc);
+    sumRanks(rows, srcMask, row, weight, c.hidden, base, lane, acc);
+#pragma unroll
+    for (int u = 0; u < kNetCombineUnroll; ++u) {
+      const int idx = base + u * 32 + lane;
+      if (idx < rowVecs) dst[idx] = packBf16x8(acc[u]);
+    }
+  }
+  if constexpr (kValues) {
+    const float v = sumRankValues(c, peer, srcMask, row, lane);
+    if (lane < c.topK) ((float*)((char*)dst + (size_t)c.hidden * 2))[lane] = v;
+  }
+}
+
 // Phase 3: this CTA's chunks of the records every remote node's rail peer sent here.
 template <bool kValues>
 __device__ bool sendPartials(const CombineNetArgs& a, char* const* peer, const char* const* rows, uint64_t seq,
@@ -114,7 +146,6 @@ __device__ bool sendPartials(const CombineNetArgs& a, char* const* peer, const c
   const PeerMap& p = w.peers;
   const int G = p.lsaSize, N = p.nodes(), n0 = p.node(p.rank), li = p.localIndex(p.rank), M = a.net.maxTokens;
   const size_t wrow = (size_t)G * sizeof(float), prow = (size_t)a.net.partialBytes;
-  const int rowVecs = c.hidden / 8;
   for (int A = 0; A < N; ++A) {
     if (A == n0) continue;
     const int s = A * G + li, ai = remoteNodeIndex(p, A);
@@ -124,34 +155,34 @@ __device__ bool sendPartials(const CombineNetArgs& a, char* const* peer, const c
     const size_t stage = a.net.combineStage + (size_t)ai * M * prow;
     const size_t land = a.net.combineLand + (size_t)myNodeIndexAt(p, A) * M * prow;
     const int* netRows = c.routing.netRows + (size_t)A * M * G;
-    if (ch.chunks() > ch.c) {  // this CTA has records from A: their weights first (all in one put)
-      // Thread 0 waits; the barrier hands every thread the same answer.
-      if (!__syncthreads_and(threadIdx.x != 0 || waitChannelDone(w, a.net, a.net.sigWeights0 + s, 0, seq, s)))
-        return false;
-    }
+    // Weights: a weighted combine waits for A's weights (one put) before its first chunk. An
+    // unweighted one sums its first chunk with weight 1 for every row while they travel, then
+    // checks them: if A's source sent a weight other than 1 for one of the chunk's rows (the source
+    // decides), the chunk is summed again with the weights; 1 * y is y, so the result is the same
+    // bits either way.
+    bool known = c.topkWeights != nullptr;
+    // Thread 0 waits; the barrier hands every thread the same answer.
+    if (known && ch.chunks() > ch.c &&
+        !__syncthreads_and(threadIdx.x != 0 || waitChannelDone(w, a.net, a.net.sigWeights0 + s, 0, seq, s)))
+      return false;
     for (int k = ch.c; k < ch.chunks(); k += ch.S) {
       const int first = k * kHtNetChunk, n = ch.size(k);
-      for (int i = warp; i < n; i += warps) {
-        const int slot = first + i, j = lane - p.lsaBase;
-        const bool mine = j >= 0 && j < G;
-        const int row = mine ? netRows[(size_t)slot * G + j] : -1;
-        const float weight = row >= 0 ? __int_as_float(loadPeerInt((const int*)(weights + slot * wrow) + j)) : 0.0f;
-        const unsigned srcMask = __ballot_sync(0xffffffffu, row >= 0);
-        uint4* dst = (uint4*)(windowLocal(w, stage) + (size_t)slot * prow);
-        for (int base = 0; base < rowVecs; base += 32 * kNetCombineUnroll) {
-          float acc[kNetCombineUnroll][8];
-          zero(acc);
-          sumRanks(rows, srcMask, row, weight, c.hidden, base, lane, acc);
-#pragma unroll
-          for (int u = 0; u < kNetCombineUnroll; ++u) {
-            const int idx = base + u * 32 + lane;
-            if (idx < rowVecs) dst[idx] = packBf16x8(acc[u]);
-          }
+      bool unitWeights = !known;
+      for (;;) {
+        for (int i = warp; i < n; i += warps)
+          sumRecord<kValues>(a, peer, rows, netRows, weights, stage, first + i, unitWeights, lane);
+        if (!unitWeights) break;
+        if (!__syncthreads_and(threadIdx.x != 0 || waitChannelDone(w, a.net, a.net.sigWeights0 + s, 0, seq, s)))
+          return false;
+        known = true;
+        bool ones = true;
+        for (int i = warp; i < n; i += warps) {
+          const int slot = first + i, j = lane - p.lsaBase;
+          const int row = j >= 0 && j < G ? netRows[(size_t)slot * G + j] : -1;
+          if (row >= 0) ones &= __int_as_float(loadPeerInt((const int*)(weights + slot * wrow) + j)) == 1.0f;
         }
-        if constexpr (kValues) {
-          const float v = sumRankValues(c, peer, srcMask, row, lane);
-          if (lane < c.topK) ((float*)((char*)dst + (size_t)c.hidden * 2))[lane] = v;
-        }
+        if (__syncthreads_and(ones)) break;
+        unitWeights = false;
       }
       __syncthreads();
       if (threadIdx.x == 0) {
