@@ -485,7 +485,7 @@ ncclResult_t ginTest(void* collComm, void* request, int* done) {
   // NCCL's GIN proxy tests every outstanding request on every pass and calls rmaProgress /
   // ginProgress once per pass anyway: a full progress (a poll() and the send queues) per test
   // made a pass cost O(outstanding requests) system calls. Progress from here only when none ran
-  // for kTestProgressGapNs.
+  // for kTestProgressGapNs (counted from the end of the last progress pass).
   if (r->state == GinReqState::kQueued && nowNs() - c->lastProgressNs >= kTestProgressGapNs)
     (void)ginProgressLocked(c);
   if (r->state == GinReqState::kError) return r->error;

@@ -186,7 +186,7 @@ struct GinRequest {
   bool streamChosen;     // `stream` is set (and waits for overlapping puts are enqueued)
   bool recorded;         // event recorded after the last copy
   uint64_t issuedNs;     // when the issue cursor passed it (its copies handed to the engine)
-  uint64_t readyNs;      // when the copies were seen complete (0: not yet)
+  uint64_t readyNs;      // when its own copies were seen complete (0: not yet; size 0: issuedNs)
   uint64_t waitSinceNs;  // waiting for the peer's announcement of the destination since
   void* event;           // cudaEvent_t, kept when the request is reused
 };
@@ -267,7 +267,7 @@ struct GinCollComm {
   // header-read times (rhdrNs).
   uint64_t pendingHopPuts = 0, pendingHopWireNs = 0, pendingHopHdrNs = 0;
   bool copyWanted = false;                 // this rank offers the copy transport (hello flag)
-  uint64_t lastProgressNs = 0;             // nowNs() at the last ginProgressLocked (test throttling)
+  uint64_t lastProgressNs = 0;             // nowNs() at the end of the last ginProgressLocked (test throttling)
   bool importWarned = false;               // one warning per comm for a failed import
 };
 constexpr uint32_t kGinCollMagic = 0x47434f4c;
@@ -357,6 +357,10 @@ ncclResult_t ginCopyRetire(GinCollComm* c, GinRegistration* r);
 // Decides the path of queued puts to `peer` and hands their payloads to the copy engine, as far
 // as the token bucket allows, in queue order. Stops at the first put taking the socket path.
 ncclResult_t ginCopyIssue(GinCollComm* c, int peer);
+// Stamps readyNs of every issued copy-path put to `peer` whose copies are seen complete, in each
+// stream's order (one pending event query per stream and pass), so that a put's shaped latency
+// starts when its own copies complete, not when the puts before it have been sent.
+ncclResult_t ginCopyPollReady(GinCollComm* c, int peer);
 // Whether the header of `r` (front of peer's queue, not a socket-path put) may be sent now: its
 // copies completed and the shaped latency has passed since.
 ncclResult_t ginCopyFrontReady(GinCollComm* c, GinRequest* r, bool* ready);

@@ -15,7 +15,10 @@
 // kGinCopyStreams streams (round robin by put, shared by every context); its header follows once an
 // event after its last chunk has completed, every earlier header has gone (headers leave in put
 // order, so every signal stays strong: it follows the payloads of all earlier puts) and
-// messageReleaseNs() has passed. Copies of different puts may run in parallel; a put whose
+// messageReleaseNs() has passed. A put is ready (readyNs) when its own copies are seen complete
+// (every progress pass polls each stream's oldest pending put: ginCopyPollReady), not when the
+// puts before it have gone, so the latencies of puts in flight run at the same time instead of
+// one after the other. Copies of different puts may run in parallel; a put whose
 // destination overlaps a put still in flight on another stream waits for that put's event first,
 // so two puts to the same bytes land in put order.
 #include <stdlib.h>
@@ -270,8 +273,37 @@ ncclResult_t ginCopyIssue(GinCollComm* c, int peer) {
       ML_CHECK(issue(c, p, r, &complete));
       if (!complete) return ncclSuccess;
       r->issuedNs = nowNs();
+      if (r->hdr.size == 0) r->readyNs = r->issuedNs;  // nothing to copy: ready (its latency runs)
     }
     p.issuedCount++;
+  }
+  return ncclSuccess;
+}
+
+// Stream order: a put's event completes after those of the puts issued before it on its stream,
+// so a pass stops looking at a stream at its first pending put (at most kGinCopyStreams pending
+// queries per pass) and stops altogether once every stream has one, or after kReadyPollWindow
+// puts (later puts are stamped when they come within it; their headers wait for these anyway).
+ncclResult_t ginCopyPollReady(GinCollComm* c, int peer) {
+  constexpr size_t kReadyPollWindow = 256;
+  GinPeer& p = c->peers[peer];
+  bool pending[kGinCopyStreams] = {};
+  int nPending = 0;
+  size_t n = p.issuedCount < p.sendQueue.size() ? p.issuedCount : p.sendQueue.size();
+  if (n > kReadyPollWindow) n = kReadyPollWindow;
+  for (size_t i = 0; i < n && nPending < kGinCopyStreams; i++) {
+    GinRequest* r = p.sendQueue[i];
+    if (r->kind != GinReqKind::kPut || r->path != GinPath::kCopy || r->readyNs != 0 || r->hdr.size == 0 ||
+        !r->recorded || pending[r->stream])
+      continue;
+    bool done = false;
+    ML_CHECK(ginEventDone(r->event, &done));
+    if (done) {
+      r->readyNs = nowNs();
+    } else {
+      pending[r->stream] = true;
+      nPending++;
+    }
   }
   return ncclSuccess;
 }

@@ -27,13 +27,15 @@ typedef struct {
   // Where a copy-transport put's time goes inside the plugin, summed in nanoseconds (one host
   // clock, CLOCK_MONOTONIC, shared by the processes). As sender, per put whose header was sent
   // (hopSentPuts): queue = iput -> the issue cursor passes it (copies handed to the engine;
-  // waits for earlier puts and for the egress bucket), copy = -> its copies seen complete (event
-  // polled by progress), release = -> header written (shaping latency, then the next progress
-  // pass). As target, per put applied (hopRecvPuts): wire = header written -> fully read here (the
-  // socket and the time until this process's next progress pass), apply = -> its signal's write
-  // issued (with NCCL_MOELOOP_COALESCE=1 the write of the pass's sum for that word, at the latest
-  // at the end of the pass). Not inside the plugin: the GPU's put -> NCCL's proxy calls iput, and
-  // the signal's copy to the GPU -> the kernel sees it.
+  // waits for earlier puts and for the egress bucket), copy = -> its own copies seen complete
+  // (each progress pass polls the oldest pending put of every stream; a put without payload: 0),
+  // release = -> header written (the shaping latency, the headers of earlier puts, which leave in
+  // put order, and the next progress pass; before the per-stream polling, copy also held the wait
+  // for earlier puts). As target, per put applied (hopRecvPuts): wire = header written -> fully
+  // read here (the socket and the time until this process's next progress pass), apply = -> its
+  // signal's write issued (with NCCL_MOELOOP_COALESCE=1 the write of the pass's sum for that
+  // word, at the latest at the end of the pass). Not inside the plugin: the GPU's put -> NCCL's
+  // proxy calls iput, and the signal's copy to the GPU -> the kernel sees it.
   uint64_t hopSentPuts, hopQueueNs, hopCopyNs, hopReleaseNs;
   uint64_t hopRecvPuts, hopWireNs, hopApplyNs;
   // Writes of signal words at this rank (as target): ginSignals less the updates summed into
