@@ -1,8 +1,9 @@
 // Chunk and channel arithmetic of the internode high-throughput kernels (host and device; the
 // kernels' side in src/device/ht/net_channels.cuh). A dense list of `total` slots is cut into
-// chunks (kHtNetChunk slots unless said otherwise); chunk k belongs to channel k % S. A channel's puts to one peer add
-// their slot counts to its signal there, the last one also 2^32 minus the channel's total, so the
-// signal advances by exactly kHtNetDone per operation whatever the counts.
+// chunks of `chunk` slots (the dispatch's HtNetArgs::dispatchChunk, the combine's kHtNetChunk);
+// chunk k belongs to channel k % S. A channel's puts to one peer add their slot counts to its
+// signal there, the last one also 2^32 minus the channel's total, so the signal advances by
+// exactly kHtNetDone per operation whatever the counts.
 #pragma once
 #include <stdint.h>
 #include "device/kernel_args.h"

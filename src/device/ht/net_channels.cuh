@@ -2,7 +2,7 @@
 // waits of the channels (their arithmetic: net/device/channels.h), and the end-of-operation
 // barrier with the rail peers. Device code.
 //
-// Channels (HtNetArgs): a dense list of `total` slots is cut into chunks of kHtNetChunk slots;
+// Channels (HtNetArgs): a dense list of `total` slots is cut into chunks (ChannelChunks::chunk);
 // chunk k belongs to channel k % S (S = CTAs = config.numSms, the same on every rank). A channel
 // puts its chunks to one peer in increasing k on its GIN context (channelContext: channels spread
 // over the contexts NCCL gave, so that a NIC, or the plugin, works on several streams at once; the
