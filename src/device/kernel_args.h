@@ -235,10 +235,10 @@ cudaError_t launchCombineHtTma(const CombineArgs& args, int numCtas, cudaStream_
 // in the window; "remote node index" counts the other nodes in node order, this rank's skipped.
 // Work is cut into chunks of one dense per-node list (dispatchChunk records, kHtNetChunk
 // partials); chunk k belongs to channel (CTA) k % numCtas on every rank, which is why every rank
-// launches numSms CTAs: the
-// puts of one channel to one peer land in order, and the channel's GIN signal at the receiver
-// counts the records (partials, weight rows) landed so far, plus 2^32 once the channel's last
-// one has (GinSignalPlan, net/device/channels.h). Both sides derive the chunks from the same counts.
+// launches numSms CTAs: the puts of one channel to one peer land in order, and the channel's GIN
+// signal at the receiver counts the records (partials, weight rows) landed so far, plus 2^32 once
+// the channel's last one has (GinSignalPlan, net/device/channels.h). Both sides derive the chunks
+// from the same counts.
 struct HtNetArgs {
   ncclDevComm devComm;     // with GIN contexts and the HT signal plan's signals
   int maxTokens;           // M: slots per remote node (config.maxTokensPerRank)
