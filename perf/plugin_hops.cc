@@ -25,7 +25,14 @@ std::string pluginHopLine(const moeloopStats_t& before, const moeloopStats_t& af
            "#   plugin hops (rank 0): %llu puts sent, per put queue %.1f copy %.1f release %.1f us; "
            "%llu applied, per put wire %.1f apply %.1f us\n",
            sent, h[0], h[1], h[2], recv, h[3], h[4]);
-  return line;
+  std::string out = line;
+  const unsigned long long timed = after.hopTimedPuts - before.hopTimedPuts;
+  if (timed > 0) {  // NCCL_MOELOOP_COPY_TIMING=1
+    snprintf(line, sizeof(line), "#   plugin copies on the GPU (rank 0): %llu puts timed, %.1f us per put\n", timed,
+             (double)(after.hopCopyGpuNs - before.hopCopyGpuNs) * 1e-3 / (double)timed);
+    out += line;
+  }
+  return out;
 }
 
 }  // namespace moe_perf

@@ -163,8 +163,12 @@ GinRequest* ginAllocRequest(GinCollComm* c) {
     c->pool.push_back(r);
   }
   void* event = r->event;  // CUDA events are kept for the next use of the request
+  void* timedStart = r->timedStart;
+  void* timedEnd = r->timedEnd;
   memset(r, 0, sizeof(*r));
   r->event = event;
+  r->timedStart = timedStart;
+  r->timedEnd = timedEnd;
   r->magic = kGinReqMagic;
   r->comm = c;
   r->state = GinReqState::kQueued;
@@ -209,6 +213,8 @@ const GinTuning& ginTuning() {
   if (o != nullptr) return *o;
   static const GinTuning env = [] {
     GinTuning t = ginTuningFrom(getenv("NCCL_MOELOOP_COALESCE"), getenv("NCCL_MOELOOP_OVERLAP_SCAN"));
+    const char* timing = getenv("NCCL_MOELOOP_COPY_TIMING");
+    t.copyTiming = timing != nullptr && strcmp(timing, "1") == 0;
     ML_INFO(MOELOOP_LOG_INIT | MOELOOP_LOG_ENV,
             "GIN: signal updates %s (NCCL_MOELOOP_COALESCE=%d), overlap scan of copies %s%zu puts in "
             "flight (NCCL_MOELOOP_OVERLAP_SCAN=%zu)",

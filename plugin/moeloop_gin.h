@@ -84,6 +84,10 @@ ncclResult_t ginEventRecord(GinCuda* g, void** event, void* stream);
 ncclResult_t ginStreamWaitEvent(GinCuda* g, void* stream, void* event);
 // *done once the work before the event's last record has completed.
 ncclResult_t ginEventDone(void* event, bool* done);
+// Records timing event *event (created on first use) on `stream`; *ns = the GPU time between two
+// completed timing events' last records.
+ncclResult_t ginTimingEventRecord(GinCuda* g, void** event, void* stream);
+ncclResult_t ginTimingEventElapsed(GinCuda* g, void* start, void* end, uint64_t* ns);
 void ginEventDestroy(GinCuda* g, void* event);
 
 // The read-modify-write behind ginDeviceAdd, over caller-supplied word accessors, so that the
@@ -189,6 +193,11 @@ struct GinRequest {
   uint64_t readyNs;      // when its own copies were seen complete (0: not yet; size 0: issuedNs)
   uint64_t waitSinceNs;  // waiting for the peer's announcement of the destination since
   void* event;           // cudaEvent_t, kept when the request is reused
+  // NCCL_MOELOOP_COPY_TIMING=1: timing events before its first and after its last copy (kept when
+  // the request is reused); `timed` while both are recorded and not yet read.
+  void* timedStart;
+  void* timedEnd;
+  bool timed;
 };
 constexpr uint32_t kGinReqMagic = 0x47524551;
 
@@ -313,9 +322,12 @@ void setRegistrationWaitForTesting(double sec);  // 0: back to the default
 //    in flight to its peer for overlapping destinations; with more in flight its stream waits for
 //    the latest put of every other stream instead (fedde70). 0 (or `all`): always scan (before
 //    fedde70).
+//  - NCCL_MOELOOP_COPY_TIMING=0 (default) | 1: time every copy-path put's copies on the GPU with
+//    CUDA events (moeloopStats_t::hopCopyGpuNs), a diagnostic.
 struct GinTuning {
   bool coalesceSignals = true;
   size_t overlapScanLimit = 64;  // 0: no limit
+  bool copyTiming = false;
 };
 const GinTuning& ginTuning();
 // The switches as the environment would set them (nullptr: unset); a malformed value warns and

@@ -175,14 +175,32 @@ ncclResult_t issue(GinCollComm* c, GinPeer& p, GinRequest* r, bool* complete) {
     size_t want = left < kCopyChunk ? left : kCopyChunk;
     size_t n = bucket ? bucket->take(want, kCopyMinGrant, nowNs()) : want;
     if (n == 0) return ncclSuccess;  // throttled
+    if (r->issued == 0 && ginTuning().copyTiming) ML_CHECK(ginTimingEventRecord(&c->cuda, &r->timedStart, stream));
     ML_CHECK(ginCopyAsync(&c->cuda, stream, r->copyDst + r->issued, src + r->issued, n));
     r->issued += n;
   }
   if (size > 0 && !r->recorded) {
+    if (ginTuning().copyTiming && r->timedStart != nullptr) {  // before `event`: done with it
+      ML_CHECK(ginTimingEventRecord(&c->cuda, &r->timedEnd, stream));
+      r->timed = true;
+    }
     ML_CHECK(ginEventRecord(&c->cuda, &r->event, stream));
     r->recorded = true;
   }
   *complete = true;
+  return ncclSuccess;
+}
+
+// Put r's own copies are seen complete: readyNs, and with copy timing their GPU time.
+ncclResult_t markCopied(GinCollComm* c, GinRequest* r) {
+  r->readyNs = nowNs();
+  if (!r->timed) return ncclSuccess;
+  r->timed = false;
+  uint64_t ns = 0;
+  ML_CHECK(ginTimingEventElapsed(&c->cuda, r->timedStart, r->timedEnd, &ns));
+  Counters& k = counters();
+  k.hopTimedPuts.fetch_add(1, std::memory_order_relaxed);
+  k.hopCopyGpuNs.fetch_add(ns, std::memory_order_relaxed);
   return ncclSuccess;
 }
 
@@ -299,7 +317,7 @@ ncclResult_t ginCopyPollReady(GinCollComm* c, int peer) {
     bool done = false;
     ML_CHECK(ginEventDone(r->event, &done));
     if (done) {
-      r->readyNs = nowNs();
+      ML_CHECK(markCopied(c, r));
     } else {
       pending[r->stream] = true;
       nPending++;
@@ -309,7 +327,6 @@ ncclResult_t ginCopyPollReady(GinCollComm* c, int peer) {
 }
 
 ncclResult_t ginCopyFrontReady(GinCollComm* c, GinRequest* r, bool* ready) {
-  (void)c;
   *ready = false;
   if (r->kind != GinReqKind::kPut) {
     *ready = true;
@@ -320,7 +337,7 @@ ncclResult_t ginCopyFrontReady(GinCollComm* c, GinRequest* r, bool* ready) {
     bool done = true;
     if (r->hdr.size > 0) ML_CHECK(ginEventDone(r->event, &done));
     if (!done) return ncclSuccess;
-    r->readyNs = nowNs();
+    ML_CHECK(markCopied(c, r));
   }
   *ready = nowNs() >= messageReleaseNs(r->readyNs);
   return ncclSuccess;
@@ -393,7 +410,9 @@ void ginCopyTeardown(GinCollComm* c) {
   }
   for (GinRequest* r : c->pool) {
     ginEventDestroy(&c->cuda, r->event);
-    r->event = nullptr;
+    ginEventDestroy(&c->cuda, r->timedStart);
+    ginEventDestroy(&c->cuda, r->timedEnd);
+    r->event = r->timedStart = r->timedEnd = nullptr;
   }
   for (GinRegistration* r : c->regs) closeFd(&r->exportFd);
 }

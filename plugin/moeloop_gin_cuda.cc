@@ -228,6 +228,27 @@ ncclResult_t ginEventRecord(GinCuda* g, void** event, void* stream) {
   return ncclSuccess;
 }
 
+ncclResult_t ginTimingEventRecord(GinCuda* g, void** event, void* stream) {
+  DeviceScope scope(g->dev);
+  ML_CHECK(scope.status());
+  if (*event == nullptr) {
+    cudaEvent_t e;
+    ML_CUDA(cudaEventCreate(&e));
+    *event = e;
+  }
+  ML_CUDA(cudaEventRecord((cudaEvent_t)*event, (cudaStream_t)stream));
+  return ncclSuccess;
+}
+
+ncclResult_t ginTimingEventElapsed(GinCuda* g, void* start, void* end, uint64_t* ns) {
+  DeviceScope scope(g->dev);
+  ML_CHECK(scope.status());
+  float ms = 0;
+  ML_CUDA(cudaEventElapsedTime(&ms, (cudaEvent_t)start, (cudaEvent_t)end));
+  *ns = (uint64_t)((double)ms * 1e6);
+  return ncclSuccess;
+}
+
 ncclResult_t ginEventDone(void* event, bool* done) {
   cudaError_t e = cudaEventQuery((cudaEvent_t)event);
   *done = e == cudaSuccess;

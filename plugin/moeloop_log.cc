@@ -79,6 +79,8 @@ extern "C" __attribute__((visibility("default"))) size_t moeloopGetStats(moeloop
   s.hopWireNs = c.hopWireNs.load();
   s.hopApplyNs = c.hopApplyNs.load();
   s.ginSignalWrites = c.ginSignalWrites.load();
+  s.hopTimedPuts = c.hopTimedPuts.load();
+  s.hopCopyGpuNs = c.hopCopyGpuNs.load();
   size_t n = outSize < sizeof(s) ? outSize : sizeof(s);
   memcpy(out, &s, n);
   return n;

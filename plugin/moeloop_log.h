@@ -21,7 +21,7 @@ struct Counters {
       netBytesSent{0}, netMsgsRecv{0}, netBytesRecv{0}, ginCollComms{0}, ginPuts{0},
       ginSignals{0}, ginBytesSent{0}, ginBytesApplied{0}, errors{0}, ginBytesCopied{0},
       hopSentPuts{0}, hopQueueNs{0}, hopCopyNs{0}, hopReleaseNs{0}, hopRecvPuts{0}, hopWireNs{0},
-      hopApplyNs{0}, ginSignalWrites{0};
+      hopApplyNs{0}, ginSignalWrites{0}, hopTimedPuts{0}, hopCopyGpuNs{0};
 };
 Counters& counters();
 

@@ -41,6 +41,12 @@ typedef struct {
   // Writes of signal words at this rank (as target): ginSignals less the updates summed into
   // another update's write (NCCL_MOELOOP_COALESCE=1). Appended: older readers copy less.
   uint64_t ginSignalWrites;
+  // NCCL_MOELOOP_COPY_TIMING=1 only (timing events cost the proxy thread): per copy-path put with
+  // a payload (hopTimedPuts), the GPU's time from the start of its first copy to the end of its
+  // last (CUDA events), in nanoseconds. hopCopyNs - hopCopyGpuNs = the time its copies waited on
+  // their stream (behind other copies, or a wait for an overlapping put) plus the time until a
+  // progress pass saw them done. Appended: older readers copy less.
+  uint64_t hopTimedPuts, hopCopyGpuNs;
 } moeloopStats_t;
 
 // The hops between two snapshots of the counters, in microseconds per put: out[0..2] = queue,
