@@ -359,7 +359,9 @@ ncclResult_t ncclMoeCombineWithWeights(ncclMoeComm_t moeComm, ncclMoeHandle_t ha
  * Split ("hook") form: a call with NCCL_MOE_LL_SEND_ONLY launches a kernel that issues this
  * rank's stores and returns without waiting for any peer; the matching *Complete call, on any
  * stream ordered after it, waits for the peers' data and finishes. Between the two the library
- * holds no SM. The one-shot form is the two back to back and gives identical results.
+ * holds no SM. The one-shot form is the two back to back and gives identical results (on one
+ * node, a one-shot call of at most NCCL_MOE_LL_ONE_LAUNCH tokens on this rank, read at
+ * ncclMoeCommCreate, default 8, 0 = never, runs both in one kernel: same results).
  * Operations on different slots may run concurrently on different streams.
  * ------------------------------------------------------------------------------------------- */
 

@@ -166,4 +166,17 @@ ncclResult_t validateDispatchArgs(const ncclMoeConfig_t& cfg, const void* x, con
   return ncclSuccess;
 }
 
+ncclResult_t parseLlOneLaunchTokens(const char* value, int* tokens) {
+  *tokens = kLlOneLaunchDefaultTokens;
+  if (value == nullptr || value[0] == '\0') return ncclSuccess;
+  unsigned long long n = 0;
+  const char* p = value;
+  for (; *p >= '0' && *p <= '9'; ++p) n = n > (unsigned long long)INT_MAX ? n : n * 10 + (unsigned)(*p - '0');
+  if (p == value || *p != '\0')
+    return setError(ncclInvalidArgument, "NCCL_MOE_LL_ONE_LAUNCH = \"%s\" must be a token count (decimal, "
+                    ">= 0; 0 = never one launch)", value);
+  *tokens = n > (unsigned long long)INT_MAX ? INT_MAX : (int)n;
+  return ncclSuccess;
+}
+
 }  // namespace nccl_moe

@@ -91,4 +91,21 @@ ncclResult_t validateDispatchArgs(const ncclMoeConfig_t& cfg, const void* x, con
                                   const int64_t* topkIdx, const float* topkWeights, int numTokens,
                                   unsigned int flags, bool haveRouting, int handleTokens);
 
+// Low-latency one-launch form (one_launch_lsa.cu): a one-shot call of this rank's T tokens runs
+// as one kernel instead of a send and a completion when T <= the context's limit. The limit is
+// NCCL_MOE_LL_ONE_LAUNCH, read at ncclMoeCommCreate (per rank: the form does not change the
+// protocol, so ranks need not agree): a decimal token count, 0 = never; unset or empty:
+// kLlOneLaunchDefaultTokens. One CTA sends every token in this form (and one CTA sums the
+// combine's T tokens), so it pays off for small T only; A/B runs set it to 0.
+constexpr int kLlOneLaunchDefaultTokens = 8;
+// Parses `value` (NULL or "" = the default; values above INT_MAX read as INT_MAX). On error:
+// ncclInvalidArgument and a message naming the variable and the value.
+ncclResult_t parseLlOneLaunchTokens(const char* value, int* tokens);
+// Whether a low-latency call of numTokens (this rank's T) runs in one launch: a one-shot call
+// (not send-only), on one node (the GIN path keeps its two kernels), at most 32 ranks (one lane
+// per rank in the combine's sums), limit > 0 (0: never) and numTokens <= limit.
+inline bool llOneLaunchChosen(int limit, int numTokens, bool sendOnly, int nNodes, int nRanks) {
+  return !sendOnly && nNodes <= 1 && nRanks <= 32 && limit > 0 && numTokens <= limit;
+}
+
 }  // namespace nccl_moe

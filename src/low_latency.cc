@@ -36,6 +36,13 @@ static ncclResult_t checkSlot(const ncclMoeComm* c, const ncclMoeLowLatencyOutpu
   return ncclSuccess;
 }
 
+// Whether a call of this rank's T runs as one kernel (one_launch_lsa.cu) instead of a send and a
+// completion: small one-shot calls on one node (config.h, llOneLaunchChosen).
+static bool oneLaunch(const ncclMoeComm* c, int numTokens, unsigned int flags) {
+  return llOneLaunchChosen(c->llOneLaunchTokens, numTokens, (flags & NCCL_MOE_LL_SEND_ONLY) != 0, c->nodes.nNodes,
+                           c->nRanks);
+}
+
 // The internode part of slot `slot` (enabled = 0 on one node: the LSA-only kernels run).
 static LlNetArgs netArgs(const ncclMoeComm* c, int slot) {
   LlNetArgs n;
@@ -152,15 +159,19 @@ extern "C" ncclResult_t ncclMoeLowLatencyDispatch(ncclMoeComm_t c, const void* x
                     fn, slot, c->llDispatchPending[slot] ? "dispatch" : "combine", cfg.numBufferSlots);
 
   const LlDispatchArgs a = dispatchArgs(c, slot, x, topkIdx, topkWeights, numTokens);
-  // The send needs no more CTAs than tokens (each CTA takes whole tokens; its signal carries no
-  // CTA count): a decode step of 1 token launches 1 CTA, not numSms that find nothing to do and
-  // still pass the last-CTA chain's system-scope fences.
-  MOE_CUDA(launchLlDispatchSend(a, std::max(1, std::min(cfg.numSms, numTokens)), stream));
-  if (flags & NCCL_MOE_LL_SEND_ONLY) {
-    c->llDispatchPending[slot] = true;
+  if (oneLaunch(c, numTokens, flags)) {
+    MOE_CUDA(launchLlDispatchOneLaunch(a, cfg.numSms, stream));
   } else {
-    const cudaError_t err = launchLlDispatchComplete(a, cfg.numSms, stream);
-    if (err != cudaSuccess) return failPartialLaunch(c, fn, err);
+    // The send needs no more CTAs than tokens (each CTA takes whole tokens; its signal carries no
+    // CTA count): a decode step of 1 token launches 1 CTA, not numSms that find nothing to do and
+    // still pass the last-CTA chain's system-scope fences.
+    MOE_CUDA(launchLlDispatchSend(a, std::max(1, std::min(cfg.numSms, numTokens)), stream));
+    if (flags & NCCL_MOE_LL_SEND_ONLY) {
+      c->llDispatchPending[slot] = true;
+    } else {
+      const cudaError_t err = launchLlDispatchComplete(a, cfg.numSms, stream);
+      if (err != cudaSuccess) return failPartialLaunch(c, fn, err);
+    }
   }
   // Host state advances only once every kernel of the call is enqueued.
   c->llDispatches++;
@@ -222,6 +233,10 @@ extern "C" ncclResult_t ncclMoeLowLatencyCombine(ncclMoeComm_t c, const ncclMoeL
   if (c->llCombinePending[dispatched->slot])
     return setError(ncclInvalidUsage, "%s: slot %d already has a send-only combine in flight", fn, dispatched->slot);
   const LlCombineArgs a = combineArgs(c, dispatched, expertOut, out);
+  if (oneLaunch(c, dispatched->numTokens, flags)) {
+    MOE_CUDA(launchLlCombineOneLaunch(a, c->cfg.numSms, stream));
+    return ncclSuccess;
+  }
   MOE_CUDA(launchLlCombineSend(a, c->cfg.numSms, stream));
   if (flags & NCCL_MOE_LL_SEND_ONLY) {
     c->llCombinePending[dispatched->slot] = true;

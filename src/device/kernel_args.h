@@ -92,6 +92,16 @@ struct DeviceState {
   // bit r (atomicOr), and every later wait for r gives up at once. Mirrored into host-mapped
   // memory (WindowView::failedHost) for ncclMoeGetFailedRanks.
   unsigned int failedRanks[kRankMaskWords];
+  // Low-latency one-launch form (one_launch_lsa.cu), per buffer slot; never reset, only the
+  // kernels of that form touch them:
+  unsigned long long llOneLaunchTickets[kMaxBufferSlots];  // dispatch CTAs started so far: each
+      // launch takes exactly its grid's count, so ticket % grid is a CTA's rank in its launch and
+      // ticket / grid the launch's number (64 bits: never wraps)
+  unsigned long long llOneLaunchGo[kMaxBufferSlots];  // ((launch number + 1) mod 2^32) << 32 |
+      // (epoch mod 2^32) of the last dispatch launch whose first CTA finished waiting for the
+      // sources: releases that launch's other CTAs and tells them the epoch
+  unsigned int llOneLaunchArrived[kMaxBufferSlots];  // combine CTAs past their signal share in
+      // the running launch (the last one completes; it resets the count)
 };
 
 // Scratch of the layout kernel, [tiles] = ceil(maxTokensPerRank / kLayoutTileTokens) (device).
@@ -395,6 +405,40 @@ __host__ __device__ inline uint64_t llCombineSignalShare(int cta, int numCtas, i
 // as this rank's tokens need; waits for every rank's signalTotal, then sums the partials.
 cudaError_t launchLlCombineSend(const LlCombineArgs& args, int numCtas, cudaStream_t stream);
 cudaError_t launchLlCombineComplete(const LlCombineArgs& args, int maxCtas, cudaStream_t stream);
+
+// One-launch form of one-shot low-latency calls on one node (one_launch_lsa.cu): the same
+// protocol, rows, signals and bits as the send + completion pair, in one kernel, for batches
+// where the fixed cost of two launches and of the send's grid-wide end dominates (the host
+// picks it by this rank's T: llOneLaunchChosen in config.h; ranks need not agree). Each
+// launcher sizes its grid from the context's shape alone (the most tokens the sources can send:
+// R * maxTokensPerRank, llOneLaunchCtas), at most maxCtas (the config's numSms), so the grid is
+// the same on every launch of a context.
+//  - Dispatch: the first CTA to start (ticket order) sends all T tokens alone (per-expert row
+//    counters in its shared memory: no atomics across CTAs, no last-CTA chain), signals, waits
+//    for every source and writes the counts; the CTAs share out the fan-out as the completion's
+//    do, the others starting once that CTA's wait is over (it tells them the epoch). Dynamic
+//    shared memory: E ints.
+//  - Combine: from the tokens the sources sent here (their dispatch signals) each CTA computes
+//    how many CTAs the send items need (llOneLaunchCtas), the others return at once; each
+//    working CTA sends its share of partials and adds its share of signalTotal; the last one
+//    to finish (with one CTA, that one) waits for every rank and sums this rank's T tokens.
+// No CTA waits for a CTA of its launch that may not have started: the dispatch's other CTAs wait
+// for its first CTA, which has (it took the first ticket), and that one waits only for peers;
+// the combine's finisher waits only for peers.
+cudaError_t launchLlDispatchOneLaunch(const LlDispatchArgs& args, int maxCtas, cudaStream_t stream);
+cudaError_t launchLlCombineOneLaunch(const LlCombineArgs& args, int maxCtas, cudaStream_t stream);
+// Allows the one-launch dispatch kernel maxExperts ints of dynamic shared memory on the current
+// device (the host passes config.h's kMaxExperts); called at each low-latency context's creation
+// on one node, it also loads both one-launch kernels (no lazy load inside the first operation).
+cudaError_t prepareLlOneLaunchKernels(int maxExperts);
+// Items (token, chunk) one CTA of the one-launch kernels takes before another CTA is used: two
+// per warp of 16.
+constexpr int kLlOneLaunchItemsPerCta = 32;
+// CTAs for `items` one-launch items: 1 up to kLlOneLaunchItemsPerCta, at most maxCtas (>= 1).
+__host__ __device__ inline int llOneLaunchCtas(long long items, int maxCtas) {
+  const long long n = (items + kLlOneLaunchItemsPerCta - 1) / kLlOneLaunchItemsPerCta;
+  return n < 1 ? 1 : n > maxCtas ? maxCtas : (int)n;
+}
 // Loads every low-latency kernel of the multi-node (kNet) form into the current device's context
 // without running it (cudaFuncGetAttributes: CUDA's lazy loading loads a kernel at its first
 // launch, under the context's lock and after the context's running kernels end).

@@ -1,15 +1,17 @@
 // Low-latency mode in CUDA graphs, the peer timeout, and argument validation.
 //  - Graphs: one dispatch (given the weights, or NULL) + combine (one-shot, or split with the
-//    completions on a forked stream) captured once and replayed many times, each replay after
-//    new routing, weights and data were written into the same input buffers; every replay
+//    completions on a forked stream; full batches, or 1 and 2 tokens per rank: the one-launch
+//    form) captured once and replayed many times, each replay after new routing, weights and
+//    data were written into the same input buffers; every replay
 //    checks the counts and the combine, every 10th the whole dispatch output. The captured
 //    dispatch keeps the slot it had at capture; the test synchronises after every replay.
 //    Expert output: BF16 -> a captured device copy of x into combineInput (identity); FP8 ->
 //    block-constant rows in a separate buffer.
-//  - Timeout: config.timeoutMs = 2000 and rank 0 skips a dispatch: the other ranks' dispatch
-//    gives up and ncclMoeCheckErrors reports ncclRemoteError naming the timeout (rank 0 joins
-//    their failed-rank set: ll_failed_rank_test.cc); destroying the context works and a fresh
-//    context works.
+//  - Timeout: config.timeoutMs = 2000 and rank 0 skips a dispatch (full batches, and 1 token,
+//    the one-launch form) or the combine of a 1-token operation: the other ranks' call gives up
+//    and ncclMoeCheckErrors reports ncclRemoteError naming the timeout (rank 0 joins their
+//    failed-rank set: ll_failed_rank_test.cc); destroying the context works and a fresh context
+//    works.
 //  - Validation: bad configurations at create, bad arguments (NULL, out of range, misaligned
 //    combine buffers, unknown flags), *Complete without a send-only call pending, LL calls on an
 //    HT context and HT calls on an LL context are rejected with a message and leave the context
@@ -29,12 +31,13 @@ class LlGraph : public GpuTest {};
 class LlTimeout : public GpuTest {};
 class LlValidation : public GpuTest {};
 
-void graphScenario(const LlShape& s, uint64_t seed, int replays, bool split, bool weighted) {
+// tokens: per rank (-1: spec's default, maxTokens minus a per-rank amount).
+void graphScenario(const LlShape& s, uint64_t seed, int replays, bool split, bool weighted, int tokens = -1) {
   LlEp ep(s);
   if (!ep.create()) return;
   const int me = rank();
   const size_t expertBytes = s.slotRows() * s.hidden * 2;
-  LlProblem p0 = makeLlProblem(s, spec(seed));
+  LlProblem p0 = makeLlProblem(s, spec(seed, Route::Random, tokens));
   LlInputs in;
   DevMem combOut((size_t)s.maxTokens * s.hidden * 2), separate;
   bool ok = in.upload(p0) && combOut.get();
@@ -63,7 +66,7 @@ void graphScenario(const LlShape& s, uint64_t seed, int replays, bool split, boo
   for (int r = 0; r < replays; r++) {
     const std::string tag = base + ", replay " + std::to_string(r + 1) + "]";
     const bool full = r == 0 || r % 10 == 9 || r == replays - 1;
-    LlProblem q = makeLlProblem(s, spec(seed + 1 + r));
+    LlProblem q = makeLlProblem(s, spec(seed + 1 + r, Route::Random, tokens));
     ok = in.upload(q) && ep.poisonSlot(out.slot) && poison(combOut.get(), combOut.bytes());
     MOE_AGREE_OR_RETURN(ok, (tag + ": inputs and poison").c_str());
     ok = CUDA_OK(cudaGraphLaunch(g.exec, stream()));
@@ -79,7 +82,7 @@ void graphScenario(const LlShape& s, uint64_t seed, int replays, bool split, boo
   }
   // Eager operations on the same context afterwards (the other slot, then the graph's).
   for (int i = 0; i < 2; i++) {
-    LlProblem q = makeLlProblem(s, spec(seed + 5000 + i));
+    LlProblem q = makeLlProblem(s, spec(seed + 5000 + i, Route::Random, tokens));
     MOE_AGREE_OR_RETURN(in.upload(q), "upload inputs");
     LlRunOpts o;
     o.split = split;
@@ -105,51 +108,72 @@ TEST_F(LlGraph, SplitBf16) { graphScenario(shape(false), 1103, 5, true, true); }
 
 TEST_F(LlGraph, SplitFp8Fp32) { graphScenario(shape(true, ncclMoeScaleFp32), 1104, 5, true, true); }
 
+// 1 token per rank: the one-shot calls run in one launch each (ll_one_launch_test.cc) unless
+// NCCL_MOE_LL_ONE_LAUNCH says otherwise.
+TEST_F(LlGraph, OneShotOneTokenFp8Ue8m0Weighted50Replays) {
+  graphScenario(shape(true, ncclMoeScaleUe8m0), 1105, 50, false, true, 1);
+}
+
+TEST_F(LlGraph, OneShotTwoTokensBf16Unweighted20Replays) { graphScenario(shape(false), 1106, 20, false, false, 2); }
+
 // --- timeout -----------------------------------------------------------------------------------
 
 bool mentionsTimeout(const char* msg) {
   return msg && (strcasestr(msg, "timeout") != nullptr || strcasestr(msg, "timed out") != nullptr);
 }
 
-TEST_F(LlTimeout, PeerSkipsDispatch) {
+// Rank 0 skips one operation's dispatch (skipCombine: it dispatches, then skips the combine),
+// every rank sending `tokens` (-1: spec's default): the others' call gives up after timeoutMs,
+// ncclMoeCheckErrors reports the timeout; destroy and a fresh context work.
+void peerSkips(int tokens, bool skipCombine, uint64_t seed) {
   using Clock = std::chrono::steady_clock;
   LlShape s = shape(false);
   s.timeoutMs = 2000;
   const int me = rank();
+  const char* what = skipCombine ? "combine" : "dispatch";
   {
     LlEp ep(s);
     if (!ep.create()) return;
-    LlProblem p = makeLlProblem(s, spec(1201));
+    LlProblem p = makeLlProblem(s, spec(seed, Route::Random, tokens));
     LlInputs in;
     MOE_AGREE_OR_RETURN(in.upload(p), "upload inputs");
+    DevMem combOut((size_t)s.maxTokens * s.hidden * 2);
+    ncclMoeLowLatencyOutput_t out;
+    bool ok = combOut.get() != nullptr;
+    if (skipCombine) {  // every rank dispatches
+      ok = ok && MOE_OK(ncclMoeLowLatencyDispatch(ep.comm, in.x.get(), in.topkIdx.as<int64_t>(),
+                                                  in.weights.as<float>(), p.tokens(me), 0, &out, stream()));
+      ok = CUDA_OK(cudaStreamSynchronize(stream())) && ok;
+      MOE_AGREE_OR_RETURN(ok, "dispatch of every rank");
+    }
     const Clock::time_point t0 = Clock::now();
-    bool ok = true;
-    if (me != 0) {  // rank 0 never calls the dispatch
-      ncclMoeLowLatencyOutput_t out;
-      ok = MOE_OK(ncclMoeLowLatencyDispatch(ep.comm, in.x.get(), in.topkIdx.as<int64_t>(),
-                                            in.weights.as<float>(), p.tokens(me), 0, &out,
-                                            stream()));
+    if (me != 0) {  // rank 0 never calls the dispatch (or the combine)
+      if (skipCombine)
+        ok = MOE_OK(ncclMoeLowLatencyCombine(ep.comm, &out, out.combineInput, combOut.get(), 0, stream()));
+      else
+        ok = MOE_OK(ncclMoeLowLatencyDispatch(ep.comm, in.x.get(), in.topkIdx.as<int64_t>(),
+                                              in.weights.as<float>(), p.tokens(me), 0, &out, stream()));
       ok = CUDA_OK(cudaStreamSynchronize(stream())) && ok;
       const ncclResult_t r = ncclMoeCheckErrors(ep.comm);
       const std::string msg = ncclMoeGetLastError();
       EXPECT_EQ(r, ncclRemoteError) << "rank " << me << ": ncclMoeCheckErrors after a peer "
-                                    << "skipped the dispatch: \"" << msg << "\"";
+                                    << "skipped the " << what << ": \"" << msg << "\"";
       EXPECT_TRUE(mentionsTimeout(msg.c_str())) << "rank " << me << ": message \"" << msg
                                                 << "\" does not name the timeout";
       const double waited = std::chrono::duration<double>(Clock::now() - t0).count();
       EXPECT_GE(waited, 1.5) << "rank " << me << ": gave up before timeoutMs";
       EXPECT_LT(waited, 8.0) << "rank " << me << ": took far longer than timeoutMs";
       if (me == 1) {
-        printf("[   INFO   ] rank 1: timed-out dispatch: %.2f s, check -> %d \"%s\"\n", waited,
-               int(r), msg.c_str());
+        printf("[   INFO   ] rank 1: timed-out %s (%d tokens): %.2f s, check -> %d \"%s\"\n", what, p.tokens(me),
+               waited, int(r), msg.c_str());
         fflush(stdout);
       }
     }
-    MOE_AGREE_OR_RETURN(ok, "dispatch without rank 0");
+    MOE_AGREE_OR_RETURN(ok, "operation without rank 0");
     if (me == 0) {
       const ncclResult_t r = ncclMoeCheckErrors(ep.comm);
-      printf("[   INFO   ] rank 0 (skipped the dispatch): ncclMoeCheckErrors -> %d \"%s\"\n",
-             int(r), r == ncclSuccess ? "" : ncclMoeGetLastError());
+      printf("[   INFO   ] rank 0 (skipped the %s): ncclMoeCheckErrors -> %d \"%s\"\n", what, int(r),
+             r == ncclSuccess ? "" : ncclMoeGetLastError());
       fflush(stdout);
     }
     const Clock::time_point t1 = Clock::now();
@@ -162,8 +186,15 @@ TEST_F(LlTimeout, PeerSkipsDispatch) {
   // A fresh context works.
   LlRunOpts o;
   s.timeoutMs = 0;
-  llScenario(s, spec(1202), o, 2);
+  llScenario(s, spec(seed + 1, Route::Random, tokens), o, 2);
 }
+
+TEST_F(LlTimeout, PeerSkipsDispatch) { peerSkips(-1, false, 1201); }
+
+// 1 token: the one-launch form's waits (ll_one_launch_test.cc).
+TEST_F(LlTimeout, PeerSkipsOneTokenDispatch) { peerSkips(1, false, 1203); }
+
+TEST_F(LlTimeout, PeerSkipsOneTokenCombine) { peerSkips(1, true, 1205); }
 
 // --- validation --------------------------------------------------------------------------------
 

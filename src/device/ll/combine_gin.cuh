@@ -38,7 +38,7 @@ __device__ __forceinline__ int landedRecords(const LlCombineArgs& a, int s) {
 }
 
 // Send, every CTA: netStart [R + 1] (shared) gets the prefix of the remote sources' records.
-__device__ void recordStartsGin(const LlCombineArgs& a, int* netStart) {
+inline __device__ void recordStartsGin(const LlCombineArgs& a, int* netStart) {
   if (threadIdx.x == 0) {
     int run = 0;
     for (int s = 0; s < a.w.peers.nRanks; ++s) {
@@ -80,7 +80,7 @@ __device__ void sendPartialsGin(const LlCombineArgs& a, const int* netStart, int
 }
 
 // Send, last CTA, after every CTA's partials are fenced: see the file comment.
-__device__ void postCombineGin(const LlCombineArgs& a) {
+inline __device__ void postCombineGin(const LlCombineArgs& a) {
   const PeerMap& p = a.w.peers;
   const int M = a.maxTokens;
   const size_t rowBytes = (size_t)a.hidden * 2;
@@ -104,7 +104,7 @@ __device__ void postCombineGin(const LlCombineArgs& a) {
 // Sets lost[r] for every remote rank r (shared, one thread per r as in the completion's LSA
 // loop): a.failed are not waited for, a timeout puts r into the failed-rank set. False on a fatal
 // failure.
-__device__ bool waitRanksGin(const LlCombineArgs& a, uint64_t epoch, unsigned char* lost) {
+inline __device__ bool waitRanksGin(const LlCombineArgs& a, uint64_t epoch, unsigned char* lost) {
   const PeerMap& p = a.w.peers;
   const ncclGin gin(a.net.devComm, ginContextOf(a.net.devComm, p.rank));
   bool ok = true;

@@ -66,7 +66,7 @@ __device__ __forceinline__ void stageRouteGin(const LlDispatchArgs& a, int t, in
 }
 
 // The last CTA of the send, after the counts rows are written: see the file comment.
-__device__ void postDispatchGin(const LlDispatchArgs& a) {
+inline __device__ void postDispatchGin(const LlDispatchArgs& a) {
   const PeerMap& p = a.w.peers;
   const int M = a.maxTokens, L = a.numExperts / p.nRanks;
   for (int d = threadIdx.x; d < p.nRanks; d += blockDim.x) {
@@ -94,7 +94,7 @@ __device__ void postDispatchGin(const LlDispatchArgs& a) {
 // epoch * kLlNetDone) and puts their record counts into netTokens[s]: 0 for LSA sources, -1 for
 // failed ones (a.failed are not waited for; a timeout puts the source into the failed-rank set).
 // Returns false on a fatal failure of this thread (the caller agrees over the CTA).
-__device__ bool waitSourcesGin(const LlDispatchArgs& a, uint64_t epoch, int* netTokens) {
+inline __device__ bool waitSourcesGin(const LlDispatchArgs& a, uint64_t epoch, int* netTokens) {
   const PeerMap& p = a.w.peers;
   const int L = a.numExperts / p.nRanks;
   const ncclGin gin(a.net.devComm, ginContextOf(a.net.devComm, p.rank));
@@ -115,7 +115,7 @@ __device__ bool waitSourcesGin(const LlDispatchArgs& a, uint64_t epoch, int* net
 
 // CTA 0 of the completion, after the waits: recvCounts[l][s] of every remote source s (0 for a
 // failed one: netTokens[s] < 0).
-__device__ void copyRemoteCountsGin(const LlDispatchArgs& a, int* recvCounts, const int* netTokens) {
+inline __device__ void copyRemoteCountsGin(const LlDispatchArgs& a, int* recvCounts, const int* netTokens) {
   const PeerMap& p = a.w.peers;
   const int R = p.nRanks, L = a.numExperts / R;
   for (int i = threadIdx.x; i < R * L; i += blockDim.x) {
@@ -128,8 +128,8 @@ __device__ void copyRemoteCountsGin(const LlDispatchArgs& a, int* recvCounts, co
 
 // Stores the landed records into their rows: items (record, chunk of chunkVecs vectors) over the
 // remote sources' records (netStart: [R + 1] prefix of netTokens), one warp per item.
-__device__ void fanOutRecordsGin(const LlDispatchArgs& a, char* slot, const int* netStart, int chunkVecs, int warp,
-                                 int warps, int lane) {
+inline __device__ void fanOutRecordsGin(const LlDispatchArgs& a, char* slot, const int* netStart, int chunkVecs, int warp,
+                                        int warps, int lane) {
   const PeerMap& p = a.w.peers;
   const int R = p.nRanks, M = a.maxTokens, K = a.topK;
   const size_t rowBytes = a.fp8 ? (size_t)a.hidden : (size_t)a.hidden * 2;

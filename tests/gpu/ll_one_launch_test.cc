@@ -1,0 +1,221 @@
+// The one-launch form of low-latency one-shot calls (src/device/ll/one_launch_lsa.cu): a rank
+// whose T is at most NCCL_MOE_LL_ONE_LAUNCH (read at ncclMoeCommCreate, default 8) runs each
+// one-shot dispatch and combine as one kernel, with the rows, signals and bits of the two-launch
+// form. Every case is checked exactly as the LL suites check (ll_test_util.h: counts, every block
+// as a set keyed by srcToken with row and scale bytes, the combine bitwise against moe_ref):
+//  - small T under the default limit (1, 2, 8 tokens per rank; the test shape and DeepSeek's);
+//  - the limit forced above maxTokensPerRank on every rank, so that the one-launch kernels also
+//    run with full slots (several fan-out CTAs, the combine's finisher election), one SM, skewed
+//    routing into the fullest blocks;
+//  - ranks on different forms in the same operations (the limit 0 on some ranks), and a rank
+//    with no tokens (one launch) receiving full batches from two-launch ranks;
+//  - two one-launch operations in flight, stream-ordered (buffer slots), each combine with its
+//    own dispatch's weights.
+// Graph capture and the peer timeout of 1-token operations: ll_graph_timeout_test.cc. Every LL
+// suite runs on either form alone with NCCL_MOE_LL_ONE_LAUNCH=0 / =1000000 in the environment.
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "ll_test_util.h"
+
+namespace moe_gpu {
+namespace {
+
+class LlOneLaunch : public GpuTest {};
+
+// Sets NCCL_MOE_LL_ONE_LAUNCH for the contexts created in its scope (NULL: unset), then puts
+// back what the process had.
+class ScopedLimit {
+ public:
+  explicit ScopedLimit(const char* value) {
+    const char* old = getenv(kName);
+    had_ = old != nullptr;
+    if (had_) old_ = old;
+    if (value) setenv(kName, value, 1);
+    else unsetenv(kName);
+  }
+  ~ScopedLimit() {
+    if (had_) setenv(kName, old_.c_str(), 1);
+    else unsetenv(kName);
+  }
+
+ private:
+  static constexpr const char* kName = "NCCL_MOE_LL_ONE_LAUNCH";
+  bool had_ = false;
+  std::string old_;
+};
+constexpr const char* kAlways = "1000000";  // above any maxTokensPerRank of these tests
+
+LlShape shape(bool fp8, ncclMoeScaleFormat_t fmt = ncclMoeScaleFp32) {
+  LlShape s;
+  s.fp8 = fp8;
+  s.fmt = fmt;
+  return s;
+}
+
+LlShape deepSeek(bool fp8) {
+  LlShape s = shape(fp8, ncclMoeScaleUe8m0);
+  s.hidden = 7168;
+  s.experts = 288;
+  return s;
+}
+
+// --- small batches under the default limit ----------------------------------------------------
+
+TEST_F(LlOneLaunch, OneTokenBf16) {
+  ScopedLimit limit(nullptr);
+  llScenario(shape(false), spec(2101, Route::Random, 1), LlRunOpts());
+}
+
+TEST_F(LlOneLaunch, OneTokenFp8Ue8m0) {
+  ScopedLimit limit(nullptr);
+  llScenario(shape(true, ncclMoeScaleUe8m0), spec(2102, Route::Random, 1), LlRunOpts());
+}
+
+TEST_F(LlOneLaunch, TwoTokensFp8Pow2) {
+  ScopedLimit limit(nullptr);
+  llScenario(shape(true, ncclMoeScaleFp32Pow2), spec(2103, Route::Random, 2), LlRunOpts());
+}
+
+TEST_F(LlOneLaunch, EightTokensFp8Fp32Skewed) {
+  ScopedLimit limit(nullptr);
+  llScenario(shape(true, ncclMoeScaleFp32), spec(2104, Route::RankZeroOnly, 8), LlRunOpts());
+}
+
+TEST_F(LlOneLaunch, DeepSeekShapeOneTokenFp8Ue8m0) {
+  ScopedLimit limit(nullptr);
+  llScenario(deepSeek(true), spec(2105, Route::Random, 1), LlRunOpts(), 3);
+}
+
+TEST_F(LlOneLaunch, DeepSeekShapeTwoTokensBf16) {
+  ScopedLimit limit(nullptr);
+  llScenario(deepSeek(false), spec(2106, Route::Random, 2), LlRunOpts(), 3);
+}
+
+// --- every size through one launch --------------------------------------------------------------
+
+TEST_F(LlOneLaunch, ForcedRandomBf16) {
+  ScopedLimit limit(kAlways);
+  llScenario(shape(false), spec(2111), LlRunOpts());
+}
+
+TEST_F(LlOneLaunch, ForcedMaxTokensSkewedFp8Ue8m0) {
+  ScopedLimit limit(kAlways);
+  LlShape s = shape(true, ncclMoeScaleUe8m0);
+  llScenario(s, spec(2112, Route::RankZeroOnly, s.maxTokens), LlRunOpts());
+}
+
+TEST_F(LlOneLaunch, ForcedDeepSeekShapeFp8Ue8m0) {
+  ScopedLimit limit(kAlways);
+  llScenario(deepSeek(true), spec(2113), LlRunOpts(), 2);
+}
+
+TEST_F(LlOneLaunch, ForcedOneSmFp8Pow2) {  // one CTA per kernel: no other role, no election
+  ScopedLimit limit(kAlways);
+  LlShape s = shape(true, ncclMoeScaleFp32Pow2);
+  s.numSms = 1;
+  llScenario(s, spec(2114), LlRunOpts());
+}
+
+TEST_F(LlOneLaunch, ForcedOneBufferSlotBf16) {
+  ScopedLimit limit(kAlways);
+  LlShape s = shape(false);
+  s.slots = 1;
+  llScenario(s, spec(2115, Route::Random, 3), LlRunOpts(), 3);
+}
+
+// --- ranks on different forms -------------------------------------------------------------------
+
+TEST_F(LlOneLaunch, RankZeroTwoLaunchesOthersOneBf16) {
+  ScopedLimit limit(rank() == 0 ? "0" : kAlways);
+  llScenario(shape(false), spec(2121), LlRunOpts());
+}
+
+TEST_F(LlOneLaunch, RankZeroOneLaunchOthersTwoFp8Ue8m0) {
+  ScopedLimit limit(rank() == 0 ? kAlways : "0");
+  llScenario(shape(true, ncclMoeScaleUe8m0), spec(2122), LlRunOpts());
+}
+
+// Rank 0 sends nothing (one launch under the default limit) and receives full batches from the
+// two-launch ranks: its fan-out and its combine's partials need several CTAs.
+TEST_F(LlOneLaunch, EmptyRankReceivesFullBatchesFp8Fp32) {
+  ScopedLimit limit(nullptr);
+  GenSpec g = spec(2123);
+  g.zeroTokenRank = 0;
+  llScenario(shape(true, ncclMoeScaleFp32), g, LlRunOpts());
+}
+
+// --- operations in flight -------------------------------------------------------------------
+
+// Warm-up rounds reveal every slot; then s.slots one-launch operations are enqueued back to back
+// (all dispatches, then all combines, no host step between them) with block-constant expert
+// outputs in separate buffers, op 1 dispatched without weights.
+void inFlight(const LlShape& s, uint64_t seed, int tokens) {
+  const int n = s.slots, me = rank(), H = s.hidden;
+  LlEp ep(s);
+  if (!ep.create()) return;
+  std::vector<LlProblem> p;
+  std::vector<std::unique_ptr<LlInputs>> in;
+  std::vector<std::unique_ptr<DevMem>> expert, comb;
+  bool ok = true;
+  for (int i = 0; i < n; i++) {
+    p.push_back(makeLlProblem(s, spec(seed + i, Route::Random, tokens)));
+    in.emplace_back(new LlInputs);
+    ok = in[i]->upload(p[i]) && ok;
+  }
+  MOE_AGREE_OR_RETURN(ok, "upload inputs");
+  for (int i = 0; i < n; i++)
+    if (!llRunAndCheck(ep, *in[i], p[i], LlRunOpts(), s.str() + " [warm-up " + std::to_string(i) + "]")) return;
+  for (int i = 0; i < n; i++) {
+    ok = ep.poisonSlot(i) && ok;
+    expert.emplace_back(new DevMem(s.slotRows() * H * 2));
+    comb.emplace_back(new DevMem((size_t)s.maxTokens * H * 2));
+    ok = ok && expert[i]->get() && comb[i]->get() && writeBlockConstantExpert(expert[i]->get(), s) &&
+         poison(comb[i]->get(), comb[i]->bytes());
+  }
+  const std::string what = s.str() + " [" + std::to_string(n) + " one-launch operations in flight, " +
+                           std::to_string(tokens) + " tokens]";
+  MOE_AGREE_OR_RETURN(ok, (what + ": poison and expert outputs").c_str());
+  usleep(2000 * me);  // the ranks enqueue at different times
+  std::vector<ncclMoeLowLatencyOutput_t> out(n);
+  auto weighted = [](int i) { return i != 1; };
+  for (int i = 0; i < n && ok; i++) {
+    memset(&out[i], 0, sizeof(out[i]));
+    ok = MOE_OK(ncclMoeLowLatencyDispatch(ep.comm, in[i]->x.get(), in[i]->topkIdx.as<int64_t>(),
+                                          weighted(i) ? in[i]->weights.as<float>() : nullptr, p[i].tokens(me), 0,
+                                          &out[i], stream()));
+  }
+  for (int i = 0; i < n && ok; i++)
+    ok = MOE_OK(ncclMoeLowLatencyCombine(ep.comm, &out[i], expert[i]->get(), comb[i]->get(), 0, stream()));
+  ok = CUDA_OK(cudaStreamSynchronize(stream())) && ok;
+  MOE_AGREE_OR_RETURN(ok, (what + ": enqueue and run").c_str());
+  for (int i = 0; i < n; i++) {
+    ep.record(out[i], what.c_str());
+    const std::string tag = what + " op " + std::to_string(i);
+    agreeMismatches(checkLlDispatch(out[i], p[i], llReference(p[i]), tag.c_str()), (tag + ": dispatch output").c_str());
+    agreeMismatches(checkCombine(comb[i]->get(), llBlockConstantCombine(p[i], weighted(i)), p[i].tokens(me), H,
+                                 tag.c_str()),
+                    (tag + ": combine output").c_str());
+  }
+  MOE_AGREE_OR_RETURN(MOE_OK(ncclMoeCheckErrors(ep.comm)), "ncclMoeCheckErrors");
+}
+
+TEST_F(LlOneLaunch, TwoInFlightOneTokenBf16) {
+  ScopedLimit limit(nullptr);
+  inFlight(shape(false), 2131, 1);
+}
+
+TEST_F(LlOneLaunch, ThreeInFlightFourTokensFp8Ue8m0) {
+  ScopedLimit limit(nullptr);
+  LlShape s = shape(true, ncclMoeScaleUe8m0);
+  s.slots = 3;
+  inFlight(s, 2132, 4);
+}
+
+}  // namespace
+}  // namespace moe_gpu
