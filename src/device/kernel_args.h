@@ -246,7 +246,7 @@ cudaError_t launchCombineHtTma(const CombineArgs& args, int numCtas, cudaStream_
 // Work is cut into chunks of one dense per-node list (dispatchChunk records, kHtNetChunk
 // partials); chunk k belongs to channel (CTA) k % numCtas on every rank, which is why every rank
 // launches numSms CTAs: the puts of one channel to one peer land in order, and the channel's GIN
-// signal at the receiver counts the records (partials, weight rows) landed so far, plus 2^32 once
+// signal at the receiver counts the slots (records, partials) landed so far, plus 2^32 once
 // the channel's last one has (GinSignalPlan, net/device/channels.h). Both sides derive the chunks
 // from the same counts.
 struct HtNetArgs {
@@ -267,7 +267,7 @@ struct HtNetArgs {
   size_t combineStage;     // [N-1][M][partialBytes] partials returned to each remote node's rail peer
   size_t combineLand;      // [N-1][M][partialBytes] partials of this rank's records, by remote node
   size_t weightStage;      // [N-1][M][G] FP32 combine weights of this rank's records, per rank of
-                           // the remote node (weighted combine only)
+                           // the remote node (1 for every rank when unweighted: always sent)
   size_t weightLand;       // [N-1][M][G] the rail peers' combine weights for their records
   int sigData0;            // GIN signal ids (GinSignalPlan): + src * numCtas + channel
   int sigPartials0;

@@ -226,6 +226,7 @@ __device__ bool reduceTokenNet(const CombineNetArgs& a, char* const* peer, const
     const int sb = __shfl_sync(0xffffffffu, slot, b);
     if (lane == 0 && arrived) arrived = waitPartial(a, empty, seq, b, sb);
   }
+  __syncwarp();  // lane 0's wait orders the other lanes' reads of the partials after it
   if (!__shfl_sync(0xffffffffu, arrived, 0)) return false;
   const bool inNode = lane >= p.lsaBase && lane < p.lsaBase + G;
   const int pos = inNode && !empty ? c.routing.sendPos[(size_t)t * R + lane] : -1;
