@@ -5,12 +5,11 @@
 // binary by plugin/plugin.mk.
 #include <gtest/gtest.h>
 
-#include <fcntl.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include "../moeloop_gin.h"
+#include "fake_gin_comm.h"
 #include "../moeloop_gin_api.h"
 #include "../moeloop_shaping.h"
 #include "../moeloop_stats.h"
@@ -21,24 +20,8 @@ namespace {
 class PluginCopyReady : public ::testing::Test {
  protected:
   void SetUp() override {
-    int sv[2];
-    ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
-    ASSERT_EQ(fcntl(sv[0], F_SETFL, fcntl(sv[0], F_GETFL) | O_NONBLOCK), 0);
-    peerEnd_ = sv[1];
-    c_.magic = moeloop::kGinCollMagic;
-    c_.rank = 0;
-    c_.nranks = 2;
-    c_.peers.resize(2);
-    c_.peers[1].sendFd = sv[0];
-    c_.peers[1].copy = true;
-    reg_.magic = moeloop::kGinRegMagic;
-    reg_.comm = &c_;
-    reg_.id = 0;
-    reg_.base = (char*)words_;
-    reg_.size = sizeof(words_);
-    reg_.type = NCCL_PTR_HOST;
-    reg_.live = true;
-    c_.regs.push_back(&reg_);
+    peerEnd_ = moeloop_test::initFakeGinComm(c_, reg_, words_, sizeof(words_), /*sender=*/true);
+    ASSERT_GE(peerEnd_, 0);
   }
   void TearDown() override {
     moeloop::setShapingConfig(moeloop::ShapingConfig{});

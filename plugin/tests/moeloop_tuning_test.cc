@@ -4,13 +4,12 @@
 // binary by plugin/plugin.mk.
 #include <gtest/gtest.h>
 
-#include <fcntl.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <unistd.h>
 #include <vector>
 
 #include "../moeloop_gin.h"
+#include "fake_gin_comm.h"
 #include "../moeloop_log.h"
 #include "../moeloop_shaping.h"
 #include "../moeloop_stats.h"
@@ -56,22 +55,8 @@ TEST(PluginTuning, EnvironmentValues) {
 class PluginSignalPass : public ::testing::Test {
  protected:
   void SetUp() override {
-    int sv[2];
-    ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
-    ASSERT_EQ(fcntl(sv[0], F_SETFL, fcntl(sv[0], F_GETFL) | O_NONBLOCK), 0);
-    peerEnd_ = sv[1];
-    c_.rank = 0;
-    c_.nranks = 2;
-    c_.peers.resize(2);
-    c_.peers[1].recvFd = sv[0];
-    reg_.magic = moeloop::kGinRegMagic;
-    reg_.comm = &c_;
-    reg_.id = 0;
-    reg_.base = (char*)words_;
-    reg_.size = sizeof(words_);
-    reg_.type = NCCL_PTR_HOST;
-    reg_.live = true;
-    c_.regs.push_back(&reg_);
+    peerEnd_ = moeloop_test::initFakeGinComm(c_, reg_, words_, sizeof(words_), /*sender=*/false);
+    ASSERT_GE(peerEnd_, 0);
   }
   void TearDown() override {
     close(c_.peers[1].recvFd);
