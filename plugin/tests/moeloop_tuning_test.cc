@@ -26,28 +26,27 @@ struct TuningOverride {
 };
 
 TEST(PluginTuning, EnvironmentValues) {
-  GinTuning d = moeloop::ginTuningFrom(nullptr, nullptr);
-  EXPECT_TRUE(d.coalesceSignals);  // the defaults are the current behaviour
-  EXPECT_EQ(d.overlapScanLimit, 64u);
-  d = moeloop::ginTuningFrom("", "");
-  EXPECT_TRUE(d.coalesceSignals);
-  EXPECT_EQ(d.overlapScanLimit, 64u);
-  GinTuning t = moeloop::ginTuningFrom("0", "0");
-  EXPECT_FALSE(t.coalesceSignals);
-  EXPECT_EQ(t.overlapScanLimit, 0u);
-  t = moeloop::ginTuningFrom("1", "all");
-  EXPECT_TRUE(t.coalesceSignals);
-  EXPECT_EQ(t.overlapScanLimit, 0u);
-  t = moeloop::ginTuningFrom("0", "16");
-  EXPECT_FALSE(t.coalesceSignals);
-  EXPECT_EQ(t.overlapScanLimit, 16u);
-  // Malformed values keep the defaults (with a warning).
-  t = moeloop::ginTuningFrom("yes", "-3");
-  EXPECT_TRUE(t.coalesceSignals);
-  EXPECT_EQ(t.overlapScanLimit, 64u);
-  t = moeloop::ginTuningFrom("2", "12x");
-  EXPECT_TRUE(t.coalesceSignals);
-  EXPECT_EQ(t.overlapScanLimit, 64u);
+  struct Case {
+    const char *coalesce, *overlapScan;
+    bool coalesceSignals;
+    size_t overlapScanLimit;
+  };
+  const Case cases[] = {
+      {nullptr, nullptr, true, 64},  // the defaults are the current behaviour
+      {"", "", true, 64},
+      {"0", "0", false, 0},
+      {"1", "all", true, 0},
+      {"0", "16", false, 16},
+      {"yes", "-3", true, 64},  // malformed values keep the defaults (with a warning)
+      {"2", "12x", true, 64},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(testing::Message() << "COALESCE=" << (c.coalesce ? c.coalesce : "(unset)")
+                                    << " OVERLAP_SCAN=" << (c.overlapScan ? c.overlapScan : "(unset)"));
+    const GinTuning t = moeloop::ginTuningFrom(c.coalesce, c.overlapScan);
+    EXPECT_EQ(t.coalesceSignals, c.coalesceSignals);
+    EXPECT_EQ(t.overlapScanLimit, c.overlapScanLimit);
+  }
 }
 
 // A rank-0 comm of 2 ranks whose connection from rank 1 is one end of a socket pair; the test

@@ -259,6 +259,30 @@ bool runAndCheck(Ep& ep, DeviceInputs& in, const Problem& p, const Reference& re
   return allRanksOk(ok, (step + "ncclMoeCheckErrors").c_str());
 }
 
+bool replayGraphAndCheck(Ep& ep, const OwnedGraph& g, DeviceInputs& in, const ncclMoeDispatchOutput_t& out,
+                         const Problem& q, void* expertStaging, DevMem* combOut, bool weighted,
+                         const std::string& tag) {
+  const Shape& s = q.shape;
+  const int me = rank();
+  const Reference ref = makeReference(q);
+  bool ok = in.upload(q);
+  if (expertStaging != nullptr)
+    ok = upload(expertStaging, ref.expertOut[me].data(), ref.expertOut[me].size() * 2) && ok;
+  ok = poisonDispatchOutput(out, s) && ok;
+  if (combOut != nullptr) ok = poison(combOut->get(), combOut->bytes()) && ok;
+  if (!allRanksOk(ok, (tag + ": inputs and poison").c_str())) return false;
+  ok = CUDA_OK(cudaGraphLaunch(g.exec, stream()));
+  ok = CUDA_OK(cudaStreamSynchronize(stream())) && ok;
+  if (!allRanksOk(ok, (tag + ": cudaGraphLaunch").c_str())) return false;
+  DispatchChecks dc;
+  agreeMismatches(checkDispatch(out, q, ref.recv[me], dc, tag.c_str()), (tag + ": dispatch output").c_str());
+  if (combOut != nullptr)
+    agreeMismatches(checkCombine(combOut->get(), referenceCombine(q, ref, weighted), q.tokens(me), s.hidden,
+                                 tag.c_str()),
+                    (tag + ": combine output").c_str());
+  return allRanksOk(MOE_OK(ncclMoeCheckErrors(ep.comm)), (tag + ": check errors").c_str());
+}
+
 void runScenario(const Shape& s, const GenSpec& g, const RunOpts& o) {
   Ep ep(s);
   if (!ep.create()) return;

@@ -249,6 +249,15 @@ class Ep {
   bool haveOut = false;
 };
 
+// One replay of g, whose capture holds a dispatch on ep's handle (outputs `out`) and, when
+// combOut is not NULL, its combine into combOut: uploads q's inputs (and, with expertStaging, this
+// rank's expert output of q there: the source of a captured copy), poisons the outputs, launches,
+// then checks the dispatch output and the combine output (weighted or not) against q's reference
+// and the context's error records. Collective; false once a step failed on some rank.
+bool replayGraphAndCheck(Ep& ep, const OwnedGraph& g, DeviceInputs& in, const ncclMoeDispatchOutput_t& out,
+                         const Problem& q, void* expertStaging, DevMem* combOut, bool weighted,
+                         const std::string& tag);
+
 // Where combine reads the expert output from.
 enum class ExpertSrc {
   DispatchX,     // out.x itself (zero-copy; BF16 only)

@@ -52,24 +52,8 @@ void graphScenario(const Shape& s, uint64_t seed, bool withCombine, bool weighte
 
   for (int replay = 0; replay < 3; replay++) {
     const std::string tag = s.str() + " [graph replay " + std::to_string(replay + 1) + "]";
-    Problem q = makeProblem(s, spec(seed + 1 + replay));
-    Reference ref = makeReference(q);
-    ok = in.upload(q);
-    ok = poisonDispatchOutput(out, s) && ok;
-    ok = poison(combOut.get(), combOut.bytes()) && ok;
-    MOE_AGREE_OR_RETURN(ok, (tag + ": inputs and poison").c_str());
-    ok = CUDA_OK(cudaGraphLaunch(g.exec, stream()));
-    ok = CUDA_OK(cudaStreamSynchronize(stream())) && ok;
-    MOE_AGREE_OR_RETURN(ok, (tag + ": cudaGraphLaunch").c_str());
-    DispatchChecks dc;
-    long bad = checkDispatch(out, q, ref.recv[me], dc, tag.c_str());
-    agreeMismatches(bad, (tag + ": dispatch output").c_str());
-    if (withCombine) {
-      std::vector<uint16_t> expected = referenceCombine(q, ref, weighted);
-      bad = checkCombine(combOut.get(), expected, T, s.hidden, tag.c_str());
-      agreeMismatches(bad, (tag + ": combine output").c_str());
-    }
-    MOE_AGREE_OR_RETURN(MOE_OK(ncclMoeCheckErrors(ep.comm)), (tag + ": check errors").c_str());
+    const Problem q = makeProblem(s, spec(seed + 1 + replay));
+    if (!replayGraphAndCheck(ep, g, in, out, q, nullptr, withCombine ? &combOut : nullptr, weighted, tag)) return;
   }
 
   // Eager use of the same handle after the replays.

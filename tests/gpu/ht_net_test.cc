@@ -125,47 +125,47 @@ TEST_F(HtNet, HostCountsFp8Random) {
 
 // --- combine weights, cached dispatch ---------------------------------------------------------
 
-// Dispatch with the routing's weights, combine with other weights (the source's [T][K] given to
-// ncclMoeCombine are the ones that count), then unweighted on the same dispatch.
-TEST_F(HtNet, CombineWeightsOtherThanDispatchs) {
+// Which ranks pass their combine weights in one pass of combineWeightPasses (the others: NULL).
+enum class WeightedRanks { All, None, Even, Odd };
+
+// Dispatch of routing g with its own weights, then combines of that dispatch, one per pass, with
+// other weights (otherWeights(seed + 1): the source's [T][K] given to ncclMoeCombine are the ones
+// that count) on the ranks the pass names, unweighted on the others; each checked.
+void combineWeightPasses(const GenSpec& g, uint64_t seed, const std::string& what,
+                         std::initializer_list<std::pair<WeightedRanks, const char*>> passes) {
   const Shape s = shapeOf(2048, 64, ncclMoeBf16);
   Ep ep(s);
   if (!ep.create()) return;
   const int me = rank();
-  Problem p = makeProblem(s, netSpec(1320, Route::NodeLimited, 2));
+  Problem p = makeProblem(s, g);
   Reference ref = makeReference(p);
   DeviceInputs in;
   DevMem cw((size_t)s.maxTokens * s.topK * sizeof(float));
-  const std::vector<std::vector<float>> w = otherWeights(p, 1321);
+  const std::vector<std::vector<float>> w = otherWeights(p, seed + 1);
   MOE_AGREE_OR_RETURN(in.upload(p) && upload(cw.get(), w[me].data(), w[me].size() * sizeof(float)), "upload inputs");
-  const std::string tag = s.str() + " " + topologyStr() + " [combine weights other than the dispatch's]";
+  const std::string tag = s.str() + " " + topologyStr() + " [" + what + "]";
   RunOpts o = opts(true);
   o.combine = false;
   if (!runAndCheck(ep, in, p, ref, o, tag.c_str())) return;
-  if (!combineAndCheck(ep, p, ref, cw.as<float>(), w, tag)) return;
-  combineAndCheck(ep, p, ref, nullptr, {}, tag + " [again, unweighted]");
+  for (const auto& [ranks, suffix] : passes) {
+    const bool weighted = ranks == WeightedRanks::All || (ranks == WeightedRanks::Even && me % 2 == 0) ||
+                          (ranks == WeightedRanks::Odd && me % 2 == 1);
+    if (!combineAndCheck(ep, p, ref, weighted ? cw.as<float>() : nullptr, w, tag + suffix)) return;
+  }
 }
 
-// Even ranks combine with weights (other than the dispatch's), odd ranks without: each source's
-// weights decide its own tokens. Across nodes an unweighted rank sums its first chunk of a
-// weighted source's records with weight 1 before the weights land, and must sum it again.
+// Combine with other weights than the dispatch's, then unweighted on the same dispatch.
+TEST_F(HtNet, CombineWeightsOtherThanDispatchs) {
+  combineWeightPasses(netSpec(1320, Route::NodeLimited, 2), 1320, "combine weights other than the dispatch's",
+                      {{WeightedRanks::All, ""}, {WeightedRanks::None, " [again, unweighted]"}});
+}
+
+// Even ranks combine with weights, odd ranks without, then swapped: each source's weights decide
+// its own tokens. Across nodes an unweighted rank sums its first chunk of a weighted source's
+// records with weight 1 before the weights land, and must sum it again.
 TEST_F(HtNet, WeightedAndUnweightedRanksInOneCombine) {
-  const Shape s = shapeOf(2048, 64, ncclMoeBf16);
-  Ep ep(s);
-  if (!ep.create()) return;
-  const int me = rank();
-  Problem p = makeProblem(s, netSpec(1325, Route::Random));
-  Reference ref = makeReference(p);
-  DeviceInputs in;
-  DevMem cw((size_t)s.maxTokens * s.topK * sizeof(float));
-  const std::vector<std::vector<float>> w = otherWeights(p, 1326);
-  MOE_AGREE_OR_RETURN(in.upload(p) && upload(cw.get(), w[me].data(), w[me].size() * sizeof(float)), "upload inputs");
-  const std::string tag = s.str() + " " + topologyStr() + " [weighted on even ranks, unweighted on odd]";
-  RunOpts o = opts(true);
-  o.combine = false;
-  if (!runAndCheck(ep, in, p, ref, o, tag.c_str())) return;
-  if (!combineAndCheck(ep, p, ref, me % 2 == 0 ? cw.as<float>() : nullptr, w, tag)) return;
-  combineAndCheck(ep, p, ref, me % 2 == 1 ? cw.as<float>() : nullptr, w, tag + " [swapped]");
+  combineWeightPasses(netSpec(1325, Route::Random), 1325, "weighted on even ranks, unweighted on odd",
+                      {{WeightedRanks::Even, ""}, {WeightedRanks::Odd, " [swapped]"}});
 }
 
 // A dispatch with routing, then twice topkIdx = NULL with new x (the device topkIdx buffer then
@@ -320,21 +320,8 @@ void graphReplay(const Shape& s, uint64_t seed, bool weighted, int replays) {
   const Route routes[] = {Route::Random, Route::NodeLimited, Route::RemoteNode};
   for (int replay = 0; replay < replays; replay++) {
     const std::string tag = s.str() + " " + topologyStr() + " [graph replay " + std::to_string(replay + 1) + "]";
-    Problem q = makeProblem(s, netSpec(seed + 1 + replay, routes[replay % 3]));
-    Reference ref = makeReference(q);
-    ok = in.upload(q);
-    if (fp8) ok = upload(staging.get(), ref.expertOut[me].data(), ref.expertOut[me].size() * 2) && ok;
-    ok = poisonDispatchOutput(out, s) && ok;
-    ok = poison(combOut.get(), combOut.bytes()) && ok;
-    MOE_AGREE_OR_RETURN(ok, (tag + ": inputs and poison").c_str());
-    ok = CUDA_OK(cudaGraphLaunch(g.exec, stream()));
-    ok = CUDA_OK(cudaStreamSynchronize(stream())) && ok;
-    MOE_AGREE_OR_RETURN(ok, (tag + ": cudaGraphLaunch").c_str());
-    DispatchChecks dc;
-    agreeMismatches(checkDispatch(out, q, ref.recv[me], dc, tag.c_str()), (tag + ": dispatch output").c_str());
-    agreeMismatches(checkCombine(combOut.get(), referenceCombine(q, ref, weighted), T, s.hidden, tag.c_str()),
-                    (tag + ": combine output").c_str());
-    MOE_AGREE_OR_RETURN(MOE_OK(ncclMoeCheckErrors(ep.comm)), (tag + ": check errors").c_str());
+    const Problem q = makeProblem(s, netSpec(seed + 1 + replay, routes[replay % 3]));
+    if (!replayGraphAndCheck(ep, g, in, out, q, fp8 ? staging.get() : nullptr, &combOut, weighted, tag)) return;
   }
   Problem q = makeProblem(s, netSpec(seed + 1000, Route::EveryNode));
   Reference ref = makeReference(q);

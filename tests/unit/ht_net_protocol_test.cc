@@ -26,8 +26,14 @@ uint64_t next(uint64_t* x) {
 }
 
 // Each rank's routing (rank 1 has no tokens), rows and scales.
-void makeInputs(const Case& c, int G, uint64_t seed, std::vector<moe_ref::Routing>* rt,
-                std::vector<std::vector<uint8_t>>* xs, std::vector<std::vector<float>>* scales) {
+struct Inputs {
+  std::vector<moe_ref::Routing> rt;
+  std::vector<std::vector<uint8_t>> xs;
+  std::vector<std::vector<float>> scales;
+};
+
+Inputs makeInputs(const Case& c, int G, uint64_t seed) {
+  Inputs in;
   const int L = c.E / c.R, rowBytes = c.hidden * (c.fp8 ? 1 : 2);
   uint64_t x = seed;
   for (int s = 0; s < c.R; s++) {
@@ -53,22 +59,20 @@ void makeInputs(const Case& c, int G, uint64_t seed, std::vector<moe_ref::Routin
       for (int k = 0; k < c.K; k++) wr.push_back((float)(next(&x) % 1000) / 997.0f);
       w.push_back(wr);
     }
-    rt->push_back(moe_ref::makeRouting(c.K, idx, w));
+    in.rt.push_back(moe_ref::makeRouting(c.K, idx, w));
     std::vector<uint8_t> rows((size_t)T * rowBytes);
     for (uint8_t& b : rows) b = (uint8_t)next(&x);
-    xs->push_back(rows);
+    in.xs.push_back(rows);
     std::vector<float> sc;
     if (c.fp8)
       for (int i = 0; i < T * c.hidden / 128; i++) sc.push_back((float)(next(&x) % 100) / 7.0f);
-    scales->push_back(sc);
+    in.scales.push_back(sc);
   }
+  return in;
 }
 
 void checkCase(const Case& c, int G, uint64_t seed) {
-  std::vector<moe_ref::Routing> rt;
-  std::vector<std::vector<uint8_t>> xs;
-  std::vector<std::vector<float>> scales;
-  makeInputs(c, G, seed, &rt, &xs, &scales);
+  const auto [rt, xs, scales] = makeInputs(c, G, seed);
   const int rowBytes = c.hidden * (c.fp8 ? 1 : 2);
   const moe_net::HtSimDispatch sim = moe_net::htSimulateDispatch(G, rt, xs, scales, rowBytes, c.hidden, c.E);
   moe_net::HtNetShape shape;
@@ -111,10 +115,7 @@ TEST(HtNetProtocol, OutputsEqualOneDomainOnEveryNodeCount) {
 
 TEST(HtNetProtocol, AllToOneRemoteNodeLandsEverythingOnTheRailPeers) {
   const Case c{8, 32, 4, 128, false, 1};  // 4 nodes x 2: every token's experts on node 3
-  std::vector<moe_ref::Routing> rt;
-  std::vector<std::vector<uint8_t>> xs;
-  std::vector<std::vector<float>> scales;
-  makeInputs(c, 2, 99, &rt, &xs, &scales);
+  const auto [rt, xs, scales] = makeInputs(c, 2, 99);
   const moe_net::HtSimDispatch sim = moe_net::htSimulateDispatch(2, rt, xs, scales, 256, 128, 32);
   for (int s = 0; s < 6; s++) EXPECT_EQ(sim.recordsOut[s], rt[s].numTokens) << "rank " << s;  // once each
   EXPECT_EQ(sim.recordsIn[6] + sim.recordsIn[7], rt[0].numTokens + rt[1].numTokens + rt[2].numTokens +
@@ -146,10 +147,7 @@ TEST(HtNetProtocol, CombineRoundsOncePerRemoteNode) {
     for (int G = c.R; G >= 1; G /= 2)
       for (bool weighted : {false, true}) {
         SCOPED_TRACE(testing::Message() << c.R / G << " x " << G << ", route " << c.route << ", weighted " << weighted);
-        std::vector<moe_ref::Routing> rt;
-        std::vector<std::vector<uint8_t>> xs;
-        std::vector<std::vector<float>> scales;
-        makeInputs(c, G, seed++, &rt, &xs, &scales);
+        const auto [rt, xs, scales] = makeInputs(c, G, seed++);
         const std::vector<std::vector<uint16_t>> y = expertOutputs(c, rt, xs, scales, seed++);
         const std::vector<std::vector<uint16_t>> got = moe_net::htSimulateCombine(G, rt, y, c.hidden, c.E, weighted);
         for (int s = 0; s < c.R; s++) {
@@ -187,10 +185,7 @@ TEST(HtNetProtocol, CombineWeightsReplaceTheRoutings) {
   uint64_t seed = 900;
   for (int G = c.R; G >= 1; G /= 2) {
     SCOPED_TRACE(testing::Message() << c.R / G << " x " << G);
-    std::vector<moe_ref::Routing> rt;
-    std::vector<std::vector<uint8_t>> xs;
-    std::vector<std::vector<float>> scales;
-    makeInputs(c, G, seed++, &rt, &xs, &scales);
+    const auto [rt, xs, scales] = makeInputs(c, G, seed++);
     const std::vector<std::vector<uint16_t>> y = expertOutputs(c, rt, xs, scales, seed++);
     std::vector<std::vector<float>> cw(c.R);
     std::vector<moe_ref::Routing> rtCw = rt;
@@ -218,10 +213,7 @@ TEST(HtNetProtocol, TopkValuesGroupedByNode) {
   uint64_t seed = 1200;
   for (int G = c.R; G >= 1; G /= 2) {
     SCOPED_TRACE(testing::Message() << c.R / G << " x " << G);
-    std::vector<moe_ref::Routing> rt;
-    std::vector<std::vector<uint8_t>> xs;
-    std::vector<std::vector<float>> scales;
-    makeInputs(c, G, seed++, &rt, &xs, &scales);
+    const auto [rt, xs, scales] = makeInputs(c, G, seed++);
     std::vector<std::vector<float>> values(c.R);
     uint64_t x = seed++;
     for (int r = 0; r < c.R; r++) {
