@@ -11,6 +11,12 @@
 //     output row from every rank that received t (peer window, 16-byte loads, rank order),
 //     scales it by w(t, r) when weighted, accumulates in FP32 registers and writes the BF16 sum
 //     to out[t] in local memory. A fixed order per token makes the result bitwise deterministic.
+//     The pull is bound by load latency, not by NVLink: a warp waits one remote round trip per
+//     block of loads, so the bytes each block has in flight set the speed. With two ranks (EP2)
+//     the kernel is built for tokens on at most two ranks: 8 vectors per lane from each rank
+//     (8 KiB per warp) per round trip, and the next token's routing loads overlap the first
+//     round trip (a separate instantiation: sharing registers with the general path spills).
+//     With more ranks a block is kRanksInFlight ranks x kCombineUnroll vectors.
 //     The variant with top-k values (kTopkValues, ncclMoeCombineWithWeights only) then sums the
 //     [K] FP32 values of t's rows in the same rank order (lane k, column k) into outTopkWeights.
 //  3. done: each CTA release-adds kSigCombineDone at every peer; the last CTA waits for all
@@ -26,6 +32,27 @@ namespace nccl_moe {
 constexpr int kCombineThreads = 512;
 constexpr int kCombineUnroll = 4;   // 16-byte vectors (8 BF16) per lane per rank in flight
 constexpr int kRanksInFlight = 4;   // ranks whose rows are loaded before any is summed
+constexpr int kPairUnroll = 8;      // the same for a token on at most two ranks (both in flight)
+
+// Where token t's rows are: srcMask (bit r: rank r holds one), and for lane r its row on rank r
+// (sendOffset[r] + sendPos[t][r]) and weight w(t, r). One warp; t is warp-uniform. After a
+// dispatch that delivered nothing (empty) no rank holds a row.
+struct TokenRows {
+  unsigned srcMask;
+  int rowIndex;
+  float weight;
+};
+
+__device__ __forceinline__ TokenRows locateToken(const CombineArgs& a, const int* sendOffset, int t, bool empty,
+                                                 int lane) {
+  const int R = a.w.peers.nRanks;
+  const int pos = lane < R && !empty ? a.routing.sendPos[(size_t)t * R + lane] : -1;
+  TokenRows tr;
+  tr.weight = combineWeight(a, t, lane);
+  tr.srcMask = __ballot_sync(0xffffffffu, pos >= 0);
+  tr.rowIndex = pos >= 0 ? sendOffset[lane] + pos : 0;
+  return tr;
+}
 
 // Reduces token t. srcMask: ranks holding a row of t; rowIndex/weight (lane r): t's row on rank
 // r and its weight w(t, r); rows[r]: rank r's expert outputs [rows][H] (its window, LSA). Loads of up to kRanksInFlight ranks are issued before any is summed
@@ -74,8 +101,55 @@ __device__ __forceinline__ void reduceToken(const CombineArgs& a, const char* co
   }
 }
 
+// Reduces token t held by at most two ranks (tr.srcMask has 0, 1 or 2 bits): both ranks' vectors
+// of a block are loaded before either is summed, the sum is the same rank-ordered sequence of
+// operations as reduceToken's (bitwise equal; no rank: zeros). prefetch() runs once, after the
+// first block's loads are issued, so that its own loads (the next token's routing) wait alongside
+// them.
+template <typename Prefetch>
+__device__ __forceinline__ void reduceTokenPair(const CombineArgs& a, const char* const* rows, int t,
+                                                const TokenRows& tr, int lane, Prefetch&& prefetch) {
+  const int rowVecs = a.hidden / 8;
+  const size_t rowBytes = (size_t)a.hidden * 2;
+  const bool any = tr.srcMask != 0;
+  const int r0 = any ? __ffs(tr.srcMask) - 1 : 0;
+  const unsigned rest = tr.srcMask & (tr.srcMask - 1);
+  const int r1 = rest != 0 ? __ffs(rest) - 1 : r0;  // r1 == r0: one rank
+  const int row0 = __shfl_sync(0xffffffffu, tr.rowIndex, r0), row1 = __shfl_sync(0xffffffffu, tr.rowIndex, r1);
+  const float scale0 = __shfl_sync(0xffffffffu, tr.weight, r0), scale1 = __shfl_sync(0xffffffffu, tr.weight, r1);
+  const uint4* src0 = (const uint4*)(rows[r0] + (size_t)row0 * rowBytes);
+  const uint4* src1 = (const uint4*)(rows[r1] + (size_t)row1 * rowBytes);
+  uint4* dst = (uint4*)(a.out + (size_t)t * a.hidden);
+  for (int base = 0; base < rowVecs; base += 32 * kPairUnroll) {
+    uint4 v0[kPairUnroll], v1[kPairUnroll];
+#pragma unroll
+    for (int u = 0; u < kPairUnroll; ++u) {
+      const int idx = base + u * 32 + lane;
+      v0[u] = any && idx < rowVecs ? loadPeer(src0 + idx) : make_uint4(0, 0, 0, 0);
+    }
+    if (r1 != r0) {
+#pragma unroll
+      for (int u = 0; u < kPairUnroll; ++u) {
+        const int idx = base + u * 32 + lane;
+        v1[u] = idx < rowVecs ? loadPeer(src1 + idx) : make_uint4(0, 0, 0, 0);
+      }
+    }
+    if (base == 0) prefetch();
+#pragma unroll
+    for (int u = 0; u < kPairUnroll; ++u) {
+      float acc[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+      if (any) accumulateBf16x8(acc, v0[u], scale0);
+      if (r1 != r0) accumulateBf16x8(acc, v1[u], scale1);
+      const int idx = base + u * 32 + lane;
+      if (idx < rowVecs) dst[idx] = packBf16x8(acc);
+    }
+  }
+}
 
-template <bool kTopkValues>
+// kPairs: every token is on at most two ranks (nRanks <= 2).
+template <bool kTopkValues, bool kPairs>
 __global__ void __launch_bounds__(kCombineThreads, 1) combineHtIntranodeKernel(CombineArgs a) {
   const WindowView& w = a.w;
   const int R = w.peers.nRanks;
@@ -94,26 +168,41 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combineHtIntranodeKernel(C
   if (ready) {
     const int lane = threadIdx.x % 32, warpsPerCta = blockDim.x / 32;
     const int totalWarps = gridDim.x * warpsPerCta;
-    for (int t = blockIdx.x * warpsPerCta + threadIdx.x / 32; t < a.numTokens; t += totalWarps) {
-      const int pos = lane < R && !empty ? a.routing.sendPos[(size_t)t * R + lane] : -1;
-      const unsigned srcMask = __ballot_sync(0xffffffffu, pos >= 0);
-      const float weight = combineWeight(a, t, lane);  // w(t, r) for r = lane
-      const int rowIndex = pos >= 0 ? sendOffset[lane] + pos : 0;
-      reduceToken(a, rows, t, srcMask, rowIndex, weight, lane);
+    int t = blockIdx.x * warpsPerCta + threadIdx.x / 32;
+    TokenRows cur{};
+    if (t < a.numTokens) cur = locateToken(a, sendOffset, t, empty, lane);
+    for (; t < a.numTokens; t += totalWarps) {
+      const int next = t + totalWarps;  // warp-uniform
+      TokenRows nextRows = cur;
+      auto prefetch = [&] {
+        if (next < a.numTokens) nextRows = locateToken(a, sendOffset, next, empty, lane);
+      };
+      if constexpr (kPairs) {
+        reduceTokenPair(a, rows, t, cur, lane, prefetch);
+      } else {
+        reduceToken(a, rows, t, cur.srcMask, cur.rowIndex, cur.weight, lane);
+        prefetch();
+      }
       if constexpr (kTopkValues) {  // outTopkWeights[t][k]: rank-ordered sum of the rows' values
-        const float sum = sumRankValues(a, peer, srcMask, rowIndex, lane);
+        const float sum = sumRankValues(a, peer, cur.srcMask, cur.rowIndex, lane);
         if (lane < a.topK) a.outTopkWeights[(size_t)t * a.topK + lane] = sum;
       }
+      cur = nextRows;
     }
   }
   finishAndWaitPeers(w, kSigCombineDone, seq, &w.state->combineArrived, &w.state->combineSeq);
 }
 
 cudaError_t launchCombineHtIntranode(const CombineArgs& args, int numCtas, cudaStream_t stream) {
-  if (args.outTopkWeights != nullptr)
-    combineHtIntranodeKernel<true><<<numCtas, kCombineThreads, 0, stream>>>(args);
+  const bool values = args.outTopkWeights != nullptr, pairs = args.w.peers.nRanks <= 2;
+  if (values && pairs)
+    combineHtIntranodeKernel<true, true><<<numCtas, kCombineThreads, 0, stream>>>(args);
+  else if (values)
+    combineHtIntranodeKernel<true, false><<<numCtas, kCombineThreads, 0, stream>>>(args);
+  else if (pairs)
+    combineHtIntranodeKernel<false, true><<<numCtas, kCombineThreads, 0, stream>>>(args);
   else
-    combineHtIntranodeKernel<false><<<numCtas, kCombineThreads, 0, stream>>>(args);
+    combineHtIntranodeKernel<false, false><<<numCtas, kCombineThreads, 0, stream>>>(args);
   return cudaGetLastError();
 }
 
