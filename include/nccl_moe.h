@@ -360,8 +360,9 @@ ncclResult_t ncclMoeCombineWithWeights(ncclMoeComm_t moeComm, ncclMoeHandle_t ha
  * rank's stores and returns without waiting for any peer; the matching *Complete call, on any
  * stream ordered after it, waits for the peers' data and finishes. Between the two the library
  * holds no SM. The one-shot form is the two back to back and gives identical results (on one
- * node, a one-shot call of at most NCCL_MOE_LL_ONE_LAUNCH tokens on this rank, read at
- * ncclMoeCommCreate, default 8, 0 = never, runs both in one kernel: same results).
+ * node, a one-shot call of few tokens on this rank runs both in one kernel, same results:
+ * NCCL_MOE_LL_ONE_LAUNCH, read at ncclMoeCommCreate, "D" or "D,C" = at most D tokens for the
+ * dispatch and C for the combine, default "4,1", 0 = never).
  * Operations on different slots may run concurrently on different streams.
  * ------------------------------------------------------------------------------------------- */
 

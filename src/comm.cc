@@ -238,7 +238,7 @@ static ncclResult_t checkLocally(ncclMoeComm* c, const ncclMoeConfig_t* config) 
   MOE_CHECK(validateConfig(config, c->nRanks, sms, &c->cfg));
   MOE_CHECK(chooseCombineKernel(c));
   if (c->cfg.mode == ncclMoeLowLatency)
-    MOE_CHECK(parseLlOneLaunchTokens(getenv("NCCL_MOE_LL_ONE_LAUNCH"), &c->llOneLaunchTokens));
+    MOE_CHECK(parseLlOneLaunchLimits(getenv("NCCL_MOE_LL_ONE_LAUNCH"), &c->llOneLaunch));
   MOE_CUDA(cudaDeviceGetAttribute(&pageable, cudaDevAttrPageableMemoryAccess, c->device));
   c->pointers.init(c->device, pageable != 0);
   return ncclSuccess;
@@ -285,7 +285,8 @@ static ncclResult_t allocateLocally(ncclMoeComm* c) {
     MOE_CUDA(cudaMemset(c->llPosCounters, 0, bytes));
     // The one-launch kernels' shared-memory limit, and their load now rather than inside the
     // first small operation (they run on one node only).
-    if (c->nodes.nNodes <= 1 && c->llOneLaunchTokens > 0) MOE_CUDA(prepareLlOneLaunchKernels(kMaxExperts));
+    if (c->nodes.nNodes <= 1 && (c->llOneLaunch.dispatchTokens > 0 || c->llOneLaunch.combineTokens > 0))
+      MOE_CUDA(prepareLlOneLaunchKernels(kMaxExperts));
   }
   MOE_CUDA(cudaHostAlloc(&c->errorHost, sizeof(DeviceError) * kErrorRecords, cudaHostAllocMapped));
   memset(c->errorHost, 0, sizeof(DeviceError) * kErrorRecords);

@@ -61,9 +61,10 @@ struct ncclMoeComm {
   bool htCombineTma = false;
   // Low-latency mode.
   int* llPosCounters = nullptr;       // device [numBufferSlots][E], zero between sends
-  // One-shot calls with this rank's T <= this run as one kernel on one node (NCCL_MOE_LL_ONE_LAUNCH
-  // at creation, config.h: llOneLaunchChosen); 0 = never. A per-rank choice, like htCombineTma.
-  int llOneLaunchTokens = 0;
+  // One-shot calls with this rank's T <= the operation's limit run as one kernel on one node
+  // (NCCL_MOE_LL_ONE_LAUNCH at creation, config.h: llOneLaunchChosen); 0 = never. A per-rank
+  // choice, like htCombineTma.
+  nccl_moe::LlOneLaunchLimits llOneLaunch = {0, 0};
   unsigned long long llDispatches = 0;  // dispatches enqueued (slot = count % numBufferSlots)
   bool llDispatchPending[nccl_moe::kMaxBufferSlots] = {};  // send-only dispatch not completed
   bool llCombinePending[nccl_moe::kMaxBufferSlots] = {};

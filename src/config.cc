@@ -166,16 +166,30 @@ ncclResult_t validateDispatchArgs(const ncclMoeConfig_t& cfg, const void* x, con
   return ncclSuccess;
 }
 
-ncclResult_t parseLlOneLaunchTokens(const char* value, int* tokens) {
-  *tokens = kLlOneLaunchDefaultTokens;
-  if (value == nullptr || value[0] == '\0') return ncclSuccess;
+// One decimal count at *p (saturating at INT_MAX); advances *p past it. False when no digit.
+static bool parseTokenCount(const char** p, int* tokens) {
+  const char* start = *p;
   unsigned long long n = 0;
-  const char* p = value;
-  for (; *p >= '0' && *p <= '9'; ++p) n = n > (unsigned long long)INT_MAX ? n : n * 10 + (unsigned)(*p - '0');
-  if (p == value || *p != '\0')
-    return setError(ncclInvalidArgument, "NCCL_MOE_LL_ONE_LAUNCH = \"%s\" must be a token count (decimal, "
-                    ">= 0; 0 = never one launch)", value);
+  for (; **p >= '0' && **p <= '9'; ++*p) n = n > (unsigned long long)INT_MAX ? n : n * 10 + (unsigned)(**p - '0');
   *tokens = n > (unsigned long long)INT_MAX ? INT_MAX : (int)n;
+  return *p != start;
+}
+
+ncclResult_t parseLlOneLaunchLimits(const char* value, LlOneLaunchLimits* limits) {
+  *limits = kLlOneLaunchDefaults;
+  if (value == nullptr || value[0] == '\0') return ncclSuccess;
+  LlOneLaunchLimits parsed;
+  const char* p = value;
+  bool ok = parseTokenCount(&p, &parsed.dispatchTokens);
+  parsed.combineTokens = parsed.dispatchTokens;
+  if (ok && *p == ',') {
+    ++p;
+    ok = parseTokenCount(&p, &parsed.combineTokens);
+  }
+  if (!ok || *p != '\0')
+    return setError(ncclInvalidArgument, "NCCL_MOE_LL_ONE_LAUNCH = \"%s\" must be a token count or two "
+                    "(\"D\" or \"D,C\": dispatch, combine; decimal, >= 0; 0 = never one launch)", value);
+  *limits = parsed;
   return ncclSuccess;
 }
 

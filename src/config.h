@@ -92,15 +92,21 @@ ncclResult_t validateDispatchArgs(const ncclMoeConfig_t& cfg, const void* x, con
                                   unsigned int flags, bool haveRouting, int handleTokens);
 
 // Low-latency one-launch form (one_launch_lsa.cu): a one-shot call of this rank's T tokens runs
-// as one kernel instead of a send and a completion when T <= the context's limit. The limit is
-// NCCL_MOE_LL_ONE_LAUNCH, read at ncclMoeCommCreate (per rank: the form does not change the
-// protocol, so ranks need not agree): a decimal token count, 0 = never; unset or empty:
-// kLlOneLaunchDefaultTokens. One CTA sends every token in this form (and one CTA sums the
-// combine's T tokens), so it pays off for small T only; A/B runs set it to 0.
-constexpr int kLlOneLaunchDefaultTokens = 8;
-// Parses `value` (NULL or "" = the default; values above INT_MAX read as INT_MAX). On error:
+// as one kernel instead of a send and a completion when T <= the context's limit for that
+// operation. The limits are NCCL_MOE_LL_ONE_LAUNCH, read at ncclMoeCommCreate (per rank: the
+// form does not change the protocol, so ranks need not agree): "D" (both operations) or "D,C"
+// (dispatch, combine), decimal token counts, 0 = never; unset or empty: the defaults below. One
+// CTA sends every token of the dispatch in this form and one CTA sums the combine's T tokens, so
+// it pays off for small T only, the combine's sooner (2 x H200, FP8, perf/RESULTS.md seventh
+// session: the dispatch gains up to 4 tokens, the combine at 1 token only). A/B runs set "0".
+struct LlOneLaunchLimits {
+  int dispatchTokens;
+  int combineTokens;
+};
+constexpr LlOneLaunchLimits kLlOneLaunchDefaults = {4, 1};
+// Parses `value` (NULL or "" = the defaults; counts above INT_MAX read as INT_MAX). On error:
 // ncclInvalidArgument and a message naming the variable and the value.
-ncclResult_t parseLlOneLaunchTokens(const char* value, int* tokens);
+ncclResult_t parseLlOneLaunchLimits(const char* value, LlOneLaunchLimits* limits);
 // Whether a low-latency call of numTokens (this rank's T) runs in one launch: a one-shot call
 // (not send-only), on one node (the GIN path keeps its two kernels), at most 32 ranks (one lane
 // per rank in the combine's sums), limit > 0 (0: never) and numTokens <= limit.

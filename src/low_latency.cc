@@ -37,10 +37,10 @@ static ncclResult_t checkSlot(const ncclMoeComm* c, const ncclMoeLowLatencyOutpu
 }
 
 // Whether a call of this rank's T runs as one kernel (one_launch_lsa.cu) instead of a send and a
-// completion: small one-shot calls on one node (config.h, llOneLaunchChosen).
-static bool oneLaunch(const ncclMoeComm* c, int numTokens, unsigned int flags) {
-  return llOneLaunchChosen(c->llOneLaunchTokens, numTokens, (flags & NCCL_MOE_LL_SEND_ONLY) != 0, c->nodes.nNodes,
-                           c->nRanks);
+// completion: small one-shot calls on one node (config.h, llOneLaunchChosen), up to the limit of
+// that operation (limit: c->llOneLaunch.dispatchTokens or .combineTokens).
+static bool oneLaunch(const ncclMoeComm* c, int limit, int numTokens, unsigned int flags) {
+  return llOneLaunchChosen(limit, numTokens, (flags & NCCL_MOE_LL_SEND_ONLY) != 0, c->nodes.nNodes, c->nRanks);
 }
 
 // The internode part of slot `slot` (enabled = 0 on one node: the LSA-only kernels run).
@@ -159,7 +159,7 @@ extern "C" ncclResult_t ncclMoeLowLatencyDispatch(ncclMoeComm_t c, const void* x
                     fn, slot, c->llDispatchPending[slot] ? "dispatch" : "combine", cfg.numBufferSlots);
 
   const LlDispatchArgs a = dispatchArgs(c, slot, x, topkIdx, topkWeights, numTokens);
-  if (oneLaunch(c, numTokens, flags)) {
+  if (oneLaunch(c, c->llOneLaunch.dispatchTokens, numTokens, flags)) {
     MOE_CUDA(launchLlDispatchOneLaunch(a, cfg.numSms, stream));
   } else {
     // The send needs no more CTAs than tokens (each CTA takes whole tokens; its signal carries no
@@ -233,7 +233,7 @@ extern "C" ncclResult_t ncclMoeLowLatencyCombine(ncclMoeComm_t c, const ncclMoeL
   if (c->llCombinePending[dispatched->slot])
     return setError(ncclInvalidUsage, "%s: slot %d already has a send-only combine in flight", fn, dispatched->slot);
   const LlCombineArgs a = combineArgs(c, dispatched, expertOut, out);
-  if (oneLaunch(c, dispatched->numTokens, flags)) {
+  if (oneLaunch(c, c->llOneLaunch.combineTokens, dispatched->numTokens, flags)) {
     MOE_CUDA(launchLlCombineOneLaunch(a, c->cfg.numSms, stream));
     return ncclSuccess;
   }

@@ -108,8 +108,8 @@ TEST_F(LlGraph, SplitBf16) { graphScenario(shape(false), 1103, 5, true, true); }
 
 TEST_F(LlGraph, SplitFp8Fp32) { graphScenario(shape(true, ncclMoeScaleFp32), 1104, 5, true, true); }
 
-// 1 token per rank: the one-shot calls run in one launch each (ll_one_launch_test.cc) unless
-// NCCL_MOE_LL_ONE_LAUNCH says otherwise.
+// Under the default one-launch limits ("4,1", ll_one_launch_test.cc) both one-shot calls of 1
+// token per rank run in one launch each, and of 2 tokens the dispatch only.
 TEST_F(LlGraph, OneShotOneTokenFp8Ue8m0Weighted50Replays) {
   graphScenario(shape(true, ncclMoeScaleUe8m0), 1105, 50, false, true, 1);
 }

@@ -1,9 +1,10 @@
 // The one-launch form of low-latency one-shot calls (src/device/ll/one_launch_lsa.cu): a rank
-// whose T is at most NCCL_MOE_LL_ONE_LAUNCH (read at ncclMoeCommCreate, default 8) runs each
-// one-shot dispatch and combine as one kernel, with the rows, signals and bits of the two-launch
-// form. Every case is checked exactly as the LL suites check (ll_test_util.h: counts, every block
+// whose T is at most the operation's NCCL_MOE_LL_ONE_LAUNCH limit (read at ncclMoeCommCreate,
+// "D" or "D,C", default "4,1") runs that one-shot dispatch or combine as one kernel, with the
+// rows, signals and bits of the two-launch form. Every case is checked exactly as the LL suites check (ll_test_util.h: counts, every block
 // as a set keyed by srcToken with row and scale bytes, the combine bitwise against moe_ref):
-//  - small T under the default limit (1, 2, 8 tokens per rank; the test shape and DeepSeek's);
+//  - small T (1 token under the default limits; 2, 4, 8 under the limit "8"; the test shape and
+//    DeepSeek's), and each operation alone in one launch ("8,0", "0,8");
 //  - the limit forced above maxTokensPerRank on every rank, so that the one-launch kernels also
 //    run with full slots (several fan-out CTAs, the combine's finisher election), one SM, skewed
 //    routing into the fullest blocks;
@@ -65,7 +66,7 @@ LlShape deepSeek(bool fp8) {
   return s;
 }
 
-// --- small batches under the default limit ----------------------------------------------------
+// --- small batches ------------------------------------------------------------------------------
 
 TEST_F(LlOneLaunch, OneTokenBf16) {
   ScopedLimit limit(nullptr);
@@ -78,12 +79,12 @@ TEST_F(LlOneLaunch, OneTokenFp8Ue8m0) {
 }
 
 TEST_F(LlOneLaunch, TwoTokensFp8Pow2) {
-  ScopedLimit limit(nullptr);
+  ScopedLimit limit("8");
   llScenario(shape(true, ncclMoeScaleFp32Pow2), spec(2103, Route::Random, 2), LlRunOpts());
 }
 
 TEST_F(LlOneLaunch, EightTokensFp8Fp32Skewed) {
-  ScopedLimit limit(nullptr);
+  ScopedLimit limit("8");
   llScenario(shape(true, ncclMoeScaleFp32), spec(2104, Route::RankZeroOnly, 8), LlRunOpts());
 }
 
@@ -93,8 +94,24 @@ TEST_F(LlOneLaunch, DeepSeekShapeOneTokenFp8Ue8m0) {
 }
 
 TEST_F(LlOneLaunch, DeepSeekShapeTwoTokensBf16) {
-  ScopedLimit limit(nullptr);
+  ScopedLimit limit("8");
   llScenario(deepSeek(false), spec(2106, Route::Random, 2), LlRunOpts(), 3);
+}
+
+// Under the default limits 4 tokens dispatch in one launch and combine in two.
+TEST_F(LlOneLaunch, DefaultLimitsFourTokensFp8Ue8m0) {
+  ScopedLimit limit(nullptr);
+  llScenario(shape(true, ncclMoeScaleUe8m0), spec(2107, Route::Random, 4), LlRunOpts());
+}
+
+TEST_F(LlOneLaunch, DispatchOnlyEightTokensBf16) {
+  ScopedLimit limit("8,0");
+  llScenario(shape(false), spec(2108, Route::Random, 8), LlRunOpts());
+}
+
+TEST_F(LlOneLaunch, CombineOnlyEightTokensFp8Fp32) {
+  ScopedLimit limit("0,8");
+  llScenario(shape(true, ncclMoeScaleFp32), spec(2109, Route::RankZeroOnly, 8), LlRunOpts());
 }
 
 // --- every size through one launch --------------------------------------------------------------
@@ -141,7 +158,7 @@ TEST_F(LlOneLaunch, RankZeroOneLaunchOthersTwoFp8Ue8m0) {
   llScenario(shape(true, ncclMoeScaleUe8m0), spec(2122), LlRunOpts());
 }
 
-// Rank 0 sends nothing (one launch under the default limit) and receives full batches from the
+// Rank 0 sends nothing (one launch under the default limits) and receives full batches from the
 // two-launch ranks: its fan-out and its combine's partials need several CTAs.
 TEST_F(LlOneLaunch, EmptyRankReceivesFullBatchesFp8Fp32) {
   ScopedLimit limit(nullptr);
@@ -211,7 +228,7 @@ TEST_F(LlOneLaunch, TwoInFlightOneTokenBf16) {
 }
 
 TEST_F(LlOneLaunch, ThreeInFlightFourTokensFp8Ue8m0) {
-  ScopedLimit limit(nullptr);
+  ScopedLimit limit("8");
   LlShape s = shape(true, ncclMoeScaleUe8m0);
   s.slots = 3;
   inFlight(s, 2132, 4);

@@ -13,32 +13,37 @@
 using namespace nccl_moe;
 
 TEST(LlOneLaunch, UnsetOrEmptyIsTheDefault) {
-  int n = -1;
-  EXPECT_EQ(parseLlOneLaunchTokens(nullptr, &n), ncclSuccess);
-  EXPECT_EQ(n, kLlOneLaunchDefaultTokens);
-  n = -1;
-  EXPECT_EQ(parseLlOneLaunchTokens("", &n), ncclSuccess);
-  EXPECT_EQ(n, kLlOneLaunchDefaultTokens);
+  for (const char* value : {(const char*)nullptr, ""}) {
+    LlOneLaunchLimits l{-1, -1};
+    EXPECT_EQ(parseLlOneLaunchLimits(value, &l), ncclSuccess);
+    EXPECT_EQ(l.dispatchTokens, kLlOneLaunchDefaults.dispatchTokens);
+    EXPECT_EQ(l.combineTokens, kLlOneLaunchDefaults.combineTokens);
+  }
+  EXPECT_EQ(kLlOneLaunchDefaults.dispatchTokens, 4);
+  EXPECT_EQ(kLlOneLaunchDefaults.combineTokens, 1);
 }
 
+// "D" sets both limits, "D,C" each; counts saturate at INT_MAX ("always").
 TEST(LlOneLaunch, TokenCountsParse) {
-  int n = -1;
-  EXPECT_EQ(parseLlOneLaunchTokens("0", &n), ncclSuccess);
-  EXPECT_EQ(n, 0);
-  EXPECT_EQ(parseLlOneLaunchTokens("1", &n), ncclSuccess);
-  EXPECT_EQ(n, 1);
-  EXPECT_EQ(parseLlOneLaunchTokens("128", &n), ncclSuccess);
-  EXPECT_EQ(n, 128);
-  EXPECT_EQ(parseLlOneLaunchTokens("2147483647", &n), ncclSuccess);
-  EXPECT_EQ(n, INT_MAX);
-  EXPECT_EQ(parseLlOneLaunchTokens("99999999999999999999999", &n), ncclSuccess);  // "always"
-  EXPECT_EQ(n, INT_MAX);
+  struct Case {
+    const char* value;
+    int dispatch, combine;
+  };
+  for (const Case& c : {Case{"0", 0, 0}, Case{"1", 1, 1}, Case{"128", 128, 128}, Case{"2147483647", INT_MAX, INT_MAX},
+                        Case{"99999999999999999999999", INT_MAX, INT_MAX}, Case{"4,1", 4, 1}, Case{"0,8", 0, 8},
+                        Case{"8,0", 8, 0}, Case{"1000000,99999999999999", 1000000, INT_MAX}}) {
+    LlOneLaunchLimits l{-1, -1};
+    EXPECT_EQ(parseLlOneLaunchLimits(c.value, &l), ncclSuccess) << c.value;
+    EXPECT_EQ(l.dispatchTokens, c.dispatch) << c.value;
+    EXPECT_EQ(l.combineTokens, c.combine) << c.value;
+  }
 }
 
 TEST(LlOneLaunch, BadValuesRejectedWithTheValue) {
-  for (const char* bad : {"-1", "8x", "x", " 8", "8 ", "1e3", "0x10", "+4"}) {
-    int n = -1;
-    EXPECT_EQ(parseLlOneLaunchTokens(bad, &n), ncclInvalidArgument) << bad;
+  for (const char* bad : {"-1", "8x", "x", " 8", "8 ", "1e3", "0x10", "+4", "4,", ",1", "4,1,2", "4;1", "4, 1"}) {
+    LlOneLaunchLimits l{-1, -1};
+    EXPECT_EQ(parseLlOneLaunchLimits(bad, &l), ncclInvalidArgument) << bad;
+    EXPECT_EQ(l.dispatchTokens, kLlOneLaunchDefaults.dispatchTokens) << bad;  // nothing half-parsed
     const std::string msg = ncclMoeGetLastError();
     EXPECT_NE(msg.find("NCCL_MOE_LL_ONE_LAUNCH"), std::string::npos) << msg;
     EXPECT_NE(msg.find(std::string("\"") + bad + "\""), std::string::npos) << msg;
