@@ -8,6 +8,8 @@
 //  - the limit forced above maxTokensPerRank on every rank, so that the one-launch kernels also
 //    run with full slots (several fan-out CTAs, the combine's finisher election), one SM, skewed
 //    routing into the fullest blocks;
+//  - a dispatch grid of one CTA (maxTokensPerRank 1-4: no ticket), equal and unequal T, an
+//    empty rank, and mixed with a two-launch rank;
 //  - ranks on different forms in the same operations (the limit 0 on some ranks), and a rank
 //    with no tokens (one launch) receiving full batches from two-launch ranks;
 //  - two one-launch operations in flight, stream-ordered (buffer slots), each combine with its
@@ -144,6 +146,51 @@ TEST_F(LlOneLaunch, ForcedOneBufferSlotBf16) {
   LlShape s = shape(false);
   s.slots = 1;
   llScenario(s, spec(2115, Route::Random, 3), LlRunOpts(), 3);
+}
+
+// --- a dispatch grid of one CTA at the default SM count -----------------------------------------
+// R * maxTokens * row chunks <= 32 one-launch items (the host sizes the grid so: llOneLaunchCtas),
+// as in ll_perf's 1-8 token runs: the CTA sends without a ticket or `go`, and its send count is
+// read off the routing's path. The combine's guess of the first route entries (every source
+// sending this rank's T) holds with equal T and misses with unequal T or an empty rank.
+
+LlShape maxTokens(LlShape s, int m) {
+  s.maxTokens = m;
+  return s;
+}
+
+TEST_F(LlOneLaunch, OneCtaGridOneTokenBf16) {
+  ScopedLimit limit(nullptr);
+  llScenario(maxTokens(shape(false), 1), spec(2131, Route::Random, 1), LlRunOpts(), 3);
+}
+
+TEST_F(LlOneLaunch, OneCtaGridDeepSeekOneTokenFp8Ue8m0) {
+  ScopedLimit limit(nullptr);
+  llScenario(maxTokens(deepSeek(true), 1), spec(2132, Route::Random, 1), LlRunOpts(), 3);
+}
+
+TEST_F(LlOneLaunch, OneCtaGridDeepSeekOneTokenFp8Fp32) {
+  ScopedLimit limit(nullptr);
+  LlShape s = maxTokens(deepSeek(true), 1);
+  s.fmt = ncclMoeScaleFp32;
+  llScenario(s, spec(2133, Route::Random, 1), LlRunOpts(), 3);
+}
+
+TEST_F(LlOneLaunch, OneCtaGridUnequalTokensFp8Ue8m0) {  // T = 4 or 3 by rank
+  ScopedLimit limit(kAlways);
+  llScenario(maxTokens(shape(true, ncclMoeScaleUe8m0), 4), spec(2134), LlRunOpts());
+}
+
+TEST_F(LlOneLaunch, OneCtaGridRankZeroTwoLaunchesFp8Ue8m0) {  // forms mixed, one-CTA grids
+  ScopedLimit limit(rank() == 0 ? "0" : kAlways);
+  llScenario(maxTokens(deepSeek(true), 1), spec(2136, Route::Random, 1), LlRunOpts(), 3);
+}
+
+TEST_F(LlOneLaunch, OneCtaGridEmptyRankFp8Pow2) {  // rank 0: T = 0 (its counts without a round)
+  ScopedLimit limit(kAlways);
+  GenSpec g = spec(2135, Route::Random, 2);
+  g.zeroTokenRank = 0;
+  llScenario(maxTokens(shape(true, ncclMoeScaleFp32Pow2), 2), g, LlRunOpts());
 }
 
 // --- ranks on different forms -------------------------------------------------------------------

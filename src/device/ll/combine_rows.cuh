@@ -117,8 +117,13 @@ namespace nccl_moe {
 // of the expert output in k order (FP32, weighted), rounds to BF16 and stores the partial into
 // its source's combineRecv[t][me] (peer: the slot of every rank, slot = peer[me]; LSA ranks
 // only, kNet: remote sources are skipped here, sendPartialsGin sums theirs).
+// guessSt, guessEntry: the warp's first item's (source, token) as the caller guessed it before
+// tokenStart was known, and this lane's route entry of it, loaded then ((-1, 0) past K); used when
+// tokenStart confirms the guess, else the entry is loaded here. guessSt.x < 0: no guess.
 __device__ __forceinline__ void combineSendItemsLl(const LlCombineArgs& a, char* const* peer, const char* slot,
-                                                   const int* tokenStart, int cta, int numCtas) {
+                                                   const int* tokenStart, int cta, int numCtas,
+                                                   int2 guessSt = make_int2(-1, -1),
+                                                   int2 guessEntry = make_int2(-1, 0)) {
   const int R = a.w.peers.nRanks, me = a.w.peers.rank, M = a.maxTokens, K = a.topK;
   const LlRouteEntry* route = (const LlRouteEntry*)(slot + a.slot.route);
   const int rowVecs = a.hidden / 8, chunks = (rowVecs + kLlSumVecs - 1) / kLlSumVecs;
@@ -134,7 +139,13 @@ __device__ __forceinline__ void combineSendItemsLl(const LlCombineArgs& a, char*
     return loadPeerInt2((const int2*)(route + ((size_t)s * M + t) * K + lane));
   };
   int it = cta * kLlCombineWarps + warp;
-  int2 entry = entryOf(it);
+  bool guessed = false;  // the same in every lane of the warp
+  if (guessSt.x >= 0 && it < items) {
+    int s, t;
+    sourceTokenOf(tokenStart, it / chunks, &s, &t);
+    guessed = s == guessSt.x && t == guessSt.y;
+  }
+  int2 entry = guessed ? guessEntry : entryOf(it);
   for (; it < items; it += stride) {
     const int2 next = entryOf(it + stride);
     int s, t;

@@ -36,18 +36,28 @@ struct LlTokenRoute {
   int rec[kMaxTopK];  // kNet: record index at a remote destination (lead k only), else -1
 };
 
+// This lane's top-k entry of token t (lane < K): its expert and weight (1 without weights).
+__device__ __forceinline__ void loadTopkLl(const LlDispatchArgs& a, int t, int lane, int64_t* e, float* weight) {
+  *e = -1;
+  *weight = 1.0f;
+  if (lane < a.topK) {
+    *e = a.topkIdx[(size_t)t * a.topK + lane];
+    if (a.topkWeights) *weight = a.topkWeights[(size_t)t * a.topK + lane];
+  }
+}
+
 // Phase 1 for token t, by one warp: reserve rows, write route entries, srcToken and tokenRanks.
 // posCounter: [E] rows of this rank per expert in the running send (a.posCounter, shared by
 // every CTA of a send, or a CTA's own shared-memory counters when one CTA sends everything).
+// This form takes the lane's top-k entry already loaded (loadTopkLl): the loads may then be
+// issued long before, off the routing's path.
 template <bool kNet>
-__device__ void routeTokenLl(const LlDispatchArgs& a, char* const* peer, char* mySlot, int t,
-                             LlTokenRoute* r, int lane, int* posCounter) {
+__device__ void routeLoadedTokenLl(const LlDispatchArgs& a, char* const* peer, char* mySlot, int t,
+                                   LlTokenRoute* r, int lane, int* posCounter, int64_t e, float weight) {
   const WindowView& w = a.w;
   const int R = w.peers.nRanks, me = w.peers.rank, K = a.topK, L = a.numExperts / R, M = a.maxTokens;
   int d = -1, row = -1;
-  float weight = 1.0f;
   if (lane < K) {
-    const int64_t e = a.topkIdx[(size_t)t * K + lane];
     if (e < -1 || e >= a.numExperts) {
       reportError(w.localError, kDevBadExpert, t, lane, (int)e);
     } else if (e >= 0 && !a.failed.has((int)e / L)) {  // an expert of a failed rank: dropped
@@ -59,7 +69,6 @@ __device__ void routeTokenLl(const LlDispatchArgs& a, char* const* peer, char* m
         reportError(w.localError, kDevRepeatedExpert, t, lane, ei);
       }
     }
-    if (a.topkWeights) weight = a.topkWeights[(size_t)t * K + lane];
   }
   // The first k of each destination rank receives the data; the completion copies it onward.
   const unsigned same = __match_any_sync(0xffffffffu, d);
@@ -88,6 +97,15 @@ __device__ void routeTokenLl(const LlDispatchArgs& a, char* const* peer, char* m
   }
 }
 
+template <bool kNet>
+__device__ __forceinline__ void routeTokenLl(const LlDispatchArgs& a, char* const* peer, char* mySlot, int t,
+                                             LlTokenRoute* r, int lane, int* posCounter) {
+  int64_t e;
+  float weight;
+  loadTopkLl(a, t, lane, &e, &weight);
+  routeLoadedTokenLl<kNet>(a, peer, mySlot, t, r, lane, posCounter, e, weight);
+}
+
 // Phase 2, first half: chunk c (kLlChunkVecs vectors) of token t's BF16 row into v (zeros past
 // the row's end). Depends on nothing of the routing, so it may be issued before it.
 __device__ __forceinline__ void loadChunkLl(const LlDispatchArgs& a, int t, int c, int lane, uint4 (&v)[kLlUnroll]) {
@@ -100,41 +118,60 @@ __device__ __forceinline__ void loadChunkLl(const LlDispatchArgs& a, int t, int 
   }
 }
 
-// Phase 2, second half: chunk c of token t, loaded into v, stored to every destination (cast to
-// FP8 with its scales when asked; kNet: into the staged record of a remote destination).
-template <bool kNet>
-__device__ __forceinline__ void storeChunkLl(const LlDispatchArgs& a, char* const* peer, const LlTokenRoute& r,
-                                             int c, int lane, const uint4 (&v)[kLlUnroll]) {
-  const int H = a.hidden, rowVecs = H / 8, groups = H / kFp8GroupSize, base = c * kLlChunkVecs;
-  const size_t rowBytes = a.fp8 ? (size_t)H : (size_t)H * 2;
-  if (!a.fp8) {
-    for (unsigned m = r.lead; m != 0; m &= m - 1) {
-      const int k = __ffs(m) - 1;
-      uint4* dst = kNet && r.rec[k] >= 0 ? (uint4*)(stagedRecord(a, r.dest[k], r.rec[k]) + a.net.recordData)
-                                         : (uint4*)(peer[r.dest[k]] + a.slot.recvX + (size_t)r.row[k] * rowBytes);
-#pragma unroll
-      for (int u = 0; u < kLlUnroll; ++u) {
-        const int idx = base + u * 32 + lane;
-        if (idx < rowVecs) storeNoAllocate(dst + idx, v[u]);
-      }
-    }
-    return;
-  }
-  Fp8Scale sc[kLlUnroll];
+// A chunk cast to FP8: this lane's values (q), and the scales of its groups (scale: FP32 form;
+// words: UE8M0 form, lane 0's words hold every group of the chunk).
+struct LlFp8Chunk {
   uint2 q[kLlUnroll];
+  float scale[kLlUnroll];
+  uint32_t words[kLlUnroll / 2];
+};
+
+// The FP8 cast of chunk v, by the whole warp: per group, the same amax (groupAmax: max of |x| over
+// the lane's 8 values from +0, then the half-warp butterfly 8, 4, 2, 1, then the floor), scale
+// (fp8Scale) and values (castToFp8) as groupAmax / fp8Scale / castToFp8 one group after another,
+// so the same bits; but the kLlUnroll groups' shuffles are interleaved (one dependent chain of 4
+// shuffle rounds instead of kLlUnroll chains one after another: the divisions of fp8Scale, whose
+// slow path is a call, no longer sit between one group's shuffles and the next's).
+__device__ __forceinline__ void castChunkLl(const LlDispatchArgs& a, const uint4 (&v)[kLlUnroll], LlFp8Chunk& f) {
+  float m[kLlUnroll];
 #pragma unroll
   for (int u = 0; u < kLlUnroll; ++u) {
-    sc[u] = fp8Scale(groupAmax(v[u]), a.scaleFormat != ncclMoeScaleFp32);  // whole warp shuffles
-    q[u] = castToFp8(v[u], sc[u].inverse);
+    const uint32_t w[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
+    m[u] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      m[u] = fmaxf(m[u], fabsf(bf16BitsToFloat(w[i] & 0xffffu)));
+      m[u] = fmaxf(m[u], fabsf(bf16BitsToFloat(w[i] >> 16)));
+    }
+  }
+#pragma unroll
+  for (int off = 8; off > 0; off >>= 1)
+#pragma unroll
+    for (int u = 0; u < kLlUnroll; ++u) m[u] = fmaxf(m[u], __shfl_xor_sync(0xffffffffu, m[u], off));
+  uint32_t e8[kLlUnroll];
+#pragma unroll
+  for (int u = 0; u < kLlUnroll; ++u) {
+    const Fp8Scale sc = fp8Scale(fmaxf(m[u], kAmaxFloor), a.scaleFormat != ncclMoeScaleFp32);
+    f.scale[u] = sc.scale;
+    e8[u] = sc.ue8m0;
+    f.q[u] = castToFp8(v[u], sc.inverse);
   }
   // UE8M0: the exponent bytes of groups 4j..4j+3 come from steps u = 2i, 2i+1, half-warps 0, 1.
-  uint32_t words[kLlUnroll / 2];
 #pragma unroll
   for (int i = 0; i < kLlUnroll / 2; ++i) {
-    const uint32_t b0 = sc[2 * i].ue8m0, b2 = sc[2 * i + 1].ue8m0;
+    const uint32_t b0 = e8[2 * i], b2 = e8[2 * i + 1];
     const uint32_t b1 = __shfl_sync(0xffffffffu, b0, 16), b3 = __shfl_sync(0xffffffffu, b2, 16);
-    words[i] = b0 | (b1 << 8) | (b2 << 16) | (b3 << 24);
+    f.words[i] = b0 | (b1 << 8) | (b2 << 16) | (b3 << 24);
   }
+}
+
+// Phase 2, second half (FP8): chunk c, cast (castChunkLl), stored to every destination with its
+// scales (kNet: into the staged record of a remote destination).
+template <bool kNet>
+__device__ __forceinline__ void storeCastChunkLl(const LlDispatchArgs& a, char* const* peer, const LlTokenRoute& r,
+                                                 int c, int lane, const LlFp8Chunk& f) {
+  const int H = a.hidden, rowVecs = H / 8, groups = H / kFp8GroupSize, base = c * kLlChunkVecs;
+  const size_t rowBytes = (size_t)H;
   for (unsigned m = r.lead; m != 0; m &= m - 1) {
     const int k = __ffs(m) - 1;
     char* slot = peer[r.dest[k]];
@@ -149,24 +186,49 @@ __device__ __forceinline__ void storeChunkLl(const LlDispatchArgs& a, char* cons
 #pragma unroll
     for (int u = 0; u < kLlUnroll; ++u) {
       const int idx = base + u * 32 + lane;
-      if (idx < rowVecs) dst[idx] = q[u];
+      if (idx < rowVecs) dst[idx] = f.q[u];
     }
     if (a.scaleFormat == ncclMoeScaleUe8m0) {
       uint32_t* s = (uint32_t*)scaleRow;
 #pragma unroll
       for (int i = 0; i < kLlUnroll / 2; ++i) {
         const int word = base / 64 + i;  // 64 vectors = 512 channels per word
-        if (lane == 0 && word < groups / 4) s[word] = words[i];
+        if (lane == 0 && word < groups / 4) s[word] = f.words[i];
       }
     } else if ((lane & 15) == 0) {
       float* s = (float*)scaleRow;
 #pragma unroll
       for (int u = 0; u < kLlUnroll; ++u) {
         const int g = (base + u * 32 + lane) / 16;
-        if (g < groups) s[g] = sc[u].scale;
+        if (g < groups) s[g] = f.scale[u];
       }
     }
   }
+}
+
+// Phase 2, second half: chunk c of token t, loaded into v, stored to every destination (cast to
+// FP8 with its scales when asked; kNet: into the staged record of a remote destination).
+template <bool kNet>
+__device__ __forceinline__ void storeChunkLl(const LlDispatchArgs& a, char* const* peer, const LlTokenRoute& r,
+                                             int c, int lane, const uint4 (&v)[kLlUnroll]) {
+  const int H = a.hidden, rowVecs = H / 8, base = c * kLlChunkVecs;
+  const size_t rowBytes = a.fp8 ? (size_t)H : (size_t)H * 2;
+  if (!a.fp8) {
+    for (unsigned m = r.lead; m != 0; m &= m - 1) {
+      const int k = __ffs(m) - 1;
+      uint4* dst = kNet && r.rec[k] >= 0 ? (uint4*)(stagedRecord(a, r.dest[k], r.rec[k]) + a.net.recordData)
+                                         : (uint4*)(peer[r.dest[k]] + a.slot.recvX + (size_t)r.row[k] * rowBytes);
+#pragma unroll
+      for (int u = 0; u < kLlUnroll; ++u) {
+        const int idx = base + u * 32 + lane;
+        if (idx < rowVecs) storeNoAllocate(dst + idx, v[u]);
+      }
+    }
+    return;
+  }
+  LlFp8Chunk f;
+  castChunkLl(a, v, f);
+  storeCastChunkLl<kNet>(a, peer, r, c, lane, f);
 }
 
 // Phase 2: chunk c of token t, loaded once, stored to every destination.
@@ -190,6 +252,13 @@ inline __device__ void fanOutChunk(char* x, char* scales, size_t rowBytes, size_
     const int idx = base + u * 32 + lane;
     if (idx < rowVecs) v[u] = loadPeer(src + idx);  // written by a peer: read past L1
   }
+  // Chunk 0: the row's first 64 scale words are loaded with the row (one round trip for both,
+  // not one for the row and one per 32 words after its stores).
+  const int words = c == 0 ? (int)(scaleBytes / 4) : 0;
+  const int* s = (const int*)(scales + (size_t)from * scaleBytes);
+  int s0 = 0, s1 = 0;
+  if (lane < words) s0 = loadPeerInt(s + lane);
+  if (lane + 32 < words) s1 = loadPeerInt(s + lane + 32);
   for (unsigned m = others; m != 0; m &= m - 1) {
     uint4* dst = (uint4*)(x + (size_t)rowOfK[__ffs(m) - 1] * rowBytes);
 #pragma unroll
@@ -198,10 +267,13 @@ inline __device__ void fanOutChunk(char* x, char* scales, size_t rowBytes, size_
       if (idx < rowVecs) dst[idx] = v[u];
     }
   }
-  if (c != 0 || scaleBytes == 0) return;
-  const int words = (int)(scaleBytes / 4);
-  const int* s = (const int*)(scales + (size_t)from * scaleBytes);
-  for (int i = lane; i < words; i += 32) {
+  if (words == 0) return;
+  for (unsigned m = others; m != 0; m &= m - 1) {
+    int* d = (int*)(scales + (size_t)rowOfK[__ffs(m) - 1] * scaleBytes);
+    if (lane < words) d[lane] = s0;
+    if (lane + 32 < words) d[lane + 32] = s1;
+  }
+  for (int i = lane + 64; i < words; i += 32) {
     const int value = loadPeerInt(s + i);
     for (unsigned m = others; m != 0; m &= m - 1)
       ((int*)(scales + (size_t)rowOfK[__ffs(m) - 1] * scaleBytes))[i] = value;
@@ -291,7 +363,9 @@ __device__ __forceinline__ void completeDispatchLl(const LlDispatchArgs& a, char
     // them later: callers skip failed sources) and count nowhere.
     for (int i = threadIdx.x; i < L * R; i += blockDim.x)
       if (isGone(i % R)) counts[i] = 0;
-    for (int l = threadIdx.x; l < L; l += blockDim.x) {
+    // The sums by the CTA's last threads: the first warps, whose fan-out items come first
+    // (it = warp), go to them without the count loads' round trip in front.
+    for (int l = blockDim.x - 1 - threadIdx.x; l < L; l += blockDim.x) {
       int sum = 0;
       for (int s = 0; s < R; ++s)
         if (!isGone(s)) sum += loadPeerInt(counts + l * R + s);

@@ -21,6 +21,7 @@
 //  1. every CTA's thread 0 takes a ticket from the slot's counter: ticket % G is the CTA's role,
 //     ticket / G the launch's number on the slot; role 0 is the launch's first CTA to run. Role 0
 //     alone reads the slot's send count (this operation's epoch - 1) and stores the epoch back.
+//     A grid of one CTA (G = 1, the host's size for R * maxTokens * chunks <= 32) takes no ticket.
 //  2. role 0 sends all T tokens (sendAllLl) and signals every rank, then runs the completion as
 //     its CTA 0 (waits for every source, writes the counts, takes the first fan-out items) and,
 //     right after its waits, releases go = (launch + 1, epoch) (32 bits each). Roles 1..G-1 wait
@@ -53,46 +54,66 @@ __device__ __forceinline__ void storeReleaseGpu(unsigned long long* p, unsigned 
   asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
-__device__ __forceinline__ void prefetchL1(const void* p) {
-  asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
-}
-
 }  // namespace
 
 // The send of all T tokens by one CTA, as llDispatchSendKernel<false> with one CTA but for:
 // row counters in shared memory (rows: [E], zero on entry), each warp's first chunk loaded before
 // (v0: by the caller, while the CTA's role was being decided), and no grid-wide end (the barrier
 // before the signals orders every store of the CTA before each signalling thread's release).
-// epoch: this operation's number on the slot.
-__device__ void sendAllLl(const LlDispatchArgs& a, char* const* peer, int* rows, uint64_t epoch,
-                          const uint4 (&v0)[kLlUnroll]) {
+// epoch: this operation's number on the slot (a shared word, final by the first barrier here).
+// Within a round of kLlWarps tokens, token j is routed by warp kLlWarps - 1 - j, with its top-k
+// entry for the first round loaded by the caller (e0, w0: routing warps of round 0), while the
+// chunk items, from warp 0 up, are cast to FP8 (castChunkLl: it needs no route): with a few
+// tokens, the routing and the casts run on different warps, side by side. The row counts go out
+// right after the last round's routing, from the CTA's last threads, before the rows' stores.
+__device__ void sendAllLl(const LlDispatchArgs& a, char* const* peer, int* rows, const unsigned long long& epoch,
+                          const uint4 (&v0)[kLlUnroll], int64_t e0, float w0) {
   const WindowView& w = a.w;
   const int R = w.peers.nRanks, me = w.peers.rank, L = a.numExperts / R, M = a.maxTokens, T = a.numTokens;
   __shared__ LlTokenRoute route[kLlWarps];
   char* mySlot = peer[me];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int chunks = llSendChunks(a.hidden);
-  for (int first = 0; first < T; first += kLlWarps) {  // rounds of one token per warp
-    const int n = min(kLlWarps, T - first), items = n * chunks;
-    uint4 v[kLlUnroll];
-#pragma unroll
-    for (int u = 0; u < kLlUnroll; ++u) v[u] = v0[u];
-    if (first > 0 && warp < items) loadChunkLl(a, first + warp / chunks, warp % chunks, lane, v);
-    if (warp < n) routeTokenLl<false>(a, peer, mySlot, first + warp, &route[warp], lane, rows);
-    __syncthreads();
-    for (int item = warp; item < items; item += kLlWarps) {
-      if (item != warp) loadChunkLl(a, first + item / chunks, item % chunks, lane, v);
-      storeChunkLl<false>(a, peer, route[item / chunks], item % chunks, lane, v);
+  // Row counts (every expert, zeros included: nothing of an earlier use of the slot survives):
+  // expert e's rows go to rank e / L, local expert e % L.
+  auto storeCounts = [&] {
+    for (int e = blockDim.x - 1 - threadIdx.x; e < a.numExperts; e += blockDim.x) {
+      if (a.failed.has(e / L)) continue;  // nothing for a failed rank
+      ((int*)(peer[e / L] + a.slot.recvCounts))[(e % L) * R + me] = min(rows[e], M);
     }
-    __syncthreads();  // route[] is rewritten by the next round; rows[] is final after the last
+  };
+  uint4 v[kLlUnroll];
+#pragma unroll
+  for (int u = 0; u < kLlUnroll; ++u) v[u] = v0[u];
+  for (int first = 0; first < T; first += kLlWarps) {  // rounds of kLlWarps tokens
+    const int n = min(kLlWarps, T - first), items = n * chunks;
+    LlFp8Chunk f;
+    if (warp < items) {
+      if (first > 0) loadChunkLl(a, first + warp / chunks, warp % chunks, lane, v);
+      if (a.fp8) castChunkLl(a, v, f);
+    }
+    const int j = kLlWarps - 1 - warp;  // this warp's token in the round, if j < n
+    if (j < n) {
+      if (first == 0) routeLoadedTokenLl<false>(a, peer, mySlot, j, &route[j], lane, rows, e0, w0);
+      else routeTokenLl<false>(a, peer, mySlot, first + j, &route[j], lane, rows);
+    }
+    __syncthreads();
+    if (first + kLlWarps >= T) storeCounts();  // rows[] is final after the last round's routing
+    for (int item = warp; item < items; item += kLlWarps) {
+      if (item != warp) {
+        loadChunkLl(a, first + item / chunks, item % chunks, lane, v);
+        if (a.fp8) castChunkLl(a, v, f);
+      }
+      if (a.fp8) storeCastChunkLl<false>(a, peer, route[item / chunks], item % chunks, lane, f);
+      else storeChunkLl<false>(a, peer, route[item / chunks], item % chunks, lane, v);
+    }
+    __syncthreads();  // route[] is rewritten by the next round; the last: every store before the signals
   }
-  // Row counts (every expert, zeros included: nothing of an earlier use of the slot survives),
-  // then the signals that release them: expert e's rows go to rank e / L, local expert e % L.
-  for (int e = threadIdx.x; e < a.numExperts; e += blockDim.x) {
-    if (a.failed.has(e / L)) continue;  // nothing for a failed rank
-    ((int*)(peer[e / L] + a.slot.recvCounts))[(e % L) * R + me] = min(rows[e], M);
+  if (T == 0) {
+    storeCounts();
+    __syncthreads();
   }
-  __syncthreads();
+  // The signals that release the counts, rows and routes.
   if (threadIdx.x < R && !a.failed.has(threadIdx.x)) {
     uint64_t* sig = (uint64_t*)(peer[threadIdx.x] + a.slot.dispatchSignals) + me;
     const uint64_t value = (epoch << 32) | (uint64_t)T;
@@ -100,44 +121,58 @@ __device__ void sendAllLl(const LlDispatchArgs& a, char* const* peer, int* rows,
   }
 }
 
+// Dispatch. With a grid of one CTA (the host sizes it: R * maxTokens * row chunks <= 32 items),
+// that CTA is role 0 without a ticket: it takes none and releases no `go` (there is no other CTA
+// to wait for it; the ticket counter and `go` stay as they were, so a later launch of another
+// grid size on the slot still finds them consistent), and the send count is read and advanced by
+// a thread whose warp has no work in the first steps (warp kLlWarps - 2; the count is first used
+// by the signals, after the send's barriers).
 __global__ void __launch_bounds__(kLlThreads, 1) llDispatchOneLaunchKernel(LlDispatchArgs a) {
   extern __shared__ int expertRows[];  // [E]: role 0's rows per expert in this send
   const WindowView& w = a.w;
-  const int R = w.peers.nRanks, me = w.peers.rank, G = gridDim.x, s = a.slotIndex, K = a.topK;
+  const int R = w.peers.nRanks, me = w.peers.rank, G = gridDim.x, s = a.slotIndex;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   DeviceState* st = w.state;
   unsigned long long* go = &st->llOneLaunchGo[s];
+  const bool solo = G == 1;
+  const bool countThread = solo && threadIdx.x == kLlThreads - 64;  // warp kLlWarps - 2, lane 0
   __shared__ char* peer[kMaxRanks];
   __shared__ int roleOf;
   __shared__ unsigned long long launchOf, epochOf, goEpoch;
-  if (threadIdx.x == 0) {
+  unsigned long long sent = 0;
+  if (countThread) {
+    sent = *(volatile unsigned long long*)&st->llDispatchSends[s];  // used after the barrier below
+  } else if (!solo && threadIdx.x == 0) {
     // Ticket and count are independent loads: both in flight at once. Only role 0 reads or
     // writes the slot's send count in this launch (the others learn the epoch from `go`).
     const unsigned long long ticket = atomicAdd(&st->llOneLaunchTickets[s], 1ull);
-    const unsigned long long sent = *(volatile unsigned long long*)&st->llDispatchSends[s];
+    sent = *(volatile unsigned long long*)&st->llDispatchSends[s];
     roleOf = (int)(ticket % (unsigned)G);
     launchOf = ticket / (unsigned)G;
     epochOf = sent + 1;
     if (roleOf == 0) *(volatile unsigned long long*)&st->llDispatchSends[s] = sent + 1;
   }
   // While the role is decided: the first round's token data, which only role 0 will use (the
-  // others fetch it for nothing: one chunk per warp).
+  // others fetch it for nothing: one chunk per warp), and the routing warps' top-k entries.
   const int firstItems = min(kLlWarps, a.numTokens) * llSendChunks(a.hidden);
   uint4 v0[kLlUnroll];
   if (warp < firstItems) loadChunkLl(a, warp / llSendChunks(a.hidden), warp % llSendChunks(a.hidden), lane, v0);
-  if (warp < a.numTokens && lane < K) {
-    prefetchL1(a.topkIdx + (size_t)warp * K + lane);
-    if (a.topkWeights) prefetchL1(a.topkWeights + (size_t)warp * K + lane);
-  }
+  int64_t e0 = -1;
+  float w0 = 1.0f;
+  if (kLlWarps - 1 - warp < a.numTokens) loadTopkLl(a, kLlWarps - 1 - warp, lane, &e0, &w0);
   if (threadIdx.x < R) peer[threadIdx.x] = peerWindow(w, threadIdx.x, a.slotOff);
   for (int e = threadIdx.x; e < a.numExperts; e += blockDim.x) expertRows[e] = 0;
   __syncthreads();
-  const int role = roleOf;
+  if (countThread) {  // read by the signals and the completion, after the send's barriers
+    epochOf = sent + 1;
+    *(volatile unsigned long long*)&st->llDispatchSends[s] = sent + 1;
+  }
+  const int role = solo ? 0 : roleOf;
   // Role 0 releases (launch + 1) mod 2^32 in the high half of `go` and the epoch mod 2^32 in the
   // low half (all that the dispatch signals compare) once its waits are over.
-  const unsigned long long goValue = ((launchOf + 1) << 32) | (epochOf & 0xffffffffull);
+  const unsigned long long goValue = solo ? 0 : ((launchOf + 1) << 32) | (epochOf & 0xffffffffull);
   if (role == 0) {
-    sendAllLl(a, peer, expertRows, epochOf, v0);
+    sendAllLl(a, peer, expertRows, epochOf, v0, e0, w0);
   } else {
     if (threadIdx.x == 0) {
       unsigned long long v;
@@ -147,7 +182,7 @@ __global__ void __launch_bounds__(kLlThreads, 1) llDispatchOneLaunchKernel(LlDis
     __syncthreads();
   }
   completeDispatchLl<false>(a, peer[me], role == 0 ? epochOf : goEpoch, role, G, [&] {
-    if (role == 0 && threadIdx.x == 0) storeReleaseGpu(go, goValue);
+    if (role == 0 && !solo && threadIdx.x == 0) storeReleaseGpu(go, goValue);
   });
 }
 
@@ -163,11 +198,28 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineOneLaunchKernel
   // The slot's combine count + 1, read early (off the finisher's path): only the finisher uses its
   // read, and then writes the count back.
   if (threadIdx.x == 0) epochOf = *(volatile unsigned long long*)&w.state->llCombineSends[s] + 1;
+  const char* mine = peerWindow(w, me, a.slotOff);
+  // The warp's first item's route entry (combineSendItemsLl), loaded with the signals below for
+  // the guess that every source sent as many tokens as this rank (item = (source, token, chunk)
+  // in that order); used only where the T_s confirm it.
+  const int chunks = (a.hidden / 8 + kLlSumVecs - 1) / kLlSumVecs;
+  const int lane = threadIdx.x % 32, T = a.numTokens;
+  int2 guessSt = make_int2(-1, -1), guessEntry = make_int2(-1, 0);
+  if (T > 0) {
+    const int f = ((int)blockIdx.x * kLlCombineWarps + (int)threadIdx.x / 32) / chunks;
+    if (f / T < R) {
+      guessSt = make_int2(f / T, f % T);
+      const LlRouteEntry* route = (const LlRouteEntry*)(mine + a.slot.route);
+      // Written by source f / T during the dispatch: read past L1.
+      if (lane < a.topK)
+        guessEntry = loadPeerInt2((const int2*)(route + ((size_t)guessSt.x * a.maxTokens + guessSt.y) * a.topK + lane));
+    }
+  }
   if (threadIdx.x < R) {
     const int r = threadIdx.x;
     peer[r] = peerWindow(w, r, a.slotOff);
     // The completed dispatch of this slot left (epoch << 32) | T_r in each source's signal.
-    const volatile uint64_t* sig = (const volatile uint64_t*)(peerWindow(w, me, a.slotOff) + a.slot.dispatchSignals);
+    const volatile uint64_t* sig = (const volatile uint64_t*)(mine + a.slot.dispatchSignals);
     tokenStart[r + 1] = a.failed.has(r) ? 0 : (int)(sig[r] & 0xffffffffu);
   }
   __syncthreads();
@@ -177,10 +229,9 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineOneLaunchKernel
   }
   __syncthreads();
   const char* slot = peer[me];
-  const int chunks = (a.hidden / 8 + kLlSumVecs - 1) / kLlSumVecs;
   const int ctas = llOneLaunchCtas((long long)tokenStart[R] * chunks, (int)gridDim.x);
   if ((int)blockIdx.x >= ctas) return;
-  combineSendItemsLl(a, peer, slot, tokenStart, blockIdx.x, ctas);
+  combineSendItemsLl(a, peer, slot, tokenStart, blockIdx.x, ctas, guessSt, guessEntry);
   __syncthreads();
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
     if (a.failed.has(r)) continue;
