@@ -77,6 +77,9 @@ struct DeviceState {
   unsigned long long combineSeq;   // combine kernels completed on this rank
   unsigned int dispatchArrived;    // CTAs of the running dispatch kernel that finished
   unsigned int combineArrived;     // likewise for combine
+  unsigned long long dispatchClaim; // HT intranode dispatch: ((seq mod 2^32) << 32) | next token
+                                    // to claim, of the dispatch with sequence number seq; never
+                                    // reset by the host (ht/token_claim.h)
   // Low-latency mode, per buffer slot: sends issued on this rank (the epoch of the slot's
   // signals; equal on every rank since all ranks run the same operations in the same order).
   unsigned long long llDispatchSends[kMaxBufferSlots];
