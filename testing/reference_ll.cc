@@ -6,7 +6,8 @@
 //      FP32:        scale = amax / 448.0f, inverse = 448.0f / amax (two IEEE float divisions);
 //      pow2, UE8M0: s = amax / 448.0f; e = the smallest integer with 2^e >= s; scale = 2^e,
 //                   inverse = 2^-e; UE8M0 stores the byte e + 127, group 4j+i in byte i of
-//                   int32 j (little-endian).
+//                   int32 j (little-endian). A group holding +-Inf (amax = Inf): scale +Inf,
+//                   inverse 0, UE8M0 byte 255 (as the FP32 format's amax / 448 and 448 / amax).
 //    q = e4m3(x * inverse): the float product, then round to nearest even saturating to 448.
 //  - Dequantised value: fp8ToFloat(q) * scale (float), rounded to BF16 for the identity expert.
 //  - Dispatch: one row per (token, k) whose expert lives on dst; blocks keyed (local expert,
@@ -58,6 +59,12 @@ LlScale llGroupScale(float amax, ncclMoeScaleFormat_t fmt) {
     return s;
   }
   volatile float r = amax / kFp8Max;
+  if (isinf(r)) {
+    s.scale = INFINITY;
+    s.inverse = 0.0f;
+    s.exponent = 128;  // byte 255
+    return s;
+  }
   int ex = 0;
   const float m = frexpf(r, &ex);  // r = m * 2^ex, m in [0.5, 1)
   const int e = m == 0.5f ? ex - 1 : ex;
@@ -79,7 +86,7 @@ void llCastRow(const uint16_t* row, int hidden, ncclMoeScaleFormat_t fmt, uint8_
     for (int i = 0; i < kGroup; ++i)
       q[g * kGroup + i] = floatToFp8e4m3(roundedProduct(bf16ToFloat(row[g * kGroup + i]), s.inverse));
     if (fmt == ncclMoeScaleUe8m0) {
-      assert(s.exponent + 127 > 0 && s.exponent + 127 < 255);
+      assert(s.exponent + 127 > 0 && s.exponent + 127 <= 255);
       scales[(g / 4) * 4 + g % 4] = (uint8_t)(s.exponent + 127);  // little-endian int32 j = g/4
     } else {
       memcpy(scales + (size_t)g * sizeof(float), &s.scale, sizeof(float));

@@ -52,6 +52,29 @@ struct Column {
 
 }  // namespace
 
+// A group holding +-Inf: scale +Inf and inverse 0 in every format (byte 255 in UE8M0, its NaN
+// code), so finite values cast to +-0, the Inf to NaN, and the whole group dequantises to NaN —
+// never to finite values with flipped signs (what 2^-128 built from its bits gave before).
+TEST(RefLlScale, InfinityGivesANaNGroupInEveryFormat) {
+  for (ncclMoeScaleFormat_t f : {ncclMoeScaleFp32, ncclMoeScaleFp32Pow2, ncclMoeScaleUe8m0}) {
+    const LlScale s = llGroupScale(INFINITY, f);
+    EXPECT_TRUE(isinf(s.scale) && s.scale > 0) << f;
+    EXPECT_EQ(s.inverse, 0.0f) << f;
+    std::vector<uint16_t> row(128, floatToBf16(-3.0f));
+    row[5] = floatToBf16(INFINITY);
+    std::vector<uint8_t> q(128), scales(llScaleBytesPerRow(128, f));
+    llCastRow(row.data(), 128, f, q.data(), scales.data());
+    if (f == ncclMoeScaleUe8m0) EXPECT_EQ(scales[0], 255) << f;
+    EXPECT_TRUE(isinf(llScaleOf(scales.data(), 0, f))) << f;
+    std::vector<uint16_t> back(128);
+    llDequantRowToBf16(q.data(), scales.data(), 128, f, back.data());
+    for (int c = 0; c < 128; ++c) {
+      EXPECT_EQ(q[c] & 0x7f, c == 5 ? 0x7f : 0x00) << f << " channel " << c;  // NaN / +-0
+      EXPECT_TRUE(isnan(bf16ToFloat(back[c]))) << f << " channel " << c;
+    }
+  }
+}
+
 TEST(RefLlScale, KnownScales) {
   // amax 448: scale 1 in every format.
   for (ncclMoeScaleFormat_t f : {ncclMoeScaleFp32, ncclMoeScaleFp32Pow2, ncclMoeScaleUe8m0}) {

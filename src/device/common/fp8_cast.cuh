@@ -3,7 +3,9 @@
 // channels, lanes 16-31 the next. Scale rules (the CPU reference in testing/reference_ll.cc
 // computes exactly the same): amax = max(max |x|, 1e-4); FP32 format: scale = amax / 448,
 // q = e4m3(x * (448 / amax)); power-of-two formats: scale = the smallest 2^e >= amax / 448,
-// q = e4m3(x * 2^-e). Conversions round to nearest even and saturate to +-448.
+// q = e4m3(x * 2^-e). Conversions round to nearest even and saturate to +-448. A group holding
+// +-Inf gets scale +Inf and inverse 0 in every format (UE8M0 byte 0xFF, its NaN code): finite
+// values cast to +-0, the Inf to NaN, and the group dequantises to NaN, never to finite values.
 #pragma once
 #include <cuda_fp8.h>
 #include <stdint.h>
@@ -45,8 +47,14 @@ __device__ __forceinline__ Fp8Scale fp8Scale(float amax, bool powerOfTwo) {
   const float r = __fdiv_rn(amax, kFp8Max);  // > 0 and normal (amax >= 1e-4)
   const uint32_t bits = __float_as_uint(r);
   int e = (int)((bits >> 23) & 0xff) - 127;   // r = 1.m * 2^e
+  if (e > 127) {                              // amax = +Inf (a group holding +-Inf)
+    s.scale = __uint_as_float(0x7f800000u);
+    s.inverse = 0.0f;
+    s.ue8m0 = 0xff;
+    return s;
+  }
   if (bits & 0x7fffffu) e += 1;               // round up unless r is a power of two
-  // e is in [-22, 120] (amax >= 1e-4, BF16 < 2^128): both powers are normal floats, built exactly.
+  // e is in [-22, 120] (amax >= 1e-4, finite BF16 < 2^128): both powers are normal floats, built exactly.
   s.scale = __uint_as_float((uint32_t)(e + 127) << 23);
   s.inverse = __uint_as_float((uint32_t)(127 - e) << 23);
   s.ue8m0 = (uint8_t)(e + 127);
