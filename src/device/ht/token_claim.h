@@ -15,7 +15,9 @@
 //    context). The warp installs tag << 32 | chunk with atomicCAS, which claims [0, chunk); a CAS
 //    that fails because a stale add of another warp came in between retries with the value it
 //    saw; one that finds the tag installed (another warp won) claims again with a plain add.
-// Why every token of [0, numTokens) is stored exactly once per dispatch:
+// Why every token of [0, numTokens) is stored exactly once per dispatch whose CTAs all pass the
+// counts wait (a CTA whose wait times out stores nothing, and its claimed tokens stay unstored;
+// the timeout is fatal for the context, and the static split lost that CTA's share the same way):
 //  - within a launch the word's tag goes stale -> seq once (a CAS compares all 64 bits against a
 //    value with a stale tag, so after the install no CAS succeeds and no add sees a stale tag);
 //    every claim after the install is an atomicAdd on the installed counter, so the claims are
