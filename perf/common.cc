@@ -196,6 +196,8 @@ Row measure(const Context& ctx, Timing timing, const PerfOp& op, long T, bool ne
     localUs = median(times);
     localP99 = percentile(times, 99);
   }
+  localUs /= op.callsPerRun;
+  if (localP99 >= 0) localP99 /= op.callsPerRun;
   quiesce(ctx);
   row.timeUs = moe_ranks::maxOverRanks(localUs);
   if (localP99 >= 0) row.p99Us = moe_ranks::maxOverRanks(localP99);

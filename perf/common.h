@@ -51,6 +51,7 @@ struct PerfOp {
   std::function<void()> pre;         // optional (kEachCall*): enqueued before each timed call;
                                      // the ranks meet after it, before the timed call
   std::function<void()> run;         // enqueues one call on the stream: the timed part
+  int callsPerRun = 1;               // operations run() enqueues: times (and p99) are per operation
   std::function<void()> post;        // optional (kEachCall*): enqueued after each timed call
   // Optional: bytes this rank counts at size T for algbw (received, its own share included) and
   // busbw (bytes that crossed NVLink). Empty: the row has a time only.

@@ -12,7 +12,12 @@
 //                       (out.combineInput) after an untimed dispatch;
 //   dispatch_send       send-only dispatch; dispatch_complete its completion once every peer
 //                       has sent (the ranks meet in between): the cost left with perfect overlap;
-//   combine_send, combine_complete   the same for the combine.
+//   combine_send, combine_complete   the same for the combine;
+//   pair_in_stream      kPairsInStream one-shot dispatches, each followed by its combine, all
+//                       enqueued behind the hold with no event between them (a decode step's
+//                       stream: each kernel starts ≈ 1.4 µs after the previous one ends, where an
+//                       event in between adds ≈ 3 µs); time per (dispatch + combine) pair, not
+//                       checked (the same calls as the dispatch and combine rows).
 // Check (-c 1): one more one-shot dispatch on a poisoned slot and a combine, compared with
 // moe_ref (testing/reference_ll.h): counts, every (expert, source) block as a set keyed by
 // srcToken (row and scale bytes), the combine of the identity expert.
@@ -311,7 +316,8 @@ struct Bench {
 
   std::vector<moe_perf::PerfOp> ops() {
     const unsigned kSend = NCCL_MOE_LL_SEND_ONLY;
-    std::vector<moe_perf::PerfOp> v(6);
+    constexpr int kPairsInStream = 8;  // 16 calls: well inside the hold (kHoldUs) to enqueue
+    std::vector<moe_perf::PerfOp> v(7);
     v[0].name = "dispatch";
     v[0].run = [this] { dispatch(0); };
     v[0].post = [this] { combine(0); };
@@ -346,6 +352,14 @@ struct Bench {
     v[5].name = "combine_complete";
     v[5].pre = [this, kSend] { dispatch(0); combine(kSend); };
     v[5].run = [this] { combineComplete(); };
+    v[6].name = "pair_in_stream";
+    v[6].run = [this] {
+      for (int i = 0; i < kPairsInStream; ++i) {
+        dispatch(0);
+        combine(0);
+      }
+    };
+    v[6].callsPerRun = kPairsInStream;
     return v;
   }
 
