@@ -254,6 +254,23 @@ void regenerateX(Problem& p, uint64_t seed) {
   for (int r = 0; r < nRanks(); r++) makeX(p, r, seed);
 }
 
+int trimRouting(moe_ref::Routing& rt, int tokens, int topK) {
+  const int T = std::max(0, std::min(tokens, rt.numTokens));
+  rt.numTokens = T;
+  rt.topkIdx.resize((size_t)T * topK);
+  rt.topkWeights.resize((size_t)T * topK);
+  return T;
+}
+
+void cutTokens(Problem& p, const std::vector<int>& tokens) {
+  const Shape& s = p.shape;
+  for (int r = 0; r < (int)p.routing.size() && r < (int)tokens.size(); r++) {
+    const int T = trimRouting(p.routing[r], tokens[r], s.topK);
+    p.x[r].resize((size_t)T * s.rowBytes());
+    p.scales[r].resize((size_t)T * s.scalesPerRow());
+  }
+}
+
 Reference makeReference(const Problem& p) {
   const Shape& s = p.shape;
   const int R = nRanks(), H = s.hidden, G = s.scalesPerRow();

@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string>
 #include <vector>
 #include "nccl_moe.h"
@@ -35,6 +36,30 @@ class GpuTest : public ::testing::Test {
   void SetUp() override {
     if (!skipReason().empty()) GTEST_SKIP();
   }
+};
+
+// Sets environment variable `name` to `value` (NULL: unsets it) for its scope, then puts back
+// what the process had. The library reads its NCCL_MOE_* variables in ncclMoeCommCreate, so a
+// context created in the scope keeps the setting.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    const char* old = getenv(name);
+    had_ = old != nullptr;
+    if (had_) old_ = old;
+    if (value) setenv(name, value, 1);
+    else unsetenv(name);
+  }
+  ~ScopedEnv() {
+    if (had_) setenv(name_.c_str(), old_.c_str(), 1);
+    else unsetenv(name_.c_str());
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  std::string name_, old_;
+  bool had_ = false;
 };
 
 // --- return-code checks: add a (non-fatal) failure and return false on error ----------------
@@ -180,6 +205,11 @@ struct Problem {
 Problem makeProblem(const Shape& s, const GenSpec& g);
 // New token data (same routing), from another seed.
 void regenerateX(Problem& p, uint64_t seed);
+// Cuts rank r's tokens to their first tokens[r] (routing, weights, data and scales; a count
+// above the rank's is left as it is): per-rank token counts that GenSpec cannot express.
+void cutTokens(Problem& p, const std::vector<int>& tokens);
+// Keeps the first min(tokens, numTokens) tokens (at least 0) of a routing: its new token count.
+int trimRouting(moe_ref::Routing& rt, int tokens, int topK);
 
 // Reference results of one problem: what every rank receives, and the identity expert's
 // BF16 output on every rank (the received rows, dequantised for FP8).

@@ -1,10 +1,15 @@
 // High-throughput dispatch (each scenario also combines, so that every handle is exercised):
 // random routing with -1s in BF16 and FP8, skewed routing, ranks without tokens, tiny inputs,
 // host counts; many dispatches back to back at SM counts that do not split the grid evenly,
-// eagerly and as one CUDA graph replayed (the token claims). Everything is compared
+// eagerly and as one CUDA graph replayed (the token claims), also at the claims' edges: the
+// chunk-size switch, 1 token on 512 warps, empty and full dispatches alternating, and the
+// 32-bit tag at and across its wrap (NCCL_MOE_SEQ_START). Everything is compared
 // element-exactly with moe_ref. The layout call: ht_layout_test.cc.
+#include <stdio.h>
 #include <string.h>
 #include <unistd.h>
+
+#include <functional>
 #include <memory>
 #include "gpu_env.h"
 
@@ -175,10 +180,20 @@ bool enqueuePoison(const ncclMoeDispatchOutput_t& out, const Shape& s) {
 // sequence numbers from the device state. A peer writes a rank's outputs only after that rank's
 // dispatch published its counts, so the poison before it and the copy behind the previous one
 // are never overwritten early.
-void backToBackClaims(const Shape& s, uint64_t seed) {
+//
+// tokens(i, r), when given: rank r's token count in dispatch i (<= maxTokens; else the spec's
+// per-rank default, the same for every i). seqStart: NCCL_MOE_SEQ_START of the context (0: none).
+using TokensOf = std::function<int(int i, int r)>;
+void backToBackClaims(const Shape& s, uint64_t seed, int kIters = 6, const TokensOf& tokens = nullptr,
+                      unsigned long long seqStart = 0) {
   Ep ep(s);
-  if (!ep.create()) return;
-  const int me = rank(), kIters = 6;
+  {
+    char start[32];
+    snprintf(start, sizeof(start), "%llu", seqStart);
+    ScopedEnv env("NCCL_MOE_SEQ_START", seqStart ? start : nullptr);
+    if (!ep.create()) return;
+  }
+  const int me = rank();
   const bool fp8 = s.dtype != ncclMoeBf16;
   std::vector<Problem> probs;
   std::vector<Reference> refs;
@@ -186,7 +201,14 @@ void backToBackClaims(const Shape& s, uint64_t seed) {
   std::vector<std::unique_ptr<OutputCopy>> copies;
   bool ok = true;
   for (int i = 0; i < kIters; i++) {
-    probs.push_back(makeProblem(s, spec(seed + i)));  // same T per rank for every seed
+    if (tokens) {
+      probs.push_back(makeProblem(s, spec(seed + i, Route::Random, s.maxTokens)));
+      std::vector<int> t(nRanks());
+      for (int r = 0; r < nRanks(); r++) t[r] = tokens(i, r);
+      cutTokens(probs[i], t);
+    } else {
+      probs.push_back(makeProblem(s, spec(seed + i)));  // same T per rank for every seed
+    }
     refs.push_back(makeReference(probs[i]));
     ins.emplace_back(new DeviceInputs);
     ok = ins[i]->upload(probs[i]) && ok;
@@ -216,7 +238,8 @@ void backToBackClaims(const Shape& s, uint64_t seed) {
   };
   auto checkAll = [&](const std::string& what) {
     for (int i = 0; i < kIters; i++) {
-      const std::string tag = s.str() + " [" + what + " " + std::to_string(i + 1) + "]";
+      const std::string tag = s.str() + " [" + what + " " + std::to_string(i + 1) + ", T " +
+                              std::to_string(probs[i].tokens(me)) + "]";
       agreeMismatches(checkDispatch(copies[i]->view(s), probs[i], refs[i].recv[me], DispatchChecks(), tag.c_str()),
                       (tag + ": dispatch output").c_str());
     }
@@ -262,6 +285,82 @@ TEST_F(HtDispatch, BackToBackClaimsFp8Sms18) {
 // 24 SMs, 512 tokens: one token per claim.
 TEST_F(HtDispatch, BackToBackClaimsBf16Sms24) {
   backToBackClaims(claimShape(7168, 32, 512, ncclMoeBf16, 24), 161);
+}
+
+// --- token claims at their edges (b8050cd, token_claim.h; review_s7.md section 5, 10-11) ------
+// Each runs backToBackClaims: every dispatch's outputs poisoned in stream order before it and
+// compared bitwise with moe_ref (rows, scales, top-k ids and weights, counts), eagerly and in two
+// graph replays. A token that no warp stores stays poisoned (0xFF) and fails the comparison; one
+// stored twice with another token's data fails it too.
+
+constexpr int kDispatchWarpsPerCta = 16;  // dispatch_lsa.cu: kDispatchThreads (512) / 32
+// claimChunk's switch to kDispatchClaimTokens (2) tokens per claim: numTokens >= 4 * 2 * warps.
+int claimEdge(int numSms) { return 4 * 2 * numSms * kDispatchWarpsPerCta; }
+
+// 5 SMs (80 warps): 640 tokens claim two at a time, 639 one at a time. Dispatches alternate
+// across the edge, and ranks straddle it within one dispatch (odd ranks one below).
+TEST_F(HtDispatch, ClaimChunkEdgeBf16Sms5) {
+  const int edge = claimEdge(5);
+  backToBackClaims(claimShape(2048, 32, edge, ncclMoeBf16, 5), 171, 6, [edge](int i, int r) {
+    switch (i) {
+      case 0: return edge;
+      case 1: return edge - 1;
+      case 2: return r % 2 ? edge - 1 : edge;
+      case 3: return r % 2 ? edge : edge - 1;
+      case 4: return edge;
+      default: return edge - 1;
+    }
+  });
+}
+
+// The same at 7 SMs (112 warps: 896 / 895 tokens) in FP8 (the scales travel with the rows).
+TEST_F(HtDispatch, ClaimChunkEdgeFp8Sms7) {
+  const int edge = claimEdge(7);
+  backToBackClaims(claimShape(2048, 256, edge, ncclMoeFp8E4m3, 7), 177, 5,
+                   [edge](int i, int r) { return (i + r) % 2 ? edge - 1 : edge; });
+}
+
+// 1 token at 32 SMs (512 warps): one claim holds it, the other 511 warps' first claims overshoot
+// (chunk 1); some dispatches have no tokens on any rank or on rank 0 only.
+TEST_F(HtDispatch, ClaimOneTokenFp8Sms32) {
+  backToBackClaims(claimShape(2048, 256, 2, ncclMoeFp8E4m3, 32), 181, 6, [](int i, int r) {
+    if (i == 2) return 0;             // every rank empty
+    if (i == 4) return r == 0 ? 0 : 1;  // rank 0 empty
+    return 1;
+  });
+}
+
+// Dispatches alternate between no tokens anywhere (no claim at all; the end store still tags the
+// word) and 2341 tokens (two per claim at 18 SMs), with dispatches where only rank 0, or every
+// rank but rank 0, is empty.
+TEST_F(HtDispatch, ClaimAlternatingEmptyAndFullFp8Sms18) {
+  const int many = claimEdge(18) + 37;
+  backToBackClaims(claimShape(2048, 256, many, ncclMoeFp8E4m3, 18), 191, 8, [many](int i, int r) {
+    if (i % 2 == 1) return 0;
+    if (i == 4) return r == 0 ? 0 : many;
+    if (i == 6) return r == 0 ? many : 0;
+    return many - r;
+  });
+}
+
+// The claim word's tag is the sequence number mod 2^32. NCCL_MOE_SEQ_START = 2^32 - 1: the
+// context's first dispatch is sequence 2^32, tag 0, the tag of the word zeroed at creation (a
+// fresh counter: next 0). Then 6 eager dispatches and 12 replayed ones with tags 1.. (8 SMs: 128
+// warps, 1024 tokens two per claim, 1023 one per claim, and empty dispatches).
+TEST_F(HtDispatch, ClaimTagZeroAtSeqStart2Pow32Minus1Bf16Sms8) {
+  const int edge = claimEdge(8);
+  backToBackClaims(claimShape(2048, 32, edge, ncclMoeBf16, 8), 201, 6,
+                   [edge](int i, int r) { return i == 3 ? 0 : (i + r) % 3 == 0 ? edge - 1 : edge; },
+                   (1ull << 32) - 1);
+}
+
+// NCCL_MOE_SEQ_START = 2^32 - 3: the first dispatches carry tags 2^32 - 2 and 2^32 - 1, the next
+// ones 0, 1, ... with the word still tagged 2^32 - 1 (stale by the 32-bit comparison only).
+TEST_F(HtDispatch, ClaimTagWrapsSeqStart2Pow32Minus3Fp8Sms8) {
+  const int edge = claimEdge(8);
+  backToBackClaims(claimShape(2048, 256, edge, ncclMoeFp8E4m3, 8), 211, 6,
+                   [edge](int i, int r) { return i == 2 ? (r == 0 ? 0 : 1) : i % 2 ? edge : edge - 1 - r; },
+                   (1ull << 32) - 3);
 }
 
 }  // namespace

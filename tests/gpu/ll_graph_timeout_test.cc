@@ -1,8 +1,8 @@
 // Low-latency mode in CUDA graphs, the peer timeout, and argument validation.
 //  - Graphs: one dispatch (given the weights, or NULL) + combine (one-shot, or split with the
 //    completions on a forked stream; full batches, or 1 and 2 tokens per rank: the one-launch
-//    form) captured once and replayed many times, each replay after new routing, weights and
-//    data were written into the same input buffers; every replay
+//    form; also on one-CTA grids) captured once and replayed many times, each replay after new
+//    routing, weights and data were written into the same input buffers; every replay
 //    checks the counts and the combine, every 10th the whole dispatch output. The captured
 //    dispatch keeps the slot it had at capture; the test synchronises after every replay.
 //    Expert output: BF16 -> a captured device copy of x into combineInput (identity); FP8 ->
@@ -115,6 +115,24 @@ TEST_F(LlGraph, OneShotOneTokenFp8Ue8m0Weighted50Replays) {
 }
 
 TEST_F(LlGraph, OneShotTwoTokensBf16Unweighted20Replays) { graphScenario(shape(false), 1106, 20, false, false, 2); }
+
+// A grid of one CTA for both one-launch kernels (maxTokensPerRank 2 or 4 with one row chunk:
+// the solo dispatch takes no ticket and releases no go; 82a5fa8), captured once and replayed
+// with new routing each time; the limit is forced so that both calls run in one launch whatever
+// NCCL_MOE_LL_ONE_LAUNCH the environment has.
+TEST_F(LlGraph, OneCtaGridOneShotBf16Weighted20Replays) {
+  ScopedEnv limit("NCCL_MOE_LL_ONE_LAUNCH", "1000000");
+  LlShape s = shape(false);
+  s.maxTokens = 2;
+  graphScenario(s, 1107, 20, false, true);
+}
+
+TEST_F(LlGraph, OneCtaGridOneShotUnequalTokensFp8Ue8m0Unweighted20Replays) {  // T = 4 or 3 by rank
+  ScopedEnv limit("NCCL_MOE_LL_ONE_LAUNCH", "1000000");
+  LlShape s = shape(true, ncclMoeScaleUe8m0);
+  s.maxTokens = 4;
+  graphScenario(s, 1108, 20, false, false);
+}
 
 // --- timeout -----------------------------------------------------------------------------------
 

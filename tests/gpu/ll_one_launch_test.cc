@@ -13,13 +13,19 @@
 //  - ranks on different forms in the same operations (the limit 0 on some ranks), and a rank
 //    with no tokens (one launch) receiving full batches from two-launch ranks;
 //  - two one-launch operations in flight, stream-ordered (buffer slots), each combine with its
-//    own dispatch's weights.
+//    own dispatch's weights;
+//  - on a one-CTA grid, per-rank T that changes every round (empty ranks, every rank empty,
+//    equal and unequal T) on one context, and two or three operations in flight;
+//  - the fan-out with more than 64 scale words (FP32 scales, H 16384) on one and several CTAs
+//    and in the two-launch and split forms, and 1024 / 2048 experts (L = 512 / 1024 local
+//    experts at 2 ranks: as many as the CTA's threads, and more).
 // Graph capture and the peer timeout of 1-token operations: ll_graph_timeout_test.cc. Every LL
 // suite runs on either form alone with NCCL_MOE_LL_ONE_LAUNCH=0 / =1000000 in the environment.
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -33,24 +39,9 @@ class LlOneLaunch : public GpuTest {};
 
 // Sets NCCL_MOE_LL_ONE_LAUNCH for the contexts created in its scope (NULL: unset), then puts
 // back what the process had.
-class ScopedLimit {
+class ScopedLimit : public ScopedEnv {
  public:
-  explicit ScopedLimit(const char* value) {
-    const char* old = getenv(kName);
-    had_ = old != nullptr;
-    if (had_) old_ = old;
-    if (value) setenv(kName, value, 1);
-    else unsetenv(kName);
-  }
-  ~ScopedLimit() {
-    if (had_) setenv(kName, old_.c_str(), 1);
-    else unsetenv(kName);
-  }
-
- private:
-  static constexpr const char* kName = "NCCL_MOE_LL_ONE_LAUNCH";
-  bool had_ = false;
-  std::string old_;
+  explicit ScopedLimit(const char* value) : ScopedEnv("NCCL_MOE_LL_ONE_LAUNCH", value) {}
 };
 constexpr const char* kAlways = "1000000";  // above any maxTokensPerRank of these tests
 
@@ -279,6 +270,154 @@ TEST_F(LlOneLaunch, ThreeInFlightFourTokensFp8Ue8m0) {
   LlShape s = shape(true, ncclMoeScaleUe8m0);
   s.slots = 3;
   inFlight(s, 2132, 4);
+}
+
+// --- one-CTA grids with per-rank T changing between rounds (82a5fa8; review_s7.md 5, 4) -------
+// M = 4 and one row chunk: R * M * chunks <= 32 items up to 8 ranks, a dispatch grid of one CTA
+// (no ticket, no go) and a combine grid of one CTA. Rounds on one context (2 slots, each reused):
+// unequal T, rank 0 empty, every rank empty, the last rank empty, equal T (the combine's guess of
+// the first route entries holds), 1 token on rank 0 only, 2 each. Each round: poison, dispatch,
+// full check, identity combine, bitwise check.
+void tokensChangeEveryRound(const LlShape& s, uint64_t seed) {
+  const int R = nRanks();
+  auto tokens = [R](int i, int r) {
+    switch (i) {
+      case 0: return r == 0 ? 3 : 1;
+      case 1: return r == 0 ? 0 : 4;
+      case 2: return 0;
+      case 3: return r == R - 1 ? 0 : r % 4 + 1;
+      case 4: return 4;
+      case 5: return r == 0 ? 1 : 0;
+      default: return 2;
+    }
+  };
+  LlEp ep(s);
+  if (!ep.create()) return;
+  LlInputs in;
+  for (int i = 0; i < 7; i++) {
+    LlProblem p = makeLlProblem(s, spec(seed + i, Route::Random, s.maxTokens));
+    std::vector<int> t(R);
+    for (int r = 0; r < R; r++) t[r] = tokens(i, r);
+    cutLlTokens(p, t);
+    MOE_AGREE_OR_RETURN(in.upload(p), "upload inputs");
+    LlRunOpts o;
+    o.src = i % 2 ? LlExpertSrc::Separate : LlExpertSrc::CombineInput;
+    o.weighted = i % 3 != 1;
+    const std::string tag = s.str() + " [round " + std::to_string(i + 1) + ", T " + std::to_string(t[rank()]) +
+                            (o.weighted ? ", weighted]" : ", unweighted]");
+    if (!llRunAndCheck(ep, in, p, o, tag)) return;
+  }
+}
+
+TEST_F(LlOneLaunch, OneCtaGridTokensChangeEveryRoundBf16) {
+  ScopedLimit limit(kAlways);
+  tokensChangeEveryRound(maxTokens(shape(false), 4), 2141);
+}
+
+TEST_F(LlOneLaunch, OneCtaGridTokensChangeEveryRoundFp8Ue8m0) {
+  ScopedLimit limit(kAlways);
+  tokensChangeEveryRound(maxTokens(shape(true, ncclMoeScaleUe8m0), 4), 2142);
+}
+
+TEST_F(LlOneLaunch, OneCtaGridTokensChangeEveryRoundMixedFormsFp8Fp32) {  // rank 0: two launches
+  ScopedLimit limit(rank() == 0 ? "0" : kAlways);
+  tokensChangeEveryRound(maxTokens(shape(true, ncclMoeScaleFp32), 4), 2143);
+}
+
+// Operations in flight on one-CTA grids (the solo dispatch takes no ticket and releases no go,
+// so nothing orders two launches on different slots but the stream).
+TEST_F(LlOneLaunch, TwoInFlightOneCtaGridUnequalTokensBf16) {  // T = 4 or 3 by rank
+  ScopedLimit limit(kAlways);
+  inFlight(maxTokens(shape(false), 4), 2151, -1);
+}
+
+TEST_F(LlOneLaunch, ThreeInFlightOneCtaGridFp8Pow2) {
+  ScopedLimit limit(kAlways);
+  LlShape s = maxTokens(shape(true, ncclMoeScaleFp32Pow2), 2);
+  s.slots = 3;
+  inFlight(s, 2152, 2);
+}
+
+// --- fan-out with more than 64 scale words (82a5fa8; review_s7.md 5, 6) -----------------------
+// A token with several experts on one rank reaches it once and is copied there to the further
+// rows (fanOutChunk): the row's first 64 scale words are loaded with its first chunk, the others
+// by the tail loop (lane + 64 ..). FP32 scales at H 16384: 128 words per row (4 row chunks).
+
+LlShape wideScales(ncclMoeScaleFormat_t fmt, int m) {
+  LlShape s = shape(true, fmt);
+  s.hidden = 16384;
+  s.maxTokens = m;
+  return s;
+}
+
+// Tokens (over every rank) with at least two experts on one rank: the fan-out's work.
+int tokensWithSharedRank(const LlProblem& p) {
+  const int R = nRanks(), L = p.shape.local(), K = p.shape.topK;
+  int n = 0;
+  for (int r = 0; r < R; r++)
+    for (int t = 0; t < p.tokens(r); t++) {
+      std::vector<int> per(R, 0);
+      bool shared = false;
+      for (int k = 0; k < K; k++) {
+        const int64_t e = p.routing[r].topkIdx[(size_t)t * K + k];
+        if (e >= 0 && ++per[e / L] >= 2) shared = true;
+      }
+      n += shared;
+    }
+  return n;
+}
+
+void wideScalesScenario(const LlShape& s, uint64_t seed, const LlRunOpts& o) {
+  EXPECT_GT(tokensWithSharedRank(makeLlProblem(s, spec(seed))), 0) << "no token to fan out in the first round";
+  llScenario(s, spec(seed), o, 3);
+}
+
+TEST_F(LlOneLaunch, WideScalesOneCtaGridFp8Fp32H16384) {  // 2 ranks: 2 * 4 * 4 chunks = 32 items
+  ScopedLimit limit(kAlways);
+  wideScalesScenario(wideScales(ncclMoeScaleFp32, 4), 2161, LlRunOpts());
+}
+
+TEST_F(LlOneLaunch, WideScalesSeveralCtasFp8Pow2H16384) {
+  ScopedLimit limit(kAlways);
+  wideScalesScenario(wideScales(ncclMoeScaleFp32Pow2, 16), 2162, LlRunOpts());
+}
+
+TEST_F(LlOneLaunch, WideScalesTwoLaunchesFp8Fp32H16384) {
+  ScopedLimit limit("0");
+  wideScalesScenario(wideScales(ncclMoeScaleFp32, 16), 2163, LlRunOpts());
+}
+
+TEST_F(LlOneLaunch, WideScalesSplitFp8Fp32H16384) {
+  LlRunOpts o;
+  o.split = true;
+  wideScalesScenario(wideScales(ncclMoeScaleFp32, 16), 2164, o);
+}
+
+// --- more experts than threads (82a5fa8; review_s7.md 5, 7) -----------------------------------
+// E = 1024 (at 2 ranks L = 512) and 2048 (L = 1024): the solo send's count stores stride over E
+// (512 threads), and the completion's count sums over L start from the last threads and stride.
+
+LlShape manyExperts(bool fp8, int experts, int hidden, int m) {
+  LlShape s = shape(fp8, ncclMoeScaleUe8m0);
+  s.experts = experts;
+  s.hidden = hidden;
+  s.maxTokens = m;
+  return s;
+}
+
+TEST_F(LlOneLaunch, ManyExpertsE1024OneCtaGridBf16) {
+  ScopedLimit limit(kAlways);
+  llScenario(manyExperts(false, 1024, 1024, 8), spec(2171), LlRunOpts(), 3);
+}
+
+TEST_F(LlOneLaunch, ManyExpertsE2048OneCtaGridFp8Ue8m0) {
+  ScopedLimit limit(kAlways);
+  llScenario(manyExperts(true, 2048, 2048, 4), spec(2172), LlRunOpts(), 3);
+}
+
+TEST_F(LlOneLaunch, ManyExpertsE2048TwoLaunchesBf16) {
+  ScopedLimit limit("0");
+  llScenario(manyExperts(false, 2048, 1024, 8), spec(2173), LlRunOpts(), 3);
 }
 
 }  // namespace

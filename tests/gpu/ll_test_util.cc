@@ -155,6 +155,20 @@ LlProblem makeLlProblem(const LlShape& s, const GenSpec& g) {
   return p;
 }
 
+void resendRows(LlProblem& p, int r) {
+  const LlShape& s = p.shape;
+  p.send[r] = moe_ref::llSendRows(p.x[r], p.routing[r].numTokens, s.hidden, s.fp8, s.fmt);
+}
+
+void cutLlTokens(LlProblem& p, const std::vector<int>& tokens) {
+  const LlShape& s = p.shape;
+  for (int r = 0; r < (int)p.routing.size() && r < (int)tokens.size(); r++) {
+    const int T = trimRouting(p.routing[r], tokens[r], s.topK);
+    p.x[r].resize((size_t)T * s.hidden);
+    resendRows(p, r);
+  }
+}
+
 moe_ref::LlReceived llReference(const LlProblem& p) {
   return moe_ref::llDispatch(rank(), p.routing, p.shape.numExperts());
 }
@@ -174,7 +188,7 @@ bool LlInputs::upload(const LlProblem& p) {
 
 long checkLlDispatch(const ncclMoeLowLatencyOutput_t& out, const LlProblem& p,
                      const moe_ref::LlReceived& ref, const char* tag, bool countsOnly,
-                     LlBlocks* got) {
+                     LlBlocks* got, const LlByteMask& mask) {
   const LlShape& s = p.shape;
   const int me = rank(), R = nRanks(), L = s.local(), M = s.maxTokens, H = s.hidden;
   const size_t B = s.blockRows();
@@ -246,7 +260,15 @@ long checkLlDispatch(const ncclMoeLowLatencyOutput_t& out, const LlProblem& p,
         }
         const uint8_t* g = &rows[(size_t)j * rowBytes];
         const uint8_t* e = sent.row(t);
-        if (memcmp(g, e, rowBytes) != 0) {
+        if (mask && s.fp8) {
+          for (int c = 0; c < H; c++) {
+            const uint8_t m = mask(src, t, c);
+            if ((g[c] & m) != (e[c] & m))
+              dx.add(blockName(l, src) + ", token " + std::to_string(t) + ", col " + std::to_string(c) +
+                         (m != 0xff ? " (mask " + hex(m, 2) + ")" : std::string()),
+                     hex(g[c], 2), hex(e[c], 2));
+          }
+        } else if (memcmp(g, e, rowBytes) != 0) {
           const int eb = s.fp8 ? 1 : 2;
           for (int c = 0; c < H; c++)
             if (memcmp(g + c * eb, e + c * eb, eb) != 0) {

@@ -11,6 +11,7 @@
 //    combine result does not depend on the (unspecified) order inside a block; used where the
 //    host cannot look at the rows between dispatch and combine (graphs, operations in flight).
 #pragma once
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -53,6 +54,12 @@ struct LlProblem {
 // the 1e-4 amax floor (to exercise the clamp).
 LlProblem makeLlProblem(const LlShape& s, const GenSpec& g);
 
+// Recomputes rank r's sent rows (p.send[r]) from p.x[r], after a test changed its tokens.
+void resendRows(LlProblem& p, int r);
+// Cuts rank r's tokens to their first tokens[r] (a count above the rank's is left as it is) and
+// recomputes what it sends: per-rank token counts that GenSpec cannot express.
+void cutLlTokens(LlProblem& p, const std::vector<int>& tokens);
+
 // This rank's input buffers, sized for maxTokens.
 struct LlInputs {
   DevMem x, topkIdx, weights;
@@ -66,12 +73,15 @@ struct LlBlocks {
   std::vector<std::vector<uint8_t>> rows, scales;  // [L*R][n * rowBytes], [L*R][n * scaleBytes]
 };
 
+// Bits of FP8 byte `col` of source `src`'s token t that the row comparison looks at (0xff: all;
+// 0x7f: all but the sign, for a NaN whose sign the CPU and the GPU produce differently).
+using LlByteMask = std::function<uint8_t(int src, int t, int col)>;
 // Compares counts (and, unless countsOnly, every block as a set keyed by srcToken: row bytes
 // and scale bytes) with the reference. Fills *got (downloaded blocks) when not NULL. Returns
-// mismatches on this rank; failures are recorded.
+// mismatches on this rank; failures are recorded. mask (FP8 rows only): see LlByteMask.
 long checkLlDispatch(const ncclMoeLowLatencyOutput_t& out, const LlProblem& p,
                      const moe_ref::LlReceived& ref, const char* tag, bool countsOnly = false,
-                     LlBlocks* got = nullptr);
+                     LlBlocks* got = nullptr, const LlByteMask& mask = nullptr);
 // The reference dispatch to this rank.
 moe_ref::LlReceived llReference(const LlProblem& p);
 
