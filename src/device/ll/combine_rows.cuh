@@ -132,11 +132,10 @@ __device__ __forceinline__ void combineSendItemsLl(const LlCombineArgs& a, char*
   // that the entry's latency overlaps the previous item's row loads.
   const int items = tokenStart[R] * chunks, stride = numCtas * kLlCombineWarps;
   auto entryOf = [&](int it) {
-    if (it >= items || lane >= K) return make_int2(-1, 0);
+    if (it >= items) return make_int2(-1, 0);
     int s, t;
     sourceTokenOf(tokenStart, it / chunks, &s, &t);
-    // Written by source s during the dispatch: read past L1.
-    return loadPeerInt2((const int2*)(route + ((size_t)s * M + t) * K + lane));
+    return loadRouteEntryLl(route, s, t, M, K, lane);
   };
   int it = cta * kLlCombineWarps + warp;
   bool guessed = false;  // the same in every lane of the warp

@@ -344,10 +344,10 @@ __device__ __forceinline__ void completeDispatchLl(const LlDispatchArgs& a, char
   const int items = tokenStart[R] * chunks, stride = numCtas * kLlWarps;
   // This lane's route entry row of item `it` (-1 past the end), loaded one item ahead.
   auto rowOf = [&](int it) {
-    if (it >= items || lane >= K) return -1;
+    if (it >= items) return -1;
     int s, t;
     sourceTokenOf(tokenStart, it / chunks, &s, &t);
-    return loadPeerInt2((const int2*)(route + ((size_t)s * M + t) * K + lane)).x;
+    return loadRouteEntryLl(route, s, t, M, K, lane).x;
   };
   int it = cta * kLlWarps + warp;
   int row = rowOf(it);

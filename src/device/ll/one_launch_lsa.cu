@@ -209,10 +209,8 @@ __global__ void __launch_bounds__(kLlCombineThreads, 1) llCombineOneLaunchKernel
     const int f = ((int)blockIdx.x * kLlCombineWarps + (int)threadIdx.x / 32) / chunks;
     if (f / T < R) {
       guessSt = make_int2(f / T, f % T);
-      const LlRouteEntry* route = (const LlRouteEntry*)(mine + a.slot.route);
-      // Written by source f / T during the dispatch: read past L1.
-      if (lane < a.topK)
-        guessEntry = loadPeerInt2((const int2*)(route + ((size_t)guessSt.x * a.maxTokens + guessSt.y) * a.topK + lane));
+      guessEntry = loadRouteEntryLl((const LlRouteEntry*)(mine + a.slot.route), guessSt.x, guessSt.y, a.maxTokens,
+                                    a.topK, lane);
     }
   }
   if (threadIdx.x < R) {
