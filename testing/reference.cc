@@ -37,7 +37,7 @@ float bf16ToFloat(uint16_t v) {
 uint16_t floatToBf16(float f) {
   uint32_t bits;
   memcpy(&bits, &f, sizeof(bits));
-  if (isnan(f)) return (uint16_t)((bits >> 16) | 0x0040);  // keep sign, force a quiet NaN
+  if (isnan(f)) return 0x7fff;  // the canonical NaN, as the device's cvt.rn.bf16 gives
   // Round to nearest even on the 16 dropped bits (overflow to infinity is correct RNE).
   uint32_t lsb = (bits >> 16) & 1u;
   return (uint16_t)((bits + 0x7fffu + lsb) >> 16);
