@@ -130,7 +130,7 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
     timeout -k 5 ${GPUTEST_TIMEOUT:-240} $B/test/gpu_tests --ngpus=$n "$@" > "$OUT/gputest_$n.log" 2>&1
     rc=$?
     summary+=("gputest NGPUS=$n rc=$rc (${SECONDS}s): $(grep -E '^\[  (PASSED|FAILED) ' "$OUT/gputest_$n.log" | head -2 | tr '\n' ' ')")
-    grep -E "Failure|FAILED|rank [0-9]+:|mismatch" "$OUT/gputest_$n.log" | head -30
+    grep -E "Failure|FAILED|rank [0-9]+:|mismatch" "$OUT/gputest_$n.log" | grep -v "^\[   INFO" | head -30
   done
 fi
 if [ "$what" = sanitize ] || [ "$what" = all ]; then

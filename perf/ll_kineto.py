@@ -1,0 +1,172 @@
+"""LL kernel GPU time by the torch profiler (CUPTI through kineto), the method DeepEP's
+tests/test_low_latency.py and NCCL EP's ep_bench ("kernel=") report: per call, the summed
+duration of the library's kernels of that call, with no event, launch or host gap inside.
+ll_perf times each call with a CUDA event pair instead (launch and the gap from the previous
+kernel included, about 3-5 us more at 1 token); run both.
+
+  torchrun --nproc_per_node=2 perf/ll_kineto.py [--tokens 1,128] [--dtypes fp8,bf16]
+      [--hidden 7168] [--experts 288] [--topk 8] [--max-tokens 128] [--sms 132] [--iters 200]
+
+Per (tokens, dtype) rank 0 prints, for dispatch and combine: the median and mean over the timed
+calls of the kernel time and of the span (first kernel start to last kernel end of the call,
+which adds the gap between a two-kernel call's kernels), the slowest rank's value. Each
+iteration is a matrix product and an all-reduce (the ranks start together, the host runs
+ahead), then a dispatch and a combine on the calling stream; routing is uniform top-k with 10
+entries per rank set to -1 as DeepEP's test does (none at 1 token). Needs the nccl_moe package
+(python/) and a GPU per rank.
+"""
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+from nccl_moe.torch import Buffer  # noqa: E402
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
+    p.add_argument("--tokens", type=ints, default=[1, 128], help="tokens per rank, comma list")
+    p.add_argument("--dtypes", default="fp8,bf16", help="dispatch dtypes, comma list")
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--experts", type=int, default=288)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=128, help="max tokens per rank (M)")
+    p.add_argument("--sms", type=int, default=None, help="LL SMs (default: the library's)")
+    p.add_argument("--iters", type=int, default=200, help="timed iterations")
+    p.add_argument("--warmup", type=int, default=20)
+    a = p.parse_args()
+    bad = [t for t in a.tokens if not 1 <= t <= a.max_tokens]
+    if bad:
+        p.error(f"--tokens {bad} outside 1..--max-tokens {a.max_tokens}")
+    for d in a.dtypes.split(","):
+        if d not in ("fp8", "bf16"):
+            p.error(f"--dtypes: {d!r} is neither fp8 nor bf16")
+    return a
+
+
+def routing(tokens, experts, topk, gen):
+    """topk_idx [T][K] int64, distinct experts per token, 10 random entries -1 (none below 100
+    entries, so that 1 token sends all top-k); weights FP32."""
+    scores = torch.rand(tokens, experts, generator=gen)
+    idx = scores.topk(topk, dim=1).indices
+    flat = idx.view(-1)
+    flat[torch.randperm(flat.numel(), generator=gen)[:min(10, flat.numel() // 100)]] = -1
+    w = torch.rand(tokens, topk, generator=gen).masked_fill(idx < 0, 0.0)
+    return idx.cuda(), w.cuda()
+
+
+def kind_of(name):
+    """'dispatch' / 'combine' for the library's LL kernels, None for anything else."""
+    if "nccl_moe" not in name:
+        return None
+    if "llDispatch" in name:
+        return "dispatch"
+    if "llCombine" in name:
+        return "combine"
+    return None
+
+
+def per_call(prof):
+    """Lists of (kernel us, span us) per call, by kind, from the profile's kernel events: the
+    library's kernels in start order, a call being the run of consecutive kernels of one kind."""
+    kernels = []
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = kind_of(e.name)
+            if k:
+                kernels.append((e.time_range.start, e.time_range.end, k))
+    kernels.sort()
+    calls = {"dispatch": [], "combine": []}
+    run = None
+    for start, end, k in kernels:
+        if run and run[0] == k:
+            run[1] += end - start
+            run[3] = end
+        else:
+            if run:
+                calls[run[0]].append((run[1], run[3] - run[2]))
+            run = [k, end - start, start, end]
+    if run:
+        calls[run[0]].append((run[1], run[3] - run[2]))
+    return calls
+
+
+def measure(buf, a, tokens, fp8, gen):
+    x = torch.randn(tokens, a.hidden, generator=gen).to(torch.bfloat16).cuda()
+    idx, w = routing(tokens, a.experts, a.topk, gen)
+
+    def step():
+        _, _, handle, _, _ = buf.low_latency_dispatch(x, idx, a.max_tokens, a.experts,
+                                                      use_fp8=fp8, topk_weights=w)
+        buf.low_latency_combine(handle.combine_input, idx, w, handle)
+
+    # Before each call, a matrix product keeps the GPU busy while the host enqueues the call,
+    # and an all-reduce then starts it on every rank at about the same time: the kernel times
+    # are the library's, not the host's launch gaps or a late peer (DeepEP's bench_kineto does
+    # the same).
+    lhs = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    one = torch.ones(1, device="cuda")
+
+    def aligned_step():
+        torch.mm(lhs, lhs)
+        dist.all_reduce(one)
+        step()
+
+    for _ in range(a.warmup):
+        aligned_step()
+    torch.cuda.synchronize()
+    dist.barrier()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(a.iters):
+            aligned_step()
+        torch.cuda.synchronize()
+    calls = per_call(prof)
+    for k, v in calls.items():
+        if len(v) != a.iters:
+            raise RuntimeError(f"rank {dist.get_rank()}: {len(v)} {k} calls in the profile, "
+                               f"expected {a.iters} (kernel names changed?)")
+    stats = []
+    for k in ("dispatch", "combine"):
+        kern = [c[0] for c in calls[k]]
+        span = [c[1] for c in calls[k]]
+        stats += [statistics.median(kern), statistics.fmean(kern),
+                  statistics.median(span), statistics.fmean(span)]
+    t = torch.tensor(stats, dtype=torch.float64, device="cuda")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def main():
+    a = parse()
+    dist.init_process_group("nccl")
+    rank = dist.get_rank()
+    torch.cuda.set_device(rank % torch.cuda.device_count())
+    gen = torch.Generator().manual_seed(4321 + rank)
+    if rank == 0:
+        print(f"# ll_kineto: {dist.get_world_size()} ranks, {torch.cuda.get_device_name()}, "
+              f"H {a.hidden}, {a.experts} experts, top-{a.topk}, M {a.max_tokens}, "
+              f"SMs {a.sms or 'default'}, {a.iters} calls; us, slowest rank")
+        print(f"# {'tokens':>6} {'dtype':>5} {'op':>9} {'kernel med':>10} {'mean':>8} "
+              f"{'span med':>9} {'mean':>8}", flush=True)
+    for dtype in a.dtypes.split(","):
+        buf = Buffer(None, a.hidden, a.experts, a.topk, max_tokens_per_rank=a.max_tokens,
+                     use_fp8=dtype == "fp8", ll_num_sms=a.sms, calling_stream=True)
+        for tokens in a.tokens:
+            s = measure(buf, a, tokens, dtype == "fp8", gen)
+            if rank == 0:
+                for i, op in enumerate(("dispatch", "combine")):
+                    km, ka, sm, sa = s[4 * i:4 * i + 4]
+                    print(f"  {tokens:>6} {dtype:>5} {op:>9} {km:>10.2f} {ka:>8.2f} {sm:>9.2f} "
+                          f"{sa:>8.2f}", flush=True)
+        del buf
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
