@@ -153,8 +153,13 @@ void soakWithMemoryCheck(const char* mode, const ShapeT& shape, long (*soak)(int
     if (!warmUp.create()) return;
   }
   sideStream();  // the split runners' stream and scratch, made once per process
+  // A window's memory is returned to the device only when every rank has unmapped it: each
+  // reading waits until every rank has finished its destroy (a peer still holding the warm-up's
+  // or the soak's window would move this rank's reading).
+  allRanksOk(true, "warm-up context destroyed on every rank");
   const size_t before = deviceBytesInUse();
   const long done = soak(iters);
+  allRanksOk(true, "soak context destroyed on every rank");
   const size_t after = deviceBytesInUse();
   EXPECT_GE(done, iters) << "rank " << rank() << ": " << mode << " soak stopped early";
   EXPECT_EQ(after, before) << "rank " << rank() << ": device memory in use grew by "
