@@ -6,14 +6,17 @@ kernel included, about 3-5 us more at 1 token); run both.
 
   torchrun --nproc_per_node=2 perf/ll_kineto.py [--tokens 1,128] [--dtypes fp8,bf16]
       [--hidden 7168] [--experts 288] [--topk 8] [--max-tokens 128] [--sms 132] [--iters 200]
+      [--graph N]
 
 Per (tokens, dtype) rank 0 prints, for dispatch and combine: the median and mean over the timed
 calls of the kernel time and of the span (first kernel start to last kernel end of the call,
 which adds the gap between a two-kernel call's kernels), the slowest rank's value. Each
 iteration is a matrix product and an all-reduce (the ranks start together, the host runs
 ahead), then a dispatch and a combine on the calling stream; routing is uniform top-k with 10
-entries per rank set to -1 as DeepEP's test does (none at 1 token). Needs the nccl_moe package
-(python/) and a GPU per rank.
+entries per rank set to -1 as DeepEP's test does (none at 1 token). With --graph N, N steps are
+captured in one CUDA graph and the graph is replayed after each alignment, as a decode engine
+runs them: calls 2..N of a replay follow each other with no host in between (steady state).
+Needs the nccl_moe package (python/) and a GPU per rank.
 """
 import argparse
 import statistics
@@ -39,6 +42,8 @@ def parse():
     p.add_argument("--sms", type=int, default=None, help="LL SMs (default: the library's)")
     p.add_argument("--iters", type=int, default=200, help="timed iterations")
     p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--graph", type=int, default=0,
+                   help="N > 0: time N dispatch + combine steps captured in a CUDA graph")
     a = p.parse_args()
     bad = [t for t in a.tokens if not 1 <= t <= a.max_tokens]
     if bad:
@@ -112,7 +117,7 @@ def measure(buf, a, tokens, fp8, gen):
     lhs = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     one = torch.ones(1, device="cuda")
 
-    def aligned_step():
+    def aligned_step():  # warm-up
         torch.mm(lhs, lhs)
         dist.all_reduce(one)
         step()
@@ -121,15 +126,32 @@ def measure(buf, a, tokens, fp8, gen):
         aligned_step()
     torch.cuda.synchronize()
     dist.barrier()
+    # --graph N: N steps captured in one CUDA graph, replayed after each alignment (a decode
+    # engine's way): the first call of a replay starts aligned, the others follow back to back.
+    steps_per_run, run = 1, step
+    if a.graph:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(a.graph):
+                step()
+        steps_per_run, run = a.graph, graph.replay
+        torch.mm(lhs, lhs)
+        dist.all_reduce(one)
+        run()
+        torch.cuda.synchronize()
+        dist.barrier()
+    runs = -(-a.iters // steps_per_run)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(a.iters):
-            aligned_step()
+        for _ in range(runs):
+            torch.mm(lhs, lhs)
+            dist.all_reduce(one)
+            run()
         torch.cuda.synchronize()
     calls = per_call(prof)
     for k, v in calls.items():
-        if len(v) != a.iters:
+        if len(v) != runs * steps_per_run:
             raise RuntimeError(f"rank {dist.get_rank()}: {len(v)} {k} calls in the profile, "
-                               f"expected {a.iters} (kernel names changed?)")
+                               f"expected {runs * steps_per_run} (kernel names changed?)")
     stats = []
     for k in ("dispatch", "combine"):
         kern = [c[0] for c in calls[k]]
@@ -150,7 +172,8 @@ def main():
     if rank == 0:
         print(f"# ll_kineto: {dist.get_world_size()} ranks, {torch.cuda.get_device_name()}, "
               f"H {a.hidden}, {a.experts} experts, top-{a.topk}, M {a.max_tokens}, "
-              f"SMs {a.sms or 'default'}, {a.iters} calls; us, slowest rank")
+              f"SMs {a.sms or 'default'}, {a.iters} calls"
+              f"{f', CUDA graphs of {a.graph} steps' if a.graph else ''}; us, slowest rank")
         print(f"# {'tokens':>6} {'dtype':>5} {'op':>9} {'kernel med':>10} {'mean':>8} "
               f"{'span med':>9} {'mean':>8}", flush=True)
     for dtype in a.dtypes.split(","):
