@@ -6,8 +6,10 @@
 //   layout    ncclMoeGetLayout on the routing;
 //   dispatch  ncclMoeDispatch with the routing and weights (layout recomputed every call, as in
 //             a forward pass; no host counts, so no host synchronisation);
-//   combine   ncclMoeCombine, unweighted, of the identity expert: out->x for BF16, or
-//             out->combineInput filled once with deterministic BF16 rows for FP8.
+//   combine   ncclMoeCombine of the identity expert: out->x for BF16, or out->combineInput
+//             filled once with deterministic BF16 rows for FP8; unweighted (the rows' plain sum,
+//             as DeepEP's and NCCL EP's combines), or with --weighted 1 weighted by the
+//             dispatch's top-k weights (w(t, r) * row, summed in rank order).
 // With -c 1 each operation then runs once more on poisoned outputs and is compared with what
 // the host expects. Every rank can regenerate every other rank's routing and tokens from the
 // same seeds, so the expected receive set needs no communication.
@@ -315,21 +317,33 @@ std::vector<uint16_t> makeCombineInput(const Problem& p, const ReceivePlan& plan
 }
 
 // Wrong BF16 elements of the combine output on this (source) rank: each token sums the same
-// row once per rank it visited, in FP32, rounded once; tokens that went nowhere give 0.
-long long checkCombine(const Problem& p, const HostRouting& own, long T,
-                       const std::vector<uint8_t>& ownX, const DeviceBuffers& d) {
+// row once per rank r it visited, in rank order, in FP32 (weighted: w(t, r) * row, w(t, r) the
+// sum in k order of t's weights on r), rounded once; tokens that went nowhere give 0.
+long long checkCombine(const Problem& p, const HostRouting& own, long T, const std::vector<uint8_t>& ownX,
+                       const DeviceBuffers& d, bool weighted) {
   std::vector<uint16_t> got;
   copyToHost(&got, d.combineOut, (size_t)T * p.hidden);
   const uint16_t* x = reinterpret_cast<const uint16_t*>(ownX.data());
   long long wrong = 0;
+  std::vector<float> w;  // w(t, r) of the ranks t visited, in rank order
   for (long t = 0; t < T; t++) {
-    int visited = 0;
-    for (int r = 0; r < p.nRanks; r++) visited += tokenOnRank(p, &own.idx[(size_t)t * p.topK], r);
+    const int64_t* idx = &own.idx[(size_t)t * p.topK];
+    w.clear();
+    for (int r = 0; r < p.nRanks; r++) {
+      if (!tokenOnRank(p, idx, r)) continue;
+      float wr = 1.0f;
+      if (weighted) {
+        wr = 0.0f;
+        for (int k = 0; k < p.topK; k++)
+          if (idx[k] >= 0 && idx[k] / p.expertsPerRank == r) wr += own.weights[(size_t)t * p.topK + k];
+      }
+      w.push_back(wr);
+    }
     for (int h = 0; h < p.hidden; h++) {
       uint16_t v = p.dtype == ncclMoeBf16 ? x[(size_t)t * p.hidden + h] : combineValue(p.rank, t, h);
       float acc = 0.0f;
-      for (int r = 0; r < visited; r++) acc += moe_ref::bf16ToFloat(v);
-      wrong += got[(size_t)t * p.hidden + h] != (visited ? moe_ref::floatToBf16(acc) : 0);
+      for (float wr : w) acc += weighted ? moe_ref::roundedProduct(wr, moe_ref::bf16ToFloat(v)) : moe_ref::bf16ToFloat(v);
+      wrong += got[(size_t)t * p.hidden + h] != (w.empty() ? 0 : moe_ref::floatToBf16(acc));
     }
   }
   return wrong;
@@ -343,6 +357,7 @@ struct Bench {
   DeviceBuffers d;
   long maxT = 0, capacityRows = 0;  // capacity: R * maxTokensPerRank rows (outputCapacity 0)
   long T = 0;
+  bool weighted = false;            // --weighted: the combine weighted by the top-k weights
   HostRouting own;                  // this rank's routing at T
   std::vector<uint8_t> ownX;
   std::vector<float> ownScales;
@@ -363,7 +378,8 @@ struct Bench {
   }
   void combine() {
     const void* expertOut = p.dtype == ncclMoeBf16 ? out.x : out.combineInput;
-    PERF_MOE(ncclMoeCombine(ctx.moe, handle, expertOut, nullptr, d.combineOut, ctx.stream));
+    PERF_MOE(ncclMoeCombine(ctx.moe, handle, expertOut, weighted ? d.weights : nullptr, d.combineOut,
+                            ctx.stream));
   }
   // FP8: the identity expert's outputs go into the window's combine input after a dispatch.
   void fillCombineInput() {
@@ -522,7 +538,7 @@ struct Bench {
       fillCombineInput();
       combine();
       moe_perf::quiesce(ctx);
-      return checkCombine(p, own, T, ownX, d);
+      return checkCombine(p, own, T, ownX, d, weighted);
     };
     return {lay, disp, comb};
   }
@@ -547,7 +563,13 @@ int main(int argc, char** argv) {
     const char* k = getenv("NCCL_MOE_HT_COMBINE");  // the combine kernel
     const bool group = bench.p.routing == moe_perf::Routing::kGroup;
     return moe_perf::Params{{"combine", k && *k ? k : "pull"},
-                            {"group_nodes", group ? std::to_string(bench.p.groupNodes) : "-"}};
+                            {"group_nodes", group ? std::to_string(bench.p.groupNodes) : "-"},
+                            {"weighted", bench.weighted ? "1" : "0"}};
+  };
+  test.extraOptions = {
+      {"weighted", 'W', "0|1",
+       "combine weighted by the dispatch's top-k weights (default 0: the plain sum, as DeepEP's)",
+       [](const char* v) { return moe_perf::parse01(v, &bench.weighted); }},
   };
   test.setup = [](const moe_perf::Context& ctx) {
     bench.setup(ctx);

@@ -8,9 +8,11 @@ kernel included, about 3-5 us more at 1 token); run both.
       [--hidden 7168] [--experts 288] [--topk 8] [--max-tokens 128] [--sms 132] [--iters 200]
       [--graph N]
 
-Per (tokens, dtype) rank 0 prints, for dispatch and combine: the median and mean over the timed
-calls of the kernel time and of the span (first kernel start to last kernel end of the call,
-which adds the gap between a two-kernel call's kernels), the slowest rank's value. Each
+Per (tokens, dtype) rank 0 prints, for dispatch and combine, the slowest rank's value of: the
+median and mean over the timed calls of the kernel time; the median span (first kernel start to
+last kernel end of the call, which adds the gap between a two-kernel call's kernels); the median
+time from the last rank's start of the call to this rank's end (the span without the wait for a
+late peer; host clock, which the ranks of one host share); the median skew of the ranks' starts. Each
 iteration is a matrix product and an all-reduce (the ranks start together, the host runs
 ahead), then a dispatch and a combine on the calling stream; routing is uniform top-k with 10
 entries per rank set to -1 as DeepEP's test does (none at 1 token). With --graph N, N steps are
@@ -76,9 +78,20 @@ def kind_of(name):
     return None
 
 
+def trace_start_us(prof):
+    """The profile's start on the host clock (us), which every rank of one host shares; kernel
+    times in prof.events() are relative to it. None where this torch does not expose it."""
+    results = getattr(prof.profiler, "kineto_results", None)
+    try:
+        return results.trace_start_ns() / 1e3
+    except AttributeError:
+        return None
+
+
 def per_call(prof):
-    """Lists of (kernel us, span us) per call, by kind, from the profile's kernel events: the
-    library's kernels in start order, a call being the run of consecutive kernels of one kind."""
+    """Lists of (kernel us, start us, end us) per call, by kind, from the profile's kernel
+    events: the library's kernels in start order, a call being the run of consecutive kernels of
+    one kind; start / end: its first kernel's start and last kernel's end."""
     kernels = []
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
@@ -94,10 +107,10 @@ def per_call(prof):
             run[3] = end
         else:
             if run:
-                calls[run[0]].append((run[1], run[3] - run[2]))
+                calls[run[0]].append(tuple(run[1:]))
             run = [k, end - start, start, end]
     if run:
-        calls[run[0]].append((run[1], run[3] - run[2]))
+        calls[run[0]].append(tuple(run[1:]))
     return calls
 
 
@@ -152,12 +165,26 @@ def measure(buf, a, tokens, fp8, gen):
         if len(v) != runs * steps_per_run:
             raise RuntimeError(f"rank {dist.get_rank()}: {len(v)} {k} calls in the profile, "
                                f"expected {runs * steps_per_run} (kernel names changed?)")
+    # Host-clock start / end of each call on every rank: "from the last start" = this rank's end
+    # minus the latest rank's start of the same call (the kernel time without the wait for a
+    # late peer), "skew" = latest minus earliest start.
+    base = trace_start_us(prof)
     stats = []
     for k in ("dispatch", "combine"):
         kern = [c[0] for c in calls[k]]
-        span = [c[1] for c in calls[k]]
-        stats += [statistics.median(kern), statistics.fmean(kern),
-                  statistics.median(span), statistics.fmean(span)]
+        span = [c[2] - c[1] for c in calls[k]]
+        after, skew = [float("nan")], [float("nan")]
+        if base is not None:
+            mine = torch.tensor([[base + c[1], base + c[2]] for c in calls[k]], dtype=torch.float64,
+                                device="cuda")
+            every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+            dist.all_gather(every, mine)
+            starts = torch.stack([e[:, 0] for e in every])
+            last = starts.max(dim=0).values
+            after = (mine[:, 1] - last).tolist()
+            skew = (last - starts.min(dim=0).values).tolist()
+        stats += [statistics.median(kern), statistics.fmean(kern), statistics.median(span),
+                  statistics.median(after), statistics.median(skew)]
     t = torch.tensor(stats, dtype=torch.float64, device="cuda")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
@@ -175,7 +202,7 @@ def main():
               f"SMs {a.sms or 'default'}, {a.iters} calls"
               f"{f', CUDA graphs of {a.graph} steps' if a.graph else ''}; us, slowest rank")
         print(f"# {'tokens':>6} {'dtype':>5} {'op':>9} {'kernel med':>10} {'mean':>8} "
-              f"{'span med':>9} {'mean':>8}", flush=True)
+              f"{'span med':>9} {'from last start med':>19} {'skew med':>9}", flush=True)
     for dtype in a.dtypes.split(","):
         buf = Buffer(None, a.hidden, a.experts, a.topk, max_tokens_per_rank=a.max_tokens,
                      use_fp8=dtype == "fp8", ll_num_sms=a.sms, calling_stream=True)
@@ -183,9 +210,9 @@ def main():
             s = measure(buf, a, tokens, dtype == "fp8", gen)
             if rank == 0:
                 for i, op in enumerate(("dispatch", "combine")):
-                    km, ka, sm, sa = s[4 * i:4 * i + 4]
+                    km, ka, sm, am, sk = s[5 * i:5 * i + 5]
                     print(f"  {tokens:>6} {dtype:>5} {op:>9} {km:>10.2f} {ka:>8.2f} {sm:>9.2f} "
-                          f"{sa:>8.2f}", flush=True)
+                          f"{am:>19.2f} {sk:>9.2f}", flush=True)
         del buf
     dist.barrier()
     dist.destroy_process_group()

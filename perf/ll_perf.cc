@@ -368,12 +368,6 @@ struct Bench {
   }
 };
 
-bool parse01(const char* v, bool* out) {
-  if (strcmp(v, "0") != 0 && strcmp(v, "1") != 0) return false;
-  *out = v[0] == '1';
-  return true;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -400,12 +394,12 @@ int main(int argc, char** argv) {
          return true;
        }},
       {"weighted", 'W', "0|1", "weights given to the dispatch: weighted combine (default 1)",
-       [](const char* v) { return parse01(v, &bench.weighted); }},
+       [](const char* v) { return moe_perf::parse01(v, &bench.weighted); }},
       {"hold-stream", 0, "0|1",
        "1: GPU time, the stream held while a call is enqueued (default); 0: from the host call",
        [&test](const char* v) {
          bool hold = true;
-         if (!parse01(v, &hold)) return false;
+         if (!moe_perf::parse01(v, &hold)) return false;
          test.timing = hold ? moe_perf::Timing::kEachCallHeld : moe_perf::Timing::kEachCall;
          return true;
        }},

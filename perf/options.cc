@@ -168,6 +168,12 @@ void reportUnknown(const char* prog, int letter, const char* arg) {
 
 }  // namespace
 
+bool parse01(const char* v, bool* out) {
+  if (strcmp(v, "0") != 0 && strcmp(v, "1") != 0) return false;
+  *out = v[0] == '1';
+  return true;
+}
+
 const char* dtypeName(bool fp8) { return fp8 ? "fp8" : "bf16"; }
 const char* routingName(Routing r) {
   return r == Routing::kSkew ? "skew" : r == Routing::kGroup ? "group" : "random";

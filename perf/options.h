@@ -63,6 +63,9 @@ int parseOptions(int argc, char** argv, const char* progName,
 // and including maxTokens.
 std::vector<long> tokenSweep(const Options& opt);
 
+// An ExtraOption value "0" or "1" into *out; false for anything else.
+bool parse01(const char* v, bool* out);
+
 const char* dtypeName(bool fp8);
 const char* routingName(Routing r);
 

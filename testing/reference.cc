@@ -103,14 +103,12 @@ bool goesTo(const Routing& r, int t, int rank, int numExperts, int numRanks) {
   return false;
 }
 
-// a * b rounded to float: the volatile store keeps the compiler from fusing it into an FMA
-// with the following add (GCC contracts across statements for C++ when FMA is available).
+}  // namespace
+
 float roundedProduct(float a, float b) {
   volatile float p = a * b;
   return p;
 }
-
-}  // namespace
 
 Layout layout(const Routing& r, int numExperts, int numRanks, int numNodes) {
   assert(numRanks > 0 && numExperts % numRanks == 0);

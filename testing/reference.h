@@ -9,7 +9,10 @@ namespace moe_ref {
 
 // --- number formats -------------------------------------------------------------------------
 float bf16ToFloat(uint16_t v);
-uint16_t floatToBf16(float f);       // round to nearest even, NaN stays NaN
+uint16_t floatToBf16(float f);       // round to nearest even, NaN -> 0x7fff (the device's cvt)
+// a * b rounded to float, never fused with a following add into an FMA (a volatile store: GCC
+// contracts across statements when FMA is available); the kernels' w * x before the sum.
+float roundedProduct(float a, float b);
 float fp8e4m3ToFloat(uint8_t v);
 uint8_t floatToFp8e4m3(float f);     // round to nearest even, saturating to +-448
 

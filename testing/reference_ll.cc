@@ -30,12 +30,6 @@ constexpr int kGroup = 128;
 constexpr float kFp8Max = 448.0f;
 constexpr float kAmaxFloor = 1e-4f;
 
-// a * b rounded to float (the volatile store keeps the compiler from fusing into an FMA).
-float roundedProduct(float a, float b) {
-  volatile float p = a * b;
-  return p;
-}
-
 bool isPow2Format(ncclMoeScaleFormat_t fmt) {
   return fmt == ncclMoeScaleFp32Pow2 || fmt == ncclMoeScaleUe8m0;
 }

@@ -160,6 +160,24 @@ TEST(PerfOptions, ExtraOptionsShortAndLong) {
   EXPECT_NE(help.out.find("-l, --slots"), std::string::npos) << help.out;
 }
 
+TEST(PerfOptions, ZeroOrOneValues) {
+  bool weighted = false;
+  std::vector<ExtraOption> extras = {
+      {"weighted", 'W', "0|1", "weighted", [&](const char* v) { return moe_perf::parse01(v, &weighted); }},
+  };
+  ASSERT_EQ(parse({"-W", "1"}, extras).rc, -1);
+  EXPECT_TRUE(weighted);
+  ASSERT_EQ(parse({"--weighted", "0"}, extras).rc, -1);
+  EXPECT_FALSE(weighted);
+  for (const char* bad : {"2", "", "01", "yes", "1 "}) {
+    weighted = true;
+    Parsed p = parse({"--weighted", bad}, extras);
+    EXPECT_EQ(p.rc, 1) << "'" << bad << "'";
+    EXPECT_NE(p.err.find("--weighted"), std::string::npos) << p.err;
+    EXPECT_TRUE(weighted) << "a refused value must leave the option as it was";
+  }
+}
+
 TEST(PerfOptions, TokenSweepByFactor) {
   Parsed p = parse({"-b", "1", "-e", "256", "-f", "4"});
   ASSERT_EQ(p.rc, -1);

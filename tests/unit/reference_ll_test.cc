@@ -64,7 +64,9 @@ TEST(RefLlScale, InfinityGivesANaNGroupInEveryFormat) {
     row[5] = floatToBf16(INFINITY);
     std::vector<uint8_t> q(128), scales(llScaleBytesPerRow(128, f));
     llCastRow(row.data(), 128, f, q.data(), scales.data());
-    if (f == ncclMoeScaleUe8m0) EXPECT_EQ(scales[0], 255) << f;
+    if (f == ncclMoeScaleUe8m0) {
+      EXPECT_EQ(scales[0], 255) << f;
+    }
     EXPECT_TRUE(isinf(llScaleOf(scales.data(), 0, f))) << f;
     std::vector<uint16_t> back(128);
     llDequantRowToBf16(q.data(), scales.data(), 128, f, back.data());

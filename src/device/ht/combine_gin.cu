@@ -231,7 +231,8 @@ __device__ bool reduceTokenNet(const CombineNetArgs& a, char* const* peer, const
   const bool inNode = lane >= p.lsaBase && lane < p.lsaBase + G;
   const int pos = inNode && !empty ? c.routing.sendPos[(size_t)t * R + lane] : -1;
   const unsigned ownMask = __ballot_sync(0xffffffffu, pos >= 0);
-  const float weight = pos >= 0 ? combineWeight(c, t, lane) : 0.0f;
+  const float rankWeight = combineWeightWarp(c, t, lane);  // warp-collective: every lane
+  const float weight = pos >= 0 ? rankWeight : 0.0f;
   const int rowIndex = pos >= 0 ? c.routing.sendOffset[lane] + pos : 0;
   uint4* dst = (uint4*)(c.out + (size_t)t * c.hidden);
   // The first remote node's partial: its loads are issued before the own node's rows are read,

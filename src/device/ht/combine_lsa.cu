@@ -48,7 +48,7 @@ __device__ __forceinline__ TokenRows locateToken(const CombineArgs& a, const int
   const int R = a.w.peers.nRanks;
   const int pos = lane < R && !empty ? a.routing.sendPos[(size_t)t * R + lane] : -1;
   TokenRows tr;
-  tr.weight = combineWeight(a, t, lane);
+  tr.weight = combineWeightWarp(a, t, lane);
   tr.srcMask = __ballot_sync(0xffffffffu, pos >= 0);
   tr.rowIndex = pos >= 0 ? sendOffset[lane] + pos : 0;
   return tr;

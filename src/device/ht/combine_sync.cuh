@@ -49,6 +49,28 @@ __device__ __forceinline__ float combineWeight(const CombineArgs& a, int t, int 
   return weight;
 }
 
+// Warp-collective form of combineWeight (t warp-uniform, all 32 lanes): lane r gets w(t, r), the
+// same additions in the same k order. Lane k < a.topK loads entry k of t's topkIdx and
+// topkWeights, so the entries cost one memory round trip instead of up to 2 * topK dependent ones.
+__device__ __forceinline__ float combineWeightWarp(const CombineArgs& a, int t, int lane) {
+  if (!a.topkWeights) return 1.0f;
+  const int expertsPerRank = a.numExperts / a.w.peers.nRanks;
+  int rankOfK = -1;
+  float weightOfK = 0.0f;
+  if (lane < a.topK) {
+    const int64_t e = a.routing.topkIdx[(size_t)t * a.topK + lane];
+    weightOfK = a.topkWeights[(size_t)t * a.topK + lane];
+    rankOfK = e >= 0 ? (int)e / expertsPerRank : -1;
+  }
+  float weight = 0.0f;
+  for (int k = 0; k < a.topK; ++k) {
+    const int r = __shfl_sync(0xffffffffu, rankOfK, k);
+    const float wk = __shfl_sync(0xffffffffu, weightOfK, k);
+    if (r == lane) weight += wk;
+  }
+  return weight;
+}
+
 // One warp, lane k < a.topK: the sum over the ranks r of srcMask (warp-uniform) in increasing
 // order of rank r's per-row value [row][k] (its window, peer[r], at a.recvWeightsOff; row = lane
 // r's rowIndex), FP32 from +0.0f. Other lanes return 0.
