@@ -6,7 +6,7 @@ kernel included, about 3-5 us more at 1 token); run both.
 
   torchrun --nproc_per_node=2 perf/ll_kineto.py [--tokens 1,128] [--dtypes fp8,bf16]
       [--hidden 7168] [--experts 288] [--topk 8] [--max-tokens 128] [--sms 132] [--iters 200]
-      [--graph N]
+      [--graph N] [--mm-size N]
 
 Per (tokens, dtype) rank 0 prints, for dispatch and combine, the slowest rank's value of: the
 median and mean over the timed calls of the kernel time; the median span (first kernel start to
@@ -44,12 +44,16 @@ def parse():
     p.add_argument("--sms", type=int, default=None, help="LL SMs (default: the library's)")
     p.add_argument("--iters", type=int, default=200, help="timed iterations")
     p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--mm-size", type=int, default=8192,
+                   help="N: the N x N BF16 matrix product before each call (0: none, all-reduce only)")
     p.add_argument("--graph", type=int, default=0,
                    help="N > 0: time N dispatch + combine steps captured in a CUDA graph")
     a = p.parse_args()
     bad = [t for t in a.tokens if not 1 <= t <= a.max_tokens]
     if bad:
         p.error(f"--tokens {bad} outside 1..--max-tokens {a.max_tokens}")
+    if a.mm_size < 0 or a.graph < 0 or a.iters < 1 or a.warmup < 0:
+        p.error("--mm-size, --graph, --warmup must be >= 0 and --iters >= 1")
     for d in a.dtypes.split(","):
         if d not in ("fp8", "bf16"):
             p.error(f"--dtypes: {d!r} is neither fp8 nor bf16")
@@ -127,12 +131,16 @@ def measure(buf, a, tokens, fp8, gen):
     # and an all-reduce then starts it on every rank at about the same time: the kernel times
     # are the library's, not the host's launch gaps or a late peer (DeepEP's bench_kineto does
     # the same).
-    lhs = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    lhs = torch.randn(a.mm_size, a.mm_size, device="cuda", dtype=torch.bfloat16) if a.mm_size else None
     one = torch.ones(1, device="cuda")
 
-    def aligned_step():  # warm-up
-        torch.mm(lhs, lhs)
+    def align():
+        if lhs is not None:
+            torch.mm(lhs, lhs)
         dist.all_reduce(one)
+
+    def aligned_step():  # warm-up
+        align()
         step()
 
     for _ in range(a.warmup):
@@ -148,16 +156,14 @@ def measure(buf, a, tokens, fp8, gen):
             for _ in range(a.graph):
                 step()
         steps_per_run, run = a.graph, graph.replay
-        torch.mm(lhs, lhs)
-        dist.all_reduce(one)
+        align()
         run()
         torch.cuda.synchronize()
         dist.barrier()
     runs = -(-a.iters // steps_per_run)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(runs):
-            torch.mm(lhs, lhs)
-            dist.all_reduce(one)
+            align()
             run()
         torch.cuda.synchronize()
     calls = per_call(prof)
@@ -199,7 +205,7 @@ def main():
     if rank == 0:
         print(f"# ll_kineto: {dist.get_world_size()} ranks, {torch.cuda.get_device_name()}, "
               f"H {a.hidden}, {a.experts} experts, top-{a.topk}, M {a.max_tokens}, "
-              f"SMs {a.sms or 'default'}, {a.iters} calls"
+              f"SMs {a.sms or 'default'}, {a.iters} calls, {a.mm_size}^2 product before each"
               f"{f', CUDA graphs of {a.graph} steps' if a.graph else ''}; us, slowest rank")
         print(f"# {'tokens':>6} {'dtype':>5} {'op':>9} {'kernel med':>10} {'mean':>8} "
               f"{'span med':>9} {'from last start med':>19} {'skew med':>9}", flush=True)
