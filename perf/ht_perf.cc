@@ -325,24 +325,18 @@ long long checkCombine(const Problem& p, const HostRouting& own, long T, const s
   copyToHost(&got, d.combineOut, (size_t)T * p.hidden);
   const uint16_t* x = reinterpret_cast<const uint16_t*>(ownX.data());
   long long wrong = 0;
-  std::vector<float> w;  // w(t, r) of the ranks t visited, in rank order
+  std::vector<float> w;  // w(t, r) of the ranks t visited, in rank order (1: unweighted)
   for (long t = 0; t < T; t++) {
-    const int64_t* idx = &own.idx[(size_t)t * p.topK];
+    const size_t e0 = (size_t)t * p.topK;
     w.clear();
-    for (int r = 0; r < p.nRanks; r++) {
-      if (!tokenOnRank(p, idx, r)) continue;
-      float wr = 1.0f;
-      if (weighted) {
-        wr = 0.0f;
-        for (int k = 0; k < p.topK; k++)
-          if (idx[k] >= 0 && idx[k] / p.expertsPerRank == r) wr += own.weights[(size_t)t * p.topK + k];
-      }
-      w.push_back(wr);
-    }
+    for (int r = 0; r < p.nRanks; r++)
+      if (tokenOnRank(p, &own.idx[e0], r))
+        w.push_back(weighted ? moe_ref::rankWeight(&own.idx[e0], &own.weights[e0], p.topK, r, p.numExperts, p.nRanks)
+                             : 1.0f);
     for (int h = 0; h < p.hidden; h++) {
       uint16_t v = p.dtype == ncclMoeBf16 ? x[(size_t)t * p.hidden + h] : combineValue(p.rank, t, h);
-      float acc = 0.0f;
-      for (float wr : w) acc += weighted ? moe_ref::roundedProduct(wr, moe_ref::bf16ToFloat(v)) : moe_ref::bf16ToFloat(v);
+      float acc = 0.0f;  // 1 * x is exact: the unweighted sum is the same expression
+      for (float wr : w) acc += moe_ref::roundedProduct(wr, moe_ref::bf16ToFloat(v));
       wrong += got[(size_t)t * p.hidden + h] != (w.empty() ? 0 : moe_ref::floatToBf16(acc));
     }
   }

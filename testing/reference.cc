@@ -110,6 +110,13 @@ float roundedProduct(float a, float b) {
   return p;
 }
 
+float rankWeight(const int64_t* idx, const float* weights, int topK, int r, int numExperts, int numRanks) {
+  float w = 0.0f;
+  for (int k = 0; k < topK; ++k)
+    if (rankOf(idx[k], numExperts, numRanks) == r) w += weights[k];
+  return w;
+}
+
 Layout layout(const Routing& r, int numExperts, int numRanks, int numNodes) {
   assert(numRanks > 0 && numExperts % numRanks == 0);
   assert(numNodes > 0 && numRanks % numNodes == 0);
@@ -211,13 +218,9 @@ std::vector<uint16_t> combine(int src, const std::vector<Routing>& routing,
     for (int r = 0; r < numRanks; ++r) {
       if (!goesTo(me, t, r, numExperts, numRanks)) continue;
       const int row = next[r]++;
-      float w = 1.0f;
-      if (weighted) {
-        w = 0.0f;
-        for (int k = 0; k < me.topK; ++k)
-          if (rankOf(me.topkIdx[(size_t)t * me.topK + k], numExperts, numRanks) == r)
-            w += me.topkWeights[(size_t)t * me.topK + k];
-      }
+      const size_t e0 = (size_t)t * me.topK;
+      const float w = weighted ? rankWeight(&me.topkIdx[e0], &me.topkWeights[e0], me.topK, r, numExperts, numRanks)
+                               : 1.0f;
       assert(expertOut[r].size() >= (size_t)(row + 1) * hidden);
       const uint16_t* y = expertOut[r].data() + (size_t)row * hidden;
       for (int h = 0; h < hidden; ++h) acc[h] += roundedProduct(w, bf16ToFloat(y[h]));

@@ -43,6 +43,11 @@ struct Layout {
 };
 Layout layout(const Routing& r, int numExperts, int numRanks, int numNodes = 1);
 
+// w(t, r) of one token (idx, weights: its topK entries): the sum in k order, from 0.0f, of the
+// weights whose expert lives on rank r (numExperts / numRanks experts per rank; -1 = none) — the
+// weight a weighted HT combine gives rank r's row of the token.
+float rankWeight(const int64_t* idx, const float* weights, int topK, int r, int numExperts, int numRanks);
+
 // What rank `dst` receives from all ranks in one dispatch, rows ordered by source rank then
 // source token. rowBytes = bytes of one token row in the dispatch dtype.
 struct Received {

@@ -67,6 +67,19 @@ TEST(RefBf16, RoundTripAllFinite) {
 
 // --- FP8 e4m3fn -------------------------------------------------------------------------------
 
+TEST(RefCombine, RankWeightSumsTheRanksEntriesInKOrder) {
+  // 16 experts on 4 ranks (4 each); -1 and an id past the experts count for no rank.
+  const int64_t idx[] = {0, 5, 1, -1, 2, 9, 16};
+  const float w[] = {1e8f, 0.25f, 1.0f, 7.0f, -1e8f, 0.5f, 3.0f};
+  // Rank 0 in k order: (1e8 + 1) rounds to 1e8, then - 1e8 = 0 (any other order gives 1).
+  EXPECT_EQ(rankWeight(idx, w, 7, 0, 16, 4), 0.0f);
+  EXPECT_EQ(rankWeight(idx, w, 7, 1, 16, 4), 0.25f);
+  EXPECT_EQ(rankWeight(idx, w, 7, 2, 16, 4), 0.5f);
+  EXPECT_EQ(rankWeight(idx, w, 7, 3, 16, 4), 0.0f);
+  EXPECT_EQ(rankWeight(idx, w, 2, 1, 16, 4), 0.25f);  // only the first topK entries
+  EXPECT_EQ(rankWeight(idx, w, 1, 1, 16, 4), 0.0f);
+}
+
 TEST(RefFp8, KnownValues) {
   EXPECT_EQ(floatToFp8e4m3(1.0f), 0x38);
   EXPECT_EQ(floatToFp8e4m3(-2.5f), 0xc2);
