@@ -6,17 +6,22 @@ kernel included, about 3-5 us more at 1 token); run both.
 
   torchrun --nproc_per_node=2 perf/ll_kineto.py [--tokens 1,128] [--dtypes fp8,bf16]
       [--hidden 7168] [--experts 288] [--topk 8] [--max-tokens 128] [--sms 132] [--iters 200]
-      [--graph N] [--mm-size N]
+      [--align each|once] [--period 30] [--graph N] [--mm-size N] [--flush-mb N]
 
 Per (tokens, dtype) rank 0 prints, for dispatch and combine, the slowest rank's value of: the
 median and mean over the timed calls of the kernel time; the median span (first kernel start to
 last kernel end of the call, which adds the gap between a two-kernel call's kernels); the median
 time from the last rank's start of the call to this rank's end (the span without the wait for a
-late peer; host clock, which the ranks of one host share); the median skew of the ranks' starts. Each
-iteration is a matrix product and an all-reduce (the ranks start together, the host runs
-ahead), then a dispatch and a combine on the calling stream; routing is uniform top-k with 10
-entries per rank set to -1 as DeepEP's test does (none at 1 token). With --graph N, N steps are
-captured in one CUDA graph and the graph is replayed after each alignment, as a decode engine
+late peer; host clock, which the ranks of one host share); the median skew of the ranks' starts.
+An alignment is a matrix product (--mm-size; it keeps the GPU busy while the host enqueues) and
+an all-reduce (the ranks then start together), optionally followed by zeroing --flush-mb MB
+(evicts the L2 cache). --align each (default): one alignment before every dispatch + combine
+step, so every call starts cold and aligned (the strictest). --align once: DeepEP's bench_kineto
+(barrier_comm_profiling): one alignment, then --period steps back to back, the host enqueueing
+while the GPU runs. NCCL EP's ep_bench synchronises the stream and takes an MPI barrier between
+calls (no product: a late peer's launch is inside its kernel time). Routing is uniform top-k with
+10 entries per rank set to -1 as DeepEP's test does (none at 1 token). With --graph N, N steps
+are captured in one CUDA graph and the graph is replayed after each alignment, as a decode engine
 runs them: calls 2..N of a replay follow each other with no host in between (steady state).
 Needs the nccl_moe package (python/) and a GPU per rank.
 """
@@ -46,14 +51,21 @@ def parse():
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--mm-size", type=int, default=8192,
                    help="N: the N x N BF16 matrix product before each call (0: none, all-reduce only)")
+    p.add_argument("--flush-mb", type=int, default=0,
+                   help="MB zeroed after the product of each alignment (evicts L2; 0: none)")
+    p.add_argument("--align", choices=("each", "once"), default="each",
+                   help="each: align before every step; once: align, then --period steps back to back")
+    p.add_argument("--period", type=int, default=30, help="steps per alignment with --align once")
     p.add_argument("--graph", type=int, default=0,
                    help="N > 0: time N dispatch + combine steps captured in a CUDA graph")
     a = p.parse_args()
     bad = [t for t in a.tokens if not 1 <= t <= a.max_tokens]
     if bad:
         p.error(f"--tokens {bad} outside 1..--max-tokens {a.max_tokens}")
-    if a.mm_size < 0 or a.graph < 0 or a.iters < 1 or a.warmup < 0:
-        p.error("--mm-size, --graph, --warmup must be >= 0 and --iters >= 1")
+    if a.mm_size < 0 or a.graph < 0 or a.iters < 1 or a.warmup < 0 or a.flush_mb < 0 or a.period < 1:
+        p.error("--mm-size, --graph, --warmup, --flush-mb must be >= 0, --iters and --period >= 1")
+    if a.graph and a.align == "once":
+        p.error("--graph replays after every alignment: use it with --align each")
     for d in a.dtypes.split(","):
         if d not in ("fp8", "bf16"):
             p.error(f"--dtypes: {d!r} is neither fp8 nor bf16")
@@ -127,16 +139,18 @@ def measure(buf, a, tokens, fp8, gen):
                                                       use_fp8=fp8, topk_weights=w)
         buf.low_latency_combine(handle.combine_input, idx, w, handle)
 
-    # Before each call, a matrix product keeps the GPU busy while the host enqueues the call,
+    # An alignment: a matrix product keeps the GPU busy while the host enqueues what follows,
     # and an all-reduce then starts it on every rank at about the same time: the kernel times
-    # are the library's, not the host's launch gaps or a late peer (DeepEP's bench_kineto does
-    # the same).
+    # are the library's, not the host's launch gaps or a late peer.
     lhs = torch.randn(a.mm_size, a.mm_size, device="cuda", dtype=torch.bfloat16) if a.mm_size else None
+    flush = torch.empty(a.flush_mb << 20, device="cuda", dtype=torch.uint8) if a.flush_mb else None
     one = torch.ones(1, device="cuda")
 
     def align():
         if lhs is not None:
             torch.mm(lhs, lhs)
+        if flush is not None:
+            flush.zero_()
         dist.all_reduce(one)
 
     def aligned_step():  # warm-up
@@ -150,6 +164,11 @@ def measure(buf, a, tokens, fp8, gen):
     # --graph N: N steps captured in one CUDA graph, replayed after each alignment (a decode
     # engine's way): the first call of a replay starts aligned, the others follow back to back.
     steps_per_run, run = 1, step
+    if a.align == "once":
+        def run():
+            for _ in range(a.period):
+                step()
+        steps_per_run = a.period
     if a.graph:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -205,7 +224,9 @@ def main():
     if rank == 0:
         print(f"# ll_kineto: {dist.get_world_size()} ranks, {torch.cuda.get_device_name()}, "
               f"H {a.hidden}, {a.experts} experts, top-{a.topk}, M {a.max_tokens}, "
-              f"SMs {a.sms or 'default'}, {a.iters} calls, {a.mm_size}^2 product before each"
+              f"SMs {a.sms or 'default'}, {a.iters} calls, alignment ({a.mm_size}^2 product"
+              f"{f', {a.flush_mb} MB flush' if a.flush_mb else ''}, all-reduce) "
+              f"{'before each step' if a.align == 'each' else f'then {a.period} steps back to back'}"
               f"{f', CUDA graphs of {a.graph} steps' if a.graph else ''}; us, slowest rank")
         print(f"# {'tokens':>6} {'dtype':>5} {'op':>9} {'kernel med':>10} {'mean':>8} "
               f"{'span med':>9} {'from last start med':>19} {'skew med':>9}", flush=True)
