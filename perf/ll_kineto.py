@@ -12,7 +12,9 @@ Per (tokens, dtype) rank 0 prints, for dispatch and combine, the slowest rank's 
 median and mean over the timed calls of the kernel time; the median span (first kernel start to
 last kernel end of the call, which adds the gap between a two-kernel call's kernels); the median
 time from the last rank's start of the call to this rank's end (the span without the wait for a
-late peer; host clock, which the ranks of one host share); the median skew of the ranks' starts.
+late peer; host clock, which the ranks of one host share); the median skew of the ranks' starts;
+the median host time to enqueue one dispatch + combine step (the same on both rows: where it
+exceeds the step's GPU time, back-to-back calls start when the host launches them).
 An alignment is a matrix product (--mm-size; it keeps the GPU busy while the host enqueues) and
 an all-reduce (the ranks then start together), optionally followed by zeroing --flush-mb MB
 (evicts the L2 cache). --align each (default): one alignment before every dispatch + combine
@@ -28,6 +30,7 @@ Needs the nccl_moe package (python/) and a GPU per rank.
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -180,10 +183,13 @@ def measure(buf, a, tokens, fp8, gen):
         torch.cuda.synchronize()
         dist.barrier()
     runs = -(-a.iters // steps_per_run)
+    host = []  # host seconds to enqueue each run (its steps' library calls and Python)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(runs):
             align()
+            t0 = time.perf_counter()
             run()
+            host.append(time.perf_counter() - t0)
         torch.cuda.synchronize()
     calls = per_call(prof)
     for k, v in calls.items():
@@ -210,6 +216,9 @@ def measure(buf, a, tokens, fp8, gen):
             skew = (last - starts.min(dim=0).values).tolist()
         stats += [statistics.median(kern), statistics.fmean(kern), statistics.median(span),
                   statistics.median(after), statistics.median(skew)]
+    # Host time per dispatch + combine step: if it exceeds the step's GPU time, back-to-back calls
+    # (--align once) find the GPU idle and start when the host launches them.
+    stats.append(statistics.median(host) / steps_per_run * 1e6)
     t = torch.tensor(stats, dtype=torch.float64, device="cuda")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
@@ -229,7 +238,7 @@ def main():
               f"{'before each step' if a.align == 'each' else f'then {a.period} steps back to back'}"
               f"{f', CUDA graphs of {a.graph} steps' if a.graph else ''}; us, slowest rank")
         print(f"# {'tokens':>6} {'dtype':>5} {'op':>9} {'kernel med':>10} {'mean':>8} "
-              f"{'span med':>9} {'from last start med':>19} {'skew med':>9}", flush=True)
+              f"{'span med':>9} {'from last start med':>19} {'skew med':>9} {'host/step med':>13}", flush=True)
     for dtype in a.dtypes.split(","):
         buf = Buffer(None, a.hidden, a.experts, a.topk, max_tokens_per_rank=a.max_tokens,
                      use_fp8=dtype == "fp8", ll_num_sms=a.sms, calling_stream=True)
@@ -239,7 +248,7 @@ def main():
                 for i, op in enumerate(("dispatch", "combine")):
                     km, ka, sm, am, sk = s[5 * i:5 * i + 5]
                     print(f"  {tokens:>6} {dtype:>5} {op:>9} {km:>10.2f} {ka:>8.2f} {sm:>9.2f} "
-                          f"{am:>19.2f} {sk:>9.2f}", flush=True)
+                          f"{am:>19.2f} {sk:>9.2f} {s[10]:>13.2f}", flush=True)
         del buf
     dist.barrier()
     dist.destroy_process_group()
