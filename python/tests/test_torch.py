@@ -107,3 +107,78 @@ def test_window_views_built_once_per_region(monkeypatch):
     _tensors.drop_window_views(owner)
     _tensors.window_view(4096, (5, 16), torch.bfloat16, dev, owner)
     assert len(built) == 4
+
+
+def _fake_ll(monkeypatch, built):
+    """A LowLatencyMixin over a fake LL context on the CPU: window_view records what it builds,
+    the C calls and the stream lookup are stubs."""
+    from nccl_moe.torch import low_latency
+
+    def fake_view(ptr, shape, dtype, device, owner):
+        built.append((ptr, tuple(shape), dtype))
+        return torch.zeros(shape, dtype=dtype)
+
+    monkeypatch.setattr(low_latency, "window_view", fake_view)
+
+    class Ctx:
+        ptr, local_experts, device = 5, 3, torch.device("cpu", 0)
+
+    buf = low_latency.LowLatencyMixin.__new__(low_latency.LowLatencyMixin)
+    buf.group_size, buf.hidden, buf.num_topk, buf.num_experts = 2, 1024, 4, 6
+    return low_latency, buf, Ctx()
+
+
+class _Out:
+    def __init__(self, base):
+        self.x, self.xScales, self.expertCounts = base, base + 1, base + 2
+        self.srcToken, self.recvCountsPerSource, self.combineInput = base + 3, base + 4, base + 5
+        self.numTokens = 1
+
+
+def test_ll_slot_views_built_once_per_slot(monkeypatch):
+    """The LL dispatch's six views of a slot are built at its first use and reused after (their
+    shapes are the context's); another slot builds its own; drop_window_views forgets them."""
+    from nccl_moe.torch import _tensors
+    built = []
+    _, buf, ctx = _fake_ll(monkeypatch, built)
+    recv_x, count, src, per_source, comb = buf._ll_slot_views(ctx, _Out(100), 8, True, False)
+    assert [b[1] for b in built] == [(3, 16, 1024), (3, 16, 8), (3,), (3, 16), (3, 2), (3, 16, 1024)]
+    assert recv_x[0].dtype == torch.float8_e4m3fn and recv_x[1].dtype == torch.float32
+    assert buf._ll_slot_views(ctx, _Out(100), 8, True, False)[4] is comb and len(built) == 6
+    buf._ll_slot_views(ctx, _Out(200), 8, True, False)
+    assert len(built) == 12
+    _tensors.drop_window_views(ctx)
+    buf._ll_slot_views(ctx, _Out(100), 8, True, False)
+    assert len(built) == 18
+
+
+def test_ll_slot_views_ue8m0_and_bf16(monkeypatch):
+    built = []
+    _, buf, ctx = _fake_ll(monkeypatch, built)
+    recv_x = buf._ll_slot_views(ctx, _Out(100), 4, True, True)[0]
+    assert recv_x[1].shape == (3, 8, 2) and recv_x[1].dtype == torch.int32
+    recv_x = buf._ll_slot_views(ctx, _Out(300), 4, False, False)[0]
+    assert recv_x.dtype == torch.bfloat16 and recv_x.shape == (3, 8, 1024)
+
+
+def test_ll_calls_run_on_the_context_devices_current_stream(monkeypatch):
+    """Dispatch, combine and their hooks pass the raw current stream of the context's device."""
+    built, calls = [], []
+    low_latency, buf, ctx = _fake_ll(monkeypatch, built)
+    monkeypatch.setattr(low_latency, "require", lambda *a: None)
+    monkeypatch.setattr(low_latency, "raw_stream", lambda index: 9000 + index)
+    monkeypatch.setattr(buf.__class__, "_ll", lambda self, m, fp8, scales: ctx, raising=False)
+    for name in ("ll_dispatch", "ll_dispatch_complete", "ll_combine", "ll_combine_complete"):
+        monkeypatch.setattr(low_latency._api, name,
+                            lambda *a, name=name: calls.append((name, a[-1])))
+    monkeypatch.setattr(low_latency._structs, "LowLatencyOutputStruct", lambda: _Out(100))
+    x = torch.zeros(1, 1024, dtype=torch.bfloat16)
+    idx = torch.zeros(1, 4, dtype=torch.int64)
+    _, _, handle, _, hook = buf.low_latency_dispatch(x, idx, 8, 6, return_recv_hook=True)
+    hook()
+    _, _, hook = buf.low_latency_combine(handle.combine_input, idx, None, handle,
+                                         out=torch.zeros(1, 1024, dtype=torch.bfloat16),
+                                         return_recv_hook=True)
+    hook()
+    assert calls == [("ll_dispatch", 9000), ("ll_dispatch_complete", 9000), ("ll_combine", 9000),
+                     ("ll_combine_complete", 9000)]

@@ -49,7 +49,7 @@ from .. import _api, _structs
 from ..config import Config
 from . import _comm
 from ._context import Context
-from ._tensors import address, window_view
+from ._tensors import address, raw_stream, window_view
 from .events import EventOverlap, capture
 from .handles import Handle
 from .low_latency import LowLatencyMixin
@@ -58,12 +58,6 @@ _BUFFERS: Dict[int, "Buffer"] = {}
 _ids = itertools.count(1)
 _NO_EVENT = EventOverlap()           # returned by every calling-stream call: holds no event
 _NO_SWITCH = contextlib.nullcontext()  # (stateless, reusable)
-
-try:  # cudaStream_t of the current stream of a device, without building a Stream object
-    _raw_stream = torch._C._cuda_getCurrentRawStream  # what inductor's generated code calls
-except AttributeError:  # a torch built without CUDA
-    def _raw_stream(device_index: int) -> int:
-        return torch.cuda.current_stream(device_index).cuda_stream
 
 
 def _refuse(t: torch.Tensor, name: str, dtype: torch.dtype, rows: Optional[int], cols: int,
@@ -190,7 +184,7 @@ class Buffer(LowLatencyMixin):
         either stream first waits for the previous HT call's stream if that was another one."""
         event = None if previous_event is None else previous_event.event
         if self.calling_stream and event is None and not async_finish:
-            raw = _raw_stream(self._device.index)
+            raw = raw_stream(self._device.index)
             if raw != self._ht_last_raw:
                 self._switch(ctx, torch.cuda.current_stream(self._device), raw)
             return raw, None

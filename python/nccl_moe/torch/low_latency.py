@@ -23,7 +23,7 @@ import torch
 
 from .. import _api, _structs
 from ..config import Config
-from ._tensors import address, require, window_view
+from ._tensors import address, raw_stream, require, window_view
 from .events import EventOverlap
 from .handles import LowLatencyHandle
 
@@ -52,6 +52,31 @@ class LowLatencyMixin:
             for r in sorted(self._ll_masked):  # the Buffer's mask holds for every LL context
                 _api.mark_rank_failed(self._ll_contexts[key].ptr, r)
         return self._ll_contexts[key]
+
+    def _ll_slot_views(self, ctx, out, m: int, use_fp8: bool, use_ue8m0: bool):
+        """(recv_x (with its scales for FP8), recv_count, src_token, recv_counts_per_source,
+        combine_input): views of the buffer slot the dispatch `out` filled (m: the context's
+        max tokens per rank). Their shapes are the context's, not the call's, and a context's
+        slots never move, so they are built once per slot, in the context's window-view cache
+        (key: the slot's x address; drop_window_views forgets them with the rest): six lookups
+        fewer per call."""
+        cache = ctx.__dict__.setdefault("_window_views", {})
+        views = cache.get(("ll slot", out.x))
+        if views is None:
+            l, r, h, dev = ctx.local_experts, self.group_size, self.hidden, ctx.device
+            b = r * m
+            x_dtype = torch.float8_e4m3fn if use_fp8 else torch.bfloat16
+            recv_x = window_view(out.x, (l, b, h), x_dtype, dev, ctx)
+            if use_fp8:
+                scale_shape, scale_dtype = (((l, b, h // 512), torch.int32) if use_ue8m0
+                                            else ((l, b, h // 128), torch.float32))
+                recv_x = (recv_x, window_view(out.xScales, scale_shape, scale_dtype, dev, ctx))
+            views = cache[("ll slot", out.x)] = (
+                recv_x, window_view(out.expertCounts, (l,), torch.int32, dev, ctx),
+                window_view(out.srcToken, (l, b), torch.int32, dev, ctx),
+                window_view(out.recvCountsPerSource, (l, r), torch.int32, dev, ctx),
+                window_view(out.combineInput, (l, b, h), torch.bfloat16, dev, ctx))
+        return views
 
     # --- the rank mask (DeepEP's low_latency_*_mask_buffer) ----------------------------------
     def _ll_mask(self) -> list:
@@ -135,25 +160,17 @@ class LowLatencyMixin:
             require(topk_weights, "topk_weights", torch.float32, [t, self.num_topk])
         scales = "ue8m0" if use_ue8m0 else "fp32_pow2" if round_scale else "fp32"
         ctx = self._ll(m, use_fp8, scales)
-        stream = torch.cuda.current_stream()
+        dev = ctx.device
         out = _structs.LowLatencyOutputStruct()
         _api.ll_dispatch(ctx.ptr, x.data_ptr(), topk_idx.data_ptr(), address(topk_weights), t,
-                         _structs.LL_SEND_ONLY if return_recv_hook else 0, out, stream.cuda_stream)
-        l, b, h, dev = ctx.local_experts, self.group_size * m, self.hidden, ctx.device
-        recv_x = window_view(out.x, (l, b, h), torch.float8_e4m3fn if use_fp8 else torch.bfloat16, dev, ctx)
-        if use_fp8:
-            scale_shape, scale_dtype = (((l, b, h // 512), torch.int32) if use_ue8m0
-                                        else ((l, b, h // 128), torch.float32))
-            recv_x = (recv_x, window_view(out.xScales, scale_shape, scale_dtype, dev, ctx))
-        recv_count = window_view(out.expertCounts, (l,), torch.int32, dev, ctx)
-        handle = LowLatencyHandle(
-            ctx, out, m, topk_weights is not None,
-            window_view(out.srcToken, (l, b), torch.int32, dev, ctx),
-            window_view(out.recvCountsPerSource, (l, self.group_size), torch.int32, dev, ctx),
-            window_view(out.combineInput, (l, b, h), torch.bfloat16, dev, ctx))
+                         _structs.LL_SEND_ONLY if return_recv_hook else 0, out, raw_stream(dev.index))
+        recv_x, recv_count, src_token, per_source, combine_input = self._ll_slot_views(
+            ctx, out, m, use_fp8, use_ue8m0)
+        handle = LowLatencyHandle(ctx, out, m, topk_weights is not None, src_token, per_source,
+                                  combine_input)
 
         def receive():
-            _api.ll_dispatch_complete(ctx.ptr, out, torch.cuda.current_stream().cuda_stream)
+            _api.ll_dispatch_complete(ctx.ptr, out, raw_stream(dev.index))
             if cumulative_local_expert_recv_stats is not None:
                 cumulative_local_expert_recv_stats.add_(recv_count)
 
@@ -190,13 +207,12 @@ class LowLatencyMixin:
         if out is None:
             out = torch.empty((handle.num_tokens, self.hidden), dtype=torch.bfloat16, device=ctx.device)
         require(out, "out", torch.bfloat16, [handle.num_tokens, self.hidden])
+        dev = ctx.device
         _api.ll_combine(ctx.ptr, handle.out, x.data_ptr(), out.data_ptr(),
-                        _structs.LL_SEND_ONLY if return_recv_hook else 0,
-                        torch.cuda.current_stream().cuda_stream)
+                        _structs.LL_SEND_ONLY if return_recv_hook else 0, raw_stream(dev.index))
 
         def receive():
-            _api.ll_combine_complete(ctx.ptr, handle.out, out.data_ptr(),
-                                     torch.cuda.current_stream().cuda_stream)
+            _api.ll_combine_complete(ctx.ptr, handle.out, out.data_ptr(), raw_stream(dev.index))
 
         event = _event(async_finish, [x, out])
         return out, event, receive if return_recv_hook else None
