@@ -53,7 +53,7 @@ def parse():
     p.add_argument("--iters", type=int, default=200, help="timed iterations")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--mm-size", type=int, default=8192,
-                   help="N: the N x N BF16 matrix product before each call (0: none, all-reduce only)")
+                   help="N: the N x N BF16 matrix product of each alignment (0: none, all-reduce only)")
     p.add_argument("--flush-mb", type=int, default=0,
                    help="MB zeroed after the product of each alignment (evicts L2; 0: none)")
     p.add_argument("--align", choices=("each", "once"), default="each",

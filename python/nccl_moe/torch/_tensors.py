@@ -40,10 +40,7 @@ def window_view(ptr: int, shape: Sequence[int], dtype: torch.dtype, device: torc
     if any(s == 0 for s in shape):
         return torch.empty(tuple(shape), dtype=dtype, device=device)
     key = (ptr, tuple(shape[1:]), dtype)
-    cache = getattr(owner, "_window_views", None)
-    if cache is None:
-        cache = {}
-        setattr(owner, "_window_views", cache)
+    cache = view_cache(owner)
     full = cache.get(key)
     if full is None or full.shape[0] < shape[0]:
         typestr, carrier = _CARRIERS[dtype]
@@ -52,6 +49,17 @@ def window_view(ptr: int, shape: Sequence[int], dtype: torch.dtype, device: torc
             full = full.view(dtype)
         cache[key] = full
     return full if full.shape[0] == shape[0] else full[:shape[0]]
+
+
+def view_cache(owner: object) -> dict:
+    """`owner`'s cache of window views (owner._window_views, made at the first use). Callers
+    that keep derived views there key them so as not to collide with window_view's
+    (ptr, shape[1:], dtype) keys; drop_window_views forgets everything in it."""
+    cache = getattr(owner, "_window_views", None)
+    if cache is None:
+        cache = {}
+        setattr(owner, "_window_views", cache)
+    return cache
 
 
 def drop_window_views(owner: object) -> None:

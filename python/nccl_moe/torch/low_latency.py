@@ -23,7 +23,7 @@ import torch
 
 from .. import _api, _structs
 from ..config import Config
-from ._tensors import address, raw_stream, require, window_view
+from ._tensors import address, raw_stream, require, view_cache, window_view
 from .events import EventOverlap
 from .handles import LowLatencyHandle
 
@@ -60,7 +60,7 @@ class LowLatencyMixin:
         slots never move, so they are built once per slot, in the context's window-view cache
         (key: the slot's x address; drop_window_views forgets them with the rest): six lookups
         fewer per call."""
-        cache = ctx.__dict__.setdefault("_window_views", {})
+        cache = view_cache(ctx)
         views = cache.get(("ll slot", out.x))
         if views is None:
             l, r, h, dev = ctx.local_experts, self.group_size, self.hidden, ctx.device
