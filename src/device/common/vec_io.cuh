@@ -42,15 +42,9 @@ __device__ __forceinline__ float bf16BitsToFloat(uint32_t bits16) {
   return __uint_as_float(bits16 << 16);
 }
 
-// Round-to-nearest-even FP32 -> BF16 bits by the hardware conversion (cvt.rn.bf16.f32): one
-// instruction instead of the bit arithmetic's six; a NaN becomes the canonical NaN 0x7fff.
-__device__ __forceinline__ uint32_t floatToBf16Bits(float f) {
-  unsigned short h;
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-  return h;
-}
-
-// Two of them packed, the first in the low half (cvt.rn.bf16x2.f32: one instruction).
+// Two FP32 values rounded to nearest even as BF16 bits, packed with the first in the low half, by
+// the hardware conversion (cvt.rn.bf16x2.f32: one instruction for both); a NaN becomes the
+// canonical NaN 0x7fff (the CPU reference's floatToBf16 does the same).
 __device__ __forceinline__ uint32_t floatsToBf16x2Bits(float lo, float hi) {
   uint32_t v;
   asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(v) : "f"(hi), "f"(lo));

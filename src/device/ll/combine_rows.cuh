@@ -69,15 +69,10 @@ __device__ __forceinline__ void zeroChunk(float (&acc)[kLlReduceUnroll][8]) {
     for (int j = 0; j < 8; ++j) acc[u][j] = 0.0f;
 }
 
-// One BF16 rounding of each accumulated value.
+// One BF16 rounding of each accumulated value (packBf16x8, as the HT combine).
 __device__ __forceinline__ void packChunk(const float (&acc)[kLlReduceUnroll][8], uint4 (&result)[kLlReduceUnroll]) {
 #pragma unroll
-  for (int u = 0; u < kLlReduceUnroll; ++u) {
-    result[u].x = floatToBf16Bits(acc[u][0]) | (floatToBf16Bits(acc[u][1]) << 16);
-    result[u].y = floatToBf16Bits(acc[u][2]) | (floatToBf16Bits(acc[u][3]) << 16);
-    result[u].z = floatToBf16Bits(acc[u][4]) | (floatToBf16Bits(acc[u][5]) << 16);
-    result[u].w = floatToBf16Bits(acc[u][6]) | (floatToBf16Bits(acc[u][7]) << 16);
-  }
+  for (int u = 0; u < kLlReduceUnroll; ++u) result[u] = packBf16x8(acc[u]);
 }
 
 // Sums the rows named by the lanes in `m` (addRowsChunk) from +0.0f, then rounds once to BF16;
