@@ -63,7 +63,8 @@ def view_cache(owner: object) -> dict:
 
 
 def drop_window_views(owner: object) -> None:
-    """Forgets the views window_view cached for `owner`."""
+    """Forgets everything in `owner`'s view cache (window_view's views and those derived from
+    them, e.g. the LL slot views)."""
     if getattr(owner, "_window_views", None):
         owner._window_views.clear()
 
